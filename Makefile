@@ -1,0 +1,35 @@
+# One place for the commands the README and CI use. `make run` and `make test`
+# set everything up on a fresh machine (Python >= 3.10 with venv and pip).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+OUT    ?= results
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU build; nothing later may upgrade it
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/lowrank-ggn --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q lowrank_ggn tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps backpack-for-pytorch vivit-for-pytorch \
+	  curvlinops-for-pytorch unfoldNd einops einconv linear_operator opt-einsum tqdm \
+	  jaxtyping typeguard wadler_lindig psutil
+	$(BIN)/python benchmarks/bench_gram.py
+
+clean:
+	rm -rf $(VENV) $(OUT) build *.egg-info

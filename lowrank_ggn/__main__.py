@@ -1,0 +1,5 @@
+"""``python -m lowrank_ggn`` runs the command-line main job."""
+
+from lowrank_ggn.cli import main
+
+raise SystemExit(main())

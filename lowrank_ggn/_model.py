@@ -1,0 +1,76 @@
+r"""A model seen as a pure function of the selected parameters.
+
+:class:`FunctionalModel` wraps an ``nn.Module`` and a list of its parameters
+``θ = (θ_1, …, θ_P)`` into the function ``F(θ, X)`` that ``torch.func`` can
+differentiate. Each call runs :func:`torch.func.functional_call` on fresh clones of
+the module's buffers, so BatchNorm in train mode updates its running statistics on
+throw-away copies and the module itself is never written to. Parameters outside the
+selection enter as detached constants.
+
+Flattening convention: a flat parameter vector (length ``D = Σ_p numel(θ_p)``)
+concatenates ``θ_p.flatten()`` in the order of ``params``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+
+class FunctionalModel:
+    """``F(θ, X)`` for a module and a selection of its parameters.
+
+    Args:
+        model: The module. It is called, never modified.
+        params: The parameters to differentiate, in the order that defines the
+            flattening. Each must be a parameter of ``model``.
+
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[Tensor]) -> None:
+        self.model = model
+        self.params = list(params)
+        name_of = {}
+        for name, p in model.named_parameters(remove_duplicate=True):
+            name_of.setdefault(id(p), name)
+        self.names = [name_of[id(p)] for p in self.params]
+        selected = {id(p) for p in self.params}
+        self._frozen = {
+            name: p.detach()
+            for name, p in model.named_parameters(remove_duplicate=True)
+            if id(p) not in selected
+        }
+        self._buffers = dict(model.named_buffers(remove_duplicate=True))
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.num_params = sum(self.numels)
+        ref = self.params[0] if self.params else next(iter(model.parameters()))
+        self.dtype, self.device = ref.dtype, ref.device
+
+    def primals(self) -> tuple[Tensor, ...]:
+        """Detached copies-by-reference of the selected parameters (no grad tracking)."""
+        return tuple(p.detach() for p in self.params)
+
+    def __call__(self, theta: Sequence[Tensor], inputs: Tensor) -> Tensor:
+        """Evaluate ``F(θ, X)`` on the whole batch ``inputs`` ``[N, *in]``."""
+        state = dict(self._frozen)
+        state.update({n: b.clone() for n, b in self._buffers.items() if b is not None})
+        state.update(zip(self.names, theta))
+        return functional_call(self.model, state, (inputs,), tie_weights=True)
+
+    def single(self, theta: Sequence[Tensor], x: Tensor) -> Tensor:
+        """Evaluate the model on one sample ``x`` ``[*in]``, returning ``[*out]``."""
+        return self(theta, x.unsqueeze(0)).squeeze(0)
+
+    def flatten(self, tensors: Sequence[Tensor], batch_dims: int = 0) -> Tensor:
+        """Concatenate per-parameter tensors into ``[*batch, D]`` in ``params`` order."""
+        return torch.cat([t.flatten(start_dim=batch_dims) for t in tensors], dim=-1)
+
+    def unflatten(self, flat: Tensor) -> tuple[Tensor, ...]:
+        """Split ``[*batch, D]`` back into per-parameter tensors ``[*batch, *θ_p.shape]``."""
+        batch = flat.shape[:-1]
+        chunks = torch.split(flat, self.numels, dim=-1)
+        return tuple(c.reshape(*batch, *s) for c, s in zip(chunks, self.shapes))

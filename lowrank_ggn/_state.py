@@ -1,0 +1,123 @@
+r"""Observe a model without changing it: snapshot and restore its whole state.
+
+Every public function of lowrank_ggn runs inside :func:`model_preserved`. On exit,
+also when the call raises, the model's parameters, buffers (BatchNorm running
+statistics and ``num_batches_tracked`` included), train/eval flags,
+``requires_grad`` flags and existing ``.grad`` tensors are exactly as before.
+
+Restoration writes only what changed. A parameter whose values did not move is not
+touched, so its autograd version counter stays put and a graph the user built
+before the call still backpropagates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class _TensorSlot:
+    """One entry of a module's ``_parameters`` or ``_buffers`` dictionary."""
+
+    owner: nn.Module
+    kind: str  # "_parameters" or "_buffers"
+    name: str
+    tensor: Tensor | None
+    values: Tensor | None
+    requires_grad: bool
+    grad: Tensor | None
+    grad_values: Tensor | None
+
+
+def _unchanged(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` still holds exactly ``b``'s values (NaN at the same places)."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(
+            torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+        )
+    return bool(torch.equal(a, b))
+
+
+class ModelSnapshot:
+    """A copy of everything about a module tree that lowrank_ggn promises to keep.
+
+    Args:
+        model: The module to snapshot. All sub-modules are included.
+
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._modes = [(m, m.training) for m in model.modules()]
+        self._slots: list[_TensorSlot] = []
+        for module in model.modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, tensor in getattr(module, kind).items():
+                    self._slots.append(self._slot(module, kind, name, tensor))
+
+    @staticmethod
+    def _slot(module: nn.Module, kind: str, name: str, t: Tensor | None) -> _TensorSlot:
+        if t is None:
+            return _TensorSlot(module, kind, name, None, None, False, None, None)
+        grad = t.grad if kind == "_parameters" else None
+        return _TensorSlot(
+            owner=module,
+            kind=kind,
+            name=name,
+            tensor=t,
+            values=t.detach().clone(),
+            requires_grad=t.requires_grad,
+            grad=grad,
+            grad_values=None if grad is None else grad.detach().clone(),
+        )
+
+    def restore(self) -> None:
+        """Put every recorded flag, tensor and value back where it was."""
+        for module, training in self._modes:
+            if module.training != training:
+                module.training = training
+        with torch.no_grad():
+            for s in self._slots:
+                store = getattr(s.owner, s.kind)
+                if store.get(s.name, None) is not s.tensor:
+                    store[s.name] = s.tensor
+                if s.tensor is None:
+                    continue
+                if not _unchanged(s.tensor, s.values):
+                    s.tensor.copy_(s.values)
+                if s.tensor.requires_grad != s.requires_grad:
+                    s.tensor.requires_grad_(s.requires_grad)
+                if s.kind == "_parameters":
+                    if s.tensor.grad is not s.grad:
+                        s.tensor.grad = s.grad
+                    if s.grad is not None and not _unchanged(s.grad, s.grad_values):
+                        s.grad.copy_(s.grad_values)
+
+
+@contextmanager
+def model_preserved(model: nn.Module) -> Iterator[None]:
+    """Context in which ``model`` may be used freely; its state is restored on exit.
+
+    Args:
+        model: The module whose state must survive the block, also if it raises.
+
+    Example:
+        >>> import torch
+        >>> bn = torch.nn.BatchNorm1d(3)
+        >>> with model_preserved(bn):
+        ...     _ = bn(torch.randn(4, 3))  # updates running statistics
+        >>> assert bn.num_batches_tracked.item() == 0
+        >>> assert torch.equal(bn.running_mean, torch.zeros(3))
+
+    """
+    snapshot = ModelSnapshot(model)
+    try:
+        yield
+    finally:
+        snapshot.restore()

@@ -1,0 +1,218 @@
+r"""Backpropagated loss-Hessian factors ``V = [J_θF_nᵀ s_nc]`` and products with ``Jᵀ``.
+
+One forward pass of the whole batch linearises the model:
+
+.. math::
+    G = J^⊤ (∇²_F L) J = \sum_{n,c} v_{nc} v_{nc}^⊤, \qquad
+    v_{nc} = (J_θ F_n)^⊤ s_{nc} ∈ ℝ^D,
+
+with ``S`` from :mod:`lowrank_ggn.loss_factors`. The columns are ordered
+**sample-major**: column ``i = n·C + c``. ``V`` is ``[D, N·C]``; this module returns
+it transposed, as per-parameter blocks ``[N·C, *θ_p.shape]``.
+
+Two paths compute ``V`` (see :mod:`lowrank_ggn.sample_mixing` for the choice):
+
+* ``per_sample``: ``F_n = f(x_n)``, so ``v_{nc} = J_θ f(x_n)ᵀ s_{nc}``; a vmap over
+  samples of a vmap over ``c`` of the per-sample vector-Jacobian product. Cost: ``C``
+  batched backward passes, ``O(C · cost(backward of N samples))``.
+* ``full_batch``: ``v_{nc} = J_θ F(X)ᵀ (e_n ⊗ s_{nc})``, the full-batch vector-Jacobian
+  product of a cotangent that is zero except at sample ``n``. Cost: ``N·C`` full-batch
+  backward passes, ``O(N·C · cost(backward of N samples))``; exact for any model.
+
+For any cotangent ``W = [w_1, …, w_N]`` the full-batch product ``J_θF(X)ᵀ W`` equals
+``Σ_n J_θF_nᵀ w_n``. With ``w_n = Σ_c u_{nc} s_{nc}`` it gives ``V u`` without ``V``:
+that is how eigenvectors are formed, on both paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import vjp, vmap
+
+from lowrank_ggn._model import FunctionalModel
+from lowrank_ggn._validation import check_call, check_outputs, check_params_finite
+from lowrank_ggn.loss_factors import check_targets, loss_hessian_factors
+from lowrank_ggn.sample_mixing import (
+    FULL_BATCH,
+    PER_SAMPLE,
+    EnginePath,
+    check_deterministic,
+    choose_path,
+)
+
+#: Columns processed together in one vmapped backward pass, unless overridden.
+DEFAULT_CHUNK = 64
+
+
+@dataclass
+class Linearization:
+    """The model linearised around one batch: outputs, loss factors and the path.
+
+    Attributes:
+        fmodel: The model as a function of the selected parameters.
+        loss_func: The loss.
+        inputs: ``[N, *in]``.
+        targets: The targets.
+        outputs: ``F(θ, X)``, ``[N, *out]``, detached.
+        factors: ``S``, ``[C, N, *out]`` (reduction factor included).
+        path: Which way ``V`` is computed, and why.
+
+    """
+
+    fmodel: FunctionalModel
+    loss_func: nn.Module
+    inputs: Tensor
+    targets: Tensor
+    outputs: Tensor
+    factors: Tensor
+    path: EnginePath
+    _vjp_fn: object
+
+    @property
+    def num_samples(self) -> int:
+        """``N``."""
+        return self.outputs.shape[0]
+
+    @property
+    def num_columns_per_sample(self) -> int:
+        """``C``."""
+        return self.factors.shape[0]
+
+    @property
+    def num_columns(self) -> int:
+        """``N·C``, the size of the Gram matrix."""
+        return self.num_samples * self.num_columns_per_sample
+
+    def combine(self, weights: Tensor) -> Tensor:
+        """Cotangents ``w_n = Σ_c u[n·C + c] s_nc`` for coefficient rows ``u``.
+
+        Args:
+            weights: ``[K, N·C]``, rows ordered sample-major.
+
+        Returns:
+            ``[K, N, *out]``.
+
+        """
+        N, C = self.num_samples, self.num_columns_per_sample
+        u = weights.reshape(-1, N, C)
+        S = self.factors.reshape(C, N, -1)
+        return torch.einsum("knc,cno->kno", u, S).reshape(-1, *self.outputs.shape)
+
+    def vjp(self, cotangents: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
+        """Full-batch products ``J_θF(X)ᵀ W_k`` for cotangents ``[K, N, *out]``.
+
+        Returns:
+            ``[K, D]``, flattened in ``params`` order.
+
+        """
+        blocks = vmap(self._vjp_fn, chunk_size=max(1, chunk))(cotangents)[0]
+        return self.fmodel.flatten(blocks, batch_dims=1)
+
+    def apply_factors(self, weights: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
+        """``(V u_k)ᵀ`` for coefficient rows ``u_k``: ``[K, N·C] -> [K, D]``."""
+        return self.vjp(self.combine(weights), chunk)
+
+    def factor_blocks(
+        self, chunk: int = DEFAULT_CHUNK
+    ) -> Iterator[tuple[slice, Tensor]]:
+        """Yield ``(columns, Vᵀ[columns])`` with ``Vᵀ[columns]`` of shape ``[B, D]``.
+
+        Columns come in sample-major order, in blocks of about ``chunk`` columns.
+        """
+        N, C = self.num_samples, self.num_columns_per_sample
+        if self.path.name == PER_SAMPLE:
+            theta = self.fmodel.primals()
+            samples = max(1, chunk // C)
+
+            def sample_columns(x: Tensor, s: Tensor) -> tuple[Tensor, ...]:
+                # s: [C, *out] -> C per-sample VJPs, each a tuple of [*θ_p]
+                _, fn = vjp(lambda th: self.fmodel.single(th, x), theta)
+                return vmap(fn)(s)[0]
+
+            S = self.factors.movedim(0, 1)  # [N, C, *out]
+            for start in range(0, N, samples):
+                stop = min(N, start + samples)
+                blocks = vmap(sample_columns)(self.inputs[start:stop], S[start:stop])
+                yield (
+                    slice(start * C, stop * C),
+                    self.fmodel.flatten(blocks, batch_dims=2).flatten(0, 1),
+                )
+            return
+        for start in range(0, N * C, chunk):
+            stop = min(N * C, start + chunk)
+            idx = torch.arange(start, stop, device=self.outputs.device)
+            weights = torch.zeros(
+                stop - start,
+                N * C,
+                dtype=self.outputs.dtype,
+                device=self.outputs.device,
+            )
+            weights[torch.arange(stop - start), idx] = 1.0
+            yield slice(start, stop), self.apply_factors(weights, chunk)
+
+    def factors_matrix(self, chunk: int = DEFAULT_CHUNK) -> Tensor:
+        """``Vᵀ`` as one ``[N·C, D]`` tensor (memory ``N·C·D``; for small problems)."""
+        return torch.cat([block for _, block in self.factor_blocks(chunk)])
+
+
+def linearize(
+    model: nn.Module,
+    loss_func: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    params: Sequence[Tensor] | None = None,
+    path: str | None = None,
+) -> Linearization:
+    """Check the input, run one forward pass and choose the path.
+
+    The caller must hold :func:`lowrank_ggn._state.model_preserved` around this and
+    every use of the result.
+
+    Args:
+        model: Any module that maps ``inputs`` ``[N, *in]`` to ``[N, *out]``.
+        loss_func: A supported loss (see :mod:`lowrank_ggn.loss_factors`).
+        inputs: The batch.
+        targets: Its targets.
+        params: Parameters to differentiate; default: those that require grad.
+        path: Force ``"per_sample"`` or ``"full_batch"``. ``None`` chooses safely.
+            Forcing ``"per_sample"`` on a sample-mixing model gives a wrong GGN; it
+            exists to demonstrate exactly that.
+
+    Returns:
+        The :class:`Linearization`.
+
+    """
+    selected = check_call(model, loss_func, inputs, params)
+    if path not in (None, PER_SAMPLE, FULL_BATCH):
+        raise ValueError(
+            f"path must be None, {PER_SAMPLE!r} or {FULL_BATCH!r}; got {path!r}."
+        )
+    fmodel = FunctionalModel(model, selected)
+    check_params_finite(fmodel.params, fmodel.names)
+    outputs, vjp_fn = vjp(lambda th: fmodel(th, inputs), fmodel.primals())
+    check_outputs(outputs)
+    check_targets(loss_func, outputs, targets)
+    outputs = outputs.detach()
+    check_deterministic(fmodel, inputs, outputs)
+    factors = loss_hessian_factors(loss_func, outputs, targets)
+    chosen = choose_path(fmodel, inputs, outputs)
+    if path == PER_SAMPLE and chosen.mixing_modules:
+        raise ValueError(
+            f"path='per_sample' is invalid for this model: {', '.join(chosen.mixing_modules)} "
+            "normalize with batch statistics, so per-sample Jacobians do not exist. "
+            "Leave path=None."
+        )
+    if path is not None and path != chosen.name:
+        chosen = EnginePath(
+            path,
+            f"forced by path={path!r} (automatic choice: {chosen})",
+            chosen.mixing_modules,
+            chosen.sample_mixing,
+        )
+    return Linearization(
+        fmodel, loss_func, inputs, targets, outputs, factors, chosen, vjp_fn
+    )

@@ -1,0 +1,173 @@
+r"""Does output ``n`` depend on input ``m ≠ n``? Choosing the engine's path.
+
+The per-sample path (C batched backward passes) is exact only if the model has the
+SIMD structure ``F_n(X, θ) = f(x_n, θ)``, so that ``J_θ F_n`` is the Jacobian of a
+function of ``x_n`` alone. Otherwise (BatchNorm in train mode, attention over the
+batch dimension, anything that reads batch statistics) each of the ``N·C`` columns
+``J_θF_nᵀ s_nc`` needs its own full-batch vector-Jacobian product.
+
+A wrong guess would be a wrong spectrum, silently, so the decision is made in two
+steps and the per-sample path is taken only when both pass:
+
+1. **Module scan.** Modules known to mix samples (``_BatchNorm`` subclasses that use
+   batch statistics: train mode, or ``track_running_stats=False``) select the
+   full-batch path directly, by their qualified names.
+2. **Numerical check.** Otherwise the model is evaluated per sample (``vmap`` over
+   batches of one) and must reproduce the batch outputs *and* the batch
+   Jacobian-vector product ``J_θF · v`` for a random parameter direction ``v``. Equal
+   JVPs for a random ``v`` mean ``J_θF_n = J_θ f(x_n)`` almost surely, which is what
+   the per-sample path relies on. A model that cannot be evaluated per sample, or
+   disagrees beyond round-off, takes the full-batch path, which is always exact.
+
+The check also runs the batch forward pass twice and refuses non-deterministic
+models (active dropout), whose GGN is not a function of the parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp, vmap
+
+from lowrank_ggn._model import FunctionalModel
+
+PER_SAMPLE = "per_sample"
+FULL_BATCH = "full_batch"
+
+
+@dataclass(frozen=True)
+class EnginePath:
+    """Which path the engine took, and why.
+
+    Attributes:
+        name: ``"per_sample"`` (C batched backward passes give all N·C columns) or
+            ``"full_batch"`` (one full-batch vector-Jacobian product per column).
+        reason: A sentence explaining the choice.
+        mixing_modules: Qualified names of modules found to mix samples.
+        sample_mixing: ``True`` when the forward pass mixes samples (or could not be
+            shown not to).
+
+    """
+
+    name: str
+    reason: str
+    mixing_modules: tuple[str, ...] = field(default_factory=tuple)
+    sample_mixing: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}"
+
+
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether a normalization module normalizes with statistics of the batch."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return False
+    return module.training or module.running_mean is None
+
+
+def batch_statistic_modules(model: nn.Module) -> list[str]:
+    """Qualified names of modules that mix samples through batch statistics."""
+    return [
+        name or "<root>"
+        for name, m in model.named_modules()
+        if uses_batch_statistics(m)
+    ]
+
+
+def active_dropout_modules(model: nn.Module) -> list[str]:
+    """Qualified names of dropout modules in train mode with ``p > 0``."""
+    return [
+        name or "<root>"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+    ]
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance for 'equal up to round-off' between batch and per-sample runs."""
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 1e-2)
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
+    return (a - b).abs().max().item() <= _tolerance(a.dtype) * scale
+
+
+def check_deterministic(
+    fmodel: FunctionalModel, inputs: Tensor, outputs: Tensor
+) -> None:
+    """Raise a ``ValueError`` if a second forward pass gives different outputs."""
+    dropout = active_dropout_modules(fmodel.model)
+    again = fmodel(fmodel.primals(), inputs)
+    if dropout or not torch.equal(again, outputs):
+        where = f" Active dropout: {', '.join(dropout)}." if dropout else ""
+        raise ValueError(
+            "model is not deterministic: two forward passes on the same inputs gave "
+            f"different outputs, so its GGN is not a function of the parameters.{where}"
+            " Put the random modules in eval mode (module.eval()) before the call."
+        )
+
+
+def choose_path(fmodel: FunctionalModel, inputs: Tensor, outputs: Tensor) -> EnginePath:
+    """Decide between the per-sample and the full-batch path (see module docstring).
+
+    Args:
+        fmodel: The model as a function of the selected parameters.
+        inputs: The batch ``[N, *in]``.
+        outputs: ``F(θ, X)`` of that batch, ``[N, *out]``.
+
+    Returns:
+        The chosen :class:`EnginePath`.
+
+    """
+    mixing = batch_statistic_modules(fmodel.model)
+    if mixing:
+        return EnginePath(
+            FULL_BATCH,
+            f"modules {', '.join(mixing)} normalize with batch statistics, so output n "
+            "depends on every input; each column needs a full-batch backward pass",
+            tuple(mixing),
+            True,
+        )
+    if inputs.shape[0] == 1:
+        return EnginePath(PER_SAMPLE, "a batch of one sample cannot mix samples")
+    theta = fmodel.primals()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    direction = tuple(
+        torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in theta
+    )
+
+    def per_sample(th: tuple[Tensor, ...]) -> Tensor:
+        return vmap(fmodel.single, in_dims=(None, 0))(th, inputs)
+
+    try:
+        single_out, single_dir = jvp(per_sample, (theta,), (direction,))
+    except Exception as err:  # noqa: BLE001 - any failure means "cannot show SIMD"
+        return EnginePath(
+            FULL_BATCH,
+            "the model could not be evaluated one sample at a time "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+            "treating it as sample-mixing",
+            (),
+            True,
+        )
+    batch_out, batch_dir = jvp(lambda th: fmodel(th, inputs), (theta,), (direction,))
+    if (
+        single_out.shape == outputs.shape
+        and _close(single_out, outputs)
+        and _close(single_dir, batch_dir)
+    ):
+        return EnginePath(
+            PER_SAMPLE,
+            "no module uses batch statistics, and per-sample evaluation reproduces "
+            "the batch outputs and a random parameter-Jacobian-vector product",
+        )
+    return EnginePath(
+        FULL_BATCH,
+        "per-sample evaluation does not reproduce the batch outputs or their "
+        "parameter Jacobian, so output n depends on other inputs",
+        (),
+        True,
+    )

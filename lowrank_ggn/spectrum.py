@@ -1,0 +1,170 @@
+r"""The nonzero GGN spectrum and its eigenvectors, from the ``NC × NC`` Gram matrix.
+
+With ``𝒢 = Vᵀ V = U Λ Uᵀ`` (see :mod:`lowrank_ggn.gram`), the GGN ``G = V Vᵀ`` has
+
+.. math::
+    G e_k = λ_k e_k, \qquad e_k = \frac{V u_k}{\sqrt{λ_k}} = \frac{J^⊤ (S u_k)}{\sqrt{λ_k}},
+
+so each eigenvector is one full-batch vector-Jacobian product with the cotangent
+``S u_k / √λ_k``; the ``D × D`` matrix is never formed, for BatchNorm models too.
+
+**Zero threshold.** An eigenvalue counts as nonzero if
+``λ > rtol · λ_max`` with ``rtol = N·C · eps(dtype)`` by default (``eps`` the machine
+epsilon of the parameters' dtype: ``2.2e-16`` in float64, ``1.2e-7`` in float32). The
+Gram matrix's eigenvalues carry a round-off error of about ``N·C · eps · λ_max``, so
+smaller values cannot be told apart from zero. Pass ``rtol`` to change it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lowrank_ggn._state import model_preserved
+from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
+from lowrank_ggn.gram import gram_from_linearization
+from lowrank_ggn.sample_mixing import EnginePath
+
+
+@dataclass
+class GGNSpectrum:
+    """Result of :func:`ggn_spectrum`.
+
+    Attributes:
+        eigenvalues: ``[K]``, descending, all above the zero threshold (or the top
+            ``top_k`` of them).
+        eigenvectors: ``[K, D]`` with orthonormal rows, parameters flattened in the
+            order of ``params``; ``None`` unless asked for.
+        path: The engine's path (``.name``, ``.reason``, ``.mixing_modules``).
+        num_columns: ``N·C``, the size of the Gram matrix and the rank bound.
+        threshold: The absolute zero threshold ``rtol · λ_max`` that was applied.
+        gram_eigenvectors: ``[N·C, K]``, the Gram eigenvectors ``u_k`` (sample-major).
+
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor | None
+    path: EnginePath
+    num_columns: int
+    threshold: float
+    gram_eigenvectors: Tensor
+
+    @property
+    def rank(self) -> int:
+        """Number of returned eigenvalues."""
+        return self.eigenvalues.numel()
+
+
+def default_rtol(num_columns: int, dtype: torch.dtype) -> float:
+    """``N·C · eps(dtype)``, the default relative zero threshold."""
+    return max(num_columns, 1) * torch.finfo(dtype).eps
+
+
+def spectrum_from_gram(
+    gram: Tensor, top_k: int | None = None, rtol: float | None = None
+) -> tuple[Tensor, Tensor, float]:
+    """Nonzero eigenpairs of a symmetric PSD Gram matrix, descending.
+
+    Returns:
+        ``(eigenvalues [K], eigenvectors [N·C, K], absolute threshold)``.
+
+    """
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    rtol = default_rtol(gram.shape[0], gram.dtype) if rtol is None else rtol
+    lam_max = max(evals[0].item(), 0.0) if evals.numel() else 0.0
+    threshold = rtol * lam_max
+    keep = (
+        evals > threshold if lam_max > 0 else torch.zeros_like(evals, dtype=torch.bool)
+    )
+    count = int(keep.sum())
+    if top_k is not None:
+        count = min(count, top_k)
+    return evals[:count], evecs[:, :count], threshold
+
+
+def parameter_eigenvectors(
+    lin: Linearization,
+    eigenvalues: Tensor,
+    gram_eigenvectors: Tensor,
+    chunk: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """``e_k = Jᵀ (S u_k) / √λ_k`` as rows ``[K, D]`` (one batched VJP)."""
+    if eigenvalues.numel() == 0:
+        return eigenvalues.new_zeros(0, lin.fmodel.num_params)
+    weights = (gram_eigenvectors / eigenvalues.sqrt()).T  # [K, N·C]
+    return lin.apply_factors(weights, chunk)
+
+
+def _check_top_k(top_k: int | None) -> None:
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
+    ):
+        raise ValueError(f"top_k must be a positive int or None; got {top_k!r}.")
+
+
+def ggn_spectrum(
+    model: nn.Module,
+    loss_func: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    params: Sequence[Tensor] | None = None,
+    top_k: int | None = None,
+    eigenvectors: bool = False,
+    rtol: float | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    path: str | None = None,
+) -> GGNSpectrum:
+    r"""Exact nonzero eigenvalues (and eigenvectors) of the mini-batch GGN.
+
+    ``G = Σ_n J_θF_nᵀ (∇²_{F_n} L) J_θF_n`` for the batch loss ``L`` (reduction
+    included), through its ``N·C × N·C`` Gram matrix. Correct for any model,
+    BatchNorm in train mode included.
+
+    Args:
+        model: Module mapping ``inputs`` ``[N, *in]`` to ``[N, *out]``; never changed.
+        loss_func: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``
+            (reduction ``'mean'`` or ``'sum'``).
+        inputs: The batch.
+        targets: Its targets.
+        params: Parameters of ``model``; default: all that require grad. They define
+            the flattening order of the eigenvectors.
+        top_k: Return only the ``top_k`` largest nonzero eigenvalues.
+        eigenvectors: Also return parameter-space eigenvectors ``[K, D]``.
+        rtol: Relative zero threshold (default ``N·C · eps``; see module docstring).
+        chunk: Factor columns per vmapped backward pass.
+        path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.
+
+    Returns:
+        A :class:`GGNSpectrum`.
+
+    Example:
+        >>> import torch
+        >>> from lowrank_ggn.reference import dense_ggn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
+        ...                             torch.nn.ReLU(), torch.nn.Linear(4, 2)).double()
+        >>> X, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+        >>> res = ggn_spectrum(model, torch.nn.CrossEntropyLoss(), X, y, eigenvectors=True)
+        >>> res.path.name
+        'full_batch'
+        >>> G = dense_ggn(model, torch.nn.CrossEntropyLoss(), X, y)
+        >>> assert torch.allclose(res.eigenvalues.sum(), G.trace())
+        >>> e = res.eigenvectors
+        >>> assert torch.allclose(G @ e.T, e.T * res.eigenvalues)
+
+    """
+    _check_top_k(top_k)
+    with model_preserved(model):
+        lin = linearize(model, loss_func, inputs, targets, params, path)
+        gram = gram_from_linearization(lin, chunk)
+        evals, evecs, threshold = spectrum_from_gram(gram, top_k, rtol)
+        vectors = (
+            parameter_eigenvectors(lin, evals, evecs, chunk) if eigenvectors else None
+        )
+        return GGNSpectrum(evals, vectors, lin.path, lin.num_columns, threshold, evecs)

@@ -1,0 +1,177 @@
+"""Shared model/loss/data cases: every feature is tested over this whole list.
+
+Each case is a small constructor with a fixed seed that returns
+``(model, loss_func, inputs, targets)`` in float64. ``mixing`` says whether the
+forward pass mixes samples (BatchNorm with batch statistics), i.e. which engine path
+is expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class Case:
+    """A named test problem."""
+
+    name: str
+    build: Callable[[], tuple[nn.Module, nn.Module, Tensor, Tensor]]
+    mixing: bool
+
+    def make(self) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
+        """Build the problem (deterministic)."""
+        return self.build()
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class Residual(nn.Module):
+    """``x + conv(bn(relu(conv(x))))``, a residual block with BatchNorm."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(self.bn(torch.relu(self.conv1(x))))
+
+
+def _targets(
+    loss: nn.Module, out_shape: tuple[int, ...], gen: torch.Generator
+) -> Tensor:
+    if isinstance(loss, nn.CrossEntropyLoss):
+        N, K, *pos = out_shape
+        return torch.randint(0, K, (N, *pos), generator=gen)
+    if isinstance(loss, nn.BCEWithLogitsLoss):
+        return torch.rand(out_shape, generator=gen, dtype=DTYPE)
+    return torch.randn(out_shape, generator=gen, dtype=DTYPE)
+
+
+def _problem(
+    seed: int,
+    model_fn: Callable[[], nn.Module],
+    in_shape: tuple[int, ...],
+    loss: nn.Module,
+    train: bool = True,
+) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
+    torch.manual_seed(seed)
+    model = model_fn().to(DTYPE)
+    model.train(train)
+    gen = torch.Generator().manual_seed(seed + 1)
+    X = torch.randn(in_shape, generator=gen, dtype=DTYPE)
+    with torch.no_grad():
+        # run a copy so the original's BN running stats stay at their init
+        import copy
+
+        out_shape = tuple(copy.deepcopy(model)(X).shape)
+    # non-trivial running statistics for eval-mode BN
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.3, generator=gen)
+            m.running_var.uniform_(0.5, 2.0, generator=gen)
+            m.weight.data.uniform_(0.5, 1.5, generator=gen)
+            m.bias.data.normal_(0, 0.3, generator=gen)
+    return model, loss, X, _targets(loss, out_shape, gen)
+
+
+def mlp(k_out: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, k_out))
+
+
+def mlp_bn(k_out: int = 3) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, k_out)
+    )
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, 3),
+    )
+
+
+def cnn_bn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, 3),
+    )
+
+
+def resnet_bn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        Residual(2),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 3),
+    )
+
+
+def layernorm_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def groupnorm_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 2),
+    )
+
+
+def segmentation() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 1))
+
+
+CE, MSE, BCE = nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss
+
+
+def _case(name, seed, model_fn, in_shape, loss, train=True, mixing=False) -> Case:
+    return Case(name, lambda: _problem(seed, model_fn, in_shape, loss, train), mixing)
+
+
+CASES: list[Case] = [
+    _case("mlp-ce-mean", 0, mlp, (6, 4), CE()),
+    _case("mlp-ce-sum", 1, mlp, (6, 4), CE(reduction="sum")),
+    _case("mlp-mse-mean", 2, mlp, (6, 4), MSE()),
+    _case("mlp-mse-sum", 3, mlp, (6, 4), MSE(reduction="sum")),
+    _case("mlp-bce-mean", 4, mlp, (6, 4), BCE()),
+    _case("mlp-bce-sum", 5, mlp, (6, 4), BCE(reduction="sum")),
+    _case("mlp-mse-C1", 6, lambda: mlp(1), (5, 4), MSE()),
+    _case("mlp-bce-C1", 7, lambda: mlp(1), (5, 4), BCE(reduction="sum")),
+    _case("mlp-ce-N1", 8, mlp, (1, 4), CE()),
+    _case("cnn-pool-ce", 9, cnn, (5, 2, 6, 6), CE()),
+    _case("bn1d-train-ce", 10, mlp_bn, (6, 4), CE(), mixing=True),
+    _case("bn1d-train-mse-sum", 11, mlp_bn, (6, 4), MSE(reduction="sum"), mixing=True),
+    _case("bn1d-train-bce", 12, mlp_bn, (6, 4), BCE(), mixing=True),
+    _case("bn1d-eval-ce", 13, mlp_bn, (6, 4), CE(), train=False),
+    _case("bn2d-train-ce", 14, cnn_bn, (5, 2, 6, 6), CE(), mixing=True),
+    _case("bn2d-eval-ce", 15, cnn_bn, (5, 2, 6, 6), CE(), train=False),
+    _case("resnet-bn-train-ce", 16, resnet_bn, (4, 1, 4, 4), CE(), mixing=True),
+    _case("layernorm-ce", 17, layernorm_net, (6, 4), CE()),
+    _case("groupnorm-mse", 18, groupnorm_cnn, (4, 2, 6, 6), MSE()),
+    _case("segmentation-ce-mean", 19, segmentation, (3, 2, 3, 3), CE()),
+    _case("segmentation-ce-sum", 20, segmentation, (3, 2, 3, 3), CE(reduction="sum")),
+]
+
+CASE_IDS = [c.name for c in CASES]
+MIXING_CASES = [c for c in CASES if c.mixing]

@@ -1,0 +1,79 @@
+"""Comparison helpers that print the mismatching entries before failing."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+#: Tolerance of float64 results against the dense reference, relative to the
+#: largest eigenvalue / the largest entry.
+RTOL = 1e-8
+
+
+def report_close(
+    actual: Tensor, expected: Tensor, rtol: float = RTOL, name: str = "value"
+) -> None:
+    """Assert ``|actual − expected| ≤ rtol · max|expected|`` entrywise, with a report."""
+    assert actual.shape == expected.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
+    scale = max(expected.abs().max().item(), 1e-300) if expected.numel() else 1.0
+    err = (actual - expected).abs()
+    bad = err > rtol * scale
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        lines = [
+            f"  at {i}: got {actual[tuple(i)].item():.6e}, expected {expected[tuple(i)].item():.6e}"
+            for i in idx
+        ]
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.numel()} entries off by more than "
+            f"{rtol:g}·{scale:.3e} (max err {err.max().item():.3e}):\n"
+            + "\n".join(lines)
+        )
+
+
+def assert_spectrum_matches(evals: Tensor, G: Tensor, rtol: float = RTOL) -> None:
+    """``evals`` are the nonzero eigenvalues of ``G``; the rest of ``G``'s are ~0."""
+    dense = torch.linalg.eigvalsh(G).flip(0)
+    r = evals.numel()
+    scale = dense[0].abs().item()
+    report_close(evals, dense[:r], rtol, "eigenvalues")
+    rest = dense[r:]
+    if rest.numel():
+        assert rest.abs().max() <= 1e3 * rtol * scale, (
+            f"dense GGN has an eigenvalue {rest.abs().max().item():.3e} that the engine "
+            f"dropped as zero (λ_max = {scale:.3e})"
+        )
+
+
+def state_of(model: nn.Module) -> dict:
+    """Everything the toolkit promises to keep, deep-copied."""
+    return {
+        "state": copy.deepcopy(model.state_dict(keep_vars=False)),
+        "modes": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": [
+            None if p.grad is None else p.grad.clone() for p in model.parameters()
+        ],
+        "grad_ids": [id(p.grad) for p in model.parameters()],
+        "param_ids": [id(p) for p in model.parameters()],
+    }
+
+
+def assert_state_equal(before: dict, model: nn.Module) -> None:
+    """The model's state is bitwise what :func:`state_of` recorded."""
+    after = state_of(model)
+    assert before["state"].keys() == after["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(v, after["state"][k]), f"model entry {k} changed"
+    assert before["modes"] == after["modes"], "train/eval mode changed"
+    assert before["requires_grad"] == after["requires_grad"], "requires_grad changed"
+    assert before["param_ids"] == after["param_ids"], "parameter objects replaced"
+    assert before["grad_ids"] == after["grad_ids"], ".grad objects replaced"
+    for g0, g1 in zip(before["grads"], after["grads"]):
+        assert (g0 is None) == (g1 is None) and (g0 is None or torch.equal(g0, g1)), (
+            ".grad changed"
+        )
