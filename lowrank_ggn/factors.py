@@ -58,9 +58,12 @@ class Linearization:
         inputs: ``[N, *in]``.
         targets: The targets.
         outputs: ``F(θ, X)``, ``[N, *out]``, detached.
-        factors: ``S``, ``[C, N, *out]`` (reduction factor included).
+        factors: ``S``, ``[C, N_S, *out]`` (reduction factor included): the factor
+            columns of the samples in ``sample_index``.
         path: Which way ``V`` is computed, and why.
-
+        sample_index: ``[N_S]`` batch positions of the samples that carry factor
+            columns (all ``N`` by default; a subset under curvature sub-sampling).
+            Column ``i = j·C + c`` belongs to sample ``sample_index[j]``.
     """
 
     fmodel: FunctionalModel
@@ -71,11 +74,22 @@ class Linearization:
     factors: Tensor
     path: EnginePath
     _vjp_fn: object
+    sample_index: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.sample_index is None:
+            N = self.outputs.shape[0]
+            self.sample_index = torch.arange(N, device=self.outputs.device)
+
+    @property
+    def batch_size(self) -> int:
+        """``N``, the samples in the forward pass."""
+        return self.outputs.shape[0]
 
     @property
     def num_samples(self) -> int:
-        """``N``."""
-        return self.outputs.shape[0]
+        """``N_S``, the samples that carry factor columns (``N`` unless sub-sampled)."""
+        return self.sample_index.numel()
 
     @property
     def num_columns_per_sample(self) -> int:
@@ -84,36 +98,37 @@ class Linearization:
 
     @property
     def num_columns(self) -> int:
-        """``N·C``, the size of the Gram matrix."""
+        """``N_S·C``, the size of the Gram matrix."""
         return self.num_samples * self.num_columns_per_sample
 
     def combine(self, weights: Tensor) -> Tensor:
-        """Cotangents ``w_n = Σ_c u[n·C + c] s_nc`` for coefficient rows ``u``.
+        """Cotangents ``w_n = Σ_c u[j·C + c] s_jc`` for ``n = sample_index[j]``, else 0.
 
         Args:
-            weights: ``[K, N·C]``, rows ordered sample-major.
+            weights: ``[K, N_S·C]``, rows ordered sample-major.
 
         Returns:
-            ``[K, N, *out]``.
-
+            ``[K, N, *out]``, zero at samples without factor columns.
         """
-        N, C = self.num_samples, self.num_columns_per_sample
-        u = weights.reshape(-1, N, C)
-        S = self.factors.reshape(C, N, -1)
-        return torch.einsum("knc,cno->kno", u, S).reshape(-1, *self.outputs.shape)
+        NS, C = self.num_samples, self.num_columns_per_sample
+        u = weights.reshape(-1, NS, C)
+        S = self.factors.reshape(C, NS, -1)
+        picked = torch.einsum("knc,cno->kno", u, S)  # [K, N_S, O]
+        full = picked.new_zeros(picked.shape[0], self.batch_size, picked.shape[-1])
+        full[:, self.sample_index] = picked
+        return full.reshape(-1, *self.outputs.shape)
 
     def vjp(self, cotangents: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
         """Full-batch products ``J_θF(X)ᵀ W_k`` for cotangents ``[K, N, *out]``.
 
         Returns:
             ``[K, D]``, flattened in ``params`` order.
-
         """
         blocks = vmap(self._vjp_fn, chunk_size=max(1, chunk))(cotangents)[0]
         return self.fmodel.flatten(blocks, batch_dims=1)
 
     def apply_factors(self, weights: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
-        """``(V u_k)ᵀ`` for coefficient rows ``u_k``: ``[K, N·C] -> [K, D]``."""
+        """``(V u_k)ᵀ`` for coefficient rows ``u_k``: ``[K, N_S·C] -> [K, D]``."""
         return self.vjp(self.combine(weights), chunk)
 
     def factor_blocks(
@@ -123,7 +138,8 @@ class Linearization:
 
         Columns come in sample-major order, in blocks of about ``chunk`` columns.
         """
-        N, C = self.num_samples, self.num_columns_per_sample
+        NS, C = self.num_samples, self.num_columns_per_sample
+        dtype, device = self.outputs.dtype, self.outputs.device
         if self.path.name == PER_SAMPLE:
             theta = self.fmodel.primals()
             samples = max(1, chunk // C)
@@ -133,25 +149,18 @@ class Linearization:
                 _, fn = vjp(lambda th: self.fmodel.single(th, x), theta)
                 return vmap(fn)(s)[0]
 
-            S = self.factors.movedim(0, 1)  # [N, C, *out]
-            for start in range(0, N, samples):
-                stop = min(N, start + samples)
-                blocks = vmap(sample_columns)(self.inputs[start:stop], S[start:stop])
-                yield (
-                    slice(start * C, stop * C),
-                    self.fmodel.flatten(blocks, batch_dims=2).flatten(0, 1),
-                )
+            S = self.factors.movedim(0, 1)  # [N_S, C, *out]
+            X = self.inputs[self.sample_index]
+            for start in range(0, NS, samples):
+                stop = min(NS, start + samples)
+                blocks = vmap(sample_columns)(X[start:stop], S[start:stop])
+                flat = self.fmodel.flatten(blocks, batch_dims=2)  # [B, C, D]
+                yield slice(start * C, stop * C), flat.flatten(0, 1)
             return
-        for start in range(0, N * C, chunk):
-            stop = min(N * C, start + chunk)
-            idx = torch.arange(start, stop, device=self.outputs.device)
-            weights = torch.zeros(
-                stop - start,
-                N * C,
-                dtype=self.outputs.dtype,
-                device=self.outputs.device,
-            )
-            weights[torch.arange(stop - start), idx] = 1.0
+        for start in range(0, NS * C, chunk):
+            stop = min(NS * C, start + chunk)
+            weights = torch.zeros(stop - start, NS * C, dtype=dtype, device=device)
+            weights[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
             yield slice(start, stop), self.apply_factors(weights, chunk)
 
     def factors_matrix(self, chunk: int = DEFAULT_CHUNK) -> Tensor:
