@@ -64,6 +64,8 @@ class Linearization:
         sample_index: ``[N_S]`` batch positions of the samples that carry factor
             columns (all ``N`` by default; a subset under curvature sub-sampling).
             Column ``i = j·C + c`` belongs to sample ``sample_index[j]``.
+        gram_engine: How the Gram matrix was computed (set by
+            :func:`lowrank_ggn.gram.gram_from_linearization`).
     """
 
     fmodel: FunctionalModel
@@ -75,6 +77,7 @@ class Linearization:
     path: EnginePath
     _vjp_fn: object
     sample_index: Tensor | None = None
+    gram_engine: str = ""
 
     def __post_init__(self) -> None:
         if self.sample_index is None:

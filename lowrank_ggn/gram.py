@@ -20,10 +20,38 @@ from torch import Tensor, nn
 
 from lowrank_ggn._state import model_preserved
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
+from lowrank_ggn.layerwise import DEFAULT_MEMORY_BUDGET, layerwise_gram
+
+ENGINES = ("layerwise", "generic")
 
 
-def gram_from_linearization(lin: Linearization, chunk: int = DEFAULT_CHUNK) -> Tensor:
-    """``Vᵀ V`` ``[N·C, N·C]`` for a linearised model (symmetric by construction)."""
+def gram_from_linearization(
+    lin: Linearization,
+    chunk: int = DEFAULT_CHUNK,
+    engine: str = "layerwise",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Tensor:
+    """``Vᵀ V`` ``[N·C, N·C]`` for a linearised model (symmetric by construction).
+
+    Args:
+        lin: The linearised model; ``lin.gram_engine`` records how the Gram was built.
+        chunk: Columns per batched backward pass.
+        engine: ``"layerwise"`` (default; :mod:`lowrank_ggn.layerwise`, never holds
+            ``V``) or ``"generic"`` (all of ``Vᵀ`` ``[N·C, D]`` from vmapped
+            vector-Jacobian products, then one product; memory ``N·C·D``). The
+            layer-wise engine falls back to the generic one if its self-check fails.
+        memory_budget: Bytes the layer-wise engine may hold in factor blocks.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}.")
+    if engine == "layerwise":
+        gram, note = layerwise_gram(lin, chunk, memory_budget)
+        if gram is not None:
+            lin.gram_engine = note
+            return gram
+        lin.gram_engine = "generic (layer-wise self-check failed: a parameter is used outside its layer)"
+    else:
+        lin.gram_engine = "generic (explicit Vᵀ, memory N·C·D)"
     Vt = lin.factors_matrix(chunk)  # [N·C, D]
     gram = Vt @ Vt.T
     return 0.5 * (gram + gram.T)
@@ -38,6 +66,8 @@ def gram_matrix(
     params: Sequence[Tensor] | None = None,
     chunk: int = DEFAULT_CHUNK,
     path: str | None = None,
+    engine: str = "layerwise",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> Tensor:
     r"""The ``[N·C, N·C]`` Gram matrix ``Vᵀ V`` of the mini-batch GGN.
 
@@ -55,6 +85,9 @@ def gram_matrix(
         params: Parameters of ``model``; default: all that require grad.
         chunk: Factor columns per vmapped backward pass (time/memory trade-off).
         path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.
+        engine: ``"layerwise"`` (default) or ``"generic"``; see
+            :func:`gram_from_linearization`.
+        memory_budget: Bytes the layer-wise engine may hold in factor blocks.
 
     Returns:
         ``[N·C, N·C]`` in the parameters' dtype and device, rows ordered sample-major
@@ -73,7 +106,7 @@ def gram_matrix(
     """
     with model_preserved(model):
         lin = linearize(model, loss_func, inputs, targets, params, path)
-        return gram_from_linearization(lin, chunk)
+        return gram_from_linearization(lin, chunk, engine, memory_budget)
 
 
 __all__ = ["gram_matrix", "gram_from_linearization"]

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from lowrank_ggn._state import model_preserved
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.gram import gram_from_linearization
+from lowrank_ggn.layerwise import DEFAULT_MEMORY_BUDGET
 from lowrank_ggn.sample_mixing import EnginePath
 
 
@@ -51,6 +52,7 @@ class GGNSpectrum:
     num_columns: int
     threshold: float
     gram_eigenvectors: Tensor
+    gram_engine: str = ""
 
     @property
     def rank(self) -> int:
@@ -118,6 +120,8 @@ def ggn_spectrum(
     rtol: float | None = None,
     chunk: int = DEFAULT_CHUNK,
     path: str | None = None,
+    engine: str = "layerwise",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> GGNSpectrum:
     r"""Exact nonzero eigenvalues (and eigenvectors) of the mini-batch GGN.
 
@@ -138,6 +142,8 @@ def ggn_spectrum(
         rtol: Relative zero threshold (default ``N·C · eps``; see module docstring).
         chunk: Factor columns per vmapped backward pass.
         path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.
+        engine: ``"layerwise"`` (default) or ``"generic"`` Gram computation.
+        memory_budget: Bytes the layer-wise engine may hold in factor blocks.
 
     Returns:
         A :class:`GGNSpectrum`.
@@ -162,9 +168,11 @@ def ggn_spectrum(
     _check_top_k(top_k)
     with model_preserved(model):
         lin = linearize(model, loss_func, inputs, targets, params, path)
-        gram = gram_from_linearization(lin, chunk)
+        gram = gram_from_linearization(lin, chunk, engine, memory_budget)
         evals, evecs, threshold = spectrum_from_gram(gram, top_k, rtol)
         vectors = (
             parameter_eigenvectors(lin, evals, evecs, chunk) if eigenvectors else None
         )
-        return GGNSpectrum(evals, vectors, lin.path, lin.num_columns, threshold, evecs)
+        return GGNSpectrum(
+            evals, vectors, lin.path, lin.num_columns, threshold, evecs, lin.gram_engine
+        )

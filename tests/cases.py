@@ -142,6 +142,11 @@ def segmentation() -> nn.Module:
     return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 1))
 
 
+def sequence_mlp() -> nn.Module:
+    """A Linear layer shared over 5 sequence positions (weight sharing), then a head."""
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 5, 2))
+
+
 CE, MSE, BCE = nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss
 
 
@@ -171,6 +176,7 @@ CASES: list[Case] = [
     _case("groupnorm-mse", 18, groupnorm_cnn, (4, 2, 6, 6), MSE()),
     _case("segmentation-ce-mean", 19, segmentation, (3, 2, 3, 3), CE()),
     _case("segmentation-ce-sum", 20, segmentation, (3, 2, 3, 3), CE(reduction="sum")),
+    _case("sequence-linear-mse", 21, sequence_mlp, (4, 5, 3), MSE()),
 ]
 
 CASE_IDS = [c.name for c in CASES]

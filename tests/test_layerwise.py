@@ -1,0 +1,128 @@
+"""The layer-wise Gram engine against the generic engine and the dense reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import CASES
+from utils import assert_spectrum_matches, report_close
+
+from lowrank_ggn import ggn_spectrum, gram_matrix
+from lowrank_ggn.layerwise import _Engine, symmetric_rank_k_update
+from lowrank_ggn.reference import dense_ggn
+
+D = torch.float64
+
+
+def test_layerwise_equals_generic(case):
+    model, loss, X, y = case.make()
+    fast = gram_matrix(model, loss, X, y, engine="layerwise")
+    slow = gram_matrix(model, loss, X, y, engine="generic")
+    report_close(fast, slow, name="layer-wise Gram")
+    res = ggn_spectrum(model, loss, X, y, top_k=1)
+    assert res.gram_engine.startswith("layer-wise"), res.gram_engine
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("bn1d-train-ce", "0:mixing, 3:local"),
+        ("bn1d-eval-ce", "0:local, 3:local"),
+        ("resnet-bn-train-ce", "0:mixing, 1.conv1:mixing, 1.conv2:local, 3:local"),
+    ],
+)
+def test_layers_downstream_of_batchnorm_are_local(name, expected):
+    model, loss, X, y = next(c for c in CASES if c.name == name).make()
+    assert expected in ggn_spectrum(model, loss, X, y, top_k=1).gram_engine
+
+
+def test_weight_used_outside_its_layer_falls_back_to_generic():
+    """A parent reuses ``fc.weight`` directly: per-layer formulas would miss that use."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+            self.out = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.fc(x))
+            return self.out(h @ self.fc.weight)
+
+    torch.manual_seed(0)
+    model, loss = Tied().double(), torch.nn.CrossEntropyLoss()
+    X, y = torch.randn(4, 3, dtype=D), torch.tensor([0, 1, 1, 0])
+    res = ggn_spectrum(model, loss, X, y)
+    assert res.gram_engine.startswith("generic (layer-wise self-check failed")
+    assert_spectrum_matches(res.eigenvalues, dense_ggn(model, loss, X, y))
+
+
+def test_mixing_found_late_restarts_with_layer_explicit():
+    """Only the last sample reads another sample: the first chunks look local."""
+
+    class MixLast(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x[:-1], x[-1:] + 0.5 * x[-2:-1]])
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), MixLast(), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
+    loss = torch.nn.MSELoss()
+    X, y = torch.randn(5, 3, dtype=D), torch.randn(5, 2, dtype=D)
+    res = ggn_spectrum(model, loss, X, y, chunk=1)
+    assert res.path.name == "full_batch"
+    assert "0:mixing, 3:local" in res.gram_engine
+    assert_spectrum_matches(res.eigenvalues, dense_ggn(model, loss, X, y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_symmetric_rank_k_update(dtype):
+    gen = torch.Generator().manual_seed(0)
+    B = torch.randn(7, 11, generator=gen, dtype=dtype)
+    G = torch.randn(7, 7, generator=gen, dtype=dtype)
+    G = G + G.T
+    expected = G + B @ B.T
+    symmetric_rank_k_update(G, B)
+    report_close(
+        G, expected, rtol=1e-5 if dtype == torch.float32 else 1e-12, name="syrk"
+    )
+
+
+def test_conv_kronecker_and_explicit_forms_agree():
+    """Both forms for a weight-sharing layer equal ``Σ_l V_iᵀ V_j`` from explicit ``V``."""
+    gen = torch.Generator().manual_seed(2)
+    NS, C, P, O, I = 3, 2, 4, 5, 6
+    g = torch.randn(NS, C, P, O, generator=gen, dtype=D)
+    A = torch.randn(NS, P, I, generator=gen, dtype=D)
+    V = torch.einsum("ncpo,npi->ncoi", g, A).reshape(NS * C, -1)
+    engine = object.__new__(_Engine)
+    engine.budget = 10**9
+    for add in (engine._add_kron_blocks, engine._add_explicit_local):
+        gram = torch.zeros(NS * C, NS * C, dtype=D)
+        add(gram, g, A)
+        report_close(gram, V @ V.T, name=add.__name__)
+
+
+def test_explicit_channel_chunks_under_small_budget():
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(2, 3, 4, 6, generator=gen, dtype=D)
+    A = torch.randn(2, 4, 5, generator=gen, dtype=D)
+    V = torch.einsum("ncpo,npi->ncoi", g, A).reshape(6, -1)
+    engine = object.__new__(_Engine)
+    engine.budget = 1  # forces one output channel per chunk
+    gram = torch.zeros(6, 6, dtype=D)
+    engine._add_explicit_local(gram, g, A)
+    report_close(gram, V @ V.T, name="chunked explicit")
+
+
+def test_memory_budget_is_enforced_with_a_clear_error():
+    model, loss, X, y = next(c for c in CASES if c.name == "bn2d-train-ce").make()
+    with pytest.raises(MemoryError, match="memory_budget=.* GiB"):
+        gram_matrix(model, loss, X, y, memory_budget=1000)
+
+
+def test_unknown_engine_raises():
+    model, loss, X, y = CASES[0].make()
+    with pytest.raises(ValueError, match="engine must be one of"):
+        gram_matrix(model, loss, X, y, engine="fast")
