@@ -66,6 +66,9 @@ class Linearization:
             Column ``i = j·C + c`` belongs to sample ``sample_index[j]``.
         gram_engine: How the Gram matrix was computed (set by
             :func:`lowrank_ggn.gram.gram_from_linearization`).
+        graph: Outputs of a forward pass on the live parameters with its autograd
+            graph, shared by every backward pass; built on first use
+            (:meth:`forward_with_graph`).
     """
 
     fmodel: FunctionalModel
@@ -75,9 +78,9 @@ class Linearization:
     outputs: Tensor
     factors: Tensor
     path: EnginePath
-    _vjp_fn: object
     sample_index: Tensor | None = None
     gram_engine: str = ""
+    graph: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.sample_index is None:
@@ -121,14 +124,46 @@ class Linearization:
         full[:, self.sample_index] = picked
         return full.reshape(-1, *self.outputs.shape)
 
+    def forward_with_graph(self) -> Tensor:
+        """Run ``F(θ, X)`` on the live parameters, keep the graph in :attr:`graph`.
+
+        Forward hooks registered on the model's modules fire here; the layer-wise
+        engine uses that to capture layer inputs and outputs in the same pass.
+        """
+        with torch.enable_grad():
+            self.graph = self.fmodel(tuple(self.fmodel.params), self.inputs)
+        return self.graph
+
     def vjp(self, cotangents: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
         """Full-batch products ``J_θF(X)ᵀ W_k`` for cotangents ``[K, N, *out]``.
 
         Returns:
             ``[K, D]``, flattened in ``params`` order.
         """
-        blocks = vmap(self._vjp_fn, chunk_size=max(1, chunk))(cotangents)[0]
-        return self.fmodel.flatten(blocks, batch_dims=1)
+        if self.graph is None:
+            self.forward_with_graph()
+        params = self.fmodel.params
+        rows = []
+        for start in range(0, cotangents.shape[0], max(1, chunk)):
+            part = cotangents[start : start + max(1, chunk)]
+            grads = torch.autograd.grad(
+                self.graph,
+                params,
+                part,
+                retain_graph=True,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+            grads = [
+                torch.zeros(part.shape[0], *p.shape, dtype=p.dtype, device=p.device)
+                if g is None
+                else g
+                for g, p in zip(grads, params)
+            ]
+            rows.append(self.fmodel.flatten(grads, batch_dims=1))
+        if not rows:
+            return cotangents.new_zeros(0, self.fmodel.num_params)
+        return torch.cat(rows)
 
     def apply_factors(self, weights: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
         """``(V u_k)ᵀ`` for coefficient rows ``u_k``: ``[K, N_S·C] -> [K, D]``."""
@@ -205,10 +240,10 @@ def linearize(
         )
     fmodel = FunctionalModel(model, selected)
     check_params_finite(fmodel.params, fmodel.names)
-    outputs, vjp_fn = vjp(lambda th: fmodel(th, inputs), fmodel.primals())
+    with torch.no_grad():
+        outputs = fmodel(fmodel.primals(), inputs)
     check_outputs(outputs)
     check_targets(loss_func, outputs, targets)
-    outputs = outputs.detach()
     check_deterministic(fmodel, inputs, outputs)
     factors = loss_hessian_factors(loss_func, outputs, targets)
     chosen = choose_path(fmodel, inputs, outputs)
@@ -225,6 +260,4 @@ def linearize(
             chosen.mixing_modules,
             chosen.sample_mixing,
         )
-    return Linearization(
-        fmodel, loss_func, inputs, targets, outputs, factors, chosen, vjp_fn
-    )
+    return Linearization(fmodel, loss_func, inputs, targets, outputs, factors, chosen)
