@@ -59,6 +59,10 @@ from lowrank_ggn.sample_mixing import PER_SAMPLE
 #: Default bound (bytes) on the explicit factor blocks and work buffers held at once.
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 
+#: Rough ratio of all intermediate activations to the captured layer outputs, used to
+#: size the column chunks of batched full-batch backward passes.
+_AUTOGRAD_OVERHEAD = 6
+
 
 def symmetric_rank_k_update(gram: Tensor, block: Tensor) -> None:
     """``gram += block @ blockᵀ`` for ``block`` ``[NC, K]``, using BLAS ``syrk`` on CPU.
@@ -201,6 +205,14 @@ class _Engine:
         self.generic = [p for p in self.lin.fmodel.params if id(p) not in captured]
         for la in self.layers:
             la.A = la.layer_input()
+        if self.lin.path.name != PER_SAMPLE:
+            # a batched backward pass holds, per column, gradients of every activation
+            # of the whole batch; bound that transient by a quarter of the budget
+            acts = sum(la.outputs[0].numel() for la in self.layers) + out.numel()
+            per_column = _AUTOGRAD_OVERHEAD * acts * out.element_size()
+            self.chunk = max(
+                1, min(self.chunk, (self.budget // 4) // max(1, per_column))
+            )
         return out
 
     # ---------------------------------------------------------------- backward
@@ -351,13 +363,20 @@ class _Engine:
             self._add_explicit_local(gram, g.reshape(NS, C, P, O), A_s)
 
     def _add_kron_blocks(self, gram: Tensor, g: Tensor, A: Tensor) -> None:
-        """``𝒢[(n,c),(m,d)] = Σ_{pq} (A_n A_mᵀ)_{pq} g_{nc p}·g_{md q}``, one row block per n."""
+        """``𝒢[(n,c),(m,d)] = Σ_{pq} (A_n A_mᵀ)_{pq} g_{ncp}·g_{mdq}``, one row block per n.
+
+        All products are matrix multiplications: ``K = A_n A_allᵀ`` ``[P, NS·P]``, then
+        ``H_m = K_m g_m`` ``[P, C·O]`` (batched over ``m``), then ``g_n · H``.
+        """
         NS, C, P, O = g.shape
+        A_all = A.reshape(NS * P, -1)  # [NS·P, I]
+        g_pm = g.permute(0, 2, 1, 3).reshape(NS, P, C * O)  # [NS, P, C·O]
+        g_rows = g.reshape(NS * C, P * O)  # [NS·C, P·O]
         for n in range(NS):
-            Ka = torch.einsum("pi,mqi->mpq", A[n], A)  # [NS, P, P]
-            H = torch.einsum("mpq,mdqo->mdpo", Ka, g)  # [NS, C, P, O]
-            block = torch.einsum("cpo,mdpo->cmd", g[n], H)  # [C, NS, C]
-            gram[n * C : (n + 1) * C] += block.reshape(C, NS * C)
+            K = (A[n] @ A_all.T).reshape(P, NS, P).transpose(0, 1)  # [NS, P_n, P_m]
+            H = torch.bmm(K, g_pm)  # [NS, P_n, C·O]: Σ_q K[m,p,q] g[m,d,q,o]
+            H = H.reshape(NS, P, C, O).permute(0, 2, 1, 3).reshape(NS * C, P * O)
+            gram[n * C : (n + 1) * C] += g_rows[n * C : (n + 1) * C] @ H.T
 
     def _add_explicit_local(self, gram: Tensor, g: Tensor, A: Tensor) -> None:
         """``V_i = g_iᵀ A_{n(i)}`` in output-channel chunks, summed by ``syrk``."""
