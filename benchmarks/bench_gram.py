@@ -44,6 +44,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 METHODS = ("lowrank_ggn", "vivit", "curvlinops", "power")
+BN_MODELS = {"3c3d-bn", "tiny"}
 EXACT_UNDER_BN = {
     "lowrank_ggn": True,
     "vivit": False,
@@ -72,7 +73,7 @@ def build(
             layers.append(nn.BatchNorm2d(cout, track_running_stats=running_stats))
         return layers + [nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1)]
 
-    bn = model_name == "3c3d-bn"
+    bn = model_name in BN_MODELS
     small = model_name == "tiny"
     torch.manual_seed(seed)
     if small:
@@ -378,10 +379,10 @@ def ratios(records: list[dict]) -> list[dict]:
     return rows
 
 
-def write(result: dict, tag: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write(result: dict, tag: str, out: Path = RESULTS) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     result["ratios"] = ratios(result["records"])
-    (RESULTS / f"gram_{tag}.json").write_text(json.dumps(result, indent=1))
+    (out / f"gram_{tag}.json").write_text(json.dumps(result, indent=1))
     lines = [
         f"# 3c3d top-10 GGN eigenpairs, float32 ({tag})",
         "",
@@ -414,8 +415,8 @@ def write(result: dict, tag: str) -> None:
         lines.append(
             f"| {q['model']} | {q['N']} | {q['peer']} | {q['time_ratio']:.2f} | {q['rss_ratio']:.2f} | {q['speedup']:.1f}× |"
         )
-    (RESULTS / f"gram_{tag}.md").write_text("\n".join(lines) + "\n")
-    plot(result, RESULTS / f"gram_{tag}.png")
+    (out / f"gram_{tag}.md").write_text("\n".join(lines) + "\n")
+    plot(result, out / f"gram_{tag}.png")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -441,7 +442,7 @@ def plot(result: dict, path: Path) -> None:
             if not rs:
                 continue
             Ns = [r["N"] for r in rs]
-            style = "-o" if EXACT_UNDER_BN[method] or m != "3c3d-bn" else "--x"
+            style = "-o" if EXACT_UNDER_BN[method] or m not in BN_MODELS else "--x"
             axes[0, j].plot(Ns, [r["time_s"] for r in rs], style, label=method)
             axes[1, j].plot(
                 Ns, [r["peak_rss_bytes"] / 2**30 for r in rs], style, label=method
@@ -479,6 +480,7 @@ def main() -> None:
     p.add_argument(
         "--tag", default=None, help="results file tag (default: device kind)"
     )
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = p.parse_args()
     if args.worker:
         method, model_name, N = args.worker
@@ -486,8 +488,8 @@ def main() -> None:
         return
     result = drive(args)
     tag = args.tag or ("quick" if args.quick else args.device.split(":")[0])
-    write(result, tag)
-    print((RESULTS / f"gram_{tag}.md").read_text())
+    write(result, tag, args.out)
+    print((args.out / f"gram_{tag}.md").read_text())
 
 
 if __name__ == "__main__":
