@@ -242,6 +242,13 @@ class _Engine:
             rows = torch.arange(stop - start, device=out.device)
             own = self.col_sample[start:stop]
             for la, g in zip(self.layers, grads[: len(self.layers)]):
+                if g is None:  # output never reaches the model output
+                    g = torch.zeros(
+                        stop - start,
+                        *la.outputs[0].shape,
+                        dtype=out.dtype,
+                        device=out.device,
+                    )
                 g = la.output_grad(g)  # [B, N, P, O]
                 if la.local:
                     off = g.clone()
@@ -285,11 +292,13 @@ class _Engine:
                     [la.outputs[0] for la in self.layers],
                     full[c],
                     retain_graph=True,
+                    allow_unused=True,
                 )
                 if self.layers
                 else []
             )
             for store, la, g in zip(per_layer, self.layers, grads):
+                g = torch.zeros_like(la.outputs[0]) if g is None else g  # dead branch
                 store.append(
                     la.output_grad(g.unsqueeze(0))[0][lin.sample_index]
                 )  # [NS, P, O]

@@ -126,3 +126,32 @@ def test_unknown_engine_raises():
     model, loss, X, y = CASES[0].make()
     with pytest.raises(ValueError, match="engine must be one of"):
         gram_matrix(model, loss, X, y, engine="fast")
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_dead_branch_and_unused_layers(bn):
+    """A layer that runs but does not reach the output, and one that never runs."""
+
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 4)
+            self.norm = torch.nn.BatchNorm1d(4) if bn else torch.nn.Identity()
+            self.dead = torch.nn.Linear(4, 2)
+            self.never = torch.nn.Linear(4, 2)
+            self.out = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.norm(self.fc(x)))
+            self.dead(h)  # computed, unused
+            return self.out(h)
+
+    torch.manual_seed(4)
+    model, loss = Branchy().double(), torch.nn.CrossEntropyLoss()
+    X, y = torch.randn(5, 3, dtype=D), torch.tensor([0, 1, 1, 0, 1])
+    res = ggn_spectrum(model, loss, X, y, eigenvectors=True)
+    assert res.gram_engine.startswith("layer-wise")
+    G = dense_ggn(model, loss, X, y)
+    assert_spectrum_matches(res.eigenvalues, G)
+    E = res.eigenvectors
+    report_close(G @ E.T, E.T * res.eigenvalues, name="G e")
