@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
 from lowrank_ggn._state import model_preserved
+from lowrank_ggn._validation import check_model
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.loss_factors import reduction_factor
 from lowrank_ggn.moments import _check_chunk, output_gradient
@@ -192,15 +193,19 @@ def directional_derivatives(
         >>> loss = torch.nn.CrossEntropyLoss()
         >>> spec = ggn_spectrum(model, loss, X, y, top_k=2, eigenvectors=True)
         >>> import warnings
+        >>> from lowrank_ggn import SampleMixingWarning
         >>> with warnings.catch_warnings(record=True) as caught:
-        ...     warnings.simplefilter("always")
+        ...     warnings.simplefilter("always", SampleMixingWarning)
         ...     res = directional_derivatives(model, loss, X, y, spec)
-        >>> [str(w.message)[:60] for w in caught]  # BatchNorm in train mode
-        ['directional_derivatives returned per-component derivatives:']
+        >>> [w.category.__name__ for w in caught]  # BatchNorm in train mode
+        ['SampleMixingWarning']
+        >>> res.gammas.shape, res.mixing_modules
+        (torch.Size([5, 2]), ('1',))
         >>> assert torch.allclose(res.curvatures, spec.eigenvalues)
 
     """
     _check_chunk(chunk)
+    check_model(model)
     with model_preserved(model):
         lin = linearize(model, loss_func, inputs, targets, params)
         E = resolve_directions(directions, lin.fmodel.num_params, lin.fmodel.params[0])

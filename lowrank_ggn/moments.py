@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
 from lowrank_ggn._state import model_preserved
+from lowrank_ggn._validation import check_model
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.loss_factors import reduction_factor
 from lowrank_ggn.sample_mixing import PER_SAMPLE, EnginePath
@@ -209,13 +210,14 @@ def gradient_moments(
         >>> loss = torch.nn.CrossEntropyLoss()
         >>> res = gradient_moments(model, loss, X, y, per_component=True)
         >>> res.per_component.shape, res.sample_mixing
-        (torch.Size([5, 22]), False)
+        (torch.Size([5, 26]), False)
         >>> g = dense_gradient(model, loss, X, y)
         >>> assert torch.allclose(res.per_component.sum(0), g)
         >>> assert torch.allclose(res.mean, g / (res.rho * 5))
 
     """
     _check_chunk(chunk)
+    check_model(model)
     with model_preserved(model):
         lin = linearize(model, loss_func, inputs, targets, params, path)
         rho = reduction_factor(loss_func, lin.outputs)

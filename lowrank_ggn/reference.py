@@ -133,8 +133,8 @@ def dense_loss_hessian_blocks(
 ) -> Tensor:
     """Diagonal blocks ``∇²_{F_n} L``, ``[N, O, O]``, cut from :func:`dense_output_hessian`."""
     N = outputs.shape[0]
-    O = outputs[0].numel()
-    H = dense_output_hessian(loss_func, outputs, targets).reshape(N, O, N, O)
+    n_out = outputs[0].numel()
+    H = dense_output_hessian(loss_func, outputs, targets).reshape(N, n_out, N, n_out)
     idx = torch.arange(N, device=outputs.device)
     return H[idx, :, idx, :]
 

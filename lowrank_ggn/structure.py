@@ -53,7 +53,12 @@ from torch.utils._pytree import tree_flatten
 
 from lowrank_ggn._model import FunctionalModel
 from lowrank_ggn._state import model_preserved
-from lowrank_ggn._validation import check_call, check_outputs, check_params_finite
+from lowrank_ggn._validation import (
+    check_call,
+    check_model,
+    check_outputs,
+    check_params_finite,
+)
 from lowrank_ggn.loss_factors import check_targets, reduction_factor
 from lowrank_ggn.sample_mixing import (
     EnginePath,
@@ -447,6 +452,7 @@ def audit_structure(
         >>> assert audit_structure(model, torch.nn.CrossEntropyLoss(), X, y).sample_independent
 
     """
+    check_model(model)
     with model_preserved(model):
         selected = check_call(model, loss_func, inputs, params)
         fmodel = FunctionalModel(model, selected)
@@ -616,7 +622,7 @@ def _quantities(
         ("engine path", str(path)),
     ]
     if not deterministic:
-        names = ", ".join(dropout) if dropout else "the random modules"
+        names = f"module(s) {', '.join(dropout)}" if dropout else "the random modules"
         rows.append(
             (
                 "all of the above",
