@@ -244,6 +244,8 @@ def directional_derivatives(
         )
     if mixing:
         warn_sample_mixing(
-            modules, "directional_derivatives returned per-component derivatives"
+            modules,
+            "directional_derivatives returned per-component derivatives",
+            "the batch slopes e_kᵀ∇L and curvatures e_kᵀGe_k (weighted by ρ)",
         )
     return result

@@ -258,5 +258,9 @@ def gradient_moments(
             path=lin.path,
         )
     if mixing:
-        warn_sample_mixing(modules, "gradient_moments returned per-component gradients")
+        warn_sample_mixing(
+            modules,
+            "gradient_moments returned per-component gradients",
+            "the batch gradient",
+        )
     return result

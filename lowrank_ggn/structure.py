@@ -116,8 +116,19 @@ def per_component_explanation(sample_mixing: bool, modules: Sequence[str] = ()) 
     )
 
 
-def warn_sample_mixing(modules: Sequence[str], what: str, stacklevel: int = 3) -> None:
-    """Issue one :class:`SampleMixingWarning` for a call that returned ``what``."""
+def warn_sample_mixing(
+    modules: Sequence[str], what: str, sums_to: str, stacklevel: int = 3
+) -> None:
+    """Issue one :class:`SampleMixingWarning` for a call that returned ``what``.
+
+    Args:
+        modules: Qualified names of the mixing modules (may be empty).
+        what: The call and what it returned, e.g. ``"gradient_moments returned
+            per-component gradients"``.
+        sums_to: The batch quantity that the components sum to.
+        stacklevel: Passed to :func:`warnings.warn`; 3 points at the user's call.
+
+    """
     where = (
         f"module(s) {', '.join(modules)} mix samples"
         if modules
@@ -125,8 +136,8 @@ def warn_sample_mixing(modules: Sequence[str], what: str, stacklevel: int = 3) -
     )
     warnings.warn(
         f"{what}: {where} in the forward pass, so these are per-component, not "
-        "per-sample quantities. They sum to the batch quantity, but their variance "
-        "is not a sampling variance. See result.explanation.",
+        f"per-sample quantities. They sum to {sums_to}, but their variance is not a "
+        "sampling variance. See result.explanation.",
         SampleMixingWarning,
         stacklevel=stacklevel,
     )

@@ -55,7 +55,7 @@ def test_per_component_rows_match_brute_force(case):
 
 def test_moments_match_brute_force(case):
     R, _ = _dense(case.name)
-    res = _moments(case.name)
+    res = _moments(case.name, chunk=4)  # several chunks: exercises the merging
     assert res.per_component is None
     U = R / res.rho
     N = U.shape[0]
@@ -103,7 +103,9 @@ def test_warning_names_the_mixing_modules_once(case):
     ) as rec:
         res = gradient_moments(model, loss, X, y)
     assert len([w for w in rec if w.category is SampleMixingWarning]) == 1
-    assert "not a sampling variance" in str(rec[0].message)
+    message = str(rec[0].message)
+    assert "not a sampling variance" in message and "per-component" in message
+    assert "sum to the batch gradient" in message
     assert res.sample_mixing and name in res.explanation
     assert "per-component" in res.explanation
 
