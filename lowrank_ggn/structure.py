@@ -155,6 +155,7 @@ class InputProbe:
         leaks: Whether another sample's output moved.
         max_leak: ``max_{n≠m} |∂F_n/∂x_m · t|`` relative to ``max |∂F/∂x_m · t|``.
         modules: Innermost modules where the perturbation first reaches other samples.
+        reason: Why the probe was not applicable (empty otherwise).
 
     """
 
@@ -162,6 +163,7 @@ class InputProbe:
     leaks: bool
     max_leak: float
     modules: tuple[str, ...]
+    reason: str = ""
 
 
 def _tangents(obj: object) -> list[Tensor]:
@@ -208,7 +210,7 @@ def probe_sample_mixing(fmodel: FunctionalModel, inputs: Tensor) -> InputProbe:
     """
     N = inputs.shape[0]
     if not inputs.is_floating_point():
-        return InputProbe(False, False, 0.0, ())
+        return InputProbe(False, False, 0.0, (), "integer inputs")
     if N == 1:
         return InputProbe(True, False, 0.0, ())
     model = fmodel.model
@@ -482,7 +484,11 @@ def audit_structure(
                 outputs = fmodel(fmodel.primals(), inputs)
 
         scan = tuple(batch_statistic_modules(model))
-        probe = probe_sample_mixing(fmodel, inputs)
+        try:
+            probe = probe_sample_mixing(fmodel, inputs)
+        except Exception as err:  # noqa: BLE001 - e.g. an op without forward-mode AD
+            first = str(err).splitlines()[0][:120] if str(err) else ""
+            probe = InputProbe(False, False, 0.0, (), f"{type(err).__name__}: {first}")
         path = choose_path(fmodel, inputs, outputs)
         mixing = scan + tuple(n for n in probe.modules if n not in scan)
         independent = not scan and not probe.leaks and not path.sample_mixing
@@ -537,7 +543,7 @@ def _forward_check(
         else "module scan: no module uses batch statistics"
     )
     if not probe.applicable:
-        probe_text = "input probe: not applicable (integer inputs)"
+        probe_text = f"input probe: not applicable ({probe.reason})"
     else:
         where = f", first at {', '.join(probe.modules)}" if probe.modules else ""
         probe_text = (

@@ -42,21 +42,8 @@ def _moments(name: str, **kwargs):
     return res
 
 
-def test_per_component_rows_match_brute_force(case):
-    R, g = _dense(case.name)
-    res = _moments(case.name, per_component=True, chunk=4)
-    report_close(res.per_component, R, name="per_component")
-    report_close(res.per_component.sum(0), g, name="Σ_n r_n")
-    report_close(res.gradient, g, name="gradient")
-    assert res.per_component.dtype == DTYPE
-    assert res.sample_mixing == case.mixing
-    assert res.mixing_modules == EXPECTED_MIXING.get(case.name, ())
-
-
-def test_moments_match_brute_force(case):
-    R, _ = _dense(case.name)
-    res = _moments(case.name, chunk=4)  # several chunks: exercises the merging
-    assert res.per_component is None
+def _check_moments(res, R: torch.Tensor) -> None:
+    """All moments of ``res`` against those of the brute-force rows ``R``."""
     U = R / res.rho
     N = U.shape[0]
     mean = U.mean(0)
@@ -79,19 +66,32 @@ def test_moments_match_brute_force(case):
         assert torch.isinf(res.total_snr) and torch.isinf(res.snr[mean != 0]).all()
 
 
-def test_streaming_chunks_agree(case):
-    full = _moments(case.name, per_component=True)
-    small = _moments(case.name, chunk=1)
-    for field in ("mean", "second_moment", "variance", "norms", "gradient"):
-        report_close(getattr(small, field), getattr(full, field), name=field)
+def test_per_component_rows_and_moments_match_brute_force(case):
+    R, g = _dense(case.name)
+    res = _moments(case.name, per_component=True, chunk=4)  # several chunks
+    report_close(res.per_component, R, name="per_component")
+    report_close(res.per_component.sum(0), g, name="Σ_n r_n")
+    report_close(res.gradient, g, name="gradient")
+    assert res.per_component.dtype == DTYPE
+    assert res.sample_mixing == case.mixing
+    assert res.mixing_modules == EXPECTED_MIXING.get(case.name, ())
+    _check_moments(res, R)
+
+
+def test_streamed_moments_one_row_at_a_time(case):
+    R, g = _dense(case.name)
+    res = _moments(case.name, chunk=1)
+    assert res.per_component is None
+    report_close(res.gradient, g, name="gradient")
+    _check_moments(res, R)
 
 
 @pytest.mark.parametrize("case", NON_MIXING_CASES, ids=lambda c: c.name)
-def test_full_batch_path_agrees_with_per_sample_path(case):
-    fast = _moments(case.name, per_component=True)
-    slow = _moments(case.name, per_component=True, path="full_batch")
-    assert fast.path.name == "per_sample" and slow.path.name == "full_batch"
-    report_close(fast.per_component, slow.per_component, name="per_component")
+def test_forced_full_batch_path_agrees(case):
+    R, _ = _dense(case.name)
+    res = _moments(case.name, per_component=True, path="full_batch")
+    assert res.path.name == "full_batch" and not res.sample_mixing
+    report_close(res.per_component, R, name="per_component")
 
 
 @pytest.mark.parametrize("case", MIXING_CASES, ids=lambda c: c.name)
