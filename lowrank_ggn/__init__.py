@@ -7,16 +7,32 @@ computes them exactly for any model, BatchNorm in train mode included.
 """
 
 from lowrank_ggn import reference
+from lowrank_ggn.directional import DirectionalDerivatives, directional_derivatives
 from lowrank_ggn.gram import gram_matrix
 from lowrank_ggn.loss_factors import loss_hessian_factors
+from lowrank_ggn.moments import GradientMoments, gradient_moments
 from lowrank_ggn.sample_mixing import EnginePath
 from lowrank_ggn.spectrum import GGNSpectrum, ggn_spectrum
+from lowrank_ggn.structure import (
+    SampleMixingWarning,
+    StructureCheck,
+    StructureReport,
+    audit_structure,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DirectionalDerivatives",
     "EnginePath",
     "GGNSpectrum",
+    "GradientMoments",
+    "SampleMixingWarning",
+    "StructureCheck",
+    "StructureReport",
+    "audit_structure",
+    "directional_derivatives",
+    "gradient_moments",
     "ggn_spectrum",
     "gram_matrix",
     "loss_hessian_factors",

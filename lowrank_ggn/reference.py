@@ -102,3 +102,68 @@ def dense_gradient(
         return torch.func.grad(
             lambda v: loss_func(fmodel(fmodel.unflatten(v), inputs), targets)
         )(flat)
+
+
+def dense_per_component_gradients(
+    model: nn.Module,
+    loss_func: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    params: Sequence[Tensor] | None = None,
+) -> Tensor:
+    r"""Rows ``r_n = J_θF_nᵀ ∂L/∂F_n``, ``[N, D]``, by brute force.
+
+    ``J`` is the dense Jacobian of the whole batch function (:func:`dense_jacobian`),
+    ``∂L/∂F`` the gradient of the whole batch loss with respect to all outputs: no
+    per-sample split of the model is assumed. Row ``n`` is the full-batch
+    vector-Jacobian product with the cotangent ``e_n ⊗ ∂L/∂F_n``; the rows sum to
+    :func:`dense_gradient`.
+    """
+    with model_preserved(model):
+        J = dense_jacobian(model, inputs, params=params)  # [N, *out, D]
+        outputs = dense_outputs(model, inputs, params=params)
+        g = torch.func.grad(lambda o: loss_func(o, targets))(outputs)  # [N, *out]
+        N, D = outputs.shape[0], J.shape[-1]
+        return torch.einsum("no,nod->nd", g.reshape(N, -1), J.reshape(N, -1, D))
+
+
+def dense_loss_hessian_blocks(
+    loss_func: nn.Module, outputs: Tensor, targets: Tensor
+) -> Tensor:
+    """Diagonal blocks ``∇²_{F_n} L``, ``[N, O, O]``, cut from :func:`dense_output_hessian`."""
+    N = outputs.shape[0]
+    n_out = outputs[0].numel()
+    H = dense_output_hessian(loss_func, outputs, targets).reshape(N, n_out, N, n_out)
+    idx = torch.arange(N, device=outputs.device)
+    return H[idx, :, idx, :]
+
+
+def dense_directional_derivatives(
+    model: nn.Module,
+    loss_func: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    directions: Tensor,
+    rho: float,
+    *,
+    params: Sequence[Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""``(γ, λ)``, each ``[N, K]``, by brute force, for directions ``[K, D]``.
+
+    ``γ_nk = e_kᵀ r_n / ρ`` from :func:`dense_per_component_gradients` and
+    ``λ_nk = (J_n e_k)ᵀ (∇²_{F_n} L) (J_n e_k) / ρ`` from the dense Jacobian and the
+    diagonal blocks of the dense output Hessian. ``ρ`` is the reduction factor in
+    ``L = ρ Σ_n ℓ_n``.
+    """
+    with model_preserved(model):
+        R = dense_per_component_gradients(
+            model, loss_func, inputs, targets, params=params
+        )
+        J = dense_jacobian(model, inputs, params=params)
+        outputs = dense_outputs(model, inputs, params=params)
+        N = outputs.shape[0]
+        Je = J.reshape(N, -1, J.shape[-1]) @ directions.T  # [N, O, K]
+        H = dense_loss_hessian_blocks(loss_func, outputs, targets)  # [N, O, O]
+        lambdas = torch.einsum("nok,nop,npk->nk", Je, H, Je) / rho
+        return R @ directions.T / rho, lambdas
