@@ -12,6 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from cases import CASE_IDS, CASES  # noqa: E402
 
+# the test problems are tiny: one thread avoids oversubscribing CI's two cores
+torch.set_num_threads(1)
+
 
 @pytest.fixture(params=CASES, ids=CASE_IDS)
 def case(request):
