@@ -14,12 +14,18 @@ column ``c`` of sample ``n``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from lowrank_ggn._state import model_preserved
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
+from lowrank_ggn.param_groups import (
+    group_factor_matrices,
+    resolve_param_groups,
+    symmetric_gram,
+)
 
 
 def gram_from_linearization(lin: Linearization, chunk: int = DEFAULT_CHUNK) -> Tensor:
@@ -38,7 +44,11 @@ def gram_matrix(
     params: Sequence[Tensor] | None = None,
     chunk: int = DEFAULT_CHUNK,
     path: str | None = None,
-) -> Tensor:
+    mc_samples: int | None = None,
+    generator: torch.Generator | None = None,
+    subsampling: Sequence[int] | Tensor | None = None,
+    param_groups: Sequence[Mapping] | None = None,
+) -> Tensor | list[Tensor]:
     r"""The ``[N·C, N·C]`` Gram matrix ``Vᵀ V`` of the mini-batch GGN.
 
     Works for any model, BatchNorm in train mode included: the engine checks whether
@@ -55,11 +65,23 @@ def gram_matrix(
         params: Parameters of ``model``; default: all that require grad.
         chunk: Factor columns per vmapped backward pass (time/memory trade-off).
         path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.
+        mc_samples: Use ``M`` Monte-Carlo factor columns per sample instead of the
+            ``C`` exact ones: the Gram is ``N·M × N·M`` and its GGN an unbiased
+            estimate (:func:`lowrank_ggn.loss_factors.sampled_loss_hessian_factors`).
+        generator: ``torch.Generator`` for the Monte-Carlo draws (same seed, same
+            result); ``None`` uses the default generator of the outputs' device.
+        subsampling: Batch positions ``S``: curvature of these samples only, forward
+            pass on the whole batch; rows ``j·C + c`` for ``S[j]``; see
+            :mod:`lowrank_ggn.subsampling` (scaled by ``N/|S|`` for ``'mean'``).
+        param_groups: ``[{"params": [...]}, …]``: return one Gram per group, of the
+            GGN's diagonal block for that group (:mod:`lowrank_ggn.param_groups`),
+            from one forward and one backward pass. Excludes ``params``.
 
     Returns:
         ``[N·C, N·C]`` in the parameters' dtype and device, rows ordered sample-major
         (``n·C + c``), where ``C`` is the number of factor columns per sample
-        (``C = Π out`` for all supported losses). Its trace is ``tr G``.
+        (``C = Π out`` for all supported losses, ``M`` with ``mc_samples``). Its
+        trace is ``tr G``. With ``param_groups``, a list of such matrices.
 
     Example:
         >>> import torch
@@ -71,9 +93,24 @@ def gram_matrix(
         >>> assert K.shape == (8, 8) and torch.allclose(K.trace(), G.trace())
 
     """
+    groups = resolve_param_groups(model, param_groups, params)
     with model_preserved(model):
-        lin = linearize(model, loss_func, inputs, targets, params, path)
-        return gram_from_linearization(lin, chunk)
+        lin = linearize(
+            model,
+            loss_func,
+            inputs,
+            targets,
+            params if groups is None else groups[0],
+            path,
+            mc_samples=mc_samples,
+            generator=generator,
+            subsampling=subsampling,
+        )
+        if groups is None:
+            return gram_from_linearization(lin, chunk)
+        return [
+            symmetric_gram(Vt) for Vt in group_factor_matrices(lin, groups[1], chunk)
+        ]
 
 
 __all__ = ["gram_matrix", "gram_from_linearization"]
