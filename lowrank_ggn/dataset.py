@@ -304,7 +304,7 @@ def ggn_spectrum_dataset(
                 projected = _projected_columns(batches, lin)
                 if projected is not None:
                     _check_budget(projected, lin, max_memory, "of this data set")
-            _check_budget(sum(columns), lin, max_memory, f"after batch {b}")
+            _check_budget(sum(columns), lin, max_memory, f"after {b + 1} batches")
             blocks.append(lin.factors_matrix(chunk))  # [N_b·C, D]
         if not sizes:
             raise ValueError("batches is empty; pass at least one (inputs, targets).")
