@@ -7,10 +7,13 @@ computes them exactly for any model, BatchNorm in train mode included.
 """
 
 from lowrank_ggn import reference
+from lowrank_ggn.dataset import DatasetSpectrum, GramMemoryError, ggn_spectrum_dataset
 from lowrank_ggn.directional import DirectionalDerivatives, directional_derivatives
 from lowrank_ggn.gram import gram_matrix
-from lowrank_ggn.loss_factors import loss_hessian_factors
+from lowrank_ggn.loss_factors import loss_hessian_factors, sampled_loss_hessian_factors
 from lowrank_ggn.moments import GradientMoments, gradient_moments
+from lowrank_ggn.operators import ggn_linear_operator, gram_linear_operator
+from lowrank_ggn.param_groups import per_layer_groups
 from lowrank_ggn.sample_mixing import EnginePath
 from lowrank_ggn.spectrum import GGNSpectrum, ggn_spectrum
 from lowrank_ggn.structure import (
@@ -37,4 +40,12 @@ __all__ = [
     "gram_matrix",
     "loss_hessian_factors",
     "reference",
+    # approximations and scale (issue 4)
+    "DatasetSpectrum",
+    "GramMemoryError",
+    "ggn_linear_operator",
+    "ggn_spectrum_dataset",
+    "gram_linear_operator",
+    "per_layer_groups",
+    "sampled_loss_hessian_factors",
 ]

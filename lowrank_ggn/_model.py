@@ -13,6 +13,7 @@ concatenates ``θ_p.flatten()`` in the order of ``params``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -50,8 +51,24 @@ class FunctionalModel:
         ref = self.params[0] if self.params else next(iter(model.parameters()))
         self.dtype, self.device = ref.dtype, ref.device
 
+    def detached_copy(self) -> FunctionalModel:
+        """The same function of frozen copies of every tensor it reads.
+
+        Parameters become new leaf tensors (``requires_grad=True``), frozen parameters
+        and buffers are cloned, so later in-place changes to the module do not reach
+        the copy, and differentiating the copy never touches the module.
+        """
+        twin = copy.copy(self)
+        twin.params = [p.detach().clone().requires_grad_(True) for p in self.params]
+        twin._frozen = {n: t.detach().clone() for n, t in self._frozen.items()}
+        twin._buffers = {
+            n: None if b is None else b.detach().clone()
+            for n, b in self._buffers.items()
+        }
+        return twin
+
     def primals(self) -> tuple[Tensor, ...]:
-        """Detached copies-by-reference of the selected parameters (no grad tracking)."""
+        """The selected parameters, detached (shared storage, no grad tracking)."""
         return tuple(p.detach() for p in self.params)
 
     def __call__(self, theta: Sequence[Tensor], inputs: Tensor) -> Tensor:

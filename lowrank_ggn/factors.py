@@ -35,7 +35,12 @@ from torch.func import vjp, vmap
 
 from lowrank_ggn._model import FunctionalModel
 from lowrank_ggn._validation import check_call, check_outputs, check_params_finite
-from lowrank_ggn.loss_factors import check_targets, loss_hessian_factors
+from lowrank_ggn.loss_factors import (
+    check_mc_samples,
+    check_targets,
+    loss_hessian_factors,
+    sampled_loss_hessian_factors,
+)
 from lowrank_ggn.sample_mixing import (
     FULL_BATCH,
     PER_SAMPLE,
@@ -43,6 +48,7 @@ from lowrank_ggn.sample_mixing import (
     check_deterministic,
     choose_path,
 )
+from lowrank_ggn.subsampling import check_subsampling, subsample_factors
 
 #: Columns processed together in one vmapped backward pass, unless overridden.
 DEFAULT_CHUNK = 64
@@ -213,6 +219,9 @@ def linearize(
     targets: Tensor,
     params: Sequence[Tensor] | None = None,
     path: str | None = None,
+    mc_samples: int | None = None,
+    generator: torch.Generator | None = None,
+    subsampling: Sequence[int] | Tensor | None = None,
 ) -> Linearization:
     """Check the input, run one forward pass and choose the path.
 
@@ -228,12 +237,22 @@ def linearize(
         path: Force ``"per_sample"`` or ``"full_batch"``. ``None`` chooses safely.
             Forcing ``"per_sample"`` on a sample-mixing model gives a wrong GGN; it
             exists to demonstrate exactly that.
+        mc_samples: ``M`` Monte-Carlo factor columns per sample instead of the ``C``
+            exact ones (:func:`lowrank_ggn.loss_factors.sampled_loss_hessian_factors`).
+        generator: ``torch.Generator`` for the Monte-Carlo draws.
+        subsampling: Batch positions whose curvature is kept, scaled by ``N/|S|`` for
+            ``'mean'`` (:mod:`lowrank_ggn.subsampling`); the forward pass still uses
+            the whole batch.
 
     Returns:
         The :class:`Linearization`.
 
     """
     selected = check_call(model, loss_func, inputs, params)
+    check_mc_samples(mc_samples, generator)
+    index = None
+    if subsampling is not None:
+        index = check_subsampling(subsampling, inputs.shape[0], inputs.device)
     if path not in (None, PER_SAMPLE, FULL_BATCH):
         raise ValueError(
             f"path must be None, {PER_SAMPLE!r} or {FULL_BATCH!r}; got {path!r}."
@@ -245,7 +264,14 @@ def linearize(
     check_outputs(outputs)
     check_targets(loss_func, outputs, targets)
     check_deterministic(fmodel, inputs, outputs)
-    factors = loss_hessian_factors(loss_func, outputs, targets)
+    if mc_samples is None:
+        factors = loss_hessian_factors(loss_func, outputs, targets)
+    else:
+        factors = sampled_loss_hessian_factors(
+            loss_func, outputs, targets, mc_samples, generator
+        )
+    if index is not None:
+        factors = subsample_factors(loss_func, factors, index)
     chosen = choose_path(fmodel, inputs, outputs)
     if path == PER_SAMPLE and chosen.mixing_modules:
         raise ValueError(
@@ -260,4 +286,6 @@ def linearize(
             chosen.mixing_modules,
             chosen.sample_mixing,
         )
-    return Linearization(fmodel, loss_func, inputs, targets, outputs, factors, chosen)
+    return Linearization(
+        fmodel, loss_func, inputs, targets, outputs, factors, chosen, index
+    )

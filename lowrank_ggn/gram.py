@@ -14,13 +14,19 @@ column ``c`` of sample ``n``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from lowrank_ggn._state import model_preserved
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.layerwise import DEFAULT_MEMORY_BUDGET, layerwise_gram
+from lowrank_ggn.param_groups import (
+    params_by_group,
+    resolve_param_groups,
+    symmetric_gram,
+)
 
 ENGINES = ("layerwise", "generic")
 
@@ -30,7 +36,8 @@ def gram_from_linearization(
     chunk: int = DEFAULT_CHUNK,
     engine: str = "layerwise",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-) -> Tensor:
+    columns: Sequence[slice] | None = None,
+) -> Tensor | list[Tensor]:
     """``Vᵀ V`` ``[N·C, N·C]`` for a linearised model (symmetric by construction).
 
     Args:
@@ -41,20 +48,28 @@ def gram_from_linearization(
             vector-Jacobian products, then one product; memory ``N·C·D``). The
             layer-wise engine falls back to the generic one if its self-check fails.
         memory_budget: Bytes the layer-wise engine may hold in factor blocks.
+        columns: Parameter groups as ranges of the flattened parameters (see
+            :func:`lowrank_ggn.param_groups.resolve_param_groups`): return one Gram
+            ``V_gᵀ V_g`` per group, all from the same backward passes.
+
+    Returns:
+        The Gram matrix, or a list of them (one per group) if ``columns`` is given.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}.")
+    groups = None if columns is None else params_by_group(lin.fmodel.params, columns)
     if engine == "layerwise":
-        gram, note = layerwise_gram(lin, chunk, memory_budget)
-        if gram is not None:
+        grams, note = layerwise_gram(lin, chunk, memory_budget, groups)
+        if grams is not None:
             lin.gram_engine = note
-            return gram
+            return grams if columns is not None else grams[0]
         lin.gram_engine = "generic (layer-wise self-check failed: a parameter is used outside its layer)"
     else:
         lin.gram_engine = "generic (explicit Vᵀ, memory N·C·D)"
     Vt = lin.factors_matrix(chunk)  # [N·C, D]
-    gram = Vt @ Vt.T
-    return 0.5 * (gram + gram.T)
+    if columns is None:
+        return symmetric_gram(Vt)
+    return [symmetric_gram(Vt[:, cols]) for cols in columns]
 
 
 def gram_matrix(
@@ -68,7 +83,11 @@ def gram_matrix(
     path: str | None = None,
     engine: str = "layerwise",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-) -> Tensor:
+    mc_samples: int | None = None,
+    generator: torch.Generator | None = None,
+    subsampling: Sequence[int] | Tensor | None = None,
+    param_groups: Sequence[Mapping] | None = None,
+) -> Tensor | list[Tensor]:
     r"""The ``[N·C, N·C]`` Gram matrix ``Vᵀ V`` of the mini-batch GGN.
 
     Works for any model, BatchNorm in train mode included: the engine checks whether
@@ -88,11 +107,23 @@ def gram_matrix(
         engine: ``"layerwise"`` (default) or ``"generic"``; see
             :func:`gram_from_linearization`.
         memory_budget: Bytes the layer-wise engine may hold in factor blocks.
+        mc_samples: Use ``M`` Monte-Carlo factor columns per sample instead of the
+            ``C`` exact ones: the Gram is ``N·M × N·M`` and its GGN an unbiased
+            estimate (:func:`lowrank_ggn.loss_factors.sampled_loss_hessian_factors`).
+        generator: ``torch.Generator`` for the Monte-Carlo draws (same seed, same
+            result); ``None`` uses the default generator of the outputs' device.
+        subsampling: Batch positions ``S``: curvature of these samples only, forward
+            pass on the whole batch; rows ``j·C + c`` for ``S[j]``; see
+            :mod:`lowrank_ggn.subsampling` (scaled by ``N/|S|`` for ``'mean'``).
+        param_groups: ``[{"params": [...]}, …]``: return one Gram per group, of the
+            GGN's diagonal block for that group (:mod:`lowrank_ggn.param_groups`),
+            from one forward and one backward pass. Excludes ``params``.
 
     Returns:
         ``[N·C, N·C]`` in the parameters' dtype and device, rows ordered sample-major
         (``n·C + c``), where ``C`` is the number of factor columns per sample
-        (``C = Π out`` for all supported losses). Its trace is ``tr G``.
+        (``C = Π out`` for all supported losses, ``M`` with ``mc_samples``). Its
+        trace is ``tr G``. With ``param_groups``, a list of such matrices.
 
     Example:
         >>> import torch
@@ -104,9 +135,21 @@ def gram_matrix(
         >>> assert K.shape == (8, 8) and torch.allclose(K.trace(), G.trace())
 
     """
+    groups = resolve_param_groups(model, param_groups, params)
     with model_preserved(model):
-        lin = linearize(model, loss_func, inputs, targets, params, path)
-        return gram_from_linearization(lin, chunk, engine, memory_budget)
+        lin = linearize(
+            model,
+            loss_func,
+            inputs,
+            targets,
+            params if groups is None else groups[0],
+            path,
+            mc_samples=mc_samples,
+            generator=generator,
+            subsampling=subsampling,
+        )
+        columns = None if groups is None else groups[1]
+        return gram_from_linearization(lin, chunk, engine, memory_budget, columns)
 
 
 __all__ = ["gram_matrix", "gram_from_linearization"]

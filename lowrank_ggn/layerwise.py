@@ -162,8 +162,16 @@ def _capturable(model: nn.Module, selected: set[int]) -> dict[str, nn.Module]:
 class _Engine:
     """One layer-wise Gram computation for a :class:`Linearization`."""
 
-    def __init__(self, lin: Linearization, chunk: int, memory_budget: int) -> None:
+    def __init__(
+        self,
+        lin: Linearization,
+        chunk: int,
+        memory_budget: int,
+        groups: list[list[Tensor]],
+    ) -> None:
         self.lin = lin
+        self.group_of = {id(p): g for g, members in enumerate(groups) for p in members}
+        self.num_groups = len(groups)
         self.chunk = max(1, chunk)
         self.budget = memory_budget
         fm = lin.fmodel
@@ -345,16 +353,17 @@ class _Engine:
             )
 
     # ------------------------------------------------------------- accumulation
-    def _add_local(self, gram: Tensor, la: _Layer) -> None:
+    def _add_local(self, grams: list[Tensor], la: _Layer) -> None:
         g = torch.cat(la.grads)  # [NC, P, O]
         A = la.A  # [N, P, I]
         NC, P, O = g.shape
         I = A.shape[-1]
         if la.bias is not None:
             gb = g.sum(1)
-            gram.addmm_(gb, gb.T)
+            grams[self.group_of[id(la.bias)]].addmm_(gb, gb.T)
         if la.weight is None:
             return
+        gram = grams[self.group_of[id(la.weight)]]
         C = self.lin.num_columns_per_sample
         NS = NC // C
         A_s = A[self.lin.sample_index]  # [NS, P, I]
@@ -442,8 +451,8 @@ class _Engine:
         )
 
     # ------------------------------------------------------------------- main
-    def run(self) -> Tensor | None:
-        """The Gram matrix ``[NC, NC]``, or ``None`` if the self-check fails."""
+    def run(self) -> list[Tensor] | None:
+        """One Gram matrix ``[NC, NC]`` per group, or ``None`` if the self-check fails."""
         out = self._forward()
         if self.lin.path.name == PER_SAMPLE:
             generic_blocks = self._backward_per_sample(out)
@@ -452,16 +461,23 @@ class _Engine:
         if not self._self_check(out, generic_blocks):
             return None
         dtype, device = self.lin.outputs.dtype, self.lin.outputs.device
-        gram = torch.zeros(self.NC, self.NC, dtype=dtype, device=device)
+        grams = [
+            torch.zeros(self.NC, self.NC, dtype=dtype, device=device)
+            for _ in range(self.num_groups)
+        ]
         for la in self.layers:
             if la.local:
-                self._add_local(gram, la)
+                self._add_local(grams, la)
             else:
-                symmetric_rank_k_update(gram, torch.cat(la.explicit))
+                block = torch.cat(la.explicit)  # [NC, D_l]: weight, then bias columns
+                for p, part in zip(
+                    la.params, block.split([p.numel() for p in la.params], 1)
+                ):
+                    symmetric_rank_k_update(grams[self.group_of[id(p)]], part)
             la.grads, la.explicit = [], []
-        for block in generic_blocks:
-            symmetric_rank_k_update(gram, block)
-        return 0.5 * (gram + gram.T)
+        for p, block in zip(self.generic, generic_blocks):
+            symmetric_rank_k_update(grams[self.group_of[id(p)]], block)
+        return [0.5 * (gram + gram.T) for gram in grams]
 
 
 class _Restart(Exception):
@@ -469,23 +485,30 @@ class _Restart(Exception):
 
 
 def layerwise_gram(
-    lin: Linearization, chunk: int = 64, memory_budget: int = DEFAULT_MEMORY_BUDGET
-) -> tuple[Tensor | None, str]:
-    """The Gram matrix of ``lin`` by layer-wise accumulation (see module docstring).
+    lin: Linearization,
+    chunk: int = 64,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    groups: list[list[Tensor]] | None = None,
+) -> tuple[list[Tensor] | None, str]:
+    """Gram matrices of ``lin`` by layer-wise accumulation (see module docstring).
 
     Args:
         lin: The linearised model (its path decides how columns are backpropagated).
         chunk: Columns per batched backward pass on the full-batch path.
         memory_budget: Bytes allowed for explicit factor blocks and work buffers.
+        groups: A partition of ``lin.fmodel.params``; one Gram ``V_gᵀ V_g`` per group
+            (the GGN's diagonal blocks), all from the same backward passes. Default:
+            one group of all parameters.
 
     Returns:
-        ``(gram, note)``: ``gram`` ``[NC, NC]`` or ``None`` if the self-check failed
-        (the caller then uses the generic engine), and a short description of how
-        each layer was treated.
+        ``(grams, note)``: a list of ``[NC, NC]`` Grams (one per group) or ``None``
+        if the self-check failed (the caller then uses the generic engine), and a
+        short description of how each layer was treated.
     """
+    groups = [list(lin.fmodel.params)] if groups is None else groups
     forced: set[str] = set()
     for _ in range(64):
-        engine = _Engine(lin, chunk, memory_budget)
+        engine = _Engine(lin, chunk, memory_budget, groups)
         for la in engine.layers:
             la.local = la.name not in forced
         try:

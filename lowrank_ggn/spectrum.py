@@ -17,7 +17,7 @@ smaller values cannot be told apart from zero. Pass ``rtol`` to change it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,7 @@ from lowrank_ggn._state import model_preserved
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.gram import gram_from_linearization
 from lowrank_ggn.layerwise import DEFAULT_MEMORY_BUDGET
+from lowrank_ggn.param_groups import resolve_param_groups
 from lowrank_ggn.sample_mixing import EnginePath
 
 
@@ -108,6 +109,25 @@ def _check_top_k(top_k: int | None) -> None:
         raise ValueError(f"top_k must be a positive int or None; got {top_k!r}.")
 
 
+def _block_spectrum(
+    lin: Linearization,
+    gram: Tensor,
+    columns: slice,
+    top_k: int | None,
+    eigenvectors: bool,
+    rtol: float | None,
+    chunk: int,
+) -> GGNSpectrum:
+    """Spectrum of the block ``V_g V_gᵀ`` from its Gram; ``e_k = (V u_k)[g] / √λ_k``."""
+    evals, evecs, threshold = spectrum_from_gram(gram, top_k, rtol)
+    vectors = None
+    if eigenvectors:
+        vectors = parameter_eigenvectors(lin, evals, evecs, chunk)[:, columns]
+    return GGNSpectrum(
+        evals, vectors, lin.path, lin.num_columns, threshold, evecs, lin.gram_engine
+    )
+
+
 def ggn_spectrum(
     model: nn.Module,
     loss_func: nn.Module,
@@ -122,7 +142,11 @@ def ggn_spectrum(
     path: str | None = None,
     engine: str = "layerwise",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-) -> GGNSpectrum:
+    mc_samples: int | None = None,
+    generator: torch.Generator | None = None,
+    subsampling: Sequence[int] | Tensor | None = None,
+    param_groups: Sequence[Mapping] | None = None,
+) -> GGNSpectrum | list[GGNSpectrum]:
     r"""Exact nonzero eigenvalues (and eigenvectors) of the mini-batch GGN.
 
     ``G = Σ_n J_θF_nᵀ (∇²_{F_n} L) J_θF_n`` for the batch loss ``L`` (reduction
@@ -144,9 +168,22 @@ def ggn_spectrum(
         path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.
         engine: ``"layerwise"`` (default) or ``"generic"`` Gram computation.
         memory_budget: Bytes the layer-wise engine may hold in factor blocks.
+        mc_samples: ``M`` Monte-Carlo factor columns per sample: the spectrum of an
+            unbiased estimate of the GGN, from an ``N·M × N·M`` Gram
+            (:func:`lowrank_ggn.loss_factors.sampled_loss_hessian_factors`).
+        generator: ``torch.Generator`` for the Monte-Carlo draws (same seed, same
+            result).
+        subsampling: Batch positions ``S``: spectrum of ``κ J_Sᵀ H_SS J_S``
+            (``κ = N/|S|`` for ``'mean'``, 1 for ``'sum'``), forward pass on the
+            whole batch (:mod:`lowrank_ggn.subsampling`, BatchNorm explained there).
+        param_groups: ``[{"params": [...]}, …]``: one :class:`GGNSpectrum` per group,
+            of that diagonal block of the GGN, eigenvectors ``[K, D_g]`` in the
+            group's parameters (in the group's order); one forward and one backward
+            pass for all groups (:mod:`lowrank_ggn.param_groups`). Excludes
+            ``params``.
 
     Returns:
-        A :class:`GGNSpectrum`.
+        A :class:`GGNSpectrum`, or a list of them with ``param_groups``.
 
     Example:
         >>> import torch
@@ -166,8 +203,27 @@ def ggn_spectrum(
 
     """
     _check_top_k(top_k)
+    groups = resolve_param_groups(model, param_groups, params)
     with model_preserved(model):
-        lin = linearize(model, loss_func, inputs, targets, params, path)
+        lin = linearize(
+            model,
+            loss_func,
+            inputs,
+            targets,
+            params if groups is None else groups[0],
+            path,
+            mc_samples=mc_samples,
+            generator=generator,
+            subsampling=subsampling,
+        )
+        if groups is not None:
+            grams = gram_from_linearization(
+                lin, chunk, engine, memory_budget, groups[1]
+            )
+            return [
+                _block_spectrum(lin, gram, cols, top_k, eigenvectors, rtol, chunk)
+                for gram, cols in zip(grams, groups[1])
+            ]
         gram = gram_from_linearization(lin, chunk, engine, memory_budget)
         evals, evecs, threshold = spectrum_from_gram(gram, top_k, rtol)
         vectors = (

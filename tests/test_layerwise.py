@@ -98,7 +98,7 @@ def test_conv_kronecker_and_explicit_forms_agree():
     V = torch.einsum("ncpo,npi->ncoi", g, A).reshape(NS * C, -1)
     engine = object.__new__(_Engine)
     engine.budget = 10**9
-    for add in (engine._add_kron_blocks, engine._add_explicit_local):
+    for add in (engine._add_kron_blocks, engine._add_explicit_local):  # noqa: B023
         gram = torch.zeros(NS * C, NS * C, dtype=D)
         add(gram, g, A)
         report_close(gram, V @ V.T, name=add.__name__)
