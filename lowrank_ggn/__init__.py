@@ -10,13 +10,14 @@ from lowrank_ggn import reference
 from lowrank_ggn.gram import gram_matrix
 from lowrank_ggn.loss_factors import loss_hessian_factors
 from lowrank_ggn.sample_mixing import EnginePath
-from lowrank_ggn.spectrum import GGNSpectrum, ggn_spectrum
+from lowrank_ggn.spectrum import GGNSpectrum, NearZeroEigenvalueWarning, ggn_spectrum
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EnginePath",
     "GGNSpectrum",
+    "NearZeroEigenvalueWarning",
     "ggn_spectrum",
     "gram_matrix",
     "loss_hessian_factors",

@@ -7,7 +7,10 @@ statistics and ``num_batches_tracked`` included), train/eval flags,
 
 Restoration writes only what changed. A parameter whose values did not move is not
 touched, so its autograd version counter stays put and a graph the user built
-before the call still backpropagates.
+before the call still backpropagates. Values are compared bit for bit (``-0.0`` and
+``0.0``, or two NaN payloads, count as different). Parameters or buffers that a call
+registers on a module are removed again. Plain Python attributes of modules (e.g. a
+counter a custom ``forward`` increments) are not tracked.
 """
 
 from __future__ import annotations
@@ -34,15 +37,25 @@ class _TensorSlot:
     grad_values: Tensor | None
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: Tensor) -> Tensor:
+    """``t`` reinterpreted as integers of the same width (bitwise comparison)."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.dtype == torch.bool or t.element_size() not in _BITS:
+        return t
+    return t.view(_BITS[t.element_size()])
+
+
 def _unchanged(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a`` still holds exactly ``b``'s values (NaN at the same places)."""
+    """Whether ``a`` still holds exactly ``b``'s bits (shape, dtype, device, values)."""
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
         return False
-    if a.is_floating_point() or a.is_complex():
-        return bool(
-            torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
-        )
-    return bool(torch.equal(a, b))
+    if a.device.type == "meta":  # no values to compare
+        return True
+    return bool(torch.equal(_bits(a), _bits(b)))
 
 
 class ModelSnapshot:
@@ -56,9 +69,12 @@ class ModelSnapshot:
     def __init__(self, model: nn.Module) -> None:
         self._modes = [(m, m.training) for m in model.modules()]
         self._slots: list[_TensorSlot] = []
+        self._names: list[tuple[nn.Module, str, set[str]]] = []
         for module in model.modules():
             for kind in ("_parameters", "_buffers"):
-                for name, tensor in getattr(module, kind).items():
+                store = getattr(module, kind)
+                self._names.append((module, kind, set(store)))
+                for name, tensor in store.items():
                     self._slots.append(self._slot(module, kind, name, tensor))
 
     @staticmethod
@@ -82,6 +98,10 @@ class ModelSnapshot:
         for module, training in self._modes:
             if module.training != training:
                 module.training = training
+        for module, kind, names in self._names:
+            store = getattr(module, kind)
+            for added in [n for n in store if n not in names]:
+                del store[added]
         with torch.no_grad():
             for s in self._slots:
                 store = getattr(s.owner, s.kind)

@@ -34,8 +34,17 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from lowrank_ggn._model import FunctionalModel
-from lowrank_ggn._validation import check_call, check_outputs, check_params_finite
-from lowrank_ggn.loss_factors import check_targets, loss_hessian_factors
+from lowrank_ggn._validation import (
+    check_call,
+    check_factor_memory,
+    check_outputs,
+    check_params_finite,
+)
+from lowrank_ggn.loss_factors import (
+    check_targets,
+    loss_hessian_factors,
+    num_factor_columns,
+)
 from lowrank_ggn.sample_mixing import (
     FULL_BATCH,
     PER_SAMPLE,
@@ -175,6 +184,7 @@ def linearize(
     targets: Tensor,
     params: Sequence[Tensor] | None = None,
     path: str | None = None,
+    memory_budget: float | None = None,
 ) -> Linearization:
     """Check the input, run one forward pass and choose the path.
 
@@ -190,12 +200,14 @@ def linearize(
         path: Force ``"per_sample"`` or ``"full_batch"``. ``None`` chooses safely.
             Forcing ``"per_sample"`` on a sample-mixing model gives a wrong GGN; it
             exists to demonstrate exactly that.
+        memory_budget: Bytes the loss-Hessian factors ``S`` may take (see
+            :mod:`lowrank_ggn._validation`); ``None``: environment or default.
 
     Returns:
         The :class:`Linearization`.
 
     """
-    selected = check_call(model, loss_func, inputs, params)
+    selected = check_call(model, loss_func, inputs, params, targets)
     if path not in (None, PER_SAMPLE, FULL_BATCH):
         raise ValueError(
             f"path must be None, {PER_SAMPLE!r} or {FULL_BATCH!r}; got {path!r}."
@@ -203,8 +215,15 @@ def linearize(
     fmodel = FunctionalModel(model, selected)
     check_params_finite(fmodel.params, fmodel.names)
     outputs, vjp_fn = vjp(lambda th: fmodel(th, inputs), fmodel.primals())
-    check_outputs(outputs)
+    check_outputs(outputs, inputs.shape[0])
     check_targets(loss_func, outputs, targets)
+    check_factor_memory(
+        outputs.shape[0],
+        num_factor_columns(loss_func, outputs.shape),
+        outputs[0].numel(),
+        outputs.element_size(),
+        memory_budget,
+    )
     outputs = outputs.detach()
     check_deterministic(fmodel, inputs, outputs)
     factors = loss_hessian_factors(loss_func, outputs, targets)

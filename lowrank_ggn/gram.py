@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from lowrank_ggn._state import model_preserved
+from lowrank_ggn._validation import check_linearization_memory, check_options
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
 
 
@@ -38,6 +39,7 @@ def gram_matrix(
     params: Sequence[Tensor] | None = None,
     chunk: int = DEFAULT_CHUNK,
     path: str | None = None,
+    memory_budget: float | None = None,
 ) -> Tensor:
     r"""The ``[N·C, N·C]`` Gram matrix ``Vᵀ V`` of the mini-batch GGN.
 
@@ -55,6 +57,9 @@ def gram_matrix(
         params: Parameters of ``model``; default: all that require grad.
         chunk: Factor columns per vmapped backward pass (time/memory trade-off).
         path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.
+        memory_budget: Bytes that ``Vᵀ`` ``[N·C, D]``, the Gram matrix and ``S`` may
+            take together; ``None``: ``LOWRANK_GGN_MEMORY_BUDGET`` or 8 GiB.
+            Checked after the forward pass, before any backward pass.
 
     Returns:
         ``[N·C, N·C]`` in the parameters' dtype and device, rows ordered sample-major
@@ -71,8 +76,10 @@ def gram_matrix(
         >>> assert K.shape == (8, 8) and torch.allclose(K.trace(), G.trace())
 
     """
+    check_options(chunk=chunk, memory_budget=memory_budget)
     with model_preserved(model):
-        lin = linearize(model, loss_func, inputs, targets, params, path)
+        lin = linearize(model, loss_func, inputs, targets, params, path, memory_budget)
+        check_linearization_memory(lin, memory_budget)
         return gram_from_linearization(lin, chunk)
 
 
