@@ -7,7 +7,8 @@ statistics and ``num_batches_tracked`` included), train/eval flags,
 
 Restoration writes only what changed. A parameter whose values did not move is not
 touched, so its autograd version counter stays put and a graph the user built
-before the call still backpropagates. Values are compared bit for bit (``-0.0`` and
+before the call still backpropagates; values that did change are written back
+through ``.data``, which leaves the version counter alone as well. Values are compared bit for bit (``-0.0`` and
 ``0.0``, or two NaN payloads, count as different). Parameters or buffers that a call
 registers on a module are removed again. Plain Python attributes of modules (e.g. a
 counter a custom ``forward`` increments) are not tracked.
@@ -110,14 +111,16 @@ class ModelSnapshot:
                 if s.tensor is None:
                     continue
                 if not _unchanged(s.tensor, s.values):
-                    s.tensor.copy_(s.values)
+                    # through .data: restoring the old values must not bump the
+                    # version counter that a user's saved graph checks
+                    s.tensor.data.copy_(s.values)
                 if s.tensor.requires_grad != s.requires_grad:
                     s.tensor.requires_grad_(s.requires_grad)
                 if s.kind == "_parameters":
                     if s.tensor.grad is not s.grad:
                         s.tensor.grad = s.grad
                     if s.grad is not None and not _unchanged(s.grad, s.grad_values):
-                        s.grad.copy_(s.grad_values)
+                        s.grad.data.copy_(s.grad_values)
 
 
 @contextmanager
