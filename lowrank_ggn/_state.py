@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lowrank_ggn._validation import check_initialized
+
 
 @dataclass
 class _TensorSlot:
@@ -68,6 +70,11 @@ class ModelSnapshot:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module; got {type(model).__name__}."
+            )
+        check_initialized(model)
         self._modes = [(m, m.training) for m in model.modules()]
         self._slots: list[_TensorSlot] = []
         self._names: list[tuple[nn.Module, str, set[str]]] = []

@@ -12,12 +12,15 @@ functions call them in this order:
 2. **After the forward pass, before any backward pass**: finite outputs of batch size
    ``N`` (:func:`check_outputs`), targets that fit outputs and loss
    (:func:`lowrank_ggn.loss_factors.check_targets`), and the memory budget
-   (:func:`check_memory`), from the sizes that the output shape determines.
+   (:func:`check_memory`), from the sizes that the output shape determines; ``S`` is
+   checked before it is formed, ``Vᵀ`` and the Gram matrix before the first backward
+   pass.
 
-**Memory budget.** A request is refused if the tensors it must hold exceed
+**Memory budget.** A request is refused if the tensors it must hold together exceed
 ``memory_budget`` bytes: the factor matrix ``Vᵀ`` (``N·C·D`` entries), the Gram matrix
 (``(N·C)²`` entries) and the loss-Hessian factors ``S`` (``C·N·O`` entries, ``O = Π
-out``). The default budget is :data:`DEFAULT_MEMORY_BUDGET` (8 GiB), overridden by the
+out``), times the parameters' item size. Workspace of ``eigh`` and of the backward
+passes (about ``chunk`` columns at a time) comes on top. The default budget is :data:`DEFAULT_MEMORY_BUDGET` (8 GiB), overridden by the
 environment variable ``LOWRANK_GGN_MEMORY_BUDGET`` (bytes, e.g. ``17179869184`` or
 ``16GiB``), overridden by the ``memory_budget=`` keyword. ``float("inf")`` disables it.
 """
@@ -58,8 +61,14 @@ def check_model(model: nn.Module) -> None:
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     if next(model.parameters(), None) is None:
         raise ValueError("model has no parameters; there is no GGN to compute.")
+    check_initialized(model)
+
+
+def check_initialized(model: nn.Module) -> None:
+    """Raise a ``ValueError`` if ``model`` has lazy, uninitialised parameters."""
     if any(
-        isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()
+        isinstance(t, nn.parameter.UninitializedTensorMixin)
+        for t in [*model.parameters(), *model.buffers()]
     ):
         raise ValueError(
             "model has uninitialized (lazy) parameters; run one forward pass on a "
@@ -351,14 +360,13 @@ def resolve_memory_budget(memory_budget: float | None = None) -> float:
 
 def check_options(
     *,
-    chunk: int | None = None,
+    chunk: int = 1,
     rtol: float | None = None,
     top_k: int | None = None,
     memory_budget: float | None = None,
 ) -> None:
     """Check the keyword options of a public function (all before any model call)."""
-    if chunk is not None:
-        check_chunk(chunk)
+    check_chunk(chunk)
     check_rtol(rtol)
     check_top_k(top_k)
     resolve_memory_budget(memory_budget)
@@ -422,31 +430,28 @@ def check_factor_memory(
     )
 
 
-def check_gram_memory(
-    num_samples: int,
-    num_columns_per_sample: int,
-    num_params: int,
-    itemsize: int,
-    memory_budget: float | None = None,
-) -> None:
-    """The factors ``Vᵀ`` ``[N·C, D]`` and the Gram matrix ``[N·C, N·C]`` fit the budget."""
-    NC, D = num_samples * num_columns_per_sample, num_params
-    check_memory(
-        {f"factors Vᵀ [N·C={NC}, D={D}]": NC * D, f"Gram matrix [{NC}, {NC}]": NC * NC},
-        itemsize,
-        memory_budget,
-        "Use a smaller batch (or a subsample of it), fewer parameters (params=[...], "
-        "one parameter group at a time), or Monte-Carlo factors (mc_samples) where "
-        "available. ",
-    )
+_GRAM_ADVICE = (
+    "Use a smaller batch (or a subsample of it), fewer parameters (params=[...], "
+    "one parameter group at a time), or Monte-Carlo factors (mc_samples) where "
+    "available. "
+)
 
 
 def check_linearization_memory(lin, memory_budget: float | None = None) -> None:
-    """:func:`check_gram_memory` for a :class:`lowrank_ggn.factors.Linearization`."""
-    check_gram_memory(
-        lin.num_samples,
-        lin.num_columns_per_sample,
-        lin.fmodel.num_params,
+    """Budget check for a Gram request on a :class:`lowrank_ggn.factors.Linearization`.
+
+    Counts ``Vᵀ`` ``[N·C, D]``, the Gram matrix ``[N·C, N·C]`` and the factors ``S``
+    ``[C, N, *out]`` that are all alive while the Gram matrix is formed.
+    """
+    NC, D = lin.num_columns, lin.fmodel.num_params
+    C, S = lin.num_columns_per_sample, lin.factors.numel()
+    check_memory(
+        {
+            f"factors Vᵀ [N·C={NC}, D={D}]": NC * D,
+            f"Gram matrix [{NC}, {NC}]": NC * NC,
+            f"loss-Hessian factors S [C={C}, N, *out]": S,
+        },
         lin.outputs.element_size(),
         memory_budget,
+        _GRAM_ADVICE,
     )

@@ -48,3 +48,29 @@ ENGINE_CALLS = [c for c in PUBLIC_CALLS if not c[0].startswith("reference.")]
 
 CALL_IDS = [name for name, _ in PUBLIC_CALLS]
 ENGINE_IDS = [name for name, _ in ENGINE_CALLS]
+
+
+def _bits(t):
+    from lowrank_ggn._state import _bits as bits
+
+    return bits(t)
+
+
+def assert_state_bitwise(before: dict, model) -> None:
+    """:func:`utils.assert_state_equal`, but bit for bit (NaN, ``-0.0`` included).
+
+    ``torch.equal`` calls NaN unequal to itself, so models with NaN entries (the
+    bad-input tests) need this bitwise comparison of the same recorded state.
+    """
+    import torch
+    from utils import state_of
+
+    after = state_of(model)
+    assert before["state"].keys() == after["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(_bits(v), _bits(after["state"][k])), f"entry {k} changed"
+    for key in ("modes", "requires_grad", "param_ids", "grad_ids"):
+        assert before[key] == after[key], f"{key} changed"
+    for g0, g1 in zip(before["grads"], after["grads"]):
+        assert (g0 is None) == (g1 is None), ".grad set or removed"
+        assert g0 is None or torch.equal(_bits(g0), _bits(g1)), ".grad changed"
