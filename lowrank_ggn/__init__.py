@@ -15,7 +15,7 @@ from lowrank_ggn.moments import GradientMoments, gradient_moments
 from lowrank_ggn.operators import ggn_linear_operator, gram_linear_operator
 from lowrank_ggn.param_groups import per_layer_groups
 from lowrank_ggn.sample_mixing import EnginePath
-from lowrank_ggn.spectrum import GGNSpectrum, ggn_spectrum
+from lowrank_ggn.spectrum import GGNSpectrum, NearZeroEigenvalueWarning, ggn_spectrum
 from lowrank_ggn.structure import (
     SampleMixingWarning,
     StructureCheck,
@@ -36,6 +36,7 @@ __all__ = [
     "audit_structure",
     "directional_derivatives",
     "gradient_moments",
+    "NearZeroEigenvalueWarning",
     "ggn_spectrum",
     "gram_matrix",
     "loss_hessian_factors",

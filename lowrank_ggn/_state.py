@@ -7,7 +7,11 @@ statistics and ``num_batches_tracked`` included), train/eval flags,
 
 Restoration writes only what changed. A parameter whose values did not move is not
 touched, so its autograd version counter stays put and a graph the user built
-before the call still backpropagates.
+before the call still backpropagates; values that did change are written back
+through ``.data``, which leaves the version counter alone as well. Values are compared bit for bit (``-0.0`` and
+``0.0``, or two NaN payloads, count as different). Parameters or buffers that a call
+registers on a module are removed again. Plain Python attributes of modules (e.g. a
+counter a custom ``forward`` increments) are not tracked.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from lowrank_ggn._validation import check_initialized
 
 
 @dataclass
@@ -34,15 +40,25 @@ class _TensorSlot:
     grad_values: Tensor | None
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: Tensor) -> Tensor:
+    """``t`` reinterpreted as integers of the same width (bitwise comparison)."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.dtype == torch.bool or t.element_size() not in _BITS:
+        return t
+    return t.view(_BITS[t.element_size()])
+
+
 def _unchanged(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a`` still holds exactly ``b``'s values (NaN at the same places)."""
+    """Whether ``a`` still holds exactly ``b``'s bits (shape, dtype, device, values)."""
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
         return False
-    if a.is_floating_point() or a.is_complex():
-        return bool(
-            torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
-        )
-    return bool(torch.equal(a, b))
+    if a.device.type == "meta":  # no values to compare
+        return True
+    return bool(torch.equal(_bits(a), _bits(b)))
 
 
 class ModelSnapshot:
@@ -54,11 +70,19 @@ class ModelSnapshot:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module; got {type(model).__name__}."
+            )
+        check_initialized(model)
         self._modes = [(m, m.training) for m in model.modules()]
         self._slots: list[_TensorSlot] = []
+        self._names: list[tuple[nn.Module, str, set[str]]] = []
         for module in model.modules():
             for kind in ("_parameters", "_buffers"):
-                for name, tensor in getattr(module, kind).items():
+                store = getattr(module, kind)
+                self._names.append((module, kind, set(store)))
+                for name, tensor in store.items():
                     self._slots.append(self._slot(module, kind, name, tensor))
 
     @staticmethod
@@ -82,6 +106,10 @@ class ModelSnapshot:
         for module, training in self._modes:
             if module.training != training:
                 module.training = training
+        for module, kind, names in self._names:
+            store = getattr(module, kind)
+            for added in [n for n in store if n not in names]:
+                del store[added]
         with torch.no_grad():
             for s in self._slots:
                 store = getattr(s.owner, s.kind)
@@ -90,14 +118,16 @@ class ModelSnapshot:
                 if s.tensor is None:
                     continue
                 if not _unchanged(s.tensor, s.values):
-                    s.tensor.copy_(s.values)
+                    # through .data: restoring the old values must not bump the
+                    # version counter that a user's saved graph checks
+                    s.tensor.data.copy_(s.values)
                 if s.tensor.requires_grad != s.requires_grad:
                     s.tensor.requires_grad_(s.requires_grad)
                 if s.kind == "_parameters":
                     if s.tensor.grad is not s.grad:
                         s.tensor.grad = s.grad
                     if s.grad is not None and not _unchanged(s.grad, s.grad_values):
-                        s.grad.copy_(s.grad_values)
+                        s.grad.data.copy_(s.grad_values)
 
 
 @contextmanager

@@ -34,11 +34,17 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from lowrank_ggn._model import FunctionalModel
-from lowrank_ggn._validation import check_call, check_outputs, check_params_finite
+from lowrank_ggn._validation import (
+    check_call,
+    check_factor_memory,
+    check_outputs,
+    check_params_finite,
+)
 from lowrank_ggn.loss_factors import (
     check_mc_samples,
     check_targets,
     loss_hessian_factors,
+    num_factor_columns,
     sampled_loss_hessian_factors,
 )
 from lowrank_ggn.sample_mixing import (
@@ -222,6 +228,7 @@ def linearize(
     mc_samples: int | None = None,
     generator: torch.Generator | None = None,
     subsampling: Sequence[int] | Tensor | None = None,
+    memory_budget: float | None = None,
 ) -> Linearization:
     """Check the input, run one forward pass and choose the path.
 
@@ -243,12 +250,14 @@ def linearize(
         subsampling: Batch positions whose curvature is kept, scaled by ``N/|S|`` for
             ``'mean'`` (:mod:`lowrank_ggn.subsampling`); the forward pass still uses
             the whole batch.
+        memory_budget: Bytes the loss-Hessian factors ``S`` may take (see
+            :mod:`lowrank_ggn._validation`); ``None``: environment or default.
 
     Returns:
         The :class:`Linearization`.
 
     """
-    selected = check_call(model, loss_func, inputs, params)
+    selected = check_call(model, loss_func, inputs, params, targets)
     check_mc_samples(mc_samples, generator)
     index = None
     if subsampling is not None:
@@ -261,8 +270,15 @@ def linearize(
     check_params_finite(fmodel.params, fmodel.names)
     with torch.no_grad():
         outputs = fmodel(fmodel.primals(), inputs)
-    check_outputs(outputs)
+    check_outputs(outputs, inputs.shape[0])
     check_targets(loss_func, outputs, targets)
+    check_factor_memory(
+        outputs.shape[0] if index is None else index.numel(),
+        mc_samples or num_factor_columns(loss_func, outputs.shape),
+        outputs[0].numel(),
+        outputs.element_size(),
+        memory_budget,
+    )
     check_deterministic(fmodel, inputs, outputs)
     if mc_samples is None:
         factors = loss_hessian_factors(loss_func, outputs, targets)

@@ -20,8 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_ggn._state import model_preserved
+from lowrank_ggn._validation import (
+    check_linearization_memory,
+    check_options,
+    resolve_memory_budget,
+)
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
-from lowrank_ggn.layerwise import DEFAULT_MEMORY_BUDGET, layerwise_gram
+from lowrank_ggn.layerwise import layerwise_gram
 from lowrank_ggn.param_groups import (
     params_by_group,
     resolve_param_groups,
@@ -35,7 +40,7 @@ def gram_from_linearization(
     lin: Linearization,
     chunk: int = DEFAULT_CHUNK,
     engine: str = "layerwise",
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: float | None = None,
     columns: Sequence[slice] | None = None,
 ) -> Tensor | list[Tensor]:
     """``Vᵀ V`` ``[N·C, N·C]`` for a linearised model (symmetric by construction).
@@ -47,7 +52,9 @@ def gram_from_linearization(
             ``V``) or ``"generic"`` (all of ``Vᵀ`` ``[N·C, D]`` from vmapped
             vector-Jacobian products, then one product; memory ``N·C·D``). The
             layer-wise engine falls back to the generic one if its self-check fails.
-        memory_budget: Bytes the layer-wise engine may hold in factor blocks.
+        memory_budget: Bytes the layer-wise engine may hold in factor blocks and
+            chunk buffers (``None``: environment or default; see
+            :func:`lowrank_ggn._validation.resolve_memory_budget`).
         columns: Parameter groups as ranges of the flattened parameters (see
             :func:`lowrank_ggn.param_groups.resolve_param_groups`): return one Gram
             ``V_gᵀ V_g`` per group, all from the same backward passes.
@@ -59,7 +66,8 @@ def gram_from_linearization(
         raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}.")
     groups = None if columns is None else params_by_group(lin.fmodel.params, columns)
     if engine == "layerwise":
-        grams, note = layerwise_gram(lin, chunk, memory_budget, groups)
+        budget = int(min(resolve_memory_budget(memory_budget), 2**62))
+        grams, note = layerwise_gram(lin, chunk, budget, groups)
         if grams is not None:
             lin.gram_engine = note
             return grams if columns is not None else grams[0]
@@ -82,7 +90,7 @@ def gram_matrix(
     chunk: int = DEFAULT_CHUNK,
     path: str | None = None,
     engine: str = "layerwise",
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: float | None = None,
     mc_samples: int | None = None,
     generator: torch.Generator | None = None,
     subsampling: Sequence[int] | Tensor | None = None,
@@ -106,7 +114,6 @@ def gram_matrix(
         path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.
         engine: ``"layerwise"`` (default) or ``"generic"``; see
             :func:`gram_from_linearization`.
-        memory_budget: Bytes the layer-wise engine may hold in factor blocks.
         mc_samples: Use ``M`` Monte-Carlo factor columns per sample instead of the
             ``C`` exact ones: the Gram is ``N·M × N·M`` and its GGN an unbiased
             estimate (:func:`lowrank_ggn.loss_factors.sampled_loss_hessian_factors`).
@@ -118,6 +125,11 @@ def gram_matrix(
         param_groups: ``[{"params": [...]}, …]``: return one Gram per group, of the
             GGN's diagonal block for that group (:mod:`lowrank_ggn.param_groups`),
             from one forward and one backward pass. Excludes ``params``.
+        memory_budget: Bytes the computation may hold: the Gram matrices, ``S`` and
+            (engine ``"generic"``) ``Vᵀ`` ``[N·C, D]`` are checked after the forward
+            pass, before any backward pass; the layer-wise engine also sizes its
+            factor blocks and column chunks by it. ``None``:
+            ``LOWRANK_GGN_MEMORY_BUDGET`` or 4 GiB.
 
     Returns:
         ``[N·C, N·C]`` in the parameters' dtype and device, rows ordered sample-major
@@ -135,6 +147,7 @@ def gram_matrix(
         >>> assert K.shape == (8, 8) and torch.allclose(K.trace(), G.trace())
 
     """
+    check_options(chunk=chunk, memory_budget=memory_budget)
     groups = resolve_param_groups(model, param_groups, params)
     with model_preserved(model):
         lin = linearize(
@@ -147,8 +160,10 @@ def gram_matrix(
             mc_samples=mc_samples,
             generator=generator,
             subsampling=subsampling,
+            memory_budget=memory_budget,
         )
         columns = None if groups is None else groups[1]
+        check_linearization_memory(lin, memory_budget, engine, len(columns or [0]))
         return gram_from_linearization(lin, chunk, engine, memory_budget, columns)
 
 

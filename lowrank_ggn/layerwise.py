@@ -53,11 +53,9 @@ from torch.func import vjp, vmap
 from torch.nn.functional import unfold
 
 from lowrank_ggn._model import FunctionalModel
+from lowrank_ggn._validation import DEFAULT_MEMORY_BUDGET
 from lowrank_ggn.factors import Linearization
 from lowrank_ggn.sample_mixing import PER_SAMPLE
-
-#: Default bound (bytes) on the explicit factor blocks and work buffers held at once.
-DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 
 #: Rough ratio of all intermediate activations to the captured layer outputs, used to
 #: size the column chunks of batched full-batch backward passes.

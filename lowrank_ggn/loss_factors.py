@@ -111,8 +111,29 @@ def check_targets(loss_func: nn.Module, outputs: Tensor, targets: Tensor) -> Non
 
     """
     name = type(loss_func).__name__
+    if not isinstance(outputs, Tensor) or not outputs.is_floating_point():
+        raise TypeError(
+            "outputs must be a floating-point torch.Tensor [N, *out]; got "
+            f"{getattr(outputs, 'dtype', type(outputs).__name__)}."
+        )
+    if outputs.dim() == 0 or outputs.shape[0] == 0:
+        raise ValueError(
+            f"outputs must hold at least one sample in dim 0; got shape "
+            f"{tuple(outputs.shape)}."
+        )
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a torch.Tensor; got {type(targets).__name__}")
+    if targets.device != outputs.device:
+        raise ValueError(
+            f"targets are on {targets.device} but the outputs on {outputs.device}; "
+            f"move them with targets.to({str(outputs.device)!r})."
+        )
+    if not torch.isfinite(outputs).all():
+        raise ValueError("outputs contain NaN or Inf; the loss Hessian is undefined.")
+    if targets.is_floating_point() and not torch.isfinite(targets).all():
+        raise ValueError(
+            "targets contain NaN or Inf; clean the batch first (torch.isfinite)."
+        )
     if targets.shape[:1] != outputs.shape[:1]:
         raise ValueError(
             f"targets have batch size {targets.shape[0] if targets.dim() else 'none'} "

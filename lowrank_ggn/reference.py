@@ -20,13 +20,46 @@ from torch.func import hessian, jacrev
 
 from lowrank_ggn._model import FunctionalModel
 from lowrank_ggn._state import model_preserved
-from lowrank_ggn._validation import resolve_params
+from lowrank_ggn._validation import (
+    check_batch_norm_batch_size,
+    check_inputs,
+    check_memory,
+    check_model,
+    check_outputs,
+    check_params_finite,
+    resolve_params,
+)
+from lowrank_ggn.loss_factors import SUPPORTED_LOSSES, check_targets
 
 
-def _flat_model(model: nn.Module, params: Sequence[Tensor] | None):
+def _flat_model(
+    model: nn.Module, params: Sequence[Tensor] | None, inputs: Tensor | None = None
+):
+    check_model(model)
     fmodel = FunctionalModel(model, resolve_params(model, params))
+    if inputs is not None:  # the same early errors as the engine's
+        check_inputs(inputs, fmodel.params)
+        check_batch_norm_batch_size(model, inputs)
+        check_params_finite(fmodel.params, fmodel.names)
     flat = fmodel.flatten(fmodel.primals())
     return fmodel, flat
+
+
+def _scalar_loss(loss_func, outputs: Tensor, targets) -> None:
+    """Refuse a loss that is not a callable returning a finite scalar tensor."""
+    if not callable(loss_func):
+        raise TypeError(
+            f"loss_func must be callable as loss_func(outputs, targets); got "
+            f"{type(loss_func).__name__}."
+        )
+    if type(loss_func) in SUPPORTED_LOSSES:
+        check_targets(loss_func, outputs, targets)
+    value = loss_func(outputs, targets)
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise ValueError(
+            "loss_func must return a scalar tensor (a batch loss); use "
+            "reduction='mean' or 'sum'."
+        )
 
 
 def dense_jacobian(
@@ -34,7 +67,7 @@ def dense_jacobian(
 ) -> Tensor:
     """``J = ∂ vec F(X, θ) / ∂θ``, ``[N, *out, D]``, of the whole batch."""
     with model_preserved(model):
-        fmodel, flat = _flat_model(model, params)
+        fmodel, flat = _flat_model(model, params, inputs)
         return jacrev(lambda v: fmodel(fmodel.unflatten(v), inputs))(flat)
 
 
@@ -42,7 +75,13 @@ def dense_output_hessian(
     loss_func: nn.Module, outputs: Tensor, targets: Tensor
 ) -> Tensor:
     """``H = ∇²_F L(F, Y)``, ``[N·O, N·O]``, of the batch loss w.r.t. all outputs."""
+    _scalar_loss(loss_func, outputs.detach(), targets)
     M = outputs.numel()
+    check_memory(
+        {f"output Hessian [{M}, {M}]": M * M},
+        outputs.element_size(),
+        advice="Use a smaller batch or fewer outputs for the brute-force reference. ",
+    )
     H = hessian(lambda o: loss_func(o.reshape(outputs.shape), targets))(
         outputs.detach().flatten()
     )
@@ -54,8 +93,10 @@ def dense_outputs(
 ) -> Tensor:
     """``F(X, θ)`` computed without touching the model's buffers."""
     with model_preserved(model), torch.no_grad():
-        fmodel, _ = _flat_model(model, params)
-        return fmodel(fmodel.primals(), inputs)
+        fmodel, _ = _flat_model(model, params, inputs)
+        outputs = fmodel(fmodel.primals(), inputs)
+        check_outputs(outputs, inputs.shape[0])
+        return outputs
 
 
 def dense_ggn(
@@ -80,8 +121,16 @@ def dense_ggn(
 
     """
     with model_preserved(model):
-        J = dense_jacobian(model, inputs, params=params)
         outputs = dense_outputs(model, inputs, params=params)
+        _scalar_loss(loss_func, outputs, targets)
+        M = outputs.numel()
+        D = sum(p.numel() for p in resolve_params(model, params))
+        check_memory(
+            {f"Jacobian [{M}, {D}]": M * D, f"GGN [{D}, {D}]": D * D},
+            outputs.element_size(),
+            advice="The brute-force reference is for small models and batches. ",
+        )
+        J = dense_jacobian(model, inputs, params=params)
         J = J.reshape(outputs.numel(), -1)
         H = dense_output_hessian(loss_func, outputs, targets)
         G = J.T @ H @ J
@@ -98,7 +147,8 @@ def dense_gradient(
 ) -> Tensor:
     """``∇_θ L`` ``[D]`` of the batch loss."""
     with model_preserved(model):
-        fmodel, flat = _flat_model(model, params)
+        _scalar_loss(loss_func, dense_outputs(model, inputs, params=params), targets)
+        fmodel, flat = _flat_model(model, params, inputs)
         return torch.func.grad(
             lambda v: loss_func(fmodel(fmodel.unflatten(v), inputs), targets)
         )(flat)

@@ -13,10 +13,18 @@ so each eigenvector is one full-batch vector-Jacobian product with the cotangent
 epsilon of the parameters' dtype: ``2.2e-16`` in float64, ``1.2e-7`` in float32). The
 Gram matrix's eigenvalues carry a round-off error of about ``N·C · eps · λ_max``, so
 smaller values cannot be told apart from zero. Pass ``rtol`` to change it.
+
+**Near-zero eigenvalues and eigenvectors.** ``e_k = V u_k / √λ_k`` divides by
+``√λ_k``; below the default threshold ``N·C · eps · λ_max`` that amplifies round-off
+into garbage. A smaller ``rtol`` is honoured for eigenvalues alone, but when
+eigenvectors are requested, eigenpairs below the default threshold are dropped (from
+``eigenvalues`` too, so both stay aligned) with a :class:`NearZeroEigenvalueWarning`.
+:func:`parameter_eigenvectors` refuses them with a ``ValueError``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -24,11 +32,15 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_ggn._state import model_preserved
+from lowrank_ggn._validation import check_linearization_memory, check_options
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.gram import gram_from_linearization
-from lowrank_ggn.layerwise import DEFAULT_MEMORY_BUDGET
 from lowrank_ggn.param_groups import resolve_param_groups
 from lowrank_ggn.sample_mixing import EnginePath
+
+
+class NearZeroEigenvalueWarning(UserWarning):
+    """Eigenvectors were requested at eigenvalues indistinguishable from zero."""
 
 
 @dataclass
@@ -95,11 +107,49 @@ def parameter_eigenvectors(
     gram_eigenvectors: Tensor,
     chunk: int = DEFAULT_CHUNK,
 ) -> Tensor:
-    """``e_k = Jᵀ (S u_k) / √λ_k`` as rows ``[K, D]`` (one batched VJP)."""
+    """``e_k = Jᵀ (S u_k) / √λ_k`` as rows ``[K, D]`` (one batched VJP).
+
+    Raises:
+        ValueError: If an eigenvalue is at or below the round-off floor
+            ``N·C · eps · max(eigenvalues)``, where dividing by ``√λ_k`` is meaningless.
+    """
     if eigenvalues.numel() == 0:
         return eigenvalues.new_zeros(0, lin.fmodel.num_params)
+    floor = _zero_floor(eigenvalues, lin.num_columns)
+    if not bool((eigenvalues > floor).all()):
+        raise ValueError(
+            f"eigenvalues down to {eigenvalues.min().item():.3e} are at or below the "
+            f"zero threshold {floor:.3e} (N·C·eps·λ_max); their eigenvectors "
+            "V u / √λ would divide by ≈0. Pass only eigenvalues above it."
+        )
     weights = (gram_eigenvectors / eigenvalues.sqrt()).T  # [K, N·C]
     return lin.apply_factors(weights, chunk)
+
+
+def _zero_floor(eigenvalues: Tensor, num_columns: int) -> float:
+    """``N·C · eps · λ_max``: below it eigenvalues are round-off."""
+    lam_max = max(eigenvalues.max().item(), 0.0) if eigenvalues.numel() else 0.0
+    return default_rtol(num_columns, eigenvalues.dtype) * lam_max
+
+
+def _drop_near_zero(
+    evals: Tensor, evecs: Tensor, threshold: float, num_columns: int
+) -> tuple[Tensor, Tensor, float]:
+    """Drop eigenpairs below the round-off floor, with a warning (eigenvectors asked)."""
+    floor = _zero_floor(evals, num_columns)
+    keep = int((evals > floor).sum())
+    if keep < evals.numel():
+        warnings.warn(
+            f"{evals.numel() - keep} of {evals.numel()} eigenvalues are at or below "
+            f"the zero threshold {floor:.3e} (N·C·eps·λ_max), so their eigenvectors "
+            "would divide by ≈0; they are dropped from eigenvalues and eigenvectors. "
+            "Use rtol=None (the default), or eigenvectors=False to get the small "
+            "eigenvalues alone.",
+            NearZeroEigenvalueWarning,
+            stacklevel=3,
+        )
+        return evals[:keep], evecs[:, :keep], max(threshold, floor)
+    return evals, evecs, threshold
 
 
 def _check_top_k(top_k: int | None) -> None:
@@ -122,6 +172,9 @@ def _block_spectrum(
     evals, evecs, threshold = spectrum_from_gram(gram, top_k, rtol)
     vectors = None
     if eigenvectors:
+        evals, evecs, threshold = _drop_near_zero(
+            evals, evecs, threshold, lin.num_columns
+        )
         vectors = parameter_eigenvectors(lin, evals, evecs, chunk)[:, columns]
     return GGNSpectrum(
         evals, vectors, lin.path, lin.num_columns, threshold, evecs, lin.gram_engine
@@ -141,7 +194,7 @@ def ggn_spectrum(
     chunk: int = DEFAULT_CHUNK,
     path: str | None = None,
     engine: str = "layerwise",
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: float | None = None,
     mc_samples: int | None = None,
     generator: torch.Generator | None = None,
     subsampling: Sequence[int] | Tensor | None = None,
@@ -164,10 +217,14 @@ def ggn_spectrum(
         top_k: Return only the ``top_k`` largest nonzero eigenvalues.
         eigenvectors: Also return parameter-space eigenvectors ``[K, D]``.
         rtol: Relative zero threshold (default ``N·C · eps``; see module docstring).
+            With ``eigenvectors=True``, eigenpairs below the default threshold are
+            dropped with a :class:`NearZeroEigenvalueWarning`.
         chunk: Factor columns per vmapped backward pass.
         path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.
         engine: ``"layerwise"`` (default) or ``"generic"`` Gram computation.
-        memory_budget: Bytes the layer-wise engine may hold in factor blocks.
+        memory_budget: Bytes for the Gram matrices, ``S`` and the layer-wise
+            engine's factor blocks (``Vᵀ`` too with ``engine="generic"``); ``None``:
+            ``LOWRANK_GGN_MEMORY_BUDGET`` or 4 GiB (see :mod:`lowrank_ggn._validation`).
         mc_samples: ``M`` Monte-Carlo factor columns per sample: the spectrum of an
             unbiased estimate of the GGN, from an ``N·M × N·M`` Gram
             (:func:`lowrank_ggn.loss_factors.sampled_loss_hessian_factors`).
@@ -203,6 +260,7 @@ def ggn_spectrum(
 
     """
     _check_top_k(top_k)
+    check_options(chunk=chunk, rtol=rtol, top_k=top_k, memory_budget=memory_budget)
     groups = resolve_param_groups(model, param_groups, params)
     with model_preserved(model):
         lin = linearize(
@@ -215,17 +273,22 @@ def ggn_spectrum(
             mc_samples=mc_samples,
             generator=generator,
             subsampling=subsampling,
+            memory_budget=memory_budget,
         )
+        columns = None if groups is None else groups[1]
+        check_linearization_memory(lin, memory_budget, engine, len(columns or [0]))
         if groups is not None:
-            grams = gram_from_linearization(
-                lin, chunk, engine, memory_budget, groups[1]
-            )
+            grams = gram_from_linearization(lin, chunk, engine, memory_budget, columns)
             return [
                 _block_spectrum(lin, gram, cols, top_k, eigenvectors, rtol, chunk)
-                for gram, cols in zip(grams, groups[1])
+                for gram, cols in zip(grams, columns)
             ]
         gram = gram_from_linearization(lin, chunk, engine, memory_budget)
         evals, evecs, threshold = spectrum_from_gram(gram, top_k, rtol)
+        if eigenvectors:
+            evals, evecs, threshold = _drop_near_zero(
+                evals, evecs, threshold, lin.num_columns
+            )
         vectors = (
             parameter_eigenvectors(lin, evals, evecs, chunk) if eigenvectors else None
         )

@@ -117,9 +117,13 @@ def test_explicit_channel_chunks_under_small_budget():
 
 
 def test_memory_budget_is_enforced_with_a_clear_error():
+    """Too small for the Gram: refused up front; too small for the blocks: the engine."""
     model, loss, X, y = next(c for c in CASES if c.name == "bn2d-train-ce").make()
-    with pytest.raises(MemoryError, match="memory_budget=.* GiB"):
+    with pytest.raises(ValueError, match="exceeds the memory budget"):
         gram_matrix(model, loss, X, y, memory_budget=1000)
+    # Gram (15² · 8 B) and S fit in 4000 B, the mixing conv's explicit blocks do not
+    with pytest.raises(MemoryError, match="memory_budget=.* GiB"):
+        gram_matrix(model, loss, X, y, memory_budget=4000)
 
 
 def test_unknown_engine_raises():

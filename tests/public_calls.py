@@ -1,0 +1,76 @@
+"""Every public function as a uniform call, for the state and validation matrices.
+
+Each entry of :data:`PUBLIC_CALLS` is ``(name, call)`` with
+``call(model, loss_func, inputs, targets, params)``; ``params`` may be ``None``. To cover
+a new public function, append one line here: ``tests/test_state.py`` then asserts for
+it that the model survives every scenario bitwise, also when the call fails, and
+``tests/test_validation.py`` runs the shared bad inputs through it.
+"""
+
+from __future__ import annotations
+
+from lowrank_ggn import ggn_spectrum, gram_matrix, loss_hessian_factors
+from lowrank_ggn.reference import (
+    dense_ggn,
+    dense_gradient,
+    dense_jacobian,
+    dense_outputs,
+)
+
+PUBLIC_CALLS = [
+    ("gram_matrix", lambda m, f, X, y, p: gram_matrix(m, f, X, y, params=p)),
+    ("ggn_spectrum", lambda m, f, X, y, p: ggn_spectrum(m, f, X, y, params=p)),
+    (
+        "ggn_spectrum-top_k-eigenvectors",
+        lambda m, f, X, y, p: ggn_spectrum(
+            m, f, X, y, params=p, top_k=2, eigenvectors=True
+        ),
+    ),
+    (
+        "loss_hessian_factors",
+        lambda m, f, X, y, p: loss_hessian_factors(f, dense_outputs(m, X, params=p), y),
+    ),
+    ("reference.dense_ggn", lambda m, f, X, y, p: dense_ggn(m, f, X, y, params=p)),
+    (
+        "reference.dense_gradient",
+        lambda m, f, X, y, p: dense_gradient(m, f, X, y, params=p),
+    ),
+    ("reference.dense_jacobian", lambda m, f, X, y, p: dense_jacobian(m, X, params=p)),
+    ("reference.dense_outputs", lambda m, f, X, y, p: dense_outputs(m, X, params=p)),
+]
+
+#: Names of entries that do not read the targets (no target errors expected).
+TARGETLESS = {"reference.dense_jacobian", "reference.dense_outputs"}
+
+#: Names of entries that accept only the supported losses (the reference accepts
+#: any scalar loss, it is brute force).
+ENGINE_CALLS = [c for c in PUBLIC_CALLS if not c[0].startswith("reference.")]
+
+CALL_IDS = [name for name, _ in PUBLIC_CALLS]
+ENGINE_IDS = [name for name, _ in ENGINE_CALLS]
+
+
+def _bits(t):
+    from lowrank_ggn._state import _bits as bits
+
+    return bits(t)
+
+
+def assert_state_bitwise(before: dict, model) -> None:
+    """:func:`utils.assert_state_equal`, but bit for bit (NaN, ``-0.0`` included).
+
+    ``torch.equal`` calls NaN unequal to itself, so models with NaN entries (the
+    bad-input tests) need this bitwise comparison of the same recorded state.
+    """
+    import torch
+    from utils import state_of
+
+    after = state_of(model)
+    assert before["state"].keys() == after["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(_bits(v), _bits(after["state"][k])), f"entry {k} changed"
+    for key in ("modes", "requires_grad", "param_ids", "grad_ids"):
+        assert before[key] == after[key], f"{key} changed"
+    for g0, g1 in zip(before["grads"], after["grads"]):
+        assert (g0 is None) == (g1 is None), ".grad set or removed"
+        assert g0 is None or torch.equal(_bits(g0), _bits(g1)), ".grad changed"
