@@ -8,13 +8,13 @@ batch of about a hundred digits fit in seconds on a laptop CPU:
 name                    layers                                                   ``D``
 ======================  =======================================================  ======
 ``mlp``                 Flatten → Linear(64, 32) → ReLU → Linear(32, 10)         2,410
-``cnn``                 [Conv 3×3 → ReLU → MaxPool 2]×2 → Linear(32, 10)          1,578
-``cnn-bn``              as ``cnn``, BatchNorm2d after each convolution           1,610
-``resnet-bn``           Conv → residual block with BN → AvgPool → Linear          1,474
+``cnn``                 [Conv 3×3 → ReLU → MaxPool 2]×2 → Linear(64, 10)         1,898
+``cnn-bn``              as ``cnn``, BatchNorm2d after each convolution           1,946
+``resnet-bn``           Conv → residual block with BN → AvgPool → Linear         1,610
 ======================  =======================================================  ======
 
-Every constructor takes a ``seed`` and returns a float32 model on the CPU in train
-mode; move it with ``.to(dtype=..., device=...)``.
+:func:`build_model` returns a zoo model initialised from a ``seed``, in the requested
+dtype and device, in train mode.
 """
 
 from __future__ import annotations
