@@ -715,7 +715,7 @@ def write_outputs(report: dict[str, Any], out: Path) -> list[Path]:
             plotting.compare_spectra(
                 {"exact": e["exact_eigenvalues"], "approximation": e["eigenvalues"]}, ax
             )
-            ax.set_title(_label(n, e))
+            ax.set_title(_label(n, e), fontsize=plotting.FONT_SIZE)
         written += plotting.save_figure(fig, out / "approximation")
     if any("blocks" in e for e in models.values()):
         fig, axes = plotting.new_figure(ncols=len(models))
@@ -723,7 +723,9 @@ def write_outputs(report: dict[str, Any], out: Path) -> list[Path]:
             plotting.compare_spectra(
                 {b: v["eigenvalues"] for b, v in e["blocks"].items()}, ax
             )
-            ax.set_title(f"{_label(n, e)}: per-layer blocks")
+            ax.set_title(
+                f"{_label(n, e)}: per-layer blocks", fontsize=plotting.FONT_SIZE
+            )
         written += plotting.save_figure(fig, out / "per_layer")
     return written
 
