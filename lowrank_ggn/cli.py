@@ -520,6 +520,7 @@ def analyse(problem: Problem, args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": X.shape[0],
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "loss": repr(loss_func),
+        "zoo": problem.name in ZOO,
     }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -606,7 +607,7 @@ def _model_report(name: str, e: dict[str, Any]) -> list[str]:
     lines.append(f"  engine path   {e['path']['name']}: {e['path']['reason']}")
     ce = "CrossEntropyLoss" in e["loss"]
     bound = ""
-    if ce and e["num_columns"] % NUM_CLASSES == 0 and not e["approximation"]:
+    if ce and e["zoo"] and not e["approximation"]:  # zoo outputs: [N, 10] logits
         n = e["num_columns"] // NUM_CLASSES
         bound = f"; softmax CE allows at most N·(C−1) = {n * (NUM_CLASSES - 1)}"
     lines.append(
