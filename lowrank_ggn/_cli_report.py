@@ -141,7 +141,11 @@ def write_outputs(report: dict[str, Any], out: Path) -> list[Path]:
         fig, axes = plotting.new_figure(ncols=len(models))
         for ax, (n, e) in zip(axes, models.items()):
             plotting.compare_spectra(
-                {b: v["eigenvalues"] for b, v in e["blocks"].items()}, ax
+                {
+                    f"module {b} (D = {v['num_params']})": v["eigenvalues"]
+                    for b, v in e["blocks"].items()
+                },
+                ax,
             )
             ax.set_title(
                 f"{_label(n, e)}: per-layer blocks", fontsize=plotting.FONT_SIZE

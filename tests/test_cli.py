@@ -300,3 +300,54 @@ def test_missing_engine_option_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         main(option)
     assert f"ggn_spectrum({missing[0]}=...)" in capsys.readouterr().err
+
+
+def test_issue4_options_are_wired_as_keyword_arguments(tmp_path, monkeypatch, capsys):
+    """Until issue 4 lands: a stand-in ggn_spectrum records what the CLI passes."""
+    import lowrank_ggn.cli as cli
+
+    calls = []
+
+    def stand_in(model, loss_func, inputs, targets, *, mc_samples=None,
+                 generator=None, subsampling=None, param_groups=None, **kwargs):  # fmt: skip
+        calls.append(
+            {
+                "mc_samples": mc_samples,
+                "generator": generator,
+                "subsampling": subsampling,
+                "param_groups": param_groups,
+            }  # fmt: skip
+        )
+        if param_groups is not None:
+            return [
+                ggn_spectrum(
+                    model, loss_func, inputs, targets, params=g["params"], **kwargs
+                )
+                for g in param_groups
+            ]
+        return ggn_spectrum(model, loss_func, inputs, targets, **kwargs)
+
+    monkeypatch.setattr(cli, "ggn_spectrum", stand_in)
+    argv = ["--model", "mlp", "--batch-size", "4", "--train-steps", "0", "--seed", "5"]
+    extra = ["--mc-samples", "3", "--subsampling", "1,2", "--per-layer"]
+    assert main([*argv, *extra, "--out", str(tmp_path)]) == 0
+    approx = [c for c in calls if c["mc_samples"] is not None]
+    assert len(approx) == 3  # spectrum, top-k eigenvectors, per-layer blocks
+    for c in approx:
+        assert c["mc_samples"] == 3 and c["subsampling"] == [1, 2]
+        assert isinstance(c["generator"], torch.Generator)
+        assert c["generator"].initial_seed() == 5
+    assert (
+        sum(c["mc_samples"] is None and c["param_groups"] is None for c in calls) == 1
+    )
+    (groups,) = [c["param_groups"] for c in calls if c["param_groups"] is not None]
+    model = build_model("mlp", 5)
+    expected = [[p.shape for p in g["params"]] for g in layer_groups(model)]
+    assert [[p.shape for p in g["params"]] for g in groups] == expected
+    assert all(set(g) == {"params"} for g in groups)
+    entry = load_json(tmp_path)["models"]["mlp"]
+    assert entry["approximation"] == {"mc_samples": 3, "subsampling": [1, 2]}
+    assert list(entry["blocks"]) == ["1", "3"]
+    for name in ("approximation.png", "per_layer.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "eigenvalues are estimates" in capsys.readouterr().out
