@@ -51,7 +51,8 @@ class GGNSpectrum:
         eigenvalues: ``[K]``, descending, all above the zero threshold (or the top
             ``top_k`` of them).
         eigenvectors: ``[K, D]`` with orthonormal rows, parameters flattened in the
-            order of ``params``; ``None`` unless asked for.
+            order of ``params``; ``None`` unless asked for. ``K`` is the number of
+            eigenvalues, or ``k`` when ``eigenvectors=k`` asked for the top ``k``.
         path: The engine's path (``.name``, ``.reason``, ``.mixing_modules``).
         num_columns: ``N·C``, the size of the Gram matrix and the rank bound.
         threshold: The absolute zero threshold ``rtol · λ_max`` that was applied.
@@ -159,23 +160,39 @@ def _check_top_k(top_k: int | None) -> None:
         raise ValueError(f"top_k must be a positive int or None; got {top_k!r}.")
 
 
-def _block_spectrum(
+def _check_eigenvectors(eigenvectors: bool | int) -> None:
+    if isinstance(eigenvectors, bool):
+        return
+    if not isinstance(eigenvectors, int) or eigenvectors < 1:
+        raise ValueError(
+            "eigenvectors must be True/False or a positive int (eigenvectors of the "
+            f"top k eigenvalues); got {eigenvectors!r}."
+        )
+
+
+def _result(
     lin: Linearization,
     gram: Tensor,
-    columns: slice,
     top_k: int | None,
-    eigenvectors: bool,
+    eigenvectors: bool | int,
     rtol: float | None,
     chunk: int,
+    columns: slice = slice(None),
 ) -> GGNSpectrum:
-    """Spectrum of the block ``V_g V_gᵀ`` from its Gram; ``e_k = (V u_k)[g] / √λ_k``."""
+    """Eigenpairs from a Gram matrix; eigenvectors ``e_k = (V u_k)[columns] / √λ_k``.
+
+    ``columns`` selects a parameter group's block (``V_g u / √λ`` are the rows of
+    ``V u / √λ`` that belong to the group).
+    """
     evals, evecs, threshold = spectrum_from_gram(gram, top_k, rtol)
     vectors = None
-    if eigenvectors:
+    if eigenvectors is not False:
         evals, evecs, threshold = _drop_near_zero(
             evals, evecs, threshold, lin.num_columns
         )
-        vectors = parameter_eigenvectors(lin, evals, evecs, chunk)[:, columns]
+        k = evals.numel() if eigenvectors is True else min(eigenvectors, evals.numel())
+        vectors = parameter_eigenvectors(lin, evals[:k], evecs[:, :k], chunk)
+        vectors = vectors[:, columns]
     return GGNSpectrum(
         evals, vectors, lin.path, lin.num_columns, threshold, evecs, lin.gram_engine
     )
@@ -189,7 +206,7 @@ def ggn_spectrum(
     *,
     params: Sequence[Tensor] | None = None,
     top_k: int | None = None,
-    eigenvectors: bool = False,
+    eigenvectors: bool | int = False,
     rtol: float | None = None,
     chunk: int = DEFAULT_CHUNK,
     path: str | None = None,
@@ -215,7 +232,10 @@ def ggn_spectrum(
         params: Parameters of ``model``; default: all that require grad. They define
             the flattening order of the eigenvectors.
         top_k: Return only the ``top_k`` largest nonzero eigenvalues.
-        eigenvectors: Also return parameter-space eigenvectors ``[K, D]``.
+        eigenvectors: Also return parameter-space eigenvectors ``[K, D]``: ``True``
+            for every returned eigenvalue, an int ``k`` for the top ``k`` only (all
+            nonzero eigenvalues, the ``k`` leading eigenvectors: one batched backward
+            pass of ``k`` cotangents).
         rtol: Relative zero threshold (default ``N·C · eps``; see module docstring).
             With ``eigenvectors=True``, eigenpairs below the default threshold are
             dropped with a :class:`NearZeroEigenvalueWarning`.
@@ -260,6 +280,7 @@ def ggn_spectrum(
 
     """
     _check_top_k(top_k)
+    _check_eigenvectors(eigenvectors)
     check_options(chunk=chunk, rtol=rtol, top_k=top_k, memory_budget=memory_budget)
     groups = resolve_param_groups(model, param_groups, params)
     with model_preserved(model):
@@ -280,18 +301,8 @@ def ggn_spectrum(
         if groups is not None:
             grams = gram_from_linearization(lin, chunk, engine, memory_budget, columns)
             return [
-                _block_spectrum(lin, gram, cols, top_k, eigenvectors, rtol, chunk)
+                _result(lin, gram, top_k, eigenvectors, rtol, chunk, cols)
                 for gram, cols in zip(grams, columns)
             ]
         gram = gram_from_linearization(lin, chunk, engine, memory_budget)
-        evals, evecs, threshold = spectrum_from_gram(gram, top_k, rtol)
-        if eigenvectors:
-            evals, evecs, threshold = _drop_near_zero(
-                evals, evecs, threshold, lin.num_columns
-            )
-        vectors = (
-            parameter_eigenvectors(lin, evals, evecs, chunk) if eigenvectors else None
-        )
-        return GGNSpectrum(
-            evals, vectors, lin.path, lin.num_columns, threshold, evecs, lin.gram_engine
-        )
+        return _result(lin, gram, top_k, eigenvectors, rtol, chunk)

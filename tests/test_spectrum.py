@@ -165,3 +165,25 @@ def test_bad_top_k_raises(top_k):
     model, loss, X, y = CASES[0].make()
     with pytest.raises(ValueError, match="top_k must be a positive int"):
         ggn_spectrum(model, loss, X, y, top_k=top_k)
+
+
+def test_eigenvectors_of_the_top_k_only(case):
+    """``eigenvectors=k``: every eigenvalue, the ``k`` leading eigenvectors."""
+    model, loss, X, y = case.make()
+    full = ggn_spectrum(model, loss, X, y, eigenvectors=True)
+    k = min(2, full.rank)
+    part = ggn_spectrum(model, loss, X, y, eigenvectors=2)
+    report_close(part.eigenvalues, full.eigenvalues, name="eigenvalues")
+    assert part.eigenvectors.shape == (k, full.eigenvectors.shape[1])
+    # eigenvectors are unique up to sign for simple eigenvalues
+    signs = (part.eigenvectors * full.eigenvectors[:k]).sum(1).sign()
+    report_close(part.eigenvectors * signs[:, None], full.eigenvectors[:k], name="e_k")
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, "3"])
+def test_bad_eigenvectors_argument_raises(bad):
+    model, loss, X, y = CASES[0].make()
+    with pytest.raises(
+        ValueError, match="eigenvectors must be True/False or a positive int"
+    ):
+        ggn_spectrum(model, loss, X, y, eigenvectors=bad)
