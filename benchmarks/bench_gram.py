@@ -108,23 +108,13 @@ def lowrank(model, loss, X, y, k):
     """All nonzero eigenvalues and the top-k eigenvectors in one call."""
     import torch
 
-    from lowrank_ggn._state import model_preserved
-    from lowrank_ggn.factors import linearize
-    from lowrank_ggn.gram import gram_from_linearization
-    from lowrank_ggn.spectrum import parameter_eigenvectors, spectrum_from_gram
+    from lowrank_ggn import ggn_spectrum
 
-    with model_preserved(model):
-        lin = linearize(model, loss, X, y)
-        gram = gram_from_linearization(lin)
-        evals, evecs, _ = spectrum_from_gram(gram)
-        vectors = parameter_eigenvectors(lin, evals[:k], evecs[:, :k])
-    info = {
-        "num_nonzero": evals.numel(),
-        "path": lin.path.name,
-        "engine": lin.gram_engine,
-    }
-    assert vectors.shape[0] == min(k, evals.numel()) and torch.isfinite(vectors).all()
-    return evals[:k], info
+    res = ggn_spectrum(model, loss, X, y, eigenvectors=k)
+    assert res.eigenvectors.shape[0] == min(k, res.rank)
+    assert torch.isfinite(res.eigenvectors).all()
+    info = {"num_nonzero": res.rank, "path": res.path.name, "engine": res.gram_engine}
+    return res.eigenvalues[:k], info
 
 
 def vivit(model, loss, X, y, k):

@@ -104,6 +104,12 @@ class _Layer:
     def params(self) -> list[Tensor]:
         return [p for p in (self.weight, self.bias) if p is not None]
 
+    def grad_matrix(self) -> Tensor:
+        """Output gradients of all columns, ``[NC, P, O]`` (one tensor, no copy)."""
+        if len(self.grads) > 1:
+            self.grads = [torch.cat(self.grads)]
+        return self.grads[0]
+
     def layer_input(self) -> Tensor:
         """``A`` ``[N, P, I]``: unfolded for convolutions, positions for Linear."""
         x = self.inputs[0]
@@ -352,7 +358,7 @@ class _Engine:
 
     # ------------------------------------------------------------- accumulation
     def _add_local(self, grams: list[Tensor], la: _Layer) -> None:
-        g = torch.cat(la.grads)  # [NC, P, O]
+        g = la.grad_matrix()  # [NC, P, O]
         A = la.A  # [N, P, I]
         NC, P, O = g.shape
         I = A.shape[-1]
@@ -379,20 +385,33 @@ class _Engine:
             self._add_explicit_local(gram, g.reshape(NS, C, P, O), A_s)
 
     def _add_kron_blocks(self, gram: Tensor, g: Tensor, A: Tensor) -> None:
-        """``𝒢[(n,c),(m,d)] = Σ_{pq} (A_n A_mᵀ)_{pq} g_{ncp}·g_{mdq}``, one row block per n.
+        """``𝒢[(n,c),(m,d)] = Σ_{pq} (A_n A_mᵀ)_{pq} g_{ncp}·g_{mdq}``, blocks ``m ≥ n``.
 
-        All products are matrix multiplications: ``K = A_n A_allᵀ`` ``[P, NS·P]``, then
-        ``H_m = K_m g_m`` ``[P, C·O]`` (batched over ``m``), then ``g_n · H``.
+        Per ``n``: ``K_m = A_n A_mᵀ`` ``[P, P]``, ``W_m = K_mᵀ g_n`` ``[P, O·C]`` and
+        ``block_m = W_mᵀ g_m`` ``[C, C]`` (batched over ``m ≥ n``), all as matrix
+        products on one contiguous ``[N, P, O, C]`` copy of ``g``. Only the block upper
+        triangle is computed; the rest follows by symmetry.
         """
         NS, C, P, O = g.shape
-        A_all = A.reshape(NS * P, -1)  # [NS·P, I]
-        g_pm = g.permute(0, 2, 1, 3).reshape(NS, P, C * O)  # [NS, P, C·O]
-        g_rows = g.reshape(NS * C, P * O)  # [NS·C, P·O]
+        upper = torch.zeros_like(gram)
+        g_poc = g.permute(0, 2, 3, 1).contiguous()  # [NS, P, O, C]
         for n in range(NS):
-            K = (A[n] @ A_all.T).reshape(P, NS, P).transpose(0, 1)  # [NS, P_n, P_m]
-            H = torch.bmm(K, g_pm)  # [NS, P_n, C·O]: Σ_q K[m,p,q] g[m,d,q,o]
-            H = H.reshape(NS, P, C, O).permute(0, 2, 1, 3).reshape(NS * C, P * O)
-            gram[n * C : (n + 1) * C] += g_rows[n * C : (n + 1) * C] @ H.T
+            M = NS - n  # samples m = n, …, NS − 1
+            # Kt[m, q, p] = (A_n A_mᵀ)[p, q]
+            Kt = (A[n:].reshape(M * P, -1) @ A[n].T).reshape(M, P, P)
+            W = torch.matmul(Kt, g_poc[n].reshape(P, O * C))  # [M, P_q, O·C]
+            # block[m, c, d] = Σ_{q,o} W[m, q, o, c] g[m, d, q, o]
+            block = torch.bmm(
+                W.reshape(M, P * O, C).transpose(1, 2), g_poc[n:].reshape(M, P * O, C)
+            )
+            upper[n * C : (n + 1) * C, n * C :] = block.transpose(0, 1).reshape(
+                C, M * C
+            )
+        # mirror the strictly upper blocks; diagonal blocks are complete
+        strict = upper.clone()
+        for n in range(NS):
+            strict[n * C : (n + 1) * C, n * C : (n + 1) * C] = 0
+        gram += upper + strict.T
 
     def _add_explicit_local(self, gram: Tensor, g: Tensor, A: Tensor) -> None:
         """``V_i = g_iᵀ A_{n(i)}`` in output-channel chunks, summed by ``syrk``."""
@@ -407,56 +426,78 @@ class _Engine:
             symmetric_rank_k_update(gram, V)
 
     # ---------------------------------------------------------------- checking
-    def _layer_products(self, w: Tensor, generic_blocks: list[Tensor]) -> list[Tensor]:
-        """``V w`` per selected parameter from the layer-wise data, ``params`` order."""
+    def products(self, weights: Tensor) -> Tensor:
+        """``(V w_k)ᵀ`` for rows ``w_k`` of ``weights`` ``[K, NC]``: ``[K, D]``.
+
+        Computed from the captured layer data, without a backward pass: for a local
+        layer ``V w = Σ_n (Σ_c w_{nc} g_{nc})ᵀ A_n``; explicit blocks are multiplied.
+        The self-check compares this with a direct vector-Jacobian product.
+        Memory is bounded by chunking over ``k``.
+        """
+        K = weights.shape[0]
+        largest = max(
+            (la.A.shape[1] * la.grads[0].shape[-1] for la in self.layers if la.local),
+            default=1,
+        )
+        per_row = self.lin.num_samples * largest * weights.element_size()
+        step = max(1, (self.budget // 4) // max(1, per_row))
+        return torch.cat(
+            [self._products(weights[k : k + step]) for k in range(0, K, step)]
+        )
+
+    def _products(self, weights: Tensor) -> Tensor:
+        K, C = weights.shape[0], self.lin.num_columns_per_sample
+        NS = self.lin.num_samples
         result: dict[int, Tensor] = {}
         for la in self.layers:
             if la.local:
-                g = torch.cat(la.grads)  # [NC, P, O]
-                gw = torch.zeros(
-                    self.lin.batch_size, *g.shape[1:], dtype=g.dtype, device=g.device
-                )
-                gw.index_add_(0, self.col_sample, g * w[:, None, None])  # [N, P, O]
+                g = la.grad_matrix()  # [NC, P, O]
+                P, O = g.shape[1:]
+                # gw[n, (p, o), k] = Σ_c g[n·C + c, p, o] w[k, n·C + c]: [NS, P·O, K]
+                gw = torch.bmm(
+                    g.reshape(NS, C, P * O).transpose(1, 2),
+                    weights.reshape(K, NS, C).permute(1, 2, 0),
+                ).reshape(NS * P, O * K)
                 if la.weight is not None:
-                    result[id(la.weight)] = torch.einsum(
-                        "npo,npi->oi", gw, la.A
-                    ).reshape(la.weight.shape)
+                    A_s = la.A[self.lin.sample_index].reshape(NS * P, -1)  # [NS·P, I]
+                    w_t = (A_s.T @ gw).reshape(-1, O, K)  # [I, O, K]
+                    result[id(la.weight)] = w_t.permute(2, 1, 0).reshape(
+                        K, *la.weight.shape
+                    )
                 if la.bias is not None:
-                    result[id(la.bias)] = gw.sum(dim=(0, 1))
+                    result[id(la.bias)] = gw.sum(0).reshape(O, K).T
             else:
-                flat = w @ torch.cat(la.explicit)
+                flat = weights @ torch.cat(la.explicit)
                 split = [p.numel() for p in la.params]
-                for p, part in zip(la.params, flat.split(split)):
-                    result[id(p)] = part.reshape(p.shape)
-        for p, block in zip(self.generic, generic_blocks):
-            result[id(p)] = (w @ block).reshape(p.shape)
-        return [result[id(p)] for p in self.lin.fmodel.params]
-
-    def _self_check(self, out: Tensor, generic_blocks: list[Tensor]) -> bool:
-        gen = torch.Generator(device="cpu").manual_seed(1234)
-        w = torch.randn(self.NC, generator=gen, dtype=out.dtype).to(out.device)
-        direct = self.lin.fmodel.unflatten(self.lin.apply_factors(w[None])[0])
-        mine = self._layer_products(w, generic_blocks)
-        tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(out.dtype, 1e-2)
-        d, m = (
-            torch.cat([t.flatten() for t in direct]),
-            torch.cat([t.flatten() for t in mine]),
+                for p, part in zip(la.params, flat.split(split, dim=1)):
+                    result[id(p)] = part.reshape(K, *p.shape)
+        for p, block in zip(self.generic, self.generic_blocks):
+            result[id(p)] = (weights @ block).reshape(K, *p.shape)
+        return self.lin.fmodel.flatten(
+            [result[id(p)] for p in self.lin.fmodel.params], batch_dims=1
         )
+
+    def _self_check(self, out: Tensor) -> bool:
+        """``V w`` from the layer data equals a direct VJP, for a random ``w``."""
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        w = torch.randn(1, self.NC, generator=gen, dtype=out.dtype).to(out.device)
+        direct = self.lin.vjp(self.lin.combine(w))[0]
+        mine = self.products(w)[0]
+        tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(out.dtype, 1e-2)
         # relative to the whole vector: a parameter with zero gradient (a bias before
         # BatchNorm) has only round-off, which must not count as a mismatch
-        return bool(
-            (d - m).norm() <= tol * max(d.norm().item(), m.norm().item(), 1e-30)
-        )
+        scale = max(direct.norm().item(), mine.norm().item(), 1e-30)
+        return bool((direct - mine).norm() <= tol * scale)
 
     # ------------------------------------------------------------------- main
     def run(self) -> list[Tensor] | None:
         """One Gram matrix ``[NC, NC]`` per group, or ``None`` if the self-check fails."""
         out = self._forward()
         if self.lin.path.name == PER_SAMPLE:
-            generic_blocks = self._backward_per_sample(out)
+            self.generic_blocks = self._backward_per_sample(out)
         else:
-            generic_blocks = self._backward_full_batch(out)
-        if not self._self_check(out, generic_blocks):
+            self.generic_blocks = self._backward_full_batch(out)
+        if not self._self_check(out):
             return None
         dtype, device = self.lin.outputs.dtype, self.lin.outputs.device
         grams = [
@@ -472,8 +513,8 @@ class _Engine:
                     la.params, block.split([p.numel() for p in la.params], 1)
                 ):
                     symmetric_rank_k_update(grams[self.group_of[id(p)]], part)
-            la.grads, la.explicit = [], []
-        for p, block in zip(self.generic, generic_blocks):
+            la.grads, la.explicit = [], []  # free as we go
+        for p, block in zip(self.generic, self.generic_blocks):
             symmetric_rank_k_update(grams[self.group_of[id(p)]], block)
         return [0.5 * (gram + gram.T) for gram in grams]
 
@@ -511,7 +552,7 @@ def layerwise_gram(
             la.local = la.name not in forced
         try:
             with torch.enable_grad():
-                gram = engine.run()
+                grams = engine.run()
         except _Restart as err:
             forced.add(str(err))
             continue
@@ -520,7 +561,7 @@ def layerwise_gram(
             for la in engine.layers
         ]
         note = f"layer-wise ({', '.join(kinds) or 'no captured layers'}; {len(engine.generic)} other parameters explicit)"
-        return gram, note
+        return grams, note
     raise RuntimeError("layer-wise engine did not converge on which layers mix samples")
 
 
