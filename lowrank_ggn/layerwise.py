@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.nn.functional import unfold
 
+from lowrank_ggn._memory import release_free_memory
 from lowrank_ggn._model import FunctionalModel
 from lowrank_ggn._validation import DEFAULT_MEMORY_BUDGET
 from lowrank_ggn.factors import Linearization
@@ -266,10 +267,10 @@ class _Engine:
                     off = g.clone()
                     off[rows, own] = 0
                     if torch.count_nonzero(off) == 0:
-                        la.grads.append(g[rows, own])  # [B, P, O]
+                        la.grads.append(g[rows, own].clone())  # [B, P, O]
                         continue
                     self._make_mixing(la)
-                la.explicit.append(la.explicit_block(g, la.A))
+                la.explicit.append(la.explicit_block(g, la.A).clone())
             for blocks, g, p in zip(
                 generic_blocks, grads[len(self.layers) :], self.generic
             ):
@@ -278,8 +279,10 @@ class _Engine:
                     if g is None
                     else g
                 )
-                blocks.append(g.reshape(stop - start, -1))
+                blocks.append(g.reshape(stop - start, -1).clone())
             self._check_budget()
+            if self.lin.outputs.device.type == "cpu" and (start // self.chunk) % 4 == 3:
+                release_free_memory()  # see lowrank_ggn._memory
         return [torch.cat(b) for b in generic_blocks]
 
     def _make_mixing(self, la: _Layer) -> None:
