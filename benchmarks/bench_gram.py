@@ -270,7 +270,7 @@ def drive(args) -> dict:
     configs = (
         [("tiny", n) for n in (8, 16)]
         if args.quick
-        else [("3c3d", n) for n in args.N] + [("3c3d-bn", n) for n in args.N]
+        else [(m, n) for m in args.models for n in args.N]
     )
     records = []
     for model_name, N in configs:
@@ -312,7 +312,16 @@ def drive(args) -> dict:
                 file=sys.stderr,
             )
             records.append(rec)
-    # agreement with lowrank_ggn on each configuration
+    annotate(records)
+    return {
+        "machine": machine(args.device),
+        "threads": args.threads,
+        "records": records,
+    }
+
+
+def annotate(records: list[dict]) -> None:
+    """Agreement of each record's top eigenvalues with lowrank_ggn's, per configuration."""
     for rec in records:
         ref = next(
             (
@@ -334,13 +343,8 @@ def drive(args) -> dict:
         ) / abs(b[0])
         rec["agrees"] = rec["max_rel_dev_from_lowrank"] <= AGREEMENT_RTOL
         rec["exact_for_model"] = (
-            EXACT_UNDER_BN[rec["method"]] or rec["model"] != "3c3d-bn"
+            EXACT_UNDER_BN[rec["method"]] or rec["model"] not in BN_MODELS
         )
-    return {
-        "machine": machine(args.device),
-        "threads": args.threads,
-        "records": records,
-    }
 
 
 def ratios(records: list[dict]) -> list[dict]:
@@ -411,6 +415,7 @@ def write(result: dict, tag: str, out: Path = RESULTS) -> None:
 
 def plot(result: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -432,8 +437,10 @@ def plot(result: dict, path: Path) -> None:
             if not rs:
                 continue
             Ns = [r["N"] for r in rs]
-            style = "-o" if EXACT_UNDER_BN[method] or m not in BN_MODELS else "--x"
-            axes[0, j].plot(Ns, [r["time_s"] for r in rs], style, label=method)
+            exact = EXACT_UNDER_BN[method] or m not in BN_MODELS
+            style = "-o" if exact else "--x"
+            label = method if exact else f"{method} (not exact)"
+            axes[0, j].plot(Ns, [r["time_s"] for r in rs], style, label=label)
             axes[1, j].plot(
                 Ns, [r["peak_rss_bytes"] / 2**30 for r in rs], style, label=method
             )
@@ -445,7 +452,10 @@ def plot(result: dict, path: Path) -> None:
         for ax in axes[:, j]:
             ax.set_xscale("log", base=2)
             ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=150)
 
@@ -471,13 +481,42 @@ def main() -> None:
         "--tag", default=None, help="results file tag (default: device kind)"
     )
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="only redraw the table and figure from the existing results JSON",
+    )
+    p.add_argument(
+        "--models", nargs="+", default=["3c3d", "3c3d-bn"], choices=["3c3d", "3c3d-bn"]
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace matching records in an existing results file, keep the others",
+    )
     args = p.parse_args()
     if args.worker:
         method, model_name, N = args.worker
         print(json.dumps(worker(method, model_name, int(N), args.device, args.threads)))
         return
-    result = drive(args)
     tag = args.tag or ("quick" if args.quick else args.device.split(":")[0])
+    if args.replot:
+        write(json.loads((args.out / f"gram_{tag}.json").read_text()), tag, args.out)
+        return
+    result = drive(args)
+    old = args.out / f"gram_{tag}.json"
+    if args.merge and old.exists():
+        new_keys = {(r["method"], r["model"], r["N"]) for r in result["records"]}
+        kept = [
+            r
+            for r in json.loads(old.read_text())["records"]
+            if (r["method"], r["model"], r["N"]) not in new_keys
+        ]
+        result["records"] = sorted(
+            kept + result["records"],
+            key=lambda r: (r["model"], r["N"], METHODS.index(r["method"])),
+        )
+        annotate(result["records"])
     write(result, tag, args.out)
     print((args.out / f"gram_{tag}.md").read_text())
 

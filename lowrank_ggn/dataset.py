@@ -20,7 +20,7 @@ Two solvers:
   :meth:`~lowrank_ggn.factors.Linearization.factors_matrix`) is kept for every batch,
   then ``Ṽᵀ Ṽ`` and ``eigh``. Memory ``itemsize · (2 Ñ² + Ñ D)`` bytes (Gram, its
   eigendecomposition, all factors); time ``O(Ñ² D + Ñ³)`` plus the backward passes.
-  This estimate is checked against ``max_memory`` (default 2 GiB) *before* each
+  This estimate is checked against ``memory_budget`` (default 4 GiB) *before* each
   batch's factors are allocated (and, for a list of batches, for the whole data set
   after the first batch), and the call fails with :class:`GramMemoryError` stating
   the size.
@@ -47,7 +47,7 @@ from scipy.sparse.linalg import eigsh
 from torch import Tensor, nn
 
 from lowrank_ggn._state import model_preserved
-from lowrank_ggn._validation import check_model
+from lowrank_ggn._validation import check_model, resolve_memory_budget
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.loss_factors import check_loss_func, check_mc_samples
 from lowrank_ggn.operators import TorchLinearOperator, factors_transpose_apply
@@ -56,7 +56,6 @@ from lowrank_ggn.sample_mixing import EnginePath
 from lowrank_ggn.spectrum import _check_top_k, default_rtol, spectrum_from_gram
 
 #: Memory budget of the dense solver, in bytes (2 GiB).
-DEFAULT_MAX_MEMORY = 2 * 1024**3
 
 #: With ``progress=None``, a progress bar is shown for at least this many batches.
 PROGRESS_MIN_BATCHES = 20
@@ -139,19 +138,19 @@ def _projected_columns(batches: Iterable, lin: Linearization) -> int | None:
         return None
 
 
-def _check_budget(columns: int, lin: Linearization, max_memory: int, when: str) -> None:
+def _check_budget(columns: int, lin: Linearization, budget: float, when: str) -> None:
     fm = lin.fmodel
     itemsize = torch.empty(0, dtype=fm.dtype).element_size()
     need = dense_memory_bytes(columns, fm.num_params, itemsize)
-    if need > max_memory:
+    if need > budget:
         raise GramMemoryError(
             f"the data-set Gram matrix {when} has {columns} rows; the dense solver "
             f"needs about {need / 2**30:.3g} GiB ({columns}² Gram entries twice plus "
             f"{columns}×{fm.num_params} factors, {itemsize} bytes each), above "
-            f"max_memory={max_memory / 2**30:.3g} GiB. Pass solver='lanczos' with "
+            f"memory_budget={budget / 2**30:.3g} GiB. Pass solver='lanczos' with "
             "top_k=k for the k largest eigenvalues without forming it, use "
             "mc_samples=M (M columns per sample) or fewer/smaller batches, or raise "
-            "max_memory."
+            "memory_budget."
         )
 
 
@@ -210,7 +209,7 @@ def ggn_spectrum_dataset(
     mc_samples: int | None = None,
     generator: torch.Generator | None = None,
     solver: str = "dense",
-    max_memory: int = DEFAULT_MAX_MEMORY,
+    memory_budget: float | None = None,
     progress: bool | None = None,
 ) -> DatasetSpectrum:
     r"""Nonzero spectrum of the data-set GGN ``Σ_b w_b G_b`` over many batches.
@@ -234,7 +233,8 @@ def ggn_spectrum_dataset(
         generator: ``torch.Generator`` for the Monte-Carlo draws.
         solver: ``"dense"`` (exact, full Gram, memory-guarded) or ``"lanczos"``
             (top-``k`` by ``eigsh``, matrix-free).
-        max_memory: Budget of the dense solver in bytes (default 2 GiB).
+        memory_budget: Budget of the dense solver in bytes; ``None``: the
+            environment variable ``LOWRANK_GGN_MEMORY_BUDGET`` or 4 GiB.
         progress: Show a tqdm progress bar on stderr (``None``: for a sized iterable
             of at least ``PROGRESS_MIN_BATCHES`` batches, when tqdm is installed).
 
@@ -242,7 +242,7 @@ def ggn_spectrum_dataset(
         A :class:`DatasetSpectrum`.
 
     Raises:
-        GramMemoryError: When the dense solver would exceed ``max_memory``.
+        GramMemoryError: When the dense solver would exceed ``memory_budget``.
 
     Example:
         >>> import torch
@@ -261,6 +261,7 @@ def ggn_spectrum_dataset(
     check_loss_func(loss_func)
     check_mc_samples(mc_samples, generator)
     _check_top_k(top_k)
+    budget = resolve_memory_budget(memory_budget)
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}.")
     if solver == "lanczos" and top_k is None:
@@ -303,8 +304,8 @@ def ggn_spectrum_dataset(
             if b == 0:
                 projected = _projected_columns(batches, lin)
                 if projected is not None:
-                    _check_budget(projected, lin, max_memory, "of this data set")
-            _check_budget(sum(columns), lin, max_memory, f"after {b + 1} batches")
+                    _check_budget(projected, lin, budget, "of this data set")
+            _check_budget(sum(columns), lin, budget, f"after {b + 1} batches")
             blocks.append(lin.factors_matrix(chunk))  # [N_b·C, D]
         if not sizes:
             raise ValueError("batches is empty; pass at least one (inputs, targets).")

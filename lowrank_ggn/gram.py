@@ -36,6 +36,12 @@ from lowrank_ggn.param_groups import (
 ENGINES = ("layerwise", "generic")
 
 
+def check_engine(engine: str) -> None:
+    """Raise a ``ValueError`` for an unknown Gram engine (before any model call)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}.")
+
+
 def gram_from_linearization(
     lin: Linearization,
     chunk: int = DEFAULT_CHUNK,
@@ -62,8 +68,7 @@ def gram_from_linearization(
     Returns:
         The Gram matrix, or a list of them (one per group) if ``columns`` is given.
     """
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}.")
+    check_engine(engine)
     groups = None if columns is None else params_by_group(lin.fmodel.params, columns)
     if engine == "layerwise":
         budget = int(min(resolve_memory_budget(memory_budget), 2**62))
@@ -148,6 +153,7 @@ def gram_matrix(
 
     """
     check_options(chunk=chunk, memory_budget=memory_budget)
+    check_engine(engine)
     groups = resolve_param_groups(model, param_groups, params)
     with model_preserved(model):
         lin = linearize(

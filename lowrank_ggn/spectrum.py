@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from lowrank_ggn._state import model_preserved
 from lowrank_ggn._validation import check_linearization_memory, check_options
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
-from lowrank_ggn.gram import gram_from_linearization
+from lowrank_ggn.gram import check_engine, gram_from_linearization
 from lowrank_ggn.param_groups import resolve_param_groups
 from lowrank_ggn.sample_mixing import EnginePath
 
@@ -282,6 +282,7 @@ def ggn_spectrum(
     _check_top_k(top_k)
     _check_eigenvectors(eigenvectors)
     check_options(chunk=chunk, rtol=rtol, top_k=top_k, memory_budget=memory_budget)
+    check_engine(engine)
     groups = resolve_param_groups(model, param_groups, params)
     with model_preserved(model):
         lin = linearize(

@@ -9,13 +9,54 @@ it that the model survives every scenario bitwise, also when the call fails, and
 
 from __future__ import annotations
 
-from lowrank_ggn import ggn_spectrum, gram_matrix, loss_hessian_factors
+import numpy as np
+import torch
+
+from lowrank_ggn import (
+    audit_structure,
+    directional_derivatives,
+    ggn_linear_operator,
+    ggn_spectrum,
+    ggn_spectrum_dataset,
+    gradient_moments,
+    gram_linear_operator,
+    gram_matrix,
+    loss_hessian_factors,
+    per_layer_groups,
+)
 from lowrank_ggn.reference import (
     dense_ggn,
     dense_gradient,
     dense_jacobian,
     dense_outputs,
 )
+
+
+def _directions(model, params):
+    """Two fixed directions ``[2, D]`` in the parameters' dtype (float64 if none)."""
+    chosen = (
+        params
+        if params is not None
+        else [p for p in model.parameters() if p.requires_grad]
+    )
+    D = sum(p.numel() for p in chosen if isinstance(p, torch.Tensor))
+    ref = next(
+        (p for p in chosen if isinstance(p, torch.Tensor) and p.is_floating_point()),
+        None,
+    )
+    dtype = ref.dtype if ref is not None else torch.float64
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(2, max(D, 1), generator=gen, dtype=dtype)
+
+
+def _operator_apply(make_operator, m, f, X, y, p):
+    op = make_operator(m, f, X, y, params=p)
+    return op @ np.ones(op.shape[1])
+
+
+def _groups(m, p):
+    return per_layer_groups(m) if p is None else [{"params": [q]} for q in p]
+
 
 PUBLIC_CALLS = [
     ("gram_matrix", lambda m, f, X, y, p: gram_matrix(m, f, X, y, params=p)),
@@ -30,6 +71,50 @@ PUBLIC_CALLS = [
         "loss_hessian_factors",
         lambda m, f, X, y, p: loss_hessian_factors(f, dense_outputs(m, X, params=p), y),
     ),
+    (
+        "ggn_spectrum-mc-subsampling",
+        lambda m, f, X, y, p: ggn_spectrum(
+            m,
+            f,
+            X,
+            y,
+            params=p,
+            mc_samples=2,
+            generator=torch.Generator().manual_seed(0),
+            subsampling=[0],
+        ),
+    ),
+    (
+        "ggn_spectrum-param_groups",
+        lambda m, f, X, y, p: ggn_spectrum(
+            m, f, X, y, param_groups=_groups(m, p), eigenvectors=True
+        ),
+    ),
+    (
+        "ggn_spectrum_dataset",
+        lambda m, f, X, y, p: ggn_spectrum_dataset(m, f, [(X, y)], params=p),
+    ),
+    (
+        "ggn_linear_operator",
+        lambda m, f, X, y, p: _operator_apply(ggn_linear_operator, m, f, X, y, p),
+    ),
+    (
+        "gram_linear_operator",
+        lambda m, f, X, y, p: _operator_apply(gram_linear_operator, m, f, X, y, p),
+    ),
+    (
+        "gradient_moments",
+        lambda m, f, X, y, p: gradient_moments(
+            m, f, X, y, params=p, per_component=True
+        ),
+    ),
+    (
+        "directional_derivatives",
+        lambda m, f, X, y, p: directional_derivatives(
+            m, f, X, y, _directions(m, p), params=p
+        ),
+    ),
+    ("audit_structure", lambda m, f, X, y, p: audit_structure(m, f, X, y, params=p)),
     ("reference.dense_ggn", lambda m, f, X, y, p: dense_ggn(m, f, X, y, params=p)),
     (
         "reference.dense_gradient",

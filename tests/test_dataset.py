@@ -79,7 +79,7 @@ def test_weights_and_sum_reduction():
 def test_memory_guard_fails_early_with_the_size():
     model, loss, batches = _batches(CASES[0])
     with pytest.raises(GramMemoryError, match=r"33 rows.*solver='lanczos'"):
-        ggn_spectrum_dataset(model, loss, batches, max_memory=1000)
+        ggn_spectrum_dataset(model, loss, batches, memory_budget=1000)
     consumed = []
 
     def stream():
@@ -88,7 +88,7 @@ def test_memory_guard_fails_early_with_the_size():
             yield item
 
     with pytest.raises(GramMemoryError, match="after 2 batches"):
-        ggn_spectrum_dataset(model, loss, stream(), max_memory=20_000)
+        ggn_spectrum_dataset(model, loss, stream(), memory_budget=20_000)
     assert len(consumed) == 2  # stopped before allocating the rest
 
 
