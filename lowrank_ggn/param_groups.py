@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from torch import Tensor, nn
 
+from lowrank_ggn._validation import check_model
+
 
 def per_layer_groups(model: nn.Module) -> list[dict]:
     """One parameter group per module that directly owns trainable parameters.
@@ -43,6 +45,7 @@ def per_layer_groups(model: nn.Module) -> list[dict]:
         ['0', '2']
 
     """
+    check_model(model)
     seen: set[int] = set()
     groups = []
     for name, module in model.named_modules():

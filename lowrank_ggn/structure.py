@@ -467,12 +467,12 @@ def audit_structure(
     """
     check_model(model)
     with model_preserved(model):
-        selected = check_call(model, loss_func, inputs, params)
+        selected = check_call(model, loss_func, inputs, params, targets)
         fmodel = FunctionalModel(model, selected)
         check_params_finite(fmodel.params, fmodel.names)
         with torch.no_grad():
             outputs = fmodel(fmodel.primals(), inputs)
-            check_outputs(outputs)
+            check_outputs(outputs, inputs.shape[0])
             check_targets(loss_func, outputs, targets)
             again = fmodel(fmodel.primals(), inputs)
         dropout = tuple(active_dropout_modules(model))

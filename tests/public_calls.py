@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.nn.parameter import is_lazy
 
 from lowrank_ggn import (
     audit_structure,
@@ -39,6 +40,8 @@ def _directions(model, params):
         if params is not None
         else [p for p in model.parameters() if p.requires_grad]
     )
+    if not isinstance(chosen, (list, tuple)) or any(is_lazy(p) for p in chosen):
+        return torch.zeros(2, 1)  # the function must refuse the model or params first
     D = sum(p.numel() for p in chosen if isinstance(p, torch.Tensor))
     ref = next(
         (p for p in chosen if isinstance(p, torch.Tensor) and p.is_floating_point()),
@@ -123,6 +126,13 @@ PUBLIC_CALLS = [
     ("reference.dense_jacobian", lambda m, f, X, y, p: dense_jacobian(m, X, params=p)),
     ("reference.dense_outputs", lambda m, f, X, y, p: dense_outputs(m, X, params=p)),
 ]
+
+#: Entries that take their parameters as ``param_groups`` (whose errors name
+#: ``param_groups``): the bad ``params`` inputs do not apply to them.
+GROUPED = {"ggn_spectrum-param_groups"}
+
+#: Entries that report (rather than refuse) an active dropout module.
+REPORTS_DROPOUT = {"audit_structure"}
 
 #: Names of entries that do not read the targets (no target errors expected).
 TARGETLESS = {"reference.dense_jacobian", "reference.dense_outputs"}
