@@ -118,15 +118,10 @@ def lowrank(model, loss, X, y, k):
 
 
 def vivit(model, loss, X, y, k):
-    import torch
+    from _peers import shim_symeig
     from backpack import backpack, extend
 
-    # vivit 1.0.0 calls Tensor.symeig, which torch 2 keeps only as a stub that raises
-    def symeig(self, eigenvectors=False, upper=True):
-        evals, evecs = torch.linalg.eigh(self, UPLO="U" if upper else "L")
-        return evals, (evecs if eigenvectors else torch.empty(0))
-
-    torch.Tensor.symeig = symeig
+    shim_symeig()
     from vivit.linalg.eigh import EighComputation
 
     model, loss = extend(model), extend(loss)

@@ -85,6 +85,49 @@ def gram_from_linearization(
     return [symmetric_gram(Vt[:, cols]) for cols in columns]
 
 
+def linearize_request(
+    model: nn.Module,
+    loss_func: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    params: Sequence[Tensor] | None,
+    param_groups: Sequence[Mapping] | None,
+    path: str | None,
+    mc_samples: int | None,
+    generator: torch.Generator | None,
+    subsampling: Sequence[int] | Tensor | None,
+    memory_budget: float | None,
+    engine: str,
+) -> tuple[Linearization, list[slice] | None]:
+    """The shared front of :func:`gram_matrix` and :func:`ggn_spectrum`.
+
+    Resolves ``param_groups``, linearises the model (one forward pass, all checks)
+    and checks the memory the Gram matrices will take. The caller holds
+    :func:`lowrank_ggn._state.model_preserved`.
+
+    Returns:
+        ``(lin, columns)``: the linearisation, and per group its range of the
+        flattened parameters (``None`` without groups).
+    """
+    groups = resolve_param_groups(model, param_groups, params)
+    lin = linearize(
+        model,
+        loss_func,
+        inputs,
+        targets,
+        params if groups is None else groups[0],
+        path,
+        mc_samples=mc_samples,
+        generator=generator,
+        subsampling=subsampling,
+        memory_budget=memory_budget,
+    )
+    columns = None if groups is None else groups[1]
+    check_linearization_memory(lin, memory_budget, engine, len(columns or [0]))
+    return lin, columns
+
+
 def gram_matrix(
     model: nn.Module,
     loss_func: nn.Module,
@@ -154,22 +197,21 @@ def gram_matrix(
     """
     check_options(chunk=chunk, memory_budget=memory_budget)
     check_engine(engine)
-    groups = resolve_param_groups(model, param_groups, params)
     with model_preserved(model):
-        lin = linearize(
+        lin, columns = linearize_request(
             model,
             loss_func,
             inputs,
             targets,
-            params if groups is None else groups[0],
-            path,
+            params=params,
+            param_groups=param_groups,
+            path=path,
             mc_samples=mc_samples,
             generator=generator,
             subsampling=subsampling,
             memory_budget=memory_budget,
+            engine=engine,
         )
-        columns = None if groups is None else groups[1]
-        check_linearization_memory(lin, memory_budget, engine, len(columns or [0]))
         return gram_from_linearization(lin, chunk, engine, memory_budget, columns)
 
 

@@ -32,10 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_ggn._state import model_preserved
-from lowrank_ggn._validation import check_linearization_memory, check_options
-from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
-from lowrank_ggn.gram import check_engine, gram_from_linearization
-from lowrank_ggn.param_groups import resolve_param_groups
+from lowrank_ggn._validation import check_options
+from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization
+from lowrank_ggn.gram import check_engine, gram_from_linearization, linearize_request
 from lowrank_ggn.sample_mixing import EnginePath
 
 
@@ -283,27 +282,25 @@ def ggn_spectrum(
     _check_eigenvectors(eigenvectors)
     check_options(chunk=chunk, rtol=rtol, top_k=top_k, memory_budget=memory_budget)
     check_engine(engine)
-    groups = resolve_param_groups(model, param_groups, params)
     with model_preserved(model):
-        lin = linearize(
+        lin, columns = linearize_request(
             model,
             loss_func,
             inputs,
             targets,
-            params if groups is None else groups[0],
-            path,
+            params=params,
+            param_groups=param_groups,
+            path=path,
             mc_samples=mc_samples,
             generator=generator,
             subsampling=subsampling,
             memory_budget=memory_budget,
+            engine=engine,
         )
-        columns = None if groups is None else groups[1]
-        check_linearization_memory(lin, memory_budget, engine, len(columns or [0]))
-        if groups is not None:
-            grams = gram_from_linearization(lin, chunk, engine, memory_budget, columns)
-            return [
-                _result(lin, gram, top_k, eigenvectors, rtol, chunk, cols)
-                for gram, cols in zip(grams, columns)
-            ]
-        gram = gram_from_linearization(lin, chunk, engine, memory_budget)
-        return _result(lin, gram, top_k, eigenvectors, rtol, chunk)
+        grams = gram_from_linearization(lin, chunk, engine, memory_budget, columns)
+        if columns is None:
+            return _result(lin, grams, top_k, eigenvectors, rtol, chunk)
+        return [
+            _result(lin, gram, top_k, eigenvectors, rtol, chunk, cols)
+            for gram, cols in zip(grams, columns)
+        ]
