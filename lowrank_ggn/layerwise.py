@@ -435,20 +435,7 @@ class _Engine:
         Computed from the captured layer data, without a backward pass: for a local
         layer ``V w = Σ_n (Σ_c w_{nc} g_{nc})ᵀ A_n``; explicit blocks are multiplied.
         The self-check compares this with a direct vector-Jacobian product.
-        Memory is bounded by chunking over ``k``.
         """
-        K = weights.shape[0]
-        largest = max(
-            (la.A.shape[1] * la.grads[0].shape[-1] for la in self.layers if la.local),
-            default=1,
-        )
-        per_row = self.lin.num_samples * largest * weights.element_size()
-        step = max(1, (self.budget // 4) // max(1, per_row))
-        return torch.cat(
-            [self._products(weights[k : k + step]) for k in range(0, K, step)]
-        )
-
-    def _products(self, weights: Tensor) -> Tensor:
         K, C = weights.shape[0], self.lin.num_columns_per_sample
         NS = self.lin.num_samples
         result: dict[int, Tensor] = {}
