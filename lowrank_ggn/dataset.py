@@ -47,13 +47,13 @@ from scipy.sparse.linalg import eigsh
 from torch import Tensor, nn
 
 from lowrank_ggn._state import model_preserved
-from lowrank_ggn._validation import check_model, resolve_memory_budget
+from lowrank_ggn._validation import check_model, check_top_k, resolve_memory_budget
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.loss_factors import check_loss_func, check_mc_samples
 from lowrank_ggn.operators import TorchLinearOperator, factors_transpose_apply
 from lowrank_ggn.param_groups import symmetric_gram
 from lowrank_ggn.sample_mixing import EnginePath
-from lowrank_ggn.spectrum import _check_top_k, default_rtol, spectrum_from_gram
+from lowrank_ggn.spectrum import default_rtol, spectrum_from_gram
 
 #: Memory budget of the dense solver, in bytes (2 GiB).
 
@@ -260,7 +260,7 @@ def ggn_spectrum_dataset(
     check_model(model)
     check_loss_func(loss_func)
     check_mc_samples(mc_samples, generator)
-    _check_top_k(top_k)
+    check_top_k(top_k)
     budget = resolve_memory_budget(memory_budget)
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}.")

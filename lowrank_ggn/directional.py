@@ -43,10 +43,10 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
 from lowrank_ggn._state import model_preserved
-from lowrank_ggn._validation import check_model
+from lowrank_ggn._validation import check_chunk, check_model
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.loss_factors import reduction_factor
-from lowrank_ggn.moments import _check_chunk, output_gradient
+from lowrank_ggn.moments import output_gradient
 from lowrank_ggn.sample_mixing import EnginePath
 from lowrank_ggn.spectrum import GGNSpectrum
 from lowrank_ggn.structure import (
@@ -204,7 +204,7 @@ def directional_derivatives(
         >>> assert torch.allclose(res.curvatures, spec.eigenvalues)
 
     """
-    _check_chunk(chunk)
+    check_chunk(chunk)
     check_model(model)
     with model_preserved(model):
         lin = linearize(model, loss_func, inputs, targets, params)

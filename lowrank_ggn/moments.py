@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
 from lowrank_ggn._state import model_preserved
-from lowrank_ggn._validation import check_model
+from lowrank_ggn._validation import check_chunk, check_model
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.loss_factors import reduction_factor
 from lowrank_ggn.sample_mixing import PER_SAMPLE, EnginePath
@@ -160,11 +160,6 @@ class _Moments:
         self.count = n
 
 
-def _check_chunk(chunk: int) -> None:
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int; got {chunk!r}.")
-
-
 def gradient_moments(
     model: nn.Module,
     loss_func: nn.Module,
@@ -216,7 +211,7 @@ def gradient_moments(
         >>> assert torch.allclose(res.mean, g / (res.rho * 5))
 
     """
-    _check_chunk(chunk)
+    check_chunk(chunk)
     check_model(model)
     with model_preserved(model):
         lin = linearize(model, loss_func, inputs, targets, params, path)

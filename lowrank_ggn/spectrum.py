@@ -152,13 +152,6 @@ def _drop_near_zero(
     return evals, evecs, threshold
 
 
-def _check_top_k(top_k: int | None) -> None:
-    if top_k is not None and (
-        isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
-    ):
-        raise ValueError(f"top_k must be a positive int or None; got {top_k!r}.")
-
-
 def _check_eigenvectors(eigenvectors: bool | int) -> None:
     if isinstance(eigenvectors, bool):
         return
@@ -278,7 +271,6 @@ def ggn_spectrum(
         >>> assert torch.allclose(G @ e.T, e.T * res.eigenvalues)
 
     """
-    _check_top_k(top_k)
     _check_eigenvectors(eigenvectors)
     check_options(chunk=chunk, rtol=rtol, top_k=top_k, memory_budget=memory_budget)
     check_engine(engine)
