@@ -113,7 +113,7 @@ def lowrank(model, loss, X, y, k):
     res = ggn_spectrum(model, loss, X, y, eigenvectors=k)
     assert res.eigenvectors.shape[0] == min(k, res.rank)
     assert torch.isfinite(res.eigenvectors).all()
-    info = {"num_nonzero": res.rank, "path": res.path.name, "engine": res.gram_engine}
+    info = {"num_nonzero": res.rank, "path": res.path.name, "engine": str(res.engine_report)}
     return res.eigenvalues[:k], info
 
 

@@ -451,14 +451,12 @@ def check_linearization_memory(
     """
     NC, D = lin.num_columns, lin.fmodel.num_params
     C, S = lin.num_columns_per_sample, lin.factors.numel()
-    parts = {
-        (
-            f"Gram matrices {num_grams} × [{NC}, {NC}]"
-            if num_grams > 1
-            else f"Gram matrix [{NC}, {NC}]"
-        ): num_grams * NC * NC,
-        f"loss-Hessian factors S [C={C}, N, *out]": S,
-    }
+    parts = {f"loss-Hessian factors S [C={C}, N, *out]": S}
+    if num_grams:
+        gram = f"Gram matrix [{NC}, {NC}]"
+        if num_grams > 1:
+            gram = f"Gram matrices {num_grams} × [{NC}, {NC}]"
+        parts[gram] = num_grams * NC * NC
     if engine == "generic":
         parts[f"factors Vᵀ [N·C={NC}, D={D}]"] = NC * D
     check_memory(parts, lin.outputs.element_size(), memory_budget, _GRAM_ADVICE)

@@ -76,7 +76,7 @@ class Linearization:
         sample_index: ``[N_S]`` batch positions of the samples that carry factor
             columns (all ``N`` by default; a subset under curvature sub-sampling).
             Column ``i = j·C + c`` belongs to sample ``sample_index[j]``.
-        gram_engine: How the Gram matrix was computed (set by
+        engine_report: How the Gram matrix was computed (set by
             :func:`lowrank_ggn.gram.gram_from_linearization`).
         graph: Outputs of a forward pass on the live parameters with its autograd
             graph, shared by every backward pass; built on first use
@@ -91,7 +91,7 @@ class Linearization:
     factors: Tensor
     path: EnginePath
     sample_index: Tensor | None = None
-    gram_engine: str = ""
+    engine_report: object | None = None
     graph: Tensor | None = None
 
     def __post_init__(self) -> None:

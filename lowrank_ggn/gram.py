@@ -19,14 +19,15 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from lowrank_ggn._progress import PassProgress
 from lowrank_ggn._state import model_preserved
 from lowrank_ggn._validation import (
     check_linearization_memory,
     check_options,
     resolve_memory_budget,
 )
+from lowrank_ggn.engine import EngineReport, Strategy, layerwise_gram
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
-from lowrank_ggn.layerwise import layerwise_gram
 from lowrank_ggn.param_groups import (
     params_by_group,
     resolve_param_groups,
@@ -34,12 +35,24 @@ from lowrank_ggn.param_groups import (
 )
 
 ENGINES = ("layerwise", "generic")
+STRATEGIES = tuple(s.value for s in Strategy if s is not Strategy.GENERIC)
 
 
-def check_engine(engine: str) -> None:
-    """Raise a ``ValueError`` for an unknown Gram engine (before any model call)."""
+def check_engine(engine: str, strategy: str | None = None) -> Strategy | None:
+    """Check ``engine`` and ``strategy`` (before any model call); return the strategy."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}.")
+    if strategy is None:
+        return None
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"strategy must be None (automatic) or one of {STRATEGIES}; got {strategy!r}."
+        )
+    if engine == "generic":
+        raise ValueError(
+            "strategy applies to engine='layerwise' only; drop strategy or the engine."
+        )
+    return Strategy(strategy)
 
 
 def gram_from_linearization(
@@ -48,14 +61,16 @@ def gram_from_linearization(
     engine: str = "layerwise",
     memory_budget: float | None = None,
     columns: Sequence[slice] | None = None,
+    strategy: Strategy | None = None,
+    progress: bool | None = None,
 ) -> Tensor | list[Tensor]:
     """``Vᵀ V`` ``[N·C, N·C]`` for a linearised model (symmetric by construction).
 
     Args:
-        lin: The linearised model; ``lin.gram_engine`` records how the Gram was built.
+        lin: The linearised model; ``lin.engine_report`` records how the Gram was
+            built (:class:`lowrank_ggn.engine.EngineReport`).
         chunk: Columns per batched backward pass.
-        engine: ``"layerwise"`` (default; :mod:`lowrank_ggn.layerwise`, never holds
-            ``V``) or ``"generic"`` (all of ``Vᵀ`` ``[N·C, D]`` from vmapped
+        engine: ``"layerwise"`` (default; :mod:`lowrank_ggn.engine`) or ``"generic"`` (all of ``Vᵀ`` ``[N·C, D]`` from vmapped
             vector-Jacobian products, then one product; memory ``N·C·D``). The
             layer-wise engine falls back to the generic one if its self-check fails.
         memory_budget: Bytes the layer-wise engine may hold in factor blocks and
@@ -64,21 +79,36 @@ def gram_from_linearization(
         columns: Parameter groups as ranges of the flattened parameters (see
             :func:`lowrank_ggn.param_groups.resolve_param_groups`): return one Gram
             ``V_gᵀ V_g`` per group, all from the same backward passes.
+        strategy: Force a backpropagation :class:`~lowrank_ggn.engine.Strategy`
+            (``None``: the cost model of :mod:`lowrank_ggn.engine.plan` chooses).
+        progress: Progress bar on stderr (``None``: for calls estimated to take more
+            than a few seconds).
 
     Returns:
         The Gram matrix, or a list of them (one per group) if ``columns`` is given.
     """
     check_engine(engine)
     groups = None if columns is None else params_by_group(lin.fmodel.params, columns)
+    report = EngineReport(
+        Strategy.GENERIC, reason="engine='generic': explicit Vᵀ, memory N·C·D"
+    )
     if engine == "layerwise":
         budget = int(min(resolve_memory_budget(memory_budget), 2**62))
-        grams, note = layerwise_gram(lin, chunk, budget, groups)
+        bar = PassProgress(progress)
+        try:
+            grams, report = layerwise_gram(lin, chunk, budget, groups, strategy, bar)
+        finally:
+            bar.close()
+        lin.engine_report = report
         if grams is not None:
-            lin.gram_engine = note
             return grams if columns is not None else grams[0]
-        lin.gram_engine = "generic (layer-wise self-check failed: a parameter is used outside its layer)"
-    else:
-        lin.gram_engine = "generic (explicit Vᵀ, memory N·C·D)"
+        report = EngineReport(
+            Strategy.GENERIC,
+            reason="layer-wise self-check failed: a parameter is used outside its layer",
+            fallback=f"{report.strategy} failed its self-check",
+        )
+    lin.engine_report = report
+    report.count("backward", lin.num_columns)
     Vt = lin.factors_matrix(chunk)  # [N·C, D]
     if columns is None:
         return symmetric_gram(Vt)
@@ -99,11 +129,13 @@ def linearize_request(
     subsampling: Sequence[int] | Tensor | None,
     memory_budget: float | None,
     engine: str,
+    gram: bool = True,
 ) -> tuple[Linearization, list[slice] | None]:
     """The shared front of :func:`gram_matrix` and :func:`ggn_spectrum`.
 
     Resolves ``param_groups``, linearises the model (one forward pass, all checks)
-    and checks the memory the Gram matrices will take. The caller holds
+    and checks the memory the Gram matrices will take (none with ``gram=False``:
+    a matrix-free solver). The caller holds
     :func:`lowrank_ggn._state.model_preserved`.
 
     Returns:
@@ -124,7 +156,8 @@ def linearize_request(
         memory_budget=memory_budget,
     )
     columns = None if groups is None else groups[1]
-    check_linearization_memory(lin, memory_budget, engine, len(columns or [0]))
+    num_grams = len(columns or [0]) if gram else 0
+    check_linearization_memory(lin, memory_budget, engine, num_grams)
     return lin, columns
 
 
@@ -143,6 +176,8 @@ def gram_matrix(
     generator: torch.Generator | None = None,
     subsampling: Sequence[int] | Tensor | None = None,
     param_groups: Sequence[Mapping] | None = None,
+    strategy: str | None = None,
+    progress: bool | None = None,
 ) -> Tensor | list[Tensor]:
     r"""The ``[N·C, N·C]`` Gram matrix ``Vᵀ V`` of the mini-batch GGN.
 
@@ -178,6 +213,11 @@ def gram_matrix(
             pass, before any backward pass; the layer-wise engine also sizes its
             factor blocks and column chunks by it. ``None``:
             ``LOWRANK_GGN_MEMORY_BUDGET`` or 4 GiB.
+        strategy: ``None`` (the cost model chooses), ``"per_sample"``,
+            ``"bn_split"``, ``"columns"`` or ``"streamed"``: how the columns are
+            backpropagated (:mod:`lowrank_ggn.engine.report`). All are exact.
+        progress: Progress bar on stderr (``None``: for calls estimated to take
+            more than a few seconds; ``True``/``False``: always/never).
 
     Returns:
         ``[N·C, N·C]`` in the parameters' dtype and device, rows ordered sample-major
@@ -196,7 +236,7 @@ def gram_matrix(
 
     """
     check_options(chunk=chunk, memory_budget=memory_budget)
-    check_engine(engine)
+    forced = check_engine(engine, strategy)
     with model_preserved(model):
         lin, columns = linearize_request(
             model,
@@ -212,7 +252,9 @@ def gram_matrix(
             memory_budget=memory_budget,
             engine=engine,
         )
-        return gram_from_linearization(lin, chunk, engine, memory_budget, columns)
+        return gram_from_linearization(
+            lin, chunk, engine, memory_budget, columns, forced, progress
+        )
 
 
 __all__ = ["gram_matrix", "gram_from_linearization"]

@@ -24,6 +24,7 @@ eigenvectors are requested, eigenpairs below the default threshold are dropped (
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,11 +32,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lowrank_ggn._progress import PassProgress
 from lowrank_ggn._state import model_preserved
-from lowrank_ggn._validation import check_options
+from lowrank_ggn._validation import (
+    check_linearization_memory,
+    check_options,
+    resolve_memory_budget,
+)
+from lowrank_ggn.engine import EngineReport, Solver, Strategy
+from lowrank_ggn.engine.streamed import block_width, gram_apply
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization
 from lowrank_ggn.gram import check_engine, gram_from_linearization, linearize_request
-from lowrank_ggn.sample_mixing import EnginePath
+from lowrank_ggn.lanczos import top_eigenpairs
+from lowrank_ggn.sample_mixing import PER_SAMPLE, EnginePath, batch_statistic_modules
+
+#: Cost model of ``solver="auto"``: operator products (one VJP plus one JVP each) that
+#: block Lanczos needs per wanted eigenpair, measured on decaying spectra.
+LANCZOS_PRODUCTS_PER_EIGENPAIR = 8
 
 
 class NearZeroEigenvalueWarning(UserWarning):
@@ -56,6 +69,9 @@ class GGNSpectrum:
         num_columns: ``N·C``, the size of the Gram matrix and the rank bound.
         threshold: The absolute zero threshold ``rtol · λ_max`` that was applied.
         gram_eigenvectors: ``[N·C, K]``, the Gram eigenvectors ``u_k`` (sample-major).
+        engine_report: How the Gram matrix (or operator) and the eigenpairs were
+            computed: strategy, solver, per-layer treatment and pass counts
+            (:class:`lowrank_ggn.engine.EngineReport`).
 
     """
 
@@ -65,7 +81,7 @@ class GGNSpectrum:
     num_columns: int
     threshold: float
     gram_eigenvectors: Tensor
-    gram_engine: str = ""
+    engine_report: EngineReport | None = None
 
     @property
     def rank(self) -> int:
@@ -162,9 +178,103 @@ def _check_eigenvectors(eigenvectors: bool | int) -> None:
         )
 
 
+def check_solver(
+    solver: str, top_k: int | None, param_groups: object, engine: str
+) -> Solver:
+    """Check ``solver`` against the other options (before any model call)."""
+    names = tuple(s.value for s in Solver)
+    if solver not in names:
+        raise ValueError(f"solver must be one of {names}; got {solver!r}.")
+    chosen = Solver(solver)
+    if chosen is Solver.DENSE:
+        return chosen
+    if top_k is None:
+        raise ValueError(
+            f"solver={solver!r} needs top_k: a matrix-free solver finds the top_k "
+            "eigenpairs only. Pass top_k=k, or use solver='dense' for every "
+            "nonzero eigenvalue."
+        )
+    if param_groups is not None or engine != "layerwise":
+        raise ValueError(
+            f"solver={solver!r} works on the whole GGN with engine='layerwise'; drop "
+            "param_groups/engine, or use solver='dense'."
+        )
+    return chosen
+
+
+def choose_solver(lin: Linearization, top_k: int) -> Solver:
+    """``"auto"``: Lanczos where its products are cheaper than the Gram's passes.
+
+    Dense work (full-batch pass equivalents, :mod:`lowrank_ggn.engine.plan`) is ``C``
+    on the per-sample path and at most ``min(N·C, C + Σ_l 2K_l)`` otherwise; Lanczos
+    needs about :data:`LANCZOS_PRODUCTS_PER_EIGENPAIR` · ``top_k`` products of two
+    passes each.
+    """
+    C, NC = lin.num_columns_per_sample, lin.num_columns
+    if lin.path.name == PER_SAMPLE:
+        dense = C
+    else:
+        model = lin.fmodel.model
+        stats = sum(
+            2 * model.get_submodule("" if n == "<root>" else n).num_features
+            for n in batch_statistic_modules(model)
+        )
+        dense = min(NC, C + stats) if stats else NC
+    lanczos = 2 * LANCZOS_PRODUCTS_PER_EIGENPAIR * top_k
+    return Solver.LANCZOS if lanczos < dense else Solver.DENSE
+
+
+def lanczos_eigenpairs(
+    lin: Linearization,
+    top_k: int,
+    rtol: float | None,
+    memory_budget: float | None,
+    progress: bool | None,
+) -> tuple[Tensor, Tensor, float]:
+    """Top-``k`` eigenpairs of ``𝒢 = Sᵀ J Jᵀ S`` without forming it (block Lanczos).
+
+    Each operator product is one batched VJP and one batched JVP
+    (:func:`lowrank_ggn.engine.streamed.gram_apply`); blocks are pushed through
+    together. Eigenvalues at or below the zero threshold are dropped.
+    """
+    report = EngineReport(Strategy.STREAMED, solver=Solver.LANCZOS)
+    report.reason = "matrix-free: block Lanczos on the Gram operator"
+    lin.engine_report = report
+    NC = lin.num_columns
+    k = min(top_k, NC)
+    budget = int(min(resolve_memory_budget(memory_budget), 2**62))
+    width = block_width(lin, budget)
+    bar = PassProgress(progress, desc="GGN Lanczos products")
+
+    expected = LANCZOS_PRODUCTS_PER_EIGENPAIR * k
+
+    def matmat(U: Tensor) -> Tensor:
+        start = time.perf_counter()
+        parts = [
+            gram_apply(lin, U[:, i : i + width], None, report)[0]
+            for i in range(0, U.shape[1], width)
+        ]
+        if bar.bar is None and report.passes.get("backward", 0) == U.shape[1]:
+            per_product = (time.perf_counter() - start) / U.shape[1]
+            bar.start(expected, seconds=per_product * expected)
+        bar(U.shape[1])
+        return torch.cat(parts, dim=1)
+
+    try:
+        evals, evecs, _ = top_eigenpairs(
+            matmat, NC, k, dtype=lin.outputs.dtype, device=lin.outputs.device
+        )
+    finally:
+        bar.close()
+    rtol = default_rtol(NC, evals.dtype) if rtol is None else rtol
+    threshold = rtol * max(evals[0].item(), 0.0) if evals.numel() else 0.0
+    keep = int((evals > threshold).sum()) if threshold > 0 else 0
+    return evals[:keep], evecs[:, :keep], threshold
+
+
 def _result(
     lin: Linearization,
-    gram: Tensor,
+    gram: Tensor | tuple[Tensor, Tensor, float],
     top_k: int | None,
     eigenvectors: bool | int,
     rtol: float | None,
@@ -176,7 +286,10 @@ def _result(
     ``columns`` selects a parameter group's block (``V_g u / √λ`` are the rows of
     ``V u / √λ`` that belong to the group).
     """
-    evals, evecs, threshold = spectrum_from_gram(gram, top_k, rtol)
+    if isinstance(gram, tuple):  # eigenpairs of the operator (Lanczos)
+        evals, evecs, threshold = gram
+    else:
+        evals, evecs, threshold = spectrum_from_gram(gram, top_k, rtol)
     vectors = None
     if eigenvectors is not False:
         evals, evecs, threshold = _drop_near_zero(
@@ -186,7 +299,7 @@ def _result(
         vectors = parameter_eigenvectors(lin, evals[:k], evecs[:, :k], chunk)
         vectors = vectors[:, columns]
     return GGNSpectrum(
-        evals, vectors, lin.path, lin.num_columns, threshold, evecs, lin.gram_engine
+        evals, vectors, lin.path, lin.num_columns, threshold, evecs, lin.engine_report
     )
 
 
@@ -208,6 +321,9 @@ def ggn_spectrum(
     generator: torch.Generator | None = None,
     subsampling: Sequence[int] | Tensor | None = None,
     param_groups: Sequence[Mapping] | None = None,
+    strategy: str | None = None,
+    solver: str = "dense",
+    progress: bool | None = None,
 ) -> GGNSpectrum | list[GGNSpectrum]:
     r"""Exact nonzero eigenvalues (and eigenvectors) of the mini-batch GGN.
 
@@ -250,6 +366,16 @@ def ggn_spectrum(
             group's parameters (in the group's order); one forward and one backward
             pass for all groups (:mod:`lowrank_ggn.param_groups`). Excludes
             ``params``.
+        strategy: How the Gram's columns are backpropagated: ``None`` (the cost
+            model chooses), ``"per_sample"``, ``"bn_split"``, ``"columns"`` or
+            ``"streamed"`` (:mod:`lowrank_ggn.engine.report`); all exact.
+        solver: ``"dense"`` (the Gram matrix and ``eigh``: every nonzero
+            eigenvalue), ``"lanczos"`` (matrix-free block Lanczos on the Gram
+            operator, one batched VJP and JVP per block; needs ``top_k``) or
+            ``"auto"`` (Lanczos when ``top_k`` is given and the cost model of
+            :func:`choose_solver` favours it). ``.engine_report.solver`` says which ran.
+        progress: Progress bar on stderr (``None``: for calls estimated to take
+            more than a few seconds).
 
     Returns:
         A :class:`GGNSpectrum`, or a list of them with ``param_groups``.
@@ -273,7 +399,8 @@ def ggn_spectrum(
     """
     _check_eigenvectors(eigenvectors)
     check_options(chunk=chunk, rtol=rtol, top_k=top_k, memory_budget=memory_budget)
-    check_engine(engine)
+    forced = check_engine(engine, strategy)
+    chosen = check_solver(solver, top_k, param_groups, engine)
     with model_preserved(model):
         lin, columns = linearize_request(
             model,
@@ -288,8 +415,19 @@ def ggn_spectrum(
             subsampling=subsampling,
             memory_budget=memory_budget,
             engine=engine,
+            gram=chosen is Solver.DENSE,
         )
-        grams = gram_from_linearization(lin, chunk, engine, memory_budget, columns)
+        if chosen is Solver.AUTO:
+            chosen = choose_solver(lin, top_k)
+            if chosen is Solver.DENSE:
+                check_linearization_memory(lin, memory_budget, engine)
+        if chosen is Solver.LANCZOS:
+            pairs = lanczos_eigenpairs(lin, top_k, rtol, memory_budget, progress)
+            return _result(lin, pairs, top_k, eigenvectors, rtol, chunk)
+        grams = gram_from_linearization(
+            lin, chunk, engine, memory_budget, columns, forced, progress
+        )
+        lin.engine_report.solver = Solver.DENSE
         if columns is None:
             return _result(lin, grams, top_k, eigenvectors, rtol, chunk)
         return [

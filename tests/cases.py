@@ -66,7 +66,8 @@ def _problem(
 ) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
     torch.manual_seed(seed)
     model = model_fn().to(DTYPE)
-    model.train(train)
+    if not train:
+        model.eval()  # otherwise as built (a builder may set modes per module)
     gen = torch.Generator().manual_seed(seed + 1)
     X = torch.randn(in_shape, generator=gen, dtype=DTYPE)
     with torch.no_grad():
@@ -77,10 +78,12 @@ def _problem(
     # non-trivial running statistics for eval-mode BN
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_(0, 0.3, generator=gen)
-            m.running_var.uniform_(0.5, 2.0, generator=gen)
-            m.weight.data.uniform_(0.5, 1.5, generator=gen)
-            m.bias.data.normal_(0, 0.3, generator=gen)
+            if m.running_mean is not None:
+                m.running_mean.normal_(0, 0.3, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 1.5, generator=gen)
+                m.bias.data.normal_(0, 0.3, generator=gen)
     return model, loss, X, _targets(loss, out_shape, gen)
 
 
@@ -147,6 +150,89 @@ def sequence_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 5, 2))
 
 
+class Transpose(nn.Module):
+    """Swap dims 1 and 2 (sequence-major <-> channel-major)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.transpose(1, 2)
+
+
+class TwoBranches(nn.Module):
+    """One BatchNorm output read by two heads: ``head1(relu(h)) + head2(tanh(h))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.head1 = nn.Linear(5, 3)
+        self.head2 = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn(self.fc(x))
+        return self.head1(torch.relu(h)) + self.head2(torch.tanh(h))
+
+
+def bn1d_sequence() -> nn.Module:
+    """BatchNorm1d on ``[N, K, L]``: a Linear over 5 positions, normalised per channel."""
+    return nn.Sequential(
+        nn.Linear(3, 4),
+        Transpose(),
+        nn.BatchNorm1d(4),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 5, 3),
+    )
+
+
+def bn3d_stacked() -> nn.Module:
+    """BatchNorm3d on the input, then Linear, BatchNorm1d twice (stacked), head."""
+    return nn.Sequential(
+        nn.BatchNorm3d(2),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 3 * 3, 4),
+        nn.BatchNorm1d(4),
+        nn.BatchNorm1d(4),
+        nn.ReLU(),
+        nn.Linear(4, 3),
+    )
+
+
+def cnn_bn_flavour(**bn_kwargs) -> Callable[[], nn.Module]:
+    """:func:`cnn_bn` with BatchNorm2d options (``affine``, ``momentum``, …)."""
+
+    def build() -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(2, 3, 3),
+            nn.BatchNorm2d(3, **bn_kwargs),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(3 * 2 * 2, 3),
+        )
+
+    return build
+
+
+def mixed_train_eval_bn() -> nn.Module:
+    """Two BatchNorm layers: the first in train mode, the second in eval mode."""
+    model = nn.Sequential(
+        nn.Linear(4, 5),
+        nn.BatchNorm1d(5),
+        nn.ReLU(),
+        nn.Linear(5, 4),
+        nn.BatchNorm1d(4),
+        nn.Tanh(),
+        nn.Linear(4, 3),
+    )
+    model[4].eval()
+    return model
+
+
+def eval_mode(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """The model in eval mode (BatchNorm without running statistics still mixes)."""
+    return lambda: build().eval()
+
+
 CE, MSE, BCE = nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss
 
 
@@ -181,3 +267,40 @@ CASES: list[Case] = [
 
 CASE_IDS = [c.name for c in CASES]
 MIXING_CASES = [c for c in CASES if c.mixing]
+
+#: Every BatchNorm flavour the engine's strategies must handle exactly (issue 10);
+#: all mix samples. Each runs through every strategy in ``test_engine_strategies``.
+BN_CASES: list[Case] = [
+    *[c for c in CASES if c.mixing],
+    _case("bn1d-seq-train-ce", 30, bn1d_sequence, (6, 5, 3), CE(), mixing=True),
+    _case(
+        "bn3d-stacked-train-mse", 31, bn3d_stacked, (6, 2, 2, 3, 3), MSE(), mixing=True
+    ),
+    _case(
+        "bn2d-noaffine-train-ce",
+        32,
+        cnn_bn_flavour(affine=False),
+        (5, 2, 6, 6),
+        CE(),
+        mixing=True,
+    ),
+    _case(
+        "bn2d-nostats-eval-ce",
+        33,
+        eval_mode(cnn_bn_flavour(track_running_stats=False)),
+        (5, 2, 6, 6),
+        CE(),
+        mixing=True,
+    ),
+    _case(
+        "bn2d-momentum-none-train-bce",
+        34,
+        cnn_bn_flavour(momentum=None),
+        (5, 2, 6, 6),
+        BCE(),
+        mixing=True,
+    ),
+    _case("bn-two-branches-ce", 35, TwoBranches, (6, 4), CE(), mixing=True),
+    _case("bn-mixed-train-eval-ce", 36, mixed_train_eval_bn, (6, 4), CE(), mixing=True),
+]
+BN_CASE_IDS = [c.name for c in BN_CASES]

@@ -1,4 +1,4 @@
-"""The layer-wise Gram engine against the generic engine and the dense reference."""
+"""The Gram engine (lowrank_ggn.engine) against the generic engine and the dense reference."""
 
 from __future__ import annotations
 
@@ -8,8 +8,15 @@ from cases import CASES
 from utils import assert_spectrum_matches, report_close
 
 from lowrank_ggn import ggn_spectrum, gram_matrix
-from lowrank_ggn.layerwise import _Engine, symmetric_rank_k_update
+from lowrank_ggn.engine import LayerTreatment, Strategy
+from lowrank_ggn.engine.accumulate import (
+    add_kron_blocks,
+    explicit_rows,
+    symmetric_rank_k_update,
+)
 from lowrank_ggn.reference import dense_ggn
+
+MIXING, SPLIT = LayerTreatment.MIXING, LayerTreatment.SPLIT
 
 D = torch.float64
 
@@ -20,20 +27,27 @@ def test_layerwise_equals_generic(case):
     slow = gram_matrix(model, loss, X, y, engine="generic")
     report_close(fast, slow, name="layer-wise Gram")
     res = ggn_spectrum(model, loss, X, y, top_k=1)
-    assert res.gram_engine.startswith("layer-wise"), res.gram_engine
+    assert res.engine_report.strategy is not Strategy.GENERIC, res.engine_report
 
 
+@pytest.mark.parametrize("strategy", ["columns", "bn_split"])
 @pytest.mark.parametrize(
-    "name, expected",
+    "name, upstream, downstream",
     [
-        ("bn1d-train-ce", "0:mixing, 3:local"),
-        ("bn1d-eval-ce", "0:local, 3:local"),
-        ("resnet-bn-train-ce", "0:mixing, 1.conv1:mixing, 1.conv2:local, 3:local"),
+        ("bn1d-train-ce", ["0"], ["3"]),
+        ("bn1d-eval-ce", [], ["0", "3"]),
+        ("resnet-bn-train-ce", ["0", "1.conv1"], ["1.conv2", "3"]),
     ],
 )
-def test_layers_downstream_of_batchnorm_are_local(name, expected):
+def test_layers_downstream_of_batchnorm_are_local(name, upstream, downstream, strategy):
+    """Columns find locality numerically; bn_split from the statistics directions."""
     model, loss, X, y = next(c for c in CASES if c.name == name).make()
-    assert expected in ggn_spectrum(model, loss, X, y, top_k=1).gram_engine
+    if name == "bn1d-eval-ce":
+        strategy = None  # per-sample path
+    report = ggn_spectrum(model, loss, X, y, top_k=1, strategy=strategy).engine_report
+    mixed = MIXING if strategy == "columns" else SPLIT
+    assert all(report.layers[n] is mixed for n in upstream), report
+    assert all(report.layers[n].local for n in downstream), report
 
 
 def test_weight_used_outside_its_layer_falls_back_to_generic():
@@ -53,7 +67,8 @@ def test_weight_used_outside_its_layer_falls_back_to_generic():
     model, loss = Tied().double(), torch.nn.CrossEntropyLoss()
     X, y = torch.randn(4, 3, dtype=D), torch.tensor([0, 1, 1, 0])
     res = ggn_spectrum(model, loss, X, y)
-    assert res.gram_engine.startswith("generic (layer-wise self-check failed")
+    assert res.engine_report.strategy is Strategy.GENERIC
+    assert "failed its self-check" in res.engine_report.fallback
     assert_spectrum_matches(res.eigenvalues, dense_ggn(model, loss, X, y))
 
 
@@ -72,7 +87,8 @@ def test_mixing_found_late_restarts_with_layer_explicit():
     X, y = torch.randn(5, 3, dtype=D), torch.randn(5, 2, dtype=D)
     res = ggn_spectrum(model, loss, X, y, chunk=1)
     assert res.path.name == "full_batch"
-    assert "0:mixing, 3:local" in res.gram_engine
+    assert res.engine_report.strategy is Strategy.COLUMNS
+    assert res.engine_report.layers == {"0": MIXING, "3": LayerTreatment.KRONECKER}
     assert_spectrum_matches(res.eigenvalues, dense_ggn(model, loss, X, y))
 
 
@@ -96,12 +112,13 @@ def test_conv_kronecker_and_explicit_forms_agree():
     g = torch.randn(NS, C, P, O, generator=gen, dtype=D)
     A = torch.randn(NS, P, I, generator=gen, dtype=D)
     V = torch.einsum("ncpo,npi->ncoi", g, A).reshape(NS * C, -1)
-    engine = object.__new__(_Engine)
-    engine.budget = 10**9
-    for add in (engine._add_kron_blocks, engine._add_explicit_local):  # noqa: B023
-        gram = torch.zeros(NS * C, NS * C, dtype=D)
-        add(gram, g, A)
-        report_close(gram, V @ V.T, name=add.__name__)
+    gram = torch.zeros(NS * C, NS * C, dtype=D)
+    add_kron_blocks(gram, g, A)
+    report_close(gram, V @ V.T, name="Kronecker blocks")
+    gram = torch.zeros(NS * C, NS * C, dtype=D)
+    for _, rows in explicit_rows(g, A, budget=10**9):
+        symmetric_rank_k_update(gram, rows)
+    report_close(gram, V @ V.T, name="explicit rows")
 
 
 def test_explicit_channel_chunks_under_small_budget():
@@ -109,10 +126,11 @@ def test_explicit_channel_chunks_under_small_budget():
     g = torch.randn(2, 3, 4, 6, generator=gen, dtype=D)
     A = torch.randn(2, 4, 5, generator=gen, dtype=D)
     V = torch.einsum("ncpo,npi->ncoi", g, A).reshape(6, -1)
-    engine = object.__new__(_Engine)
-    engine.budget = 1  # forces one output channel per chunk
     gram = torch.zeros(6, 6, dtype=D)
-    engine._add_explicit_local(gram, g, A)
+    chunks = list(explicit_rows(g, A, budget=1))  # one output channel per chunk
+    assert [c.stop - c.start for c, _ in chunks] == [1] * 6
+    for _, rows in chunks:
+        symmetric_rank_k_update(gram, rows)
     report_close(gram, V @ V.T, name="chunked explicit")
 
 
@@ -123,7 +141,7 @@ def test_memory_budget_is_enforced_with_a_clear_error():
         gram_matrix(model, loss, X, y, memory_budget=1000)
     # Gram (15² · 8 B) and S fit in 4000 B, the mixing conv's explicit blocks do not
     with pytest.raises(MemoryError, match="memory_budget=.* GiB"):
-        gram_matrix(model, loss, X, y, memory_budget=4000)
+        gram_matrix(model, loss, X, y, memory_budget=4000, strategy="columns")
 
 
 def test_unknown_engine_raises():
@@ -154,7 +172,7 @@ def test_dead_branch_and_unused_layers(bn):
     model, loss = Branchy().double(), torch.nn.CrossEntropyLoss()
     X, y = torch.randn(5, 3, dtype=D), torch.tensor([0, 1, 1, 0, 1])
     res = ggn_spectrum(model, loss, X, y, eigenvectors=True)
-    assert res.gram_engine.startswith("layer-wise")
+    assert res.engine_report.strategy is not Strategy.GENERIC
     G = dense_ggn(model, loss, X, y)
     assert_spectrum_matches(res.eigenvalues, G)
     E = res.eigenvectors

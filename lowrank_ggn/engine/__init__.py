@@ -1,0 +1,27 @@
+"""The Gram engine: capture → plan → backpropagate → self-check → accumulate.
+
+========================  ===================================================
+module                    what it does
+========================  ===================================================
+:mod:`.capture`           forward hooks: layer inputs/outputs, BatchNorm statistics
+:mod:`.plan`              the cost model that picks a strategy
+:mod:`.backprop`          backward-pass strategies (frozen, statistics, columns)
+:mod:`.streamed`          the Gram operator from batched VJPs and JVPs
+:mod:`.selfcheck`         ``V w`` from the factors against autograd
+:mod:`.accumulate`        pure Gram accumulation (Kronecker, explicit, syrk)
+:mod:`.report`            strategies, treatments and pass counts as data
+:mod:`.run`               the orchestration (:func:`layerwise_gram`)
+========================  ===================================================
+"""
+
+from lowrank_ggn.engine.report import EngineReport, LayerTreatment, Solver, Strategy
+from lowrank_ggn.engine.run import StrategyUnavailable, layerwise_gram
+
+__all__ = [
+    "EngineReport",
+    "LayerTreatment",
+    "Solver",
+    "Strategy",
+    "StrategyUnavailable",
+    "layerwise_gram",
+]

@@ -1,0 +1,232 @@
+r"""Backpropagation strategies: how each column's layer-output gradients are found.
+
+Each function runs backward passes on the graph of one captured forward pass (see
+:mod:`lowrank_ggn.engine.capture`) and stores what it finds on the layer records;
+the Gram matrix is then assembled by :mod:`lowrank_ggn.engine.accumulate`. Shapes:
+``NC = N_S·C`` columns, sample-major; a layer's output gradient is ``[NC, P, O]``.
+
+* :func:`frozen_passes`: ``C`` backward passes of ``S[c]`` (all samples at once).
+  Exact per-column gradients when the network is sample-independent, which it is
+  for the per-sample path, and under :class:`~lowrank_ggn.engine.capture.FreezeSwitch`
+  for BatchNorm with its statistics held fixed.
+* :func:`statistics_directions`: ``B = (J_θ m)ᵀ``, one batched backward pass per
+  chunk of BatchNorm statistics ``m = (μ_l, r_l)``, from that layer down.
+* :func:`column_passes`: chunks of columns ``e_n ⊗ s_nc`` through the whole batch.
+* :func:`per_sample_generic_rows`: ``torch.func`` per-sample VJPs for parameters of
+  no captured layer (per-sample path only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.func import vjp, vmap
+
+from lowrank_ggn._memory import release_free_memory
+from lowrank_ggn._model import FunctionalModel
+from lowrank_ggn.engine.capture import BNLayer, Layer
+from lowrank_ggn.engine.report import EngineReport
+from lowrank_ggn.factors import Linearization
+
+#: Rough ratio of all intermediate activations to the captured layer outputs, used to
+#: size the batches of full-batch backward passes.
+AUTOGRAD_OVERHEAD = 6
+
+Tick = Callable[[int], None]
+
+
+class LayerTurnedMixing(Exception):
+    """A layer treated as local turned out to mix samples; rerun with it explicit."""
+
+
+def frozen_passes(
+    lin: Linearization,
+    out: Tensor,
+    layers: list[Layer],
+    bns: list[BNLayer],
+    report: EngineReport,
+    tick: Tick,
+) -> None:
+    """``C`` backward passes of ``S[c]``: per-column output gradients of every layer.
+
+    Fills ``layer.grads`` (``[NC, P, O]``) and, for BatchNorm, ``bn.sums`` (``Σ_pos δ``
+    and ``Σ_pos δ ⊙ x̂``, ``[NC, K]`` each) from the output cotangents ``δ``.
+    """
+    C = lin.num_columns_per_sample
+    idx = lin.sample_index
+    full = lin.outputs.new_zeros(C, *lin.outputs.shape)
+    full[:, idx] = lin.factors
+    targets = [la.outputs[0] for la in layers] + [bn.output for bn in bns]
+    per_layer: list[list[Tensor]] = [[] for _ in layers]
+    per_bn: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in bns]
+    for c in range(C):
+        grads = (
+            torch.autograd.grad(
+                out, targets, full[c], retain_graph=True, allow_unused=True
+            )
+            if targets
+            else []
+        )
+        for store, la, g in zip(per_layer, layers, grads):
+            g = torch.zeros_like(la.outputs[0]) if g is None else g  # dead branch
+            store.append(la.output_grad(g.unsqueeze(0))[0][idx])  # [NS, P, O]
+        for (s_d, s_dx), bn, g in zip(per_bn, bns, grads[len(layers) :]):
+            g = torch.zeros_like(bn.output) if g is None else g  # [N, K, *pos]
+            K = bn.channels
+            s_d.append(g[idx].reshape(len(idx), K, -1).sum(2))
+            s_dx.append((g * bn.xhat)[idx].reshape(len(idx), K, -1).sum(2))
+        report.count("backward")
+        tick(1)
+    for store, la in zip(per_layer, layers):
+        la.grads = [torch.stack(store, dim=1).flatten(0, 1)]  # [NS·C, P, O]
+    for (s_d, s_dx), bn in zip(per_bn, bns):
+        bn.sums = (
+            [torch.stack(s_d, dim=1).flatten(0, 1)],
+            [torch.stack(s_dx, dim=1).flatten(0, 1)],
+        )
+
+
+def statistics_directions(
+    bns: list[BNLayer],
+    params: list[Tensor],
+    activations_below: list[int],
+    budget: int,
+    report: EngineReport,
+    tick: Tick,
+) -> dict[int, Tensor]:
+    """``B_p = (J_{θ_p} m)ᵀ`` as ``[2K, numel(θ_p)]`` per parameter (absent: zero).
+
+    Rows follow :meth:`BNLayer.coefficients`, layer by layer: ``μ`` then ``r``. The
+    statistics of layer ``l`` are backpropagated through the true graph below it
+    (lower BatchNorm layers included), in batches of one-hot directions.
+    """
+    K_total = sum(bn.channels for bn in bns)
+    rows: dict[int, Tensor] = {}
+    offset = 0
+    for bn, acts in zip(bns, activations_below):
+        K = bn.channels
+        if not bn.mean.requires_grad:  # normalises the input: no parameter below
+            offset += 2 * K
+            continue
+        item = bn.output.element_size()
+        per_direction = AUTOGRAD_OVERHEAD * max(1, acts) * item
+        step = int(max(1, min(2 * K, (budget // 8) // per_direction)))
+        for start in range(0, 2 * K, step):
+            stop = min(2 * K, start + step)
+            eye = bn.output.new_zeros(stop - start, 2 * K)
+            eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+            grads = torch.autograd.grad(
+                [bn.mean, bn.inv_std],
+                params,
+                [eye[:, :K], eye[:, K:]],
+                retain_graph=True,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+            for p, g in zip(params, grads):
+                if g is None:
+                    continue
+                if id(p) not in rows:
+                    rows[id(p)] = p.new_zeros(2 * K_total, p.numel())
+                rows[id(p)][offset + start : offset + stop] = g.reshape(
+                    stop - start, -1
+                )
+            report.count("statistics", stop - start)
+            tick(stop - start)
+        offset += 2 * K
+    return rows
+
+
+def column_passes(
+    lin: Linearization,
+    out: Tensor,
+    layers: list[Layer],
+    generic: list[Tensor],
+    chunk: int,
+    check_budget: Callable[[], None],
+    report: EngineReport,
+    tick: Tick,
+) -> list[Tensor]:
+    """Chunks of columns through the whole batch; returns generic rows ``[NC, ·]``.
+
+    A layer whose output gradient for column ``i`` vanishes off sample ``n(i)`` keeps
+    only ``g_i`` (local); any other layer keeps explicit rows (mixing).
+    """
+    NC = lin.num_columns
+    col_sample = lin.sample_index.repeat_interleave(lin.num_columns_per_sample)
+    targets = [la.outputs[0] for la in layers] + generic
+    generic_rows: list[list[Tensor]] = [[] for _ in generic]
+    for start in range(0, NC, chunk):
+        stop = min(NC, start + chunk)
+        weights = out.new_zeros(stop - start, NC)
+        weights[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+        grads = torch.autograd.grad(
+            out,
+            targets,
+            lin.combine(weights),
+            retain_graph=True,
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+        rows = torch.arange(stop - start, device=out.device)
+        own = col_sample[start:stop]
+        for la, g in zip(layers, grads[: len(layers)]):
+            if g is None:  # output never reaches the model output
+                g = out.new_zeros(stop - start, *la.outputs[0].shape)
+            g = la.output_grad(g)  # [B, N, P, O]
+            if la.local:
+                off = g.clone()
+                off[rows, own] = 0
+                if torch.count_nonzero(off) == 0:
+                    la.grads.append(g[rows, own].clone())  # [B, P, O]
+                    continue
+                la.local = False
+                if la.grads:
+                    raise LayerTurnedMixing(la.name)
+            la.explicit.append(la.explicit_block(g).clone())
+        for store, g, p in zip(generic_rows, grads[len(layers) :], generic):
+            g = p.new_zeros(stop - start, *p.shape) if g is None else g
+            store.append(g.reshape(stop - start, -1).clone())
+        check_budget()
+        report.count("backward", stop - start)
+        tick(stop - start)
+        if out.device.type == "cpu" and (start // chunk) % 4 == 3:
+            release_free_memory()  # see lowrank_ggn._memory
+    return [torch.cat(r) for r in generic_rows]
+
+
+def per_sample_generic_rows(
+    lin: Linearization, generic: list[Tensor], chunk: int
+) -> list[Tensor]:
+    """Per-sample VJPs w.r.t. the parameters of no captured layer: ``[NC, numel]``."""
+    if not generic:
+        return []
+    fm = FunctionalModel(lin.fmodel.model, generic)
+    theta = fm.primals()
+    C = lin.num_columns_per_sample
+
+    def columns(x: Tensor, s: Tensor) -> tuple[Tensor, ...]:
+        _, fn = vjp(lambda th: fm.single(th, x), theta)
+        return vmap(fn)(s)[0]
+
+    S = lin.factors.movedim(0, 1)  # [NS, C, *out]
+    X = lin.inputs[lin.sample_index]
+    per = max(1, chunk // C)
+    rows: list[list[Tensor]] = [[] for _ in generic]
+    for start in range(0, X.shape[0], per):
+        res = vmap(columns)(X[start : start + per], S[start : start + per])
+        for store, r in zip(rows, res):
+            store.append(r.flatten(0, 1).flatten(1))
+    return [torch.cat(r) for r in rows]
+
+
+__all__ = [
+    "AUTOGRAD_OVERHEAD",
+    "LayerTurnedMixing",
+    "column_passes",
+    "frozen_passes",
+    "per_sample_generic_rows",
+    "statistics_directions",
+]

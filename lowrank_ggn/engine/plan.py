@@ -1,0 +1,116 @@
+r"""The cost model: which strategy a Gram computation takes, before its backward passes.
+
+Costs are counted in *full-batch pass equivalents* (one backward pass through the
+whole network for one cotangent of the whole batch, cost ``∝ N``), memories in bytes:
+
+============  =====================================  ==================================
+strategy      backward work                          memory held (besides the Gram)
+============  =====================================  ==================================
+per_sample    ``C``                                  ``NC·Σ_l P_l·O_l``
+bn_split      ``C + Σ_l 2K_l·f_l``                   ``NC·Σ_l P_l·O_l + 2K·D_up``
+columns       ``N·C``                                ``NC·Σ_l P_l·O_l + NC·D_up``
+streamed      ``2·N·C`` (VJP + JVP)                  ``B·D`` for a block of ``B``
+============  =====================================  ==================================
+
+``K_l`` is the channel count of BatchNorm layer ``l`` with batch statistics, ``f_l``
+the fraction of the captured activations computed before it (a statistics direction
+is backpropagated only below its layer), ``D_up`` the parameters that run before the
+last such layer, ``P_l·O_l`` a captured layer's output size per sample. The Gram's own
+accumulation (``(NC)²`` per parameter of explicit layers, ``N²`` terms for
+Kronecker layers) is the same for the first three. The cheapest strategy that fits
+``memory_budget`` wins; ``streamed`` always fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lowrank_ggn.engine.capture import BNLayer, Layer
+from lowrank_ggn.engine.report import Strategy
+
+
+@dataclass
+class Plan:
+    """The chosen strategy with the estimates behind it."""
+
+    strategy: Strategy
+    estimates: dict[Strategy, float]
+    reason: str
+
+
+def split_shape(
+    layers: list[Layer], bns: list[BNLayer], order: dict[int, int]
+) -> tuple[list[int], int]:
+    """Per batch-statistics BatchNorm: activations computed below it; and ``D_up``.
+
+    ``order`` maps ``id(module)`` to its call position in the forward pass.
+    """
+    stats = [bn for bn in bns if bn.batch_stats]
+    last = max((order.get(id(bn.module), -1) for bn in stats), default=-1)
+    below = []
+    for bn in stats:
+        pos = order.get(id(bn.module), -1)
+        below.append(
+            sum(la.outputs[0].numel() for la in layers if order[id(la.module)] < pos)
+            + sum(b.output.numel() for b in bns if order[id(b.module)] < pos)
+        )
+    d_up = sum(
+        p.numel() for la in layers for p in la.params if order[id(la.module)] < last
+    )
+    d_up += sum(p.numel() for b in bns for p in b.params if order[id(b.module)] < last)
+    return below, d_up
+
+
+def plan_strategy(
+    *,
+    per_sample: bool,
+    NC: int,
+    C: int,
+    layers: list[Layer],
+    bns: list[BNLayer],
+    order: dict[int, int],
+    generic_numel: int,
+    item: int,
+    budget: int,
+) -> Plan:
+    """Choose a strategy by the cost model in the module docstring."""
+    if per_sample:
+        return Plan(
+            Strategy.PER_SAMPLE,
+            {Strategy.PER_SAMPLE: float(C)},
+            "sample-independent model: C backward passes",
+        )
+    local = NC * sum(la.outputs[0][0].numel() for la in layers) * item
+    total_acts = sum(la.outputs[0].numel() for la in layers) + sum(
+        b.output.numel() for b in bns
+    )
+    below, d_up = split_shape(layers, bns, order)
+    estimates: dict[Strategy, float] = {}
+    memory: dict[Strategy, float] = {}
+    if not generic_numel and bns:
+        stat_bns = [b for b in bns if b.batch_stats]
+        frac = sum(
+            b.num_statistics * a / max(1, total_acts) for b, a in zip(stat_bns, below)
+        )
+        estimates[Strategy.BN_SPLIT] = C + frac
+        memory[Strategy.BN_SPLIT] = (
+            local + sum(b.num_statistics for b in bns) * d_up * item
+        )
+    estimates[Strategy.COLUMNS] = float(NC)
+    memory[Strategy.COLUMNS] = local + NC * (d_up + generic_numel) * item
+    estimates[Strategy.STREAMED] = 2.0 * NC
+    memory[Strategy.STREAMED] = 0.0
+    fits = [s for s in estimates if memory[s] <= budget / 2]
+    best = min(fits, key=lambda s: estimates[s])
+    why = {
+        Strategy.BN_SPLIT: "BatchNorm mixes samples only through its statistics: "
+        "frozen per-sample passes plus one pass per statistic",
+        Strategy.COLUMNS: "one full-batch pass per column is the cheapest",
+        Strategy.STREAMED: "only streamed VJP/JVP blocks fit the memory budget",
+    }[best]
+    if best is Strategy.STREAMED and len(fits) > 1:
+        why = "streamed VJP/JVP blocks are the cheapest"
+    return Plan(best, estimates, why)
+
+
+__all__ = ["Plan", "plan_strategy", "split_shape"]

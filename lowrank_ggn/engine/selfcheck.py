@@ -1,0 +1,119 @@
+r"""Products ``V w`` from the captured factors, and the self-check against autograd.
+
+Every strategy except :attr:`~lowrank_ggn.engine.report.Strategy.STREAMED` assembles
+the Gram matrix from per-layer formulas that assume each parameter acts only inside
+its module. :func:`factor_products` recomputes ``V w`` from the same data the Gram is
+built from; :func:`self_check` compares it with one direct full-batch vector-Jacobian
+product for a random ``w``. A mismatch (a weight used outside its layer, a model that
+mixes samples other than through BatchNorm statistics) sends the caller to a strategy
+that makes no such assumption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lowrank_ggn.engine.capture import BNLayer, Layer
+from lowrank_ggn.factors import Linearization
+
+#: Relative tolerance of the self-check, per dtype (round-off of two summation orders).
+SELF_CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+@dataclass
+class Factors:
+    """Everything one strategy found, from which the Gram matrix is assembled.
+
+    Attributes:
+        lin: The linearised model.
+        layers: Captured layers (``grads`` if local, ``explicit`` rows if mixing).
+        bns: BatchNorm layers with their frozen cotangent sums (``BN_SPLIT``).
+        W: ``[2K, NC]`` statistics coefficients (``BN_SPLIT``), else ``None``.
+        B: ``id(p) -> [2K, numel]`` statistics directions (``BN_SPLIT``).
+        generic: Parameters of no captured layer, with rows ``[NC, numel]``.
+    """
+
+    lin: Linearization
+    layers: list[Layer]
+    bns: list[BNLayer] = field(default_factory=list)
+    W: Tensor | None = None
+    B: dict[int, Tensor] = field(default_factory=dict)
+    generic: list[Tensor] = field(default_factory=list)
+    generic_rows: list[Tensor] = field(default_factory=list)
+
+    def statistics_rows(self, p: Tensor) -> Tensor | None:
+        """``(B_p W)ᵀ`` ``[NC, numel]``: the statistics part of ``p``'s rows, or ``None``."""
+        if self.W is None or id(p) not in self.B:
+            return None
+        return self.W.T @ self.B[id(p)]
+
+    def statistics_term(self, p: Tensor, weights: Tensor) -> Tensor | None:
+        """``(B_p W w_k)`` rows ``[K, numel]`` for coefficient rows ``weights``, or ``None``."""
+        if self.W is None or id(p) not in self.B:
+            return None
+        return (weights @ self.W.T) @ self.B[id(p)]
+
+
+def factor_products(f: Factors, weights: Tensor) -> Tensor:
+    """``(V w_k)ᵀ`` for rows ``w_k`` of ``weights`` ``[K, NC]``: ``[K, D]``, no backward pass.
+
+    Local layer: ``V w = Σ_n (Σ_c w_{nc} g_{nc})ᵀ A_n``; explicit rows are multiplied;
+    under ``BN_SPLIT`` the statistics term ``B_p W w`` is added.
+    """
+    lin = f.lin
+    K, C, NS = weights.shape[0], lin.num_columns_per_sample, lin.num_samples
+    result: dict[int, Tensor] = {}
+    for la in f.layers:
+        if la.local:
+            g = la.grad_matrix()  # [NC, P, O]
+            P, O = g.shape[1:]
+            # gw[n, (p, o), k] = Σ_c g[n·C + c, p, o] w[k, n·C + c]: [NS, P·O, K]
+            gw = torch.bmm(
+                g.reshape(NS, C, P * O).transpose(1, 2),
+                weights.reshape(K, NS, C).permute(1, 2, 0),
+            ).reshape(NS * P, O * K)
+            if la.weight is not None:
+                A_s = la.A[lin.sample_index].reshape(NS * P, -1)  # [NS·P, I]
+                w_t = (A_s.T @ gw).reshape(-1, O, K)  # [I, O, K]
+                result[id(la.weight)] = w_t.permute(2, 1, 0).reshape(K, -1)
+            if la.bias is not None:
+                result[id(la.bias)] = gw.sum(0).reshape(O, K).T
+        else:
+            flat = weights @ torch.cat(la.explicit)
+            for p, part in zip(
+                la.params, flat.split([p.numel() for p in la.params], 1)
+            ):
+                result[id(p)] = part
+    for bn in f.bns:
+        for p, rows in zip(bn.params, bn.affine_rows()):
+            result[id(p)] = weights @ rows
+    for p, rows in zip(f.generic, f.generic_rows):
+        result[id(p)] = weights @ rows
+    for p in lin.fmodel.params:
+        extra = f.statistics_term(p, weights)
+        if extra is not None:
+            result[id(p)] = result[id(p)] + extra
+    return lin.fmodel.flatten(
+        [result[id(p)].reshape(K, -1) for p in lin.fmodel.params], batch_dims=1
+    )
+
+
+def self_check(f: Factors) -> bool:
+    """``V w`` from the factors equals a direct full-batch VJP, for a random ``w``."""
+    lin = f.lin
+    dtype, device = lin.outputs.dtype, lin.outputs.device
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    w = torch.randn(1, lin.num_columns, generator=gen, dtype=dtype).to(device)
+    direct = lin.apply_factors(w)[0]
+    mine = factor_products(f, w)[0]
+    tol = SELF_CHECK_RTOL.get(dtype, 1e-2)
+    # relative to the whole vector: a parameter with zero gradient (a bias before
+    # BatchNorm) has only round-off, which must not count as a mismatch
+    scale = max(direct.norm().item(), mine.norm().item(), 1e-30)
+    return bool((direct - mine).norm() <= tol * scale)
+
+
+__all__ = ["Factors", "SELF_CHECK_RTOL", "factor_products", "self_check"]
