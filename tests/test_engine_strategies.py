@@ -1,0 +1,212 @@
+"""Every strategy on every BatchNorm flavour, against the float64 dense reference.
+
+Strategies (``lowrank_ggn.engine.report.Strategy``) are forced through ``strategy=``;
+the Lanczos solver runs on the same cases. Model state is checked bitwise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import BN_CASE_IDS, BN_CASES, CASES
+from utils import (
+    RTOL,
+    assert_spectrum_matches,
+    assert_state_equal,
+    report_close,
+    state_of,
+)
+
+from lowrank_ggn import ggn_spectrum, gram_matrix
+from lowrank_ggn.engine import Solver, Strategy, StrategyUnavailable
+from lowrank_ggn.engine.plan import plan_strategy
+from lowrank_ggn.reference import dense_ggn
+
+STRATEGIES = [None, "bn_split", "columns", "streamed"]
+NORM_CASES = {"layernorm-ce", "groupnorm-mse"}
+#: Lanczos stops at a relative residual of 1e-6 (float64); eigenvalue errors are
+#: about residual² / gap, far below this.
+LANCZOS_RTOL = 1e-8
+
+
+@pytest.fixture(params=BN_CASES, ids=BN_CASE_IDS)
+def bn_case(request):
+    return request.param
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=str)
+def test_every_strategy_is_exact_on_every_batchnorm_flavour(bn_case, strategy):
+    model, loss, X, y = bn_case.make()
+    before = state_of(model)
+    res = ggn_spectrum(model, loss, X, y, eigenvectors=True, strategy=strategy)
+    assert_state_equal(before, model)
+    G = dense_ggn(model, loss, X, y)
+    assert_spectrum_matches(res.eigenvalues, G)
+    E = res.eigenvectors
+    lam_max = res.eigenvalues[0].item()
+    report_close(
+        G @ E.T,
+        E.T * res.eigenvalues,
+        rtol=RTOL * lam_max / G.abs().max().item(),
+        name="G e - λ e",
+    )
+    report = res.engine_report
+    assert report.solver is Solver.DENSE
+    if strategy is None:
+        assert report.strategy is Strategy.BN_SPLIT, (
+            report
+        )  # the cost model's pick here
+    else:
+        assert report.strategy is Strategy(strategy), report
+
+
+def test_lanczos_top_k_is_exact_on_every_batchnorm_flavour(bn_case):
+    model, loss, X, y = bn_case.make()
+    before = state_of(model)
+    res = ggn_spectrum(model, loss, X, y, top_k=3, solver="lanczos", eigenvectors=True)
+    assert_state_equal(before, model)
+    G = dense_ggn(model, loss, X, y)
+    dense = torch.linalg.eigvalsh(G).flip(0)[:3]
+    report_close(res.eigenvalues, dense, rtol=LANCZOS_RTOL, name="Lanczos eigenvalues")
+    E = res.eigenvectors
+    residual = (G @ E.T - E.T * res.eigenvalues).norm(dim=0).max().item()
+    assert residual <= 1e-5 * dense[0].item()
+    assert res.engine_report.solver is Solver.LANCZOS
+    assert res.engine_report.strategy is Strategy.STREAMED
+
+
+def test_gram_matrix_equal_across_strategies(case):
+    """The Gram itself (not only its spectrum) is the same for every strategy."""
+    model, loss, X, y = case.make()
+    expected = gram_matrix(model, loss, X, y, engine="generic")
+    for strategy in ("columns", "streamed", "bn_split"):
+        try:
+            gram = gram_matrix(model, loss, X, y, strategy=strategy)
+        except StrategyUnavailable:
+            # LayerNorm/GroupNorm parameters are outside Linear, Conv2d and BatchNorm
+            assert strategy == "bn_split" and case.name in NORM_CASES
+            continue
+        report_close(gram, expected, name=strategy)
+
+
+def test_split_pass_counts():
+    """bn_split: C frozen passes plus one direction per BatchNorm statistic."""
+    model, loss, X, y = next(
+        c for c in BN_CASES if c.name == "bn-mixed-train-eval-ce"
+    ).make()
+    report = ggn_spectrum(model, loss, X, y, top_k=1, strategy="bn_split").engine_report
+    C = 3
+    assert report.passes == {"forward": 1, "backward": C, "statistics": 2 * 5}
+
+
+def test_streamed_pass_counts():
+    model, loss, X, y = next(c for c in CASES if c.name == "bn2d-train-ce").make()
+    report = ggn_spectrum(model, loss, X, y, top_k=1, strategy="streamed").engine_report
+    NC = 5 * 3
+    assert report.passes == {"forward": 1, "backward": NC, "jvp": NC}
+
+
+def test_mixing_beyond_batchnorm_falls_back_from_split_to_columns():
+    """A module that mixes samples besides BatchNorm: bn_split's self-check fails."""
+
+    class MixLast(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x[:-1], x[-1:] + 0.5 * x[-2:-1]])
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4),
+        torch.nn.BatchNorm1d(4),
+        MixLast(),
+        torch.nn.Tanh(),
+        torch.nn.Linear(4, 2),
+    ).double()
+    loss = torch.nn.MSELoss()
+    X, y = (
+        torch.randn(5, 3, dtype=torch.float64),
+        torch.randn(5, 2, dtype=torch.float64),
+    )
+    res = ggn_spectrum(model, loss, X, y)
+    assert res.engine_report.strategy is Strategy.COLUMNS
+    assert "bn_split failed its self-check" in res.engine_report.fallback
+    assert_spectrum_matches(res.eigenvalues, dense_ggn(model, loss, X, y))
+
+
+def test_columns_over_budget_falls_back_to_streamed():
+    """LayerNorm parameters rule out bn_split; columns' blocks exceed the budget."""
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 6),
+        torch.nn.BatchNorm1d(6),
+        torch.nn.LayerNorm(6),
+        torch.nn.Linear(6, 3),
+    ).double()
+    loss = torch.nn.CrossEntropyLoss()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    budget = 18 * 18 * 8 + 3 * 6 * 3 * 8 + 800  # Gram + S fit; explicit blocks do not
+    res = ggn_spectrum(model, loss, X, y, memory_budget=budget)
+    assert res.engine_report.strategy is Strategy.STREAMED, res.engine_report
+    assert_spectrum_matches(res.eigenvalues, dense_ggn(model, loss, X, y))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(strategy="fast"), "strategy must be None"),
+        (
+            dict(strategy="columns", engine="generic"),
+            "strategy applies to engine='layerwise'",
+        ),
+        (dict(solver="arpack"), "solver must be one of"),
+        (dict(solver="lanczos"), "needs top_k"),
+        (dict(solver="auto"), "needs top_k"),
+        (dict(solver="lanczos", top_k=2, param_groups=[]), "works on the whole GGN"),
+    ],
+)
+def test_bad_options_are_refused_before_any_model_call(kwargs, match):
+    class Exploding(torch.nn.Linear):
+        def forward(self, x):
+            raise AssertionError("the model must not be called")
+
+    model = Exploding(3, 2).double()
+    X, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    with pytest.raises(ValueError, match=match):
+        ggn_spectrum(model, torch.nn.CrossEntropyLoss(), X, y, **kwargs)
+
+
+def test_forced_strategies_that_do_not_apply():
+    model, loss, X, y = next(c for c in CASES if c.name == "bn2d-train-ce").make()
+    before = state_of(model)
+    with pytest.raises(StrategyUnavailable, match="strategy='per_sample' is invalid"):
+        ggn_spectrum(model, loss, X, y, strategy="per_sample")
+    assert_state_equal(before, model)
+    model, loss, X, y = next(c for c in CASES if c.name == "layernorm-ce").make()
+    with pytest.raises(ValueError, match="strategy='bn_split' needs every parameter"):
+        ggn_spectrum(model, loss, X, y, strategy="bn_split")
+
+
+def test_auto_solver_picks_lanczos_only_when_cheaper():
+    model, loss, X, y = next(c for c in CASES if c.name == "bn2d-train-ce").make()
+    res = ggn_spectrum(model, loss, X, y, top_k=1, solver="auto")
+    assert res.engine_report.solver is Solver.DENSE  # NC = 15 columns: dense is cheap
+
+
+def test_plan_prefers_split_then_columns_then_streamed():
+    """The cost model in isolation: counts and budgets decide."""
+    from lowrank_ggn.engine.capture import BNLayer, Layer
+
+    lin_layer = torch.nn.Linear(4, 4)
+    la = Layer(
+        "0", lin_layer, lin_layer.weight, lin_layer.bias, outputs=[torch.zeros(100, 4)]
+    )
+    bn_mod = torch.nn.BatchNorm1d(4)
+    bn = BNLayer("1", bn_mod, None, None, output=torch.zeros(100, 4))
+    order = {id(lin_layer): 0, id(bn_mod): 1}
+    common = dict(per_sample=False, C=10, layers=[la], bns=[bn], order=order, item=8)
+    plan = plan_strategy(NC=1000, generic_numel=0, budget=2**30, **common)
+    assert plan.strategy is Strategy.BN_SPLIT
+    assert plan.estimates[Strategy.BN_SPLIT] < plan.estimates[Strategy.COLUMNS]
+    plan = plan_strategy(NC=1000, generic_numel=7, budget=2**30, **common)
+    assert plan.strategy is Strategy.COLUMNS  # a parameter outside Linear/Conv/BN
+    plan = plan_strategy(NC=1000, generic_numel=7, budget=10**4, **common)
+    assert plan.strategy is Strategy.STREAMED  # columns' explicit rows do not fit
