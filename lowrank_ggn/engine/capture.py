@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import unfold
 
+from lowrank_ggn.engine.accumulate import weight_rows
 from lowrank_ggn.sample_mixing import uses_batch_statistics
 
 
@@ -111,7 +112,7 @@ class Layer:
         """Rows ``V_i = Σ_n g_{i,n}ᵀ A_n`` for gradients ``g`` ``[B, N, P, O]``: ``[B, D_l]``."""
         blocks = []
         if self.weight is not None:
-            w = torch.einsum("bnpo,npi->boi", g, self.A)
+            w = weight_rows(g, self.A)
             blocks.append(w.reshape(g.shape[0], -1))
         if self.bias is not None:
             blocks.append(g.sum(dim=(1, 2)))
@@ -132,6 +133,10 @@ class BNLayer:
         xhat: ``(x − μ) r`` ``[N, K, *pos]``, detached.
         sums: Per column, ``Σ_pos δ`` and ``Σ_pos δ ⊙ x̂`` of the frozen output
             cotangent ``δ``, each ``[NC, K]``.
+        calls: How often the module ran in the forward pass (captured if once).
+        batch_stats: Whether it normalises with batch statistics (else running
+            statistics, constants).
+        input: ``x`` in the graph (identifies the layer that feeds it).
     """
 
     name: str
@@ -146,6 +151,7 @@ class BNLayer:
     sums: tuple[list[Tensor], list[Tensor]] = field(default_factory=lambda: ([], []))
     calls: int = 0
     batch_stats: bool = True
+    input: Tensor | None = None
 
     @property
     def params(self) -> list[Tensor]:
@@ -256,6 +262,7 @@ def _recompute_bn(bn: BNLayer, x: Tensor, switch: FreezeSwitch) -> Tensor:
     if m.weight is not None:
         y = y * m.weight.view(shape) + m.bias.view(shape)
     bn.mean, bn.inv_std, bn.xhat, bn.output = mean, inv_std, xhat.detach(), y
+    bn.input = x
     gamma = m.weight.detach() if m.weight is not None else torch.ones_like(mean)
     bn.gamma = gamma.detach()
     bn.calls += 1

@@ -195,8 +195,10 @@ class _Engine:
                 )
             stat_bns = [bn for bn in bns if bn.batch_stats]
             below, _ = split_shape(self.layers, bns, self.order)
+            in_layers = {id(p) for la in self.layers for p in la.params}
+            others = [p for p in lin.fmodel.params if id(p) not in in_layers]
             B = statistics_directions(
-                stat_bns, list(lin.fmodel.params), below, self.budget, report, self.tick
+                stat_bns, self.layers, others, below, self.budget, report, self.tick
             )
             W = torch.cat([bn.coefficients() for bn in stat_bns]) if stat_bns else None
             return Factors(lin, self.layers, bns, W, B)
@@ -308,7 +310,12 @@ class _Engine:
         self.report.strategy = strategy
         if strategy is Strategy.STREAMED:
             return streamed_gram(
-                self.lin, self.budget, self._masks(), self.report, self.tick
+                self.lin,
+                self.budget,
+                self._masks(),
+                self.report,
+                self.tick,
+                (out, self.layers),
             )
         f = self.backward(out, strategy)
         if not self_check(f):
