@@ -210,3 +210,15 @@ def test_plan_prefers_split_then_columns_then_streamed():
     assert plan.strategy is Strategy.COLUMNS  # a parameter outside Linear/Conv/BN
     plan = plan_strategy(NC=1000, generic_numel=7, budget=10**4, **common)
     assert plan.strategy is Strategy.STREAMED  # columns' explicit rows do not fit
+
+
+def test_forced_strategy_that_cannot_fit_is_refused_before_backward_passes():
+    """bn_split holds 2K × D_up statistics rows; a budget below that is refused."""
+    model, loss, X, y = next(c for c in CASES if c.name == "bn2d-train-ce").make()
+    before = state_of(model)
+    budget = 15 * 15 * 8 + 3 * 5 * 3 * 8 + 64  # Gram and S fit, the factors do not
+    with pytest.raises(MemoryError, match="strategy='bn_split' needs about"):
+        ggn_spectrum(model, loss, X, y, strategy="bn_split", memory_budget=budget)
+    assert_state_equal(before, model)
+    res = ggn_spectrum(model, loss, X, y, memory_budget=budget)
+    assert res.engine_report.strategy is Strategy.STREAMED

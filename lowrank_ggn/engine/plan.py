@@ -23,7 +23,7 @@ Kronecker layers) is the same for the first three. The cheapest strategy that fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lowrank_ggn.engine.capture import BNLayer, Layer
 from lowrank_ggn.engine.report import Strategy
@@ -36,6 +36,19 @@ class Plan:
     strategy: Strategy
     estimates: dict[Strategy, float]
     reason: str
+    memory: dict[Strategy, float] = field(default_factory=dict)
+
+    def check_memory(self, strategy: Strategy, budget: int) -> None:
+        """Raise ``MemoryError`` if a (forced) strategy would exceed ``budget``."""
+        need = self.memory.get(strategy, 0.0)
+        if need > budget:
+            fits = [s.value for s, m in self.memory.items() if m <= budget]
+            raise MemoryError(
+                f"strategy={strategy.value!r} needs about {need / 2**30:.2f} GiB for its "
+                f"factors, more than memory_budget={budget / 2**30:.2f} GiB; use "
+                f"strategy=None (the cost model picks one that fits: {fits}), or raise "
+                "memory_budget."
+            )
 
 
 def split_shape(
@@ -80,6 +93,7 @@ def plan_strategy(
             {Strategy.PER_SAMPLE: float(C)},
             "sample-independent model: C backward passes",
         )
+    # per column, the layer-output gradients that local layers keep
     local = NC * sum(la.outputs[0][0].numel() for la in layers) * item
     total_acts = sum(la.outputs[0].numel() for la in layers) + sum(
         b.output.numel() for b in bns
@@ -110,7 +124,7 @@ def plan_strategy(
     }[best]
     if best is Strategy.STREAMED and len(fits) > 1:
         why = "streamed VJP/JVP blocks are the cheapest"
-    return Plan(best, estimates, why)
+    return Plan(best, estimates, why, memory)
 
 
 __all__ = ["Plan", "plan_strategy", "split_shape"]

@@ -150,6 +150,7 @@ class _Engine:
                 "strategy='bn_split' needs every parameter in a Linear, Conv2d or "
                 f"BatchNorm module; {', '.join(names[:4])} are not. Use strategy=None."
             )
+        plan.check_memory(self.forced, self.budget)
         self.report.reason = f"forced by strategy={self.forced.value!r}"
         self._start_progress(self.forced)
         return self.forced

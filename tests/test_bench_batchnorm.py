@@ -1,0 +1,43 @@
+"""The BatchNorm benchmark runs end to end in quick mode (timings are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_batchnorm.py"
+PARTS = {"bn_vs_plain", "resnet18", "lanczos"}
+
+
+def test_bench_batchnorm_quick_mode(tmp_path):
+    out = tmp_path / "results"
+    cwd = tmp_path / "elsewhere"  # the script must not depend on the working directory
+    cwd.mkdir()
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--threads", "1"]
+    proc = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "batchnorm_quick.json").read_text())
+    assert set(result["parts"]) == PARTS
+    assert {"cpu", "cores", "torch"} <= set(result["machine"])
+    for part in PARTS:
+        records = result["parts"][part]["records"]
+        assert records, part
+        # every row is a measurement or a skip (an optional keyword this lowrank_ggn
+        # lacks, a peer not installed); an error row is a failure
+        for r in records:
+            assert "error" not in r, r
+            assert ("time_s" in r) + ("skipped" in r) == 1, r
+    # the BN variant of the tiny net measured against its plain twin
+    bn = result["parts"]["bn_vs_plain"]
+    assert {r["model"] for r in bn["records"]} == {"tiny", "tiny-plain"}
+    assert bn["ratios"] and bn["ratios"][0]["N"] == 8
+    resnet = result["parts"]["resnet18"]["records"]
+    assert {r["model"] for r in resnet} == {"resnet18", "resnet18-eval"}
+    assert all("peak_rss_bytes" in r for r in resnet if "time_s" in r)
+    assert {t["part"] for t in result["targets"]} == {"resnet18", "lanczos"}
+    md = (out / "batchnorm_quick.md").read_text()
+    assert "Machine: cpu=" in md and "## Targets" in md
