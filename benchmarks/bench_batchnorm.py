@@ -59,6 +59,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,7 @@ class Case:
     k: int
     kwargs: dict = dataclasses.field(default_factory=dict)  # for ggn_spectrum
     quick: bool = False
+    pythonpath: str | None = None  # import lowrank_ggn from here (--previous)
 
 
 def cases(part: str, args) -> list[Case]:
@@ -113,6 +115,10 @@ def cases(part: str, args) -> list[Case]:
             if q or N in args.columns_n:
                 columns = {**ev, "strategy": "columns"}
                 out.append(Case(part, "lowrank_ggn[columns]", bn, N, k, columns, q))
+                if args.previous_dir:
+                    out.append(
+                        Case(part, "previous", bn, N, k, ev, q, args.previous_dir)
+                    )
         return out
     if part == "resnet18":
         ev = {"eigenvectors": k}
@@ -216,7 +222,12 @@ def lowrank(model, loss, X, y, k: int, kwargs: dict):
     from lowrank_ggn import ggn_spectrum
 
     res = ggn_spectrum(model, loss, X, y, **call_kwargs(kwargs))
-    info = {"num_nonzero": int(res.eigenvalues.numel())}
+    import lowrank_ggn
+
+    info = {
+        "num_nonzero": int(res.eigenvalues.numel()),
+        "package": str(Path(lowrank_ggn.__file__).parent),  # which release ran
+    }
     if kwargs.get("eigenvectors"):
         wanted = res.eigenvalues.numel()
         if kwargs["eigenvectors"] is not True:
@@ -355,9 +366,19 @@ def run_case(case: Case, args) -> dict:
         "--threads",
         str(args.threads),
     ]
+    env = dict(os.environ)
+    if case.pythonpath:  # the previous release shadows the installed package
+        env["PYTHONPATH"] = os.pathsep.join(
+            [case.pythonpath, *filter(None, [env.get("PYTHONPATH")])]
+        )
     try:
         proc = subprocess.run(
-            cmd, check=False, capture_output=True, text=True, timeout=args.timeout
+            cmd,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=args.timeout,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         err = f"timed out after {args.timeout} s"
@@ -435,6 +456,7 @@ def analyse(part: str, records: list[dict]) -> dict:
                 None,
             )
             cols = find(records, N=N, method="lowrank_ggn[columns]")
+            prev = find(records, N=N, method="previous")
             rows.append(
                 {
                     "N": N,
@@ -443,6 +465,9 @@ def analyse(part: str, records: list[dict]) -> dict:
                     else None,
                     "columns_over_bn_time": cols["time_s"] / bn["time_s"]
                     if ok(cols) and ok(bn)
+                    else None,
+                    "previous_over_bn_time": prev["time_s"] / bn["time_s"]
+                    if ok(prev) and ok(bn)
                     else None,
                     "same_nonzero_count_columns": cols["num_nonzero"]
                     == bn["num_nonzero"]
@@ -535,10 +560,30 @@ def targets(parts: dict) -> list[dict]:
     return out
 
 
+def export_previous(rev: str | None) -> str | None:
+    """``lowrank_ggn`` as of git revision ``rev``, unpacked into a temporary folder."""
+    if rev is None:
+        return None
+    root = HERE.parent
+    target = Path(tempfile.mkdtemp(prefix="lowrank_ggn_previous_"))
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", rev, "lowrank_ggn"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return str(target)
+
+
 def drive(args) -> dict:
+    args.previous_dir = export_previous(args.previous)
     parts = {}
-    for part in args.only or PARTS:
-        parts[part] = [run_case(case, args) for case in cases(part, args)]
+    try:
+        for part in args.only or PARTS:
+            parts[part] = [run_case(case, args) for case in cases(part, args)]
+    finally:
+        if args.previous_dir:
+            shutil.rmtree(args.previous_dir, ignore_errors=True)
     when = time.strftime("%Y-%m-%d %H:%M")
     return {
         "machine": machine(args.device),
@@ -633,13 +678,16 @@ def markdown(result: dict, tag: str) -> str:
         lines += [record_row(r) for r in p["records"]]
         lines += [
             "",
-            "| N | t(BN) / t(plain) | t(columns) / t(BN) | columns and BN: same rank |",
-            "|---|---|---|---|",
+            "| N | t(BN) / t(plain) | t(columns) / t(BN) | t(previous) / t(BN) "
+            "| columns and BN: same rank |",
+            "|---|---|---|---|---|",
         ]
         for q in p["ratios"]:
             lines.append(
                 f"| {q['N']} | {fmt(q['bn_over_plain_time'])} | "
-                f"{fmt(q['columns_over_bn_time'])} | {fmt(q['same_nonzero_count_columns'])} |"
+                f"{fmt(q['columns_over_bn_time'])} | "
+                f"{fmt(q.get('previous_over_bn_time'))} | "
+                f"{fmt(q['same_nonzero_count_columns'])} |"
             )
     if "resnet18" in parts:
         lines += [
@@ -718,6 +766,12 @@ def main() -> None:
         nargs="+",
         default=[64, 128, 256],
         help="batch sizes of part bn_vs_plain",
+    )
+    p.add_argument(
+        "--previous",
+        metavar="REV",
+        help="git revision of the previous release: part bn_vs_plain also runs its "
+        "engine (one full-batch pass per column) at the --columns-n batch sizes",
     )
     p.add_argument(
         "--columns-n",

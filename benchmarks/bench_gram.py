@@ -113,7 +113,11 @@ def lowrank(model, loss, X, y, k):
     res = ggn_spectrum(model, loss, X, y, eigenvectors=k)
     assert res.eigenvectors.shape[0] == min(k, res.rank)
     assert torch.isfinite(res.eigenvectors).all()
-    info = {"num_nonzero": res.rank, "path": res.path.name, "engine": str(res.engine_report)}
+    info = {
+        "num_nonzero": res.rank,
+        "path": res.path.name,
+        "engine": str(res.engine_report),
+    }
     return res.eigenvalues[:k], info
 
 

@@ -24,7 +24,6 @@ eigenvectors are requested, eigenpairs below the default threshold are dropped (
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,23 +31,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lowrank_ggn._progress import PassProgress
 from lowrank_ggn._state import model_preserved
 from lowrank_ggn._validation import (
     check_linearization_memory,
     check_options,
-    resolve_memory_budget,
 )
-from lowrank_ggn.engine import EngineReport, Solver, Strategy
-from lowrank_ggn.engine.streamed import GramOperator, block_width
+from lowrank_ggn.engine import EngineReport, Solver
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization
 from lowrank_ggn.gram import check_engine, gram_from_linearization, linearize_request
-from lowrank_ggn.lanczos import top_eigenpairs
-from lowrank_ggn.sample_mixing import PER_SAMPLE, EnginePath, batch_statistic_modules
-
-#: Cost model of ``solver="auto"``: operator products (one VJP plus one JVP each) that
-#: block Lanczos needs per wanted eigenpair, measured on decaying spectra.
-LANCZOS_PRODUCTS_PER_EIGENPAIR = 5
+from lowrank_ggn.sample_mixing import EnginePath
+from lowrank_ggn.solvers import (
+    check_solver,
+    choose_solver,
+    lanczos_eigenpairs,
+)
 
 
 class NearZeroEigenvalueWarning(UserWarning):
@@ -178,116 +174,6 @@ def _check_eigenvectors(eigenvectors: bool | int) -> None:
         )
 
 
-def check_solver(
-    solver: str, top_k: int | None, param_groups: object, engine: str
-) -> Solver:
-    """Check ``solver`` against the other options (before any model call)."""
-    names = tuple(s.value for s in Solver)
-    if solver not in names:
-        raise ValueError(f"solver must be one of {names}; got {solver!r}.")
-    chosen = Solver(solver)
-    if chosen is Solver.DENSE:
-        return chosen
-    if top_k is None:
-        raise ValueError(
-            f"solver={solver!r} needs top_k: a matrix-free solver finds the top_k "
-            "eigenpairs only. Pass top_k=k, or use solver='dense' for every "
-            "nonzero eigenvalue."
-        )
-    if param_groups is not None or engine != "layerwise":
-        raise ValueError(
-            f"solver={solver!r} works on the whole GGN with engine='layerwise'; drop "
-            "param_groups/engine, or use solver='dense'."
-        )
-    return chosen
-
-
-def choose_solver(lin: Linearization, top_k: int) -> Solver:
-    """``"auto"``: Lanczos where its products are cheaper than the Gram's passes.
-
-    Dense work (full-batch pass equivalents, :mod:`lowrank_ggn.engine.plan`) is ``C``
-    on the per-sample path and at most ``min(N·C, C + Σ_l 2K_l)`` otherwise; Lanczos
-    needs about :data:`LANCZOS_PRODUCTS_PER_EIGENPAIR` · ``top_k`` products of two
-    passes each.
-    """
-    C, NC = lin.num_columns_per_sample, lin.num_columns
-    if lin.path.name == PER_SAMPLE:
-        dense = C
-    else:
-        model = lin.fmodel.model
-        stats = sum(
-            2 * model.get_submodule("" if n == "<root>" else n).num_features
-            for n in batch_statistic_modules(model)
-        )
-        dense = min(NC, C + stats) if stats else NC
-    lanczos = 2 * LANCZOS_PRODUCTS_PER_EIGENPAIR * top_k
-    return Solver.LANCZOS if lanczos < dense else Solver.DENSE
-
-
-def lanczos_block_size(k: int, device: torch.device) -> int:
-    """Columns per Lanczos block: narrow on CPUs, where products run one by one.
-
-    Narrow blocks need the fewest products in all: for ``k = 10`` on 3c3d with
-    train-mode BatchNorm (``N = 128``, float32) blocks of 4, 6 and 8 took 44, 54 and
-    72 products; on synthetic GGN-like spectra blocks of 20 take 100–140. On
-    accelerators a block is one batched pass, so wider blocks (fewer calls) pay.
-    """
-    if device.type == "cpu":
-        return max(2, min(k, 4))
-    return max(2 * k, k + 8)
-
-
-def lanczos_eigenpairs(
-    lin: Linearization,
-    top_k: int,
-    rtol: float | None,
-    memory_budget: float | None,
-    progress: bool | None,
-) -> tuple[Tensor, Tensor, float]:
-    """Top-``k`` eigenpairs of ``𝒢 = Sᵀ J Jᵀ S`` without forming it (block Lanczos).
-
-    Each operator product is one batched VJP and one batched JVP
-    (:class:`lowrank_ggn.engine.streamed.GramOperator`); blocks are pushed through
-    together. Eigenvalues at or below the zero threshold are dropped.
-    """
-    report = EngineReport(Strategy.STREAMED, solver=Solver.LANCZOS)
-    report.reason = "matrix-free: block Lanczos on the Gram operator"
-    lin.engine_report = report
-    NC = lin.num_columns
-    k = min(top_k, NC)
-    budget = int(min(resolve_memory_budget(memory_budget), 2**62))
-    width = block_width(lin, budget)
-    bar = PassProgress(progress, desc="GGN Lanczos products")
-
-    expected = LANCZOS_PRODUCTS_PER_EIGENPAIR * k
-    op = GramOperator(lin, report, expected_jvps=expected)
-
-    def matmat(U: Tensor) -> Tensor:
-        start = time.perf_counter()
-        parts = [op.apply(U[:, i : i + width])[0] for i in range(0, U.shape[1], width)]
-        if bar.bar is None and report.passes.get("backward", 0) == U.shape[1]:
-            per_product = (time.perf_counter() - start) / U.shape[1]
-            bar.start(expected, seconds=per_product * expected)
-        bar(U.shape[1])
-        return torch.cat(parts, dim=1)
-
-    try:
-        evals, evecs, _ = top_eigenpairs(
-            matmat,
-            NC,
-            k,
-            dtype=lin.outputs.dtype,
-            device=lin.outputs.device,
-            block_size=lanczos_block_size(k, lin.outputs.device),
-        )
-    finally:
-        bar.close()
-    rtol = default_rtol(NC, evals.dtype) if rtol is None else rtol
-    threshold = rtol * max(evals[0].item(), 0.0) if evals.numel() else 0.0
-    keep = int((evals > threshold).sum()) if threshold > 0 else 0
-    return evals[:keep], evecs[:, :keep], threshold
-
-
 def _result(
     lin: Linearization,
     gram: Tensor | tuple[Tensor, Tensor, float],
@@ -389,7 +275,8 @@ def ggn_spectrum(
             eigenvalue), ``"lanczos"`` (matrix-free block Lanczos on the Gram
             operator, one batched VJP and JVP per block; needs ``top_k``) or
             ``"auto"`` (Lanczos when ``top_k`` is given and the cost model of
-            :func:`choose_solver` favours it). ``.engine_report.solver`` says which ran.
+            :func:`lowrank_ggn.solvers.choose_solver` favours it).
+            ``.engine_report.solver`` says which ran.
         progress: Progress bar on stderr (``None``: for calls estimated to take
             more than a few seconds).
 
@@ -438,7 +325,11 @@ def ggn_spectrum(
             if chosen is Solver.DENSE:
                 check_linearization_memory(lin, memory_budget, engine)
         if chosen is Solver.LANCZOS:
-            pairs = lanczos_eigenpairs(lin, top_k, rtol, memory_budget, progress)
+            evals, evecs = lanczos_eigenpairs(lin, top_k, memory_budget, progress)
+            rtol = default_rtol(lin.num_columns, evals.dtype) if rtol is None else rtol
+            threshold = rtol * max(evals[0].item(), 0.0)
+            keep = int((evals > threshold).sum()) if threshold > 0 else 0
+            pairs = evals[:keep], evecs[:, :keep], threshold
             return _result(lin, pairs, top_k, eigenvectors, rtol, chunk)
         grams = gram_from_linearization(
             lin, chunk, engine, memory_budget, columns, forced, progress

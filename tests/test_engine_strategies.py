@@ -222,3 +222,16 @@ def test_forced_strategy_that_cannot_fit_is_refused_before_backward_passes():
     assert_state_equal(before, model)
     res = ggn_spectrum(model, loss, X, y, memory_budget=budget)
     assert res.engine_report.strategy is Strategy.STREAMED
+
+
+@pytest.mark.parametrize("solver", ["dense", "lanczos"])
+def test_progress_bar_on_stderr_only_when_asked(capsys, solver):
+    model, loss, X, y = next(c for c in CASES if c.name == "bn2d-train-ce").make()
+    kwargs = dict(top_k=2, solver=solver)
+    ggn_spectrum(model, loss, X, y, progress=True, **kwargs)
+    out = capsys.readouterr()
+    assert "GGN" in out.err and out.out == ""
+    ggn_spectrum(model, loss, X, y, progress=False, **kwargs)
+    assert capsys.readouterr().err == ""
+    ggn_spectrum(model, loss, X, y, **kwargs)  # None: a tiny call shows nothing
+    assert capsys.readouterr().err == ""

@@ -218,6 +218,19 @@ def capturable(model: nn.Module, selected: set[int]) -> dict[str, nn.Module]:
     return found
 
 
+def captured_layers(model: nn.Module, selected: set[int]) -> list[Layer]:
+    """A :class:`Layer` record for every :func:`capturable` module (selected params)."""
+    return [
+        Layer(
+            name,
+            m,
+            m.weight if id(m.weight) in selected else None,
+            m.bias if m.bias is not None and id(m.bias) in selected else None,
+        )
+        for name, m in capturable(model, selected).items()
+    ]
+
+
 def batch_norm_layers(model: nn.Module, selected: set[int]) -> list[BNLayer]:
     """Every BatchNorm module (``SyncBatchNorm`` excluded), flagged by its statistics.
 
@@ -302,4 +315,5 @@ __all__ = [
     "batch_norm_layers",
     "capturable",
     "capture",
+    "captured_layers",
 ]

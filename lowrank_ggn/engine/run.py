@@ -35,8 +35,8 @@ from lowrank_ggn.engine.capture import (
     FreezeSwitch,
     Layer,
     batch_norm_layers,
-    capturable,
     capture,
+    captured_layers,
 )
 from lowrank_ggn.engine.plan import plan_strategy, split_shape
 from lowrank_ggn.engine.report import EngineReport, LayerTreatment, Strategy
@@ -66,15 +66,7 @@ class _Engine:
         self.forced = forced
         fm = lin.fmodel
         selected = {id(p) for p in fm.params}
-        self.layers = [
-            Layer(
-                name,
-                m,
-                m.weight if id(m.weight) in selected else None,
-                m.bias if m.bias is not None and id(m.bias) in selected else None,
-            )
-            for name, m in capturable(fm.model, selected).items()
-        ]
+        self.layers = captured_layers(fm.model, selected)
         for la in self.layers:
             la.local = la.name not in forced_mixing
         self.per_sample = lin.path.name == PER_SAMPLE

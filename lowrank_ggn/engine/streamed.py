@@ -32,7 +32,7 @@ from torch.func import jvp, linearize, vmap
 
 from lowrank_ggn.engine.accumulate import weight_rows
 from lowrank_ggn.engine.backprop import batched_grad
-from lowrank_ggn.engine.capture import Layer, capturable, capture
+from lowrank_ggn.engine.capture import Layer, capture, captured_layers
 from lowrank_ggn.engine.report import EngineReport
 from lowrank_ggn.factors import Linearization
 
@@ -139,15 +139,7 @@ def capture_forward(
 ) -> tuple[Tensor, list[Layer]]:
     """One forward pass with the graph, capturing ``Linear``/``Conv2d`` layers."""
     selected = {id(p) for p in lin.fmodel.params}
-    layers = [
-        Layer(
-            n,
-            m,
-            m.weight if id(m.weight) in selected else None,
-            m.bias if m.bias is not None and id(m.bias) in selected else None,
-        )
-        for n, m in capturable(lin.fmodel.model, selected).items()
-    ]
+    layers = captured_layers(lin.fmodel.model, selected)
     with torch.enable_grad(), capture(layers, []):
         out = lin.forward_with_graph()
     report.count("forward")

@@ -1,0 +1,60 @@
+"""The capture stage alone: BatchNorm recomputed with its statistics as graph nodes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from utils import report_close
+
+from lowrank_ggn.engine.capture import FreezeSwitch, batch_norm_layers, capture
+
+D = torch.float64
+
+
+@pytest.mark.parametrize(
+    "bn, shape",
+    [
+        (nn.BatchNorm1d(3), (6, 3)),
+        (nn.BatchNorm1d(3), (6, 3, 4)),
+        (nn.BatchNorm2d(3), (5, 3, 4, 4)),
+        (nn.BatchNorm3d(3, affine=False), (4, 3, 2, 2, 2)),
+        (nn.BatchNorm2d(3).eval(), (5, 3, 4, 4)),
+        (nn.BatchNorm2d(3, track_running_stats=False).eval(), (5, 3, 4, 4)),
+    ],
+)
+def test_recomputed_batchnorm_equals_the_module(bn, shape):
+    """Same output as the module, and the frozen backward is ``γ r δ`` per sample."""
+    torch.manual_seed(0)
+    bn = bn.double()
+    if bn.running_mean is not None:
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(shape, dtype=D, requires_grad=True)
+    expected = bn(x.detach().clone())
+    layers = batch_norm_layers(bn, {id(p) for p in bn.parameters()})
+    switch = FreezeSwitch()
+    with capture([], layers, switch):
+        y = bn(x)
+    report_close(y, expected, rtol=1e-12, name="recomputed output")
+    rec = layers[0]
+    assert rec.batch_stats == (bn.training or bn.running_mean is None)
+    delta = torch.randn_like(y)
+    with switch.freeze():
+        (frozen,) = torch.autograd.grad(y, x, delta, retain_graph=True)
+    view = [1, -1] + [1] * (x.dim() - 2)
+    scale = (rec.gamma * rec.inv_std.detach()).view(view)
+    report_close(frozen, scale * delta, rtol=1e-12, name="frozen backward")
+    (true,) = torch.autograd.grad(y, x, delta)
+    if rec.batch_stats:  # the statistics add the BatchNorm correction
+        assert (true - frozen).abs().max() > 1e-6
+    else:
+        report_close(true, frozen, rtol=1e-12, name="running statistics")
+
+
+def test_capture_leaves_no_hook_behind():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()
+    layers = batch_norm_layers(model, set())
+    with capture([], layers, FreezeSwitch()):
+        model(torch.randn(5, 3, dtype=D))
+    assert all(not m._forward_hooks for m in model.modules())
