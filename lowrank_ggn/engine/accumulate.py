@@ -58,14 +58,15 @@ def weight_rows(g: Tensor, A: Tensor) -> Tensor:
     """``Σ_n g_{b,n}ᵀ A_n``: weight gradients ``[B, O, I]`` of ``B`` full-batch columns.
 
     Args:
-        g: Layer-output gradients ``[B, N, P, O]``.
+        g: Layer-output gradients ``[B, N, P, O]`` (for convolutions the transposed
+            view of autograd's ``[B, N, O, P]``, which is multiplied as it lies: no
+            copy of the ``B·N·P·O`` gradients).
         A: Layer inputs ``[N, P, I]``.
 
-    One batched matrix product ``[B, O, N·P] @ [N·P, I]`` (4–5× faster on CPUs
-    than the equivalent ``einsum``, measured).
+    Per sample one product ``[O, P] @ [P, I]``, batched over ``B`` and ``N``, then a
+    sum over ``N``.
     """
-    B, N, P, O = g.shape
-    return torch.matmul(g.reshape(B, N * P, O).transpose(1, 2), A.reshape(N * P, -1))
+    return torch.matmul(g.transpose(2, 3), A).sum(1)
 
 
 def add_dense_linear(gram: Tensor, g: Tensor, A: Tensor) -> None:

@@ -207,7 +207,8 @@ def _channel_rows(la: Layer, g: Tensor, ks: Tensor) -> list[Tensor]:
     """
     B, N, P, O = g.shape
     rows = torch.arange(B, device=g.device)
-    gk = g[rows, :, :, ks]  # [B, N, P]
+    native = g.transpose(2, 3)  # [B, N, O, P], as autograd produced it
+    gk = torch.stack([native[b, :, k] for b, k in enumerate(ks.tolist())])  # [B, N, P]
     blocks = []
     if la.weight is not None:
         I = la.A.shape[-1]

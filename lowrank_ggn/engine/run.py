@@ -284,11 +284,12 @@ class _Engine:
             B = f.B.get(id(la.weight))
             A_s = la.A[lin.sample_index]
             I = A_s.shape[-1]
+            # chunks of at most budget/16: the rows plus syrk's work space
             for chans, rows in acc.explicit_rows(
-                g.reshape(NS, C, P, O), A_s, self.budget
+                g.reshape(NS, C, P, O), A_s, self.budget // 4
             ):
-                if B is not None:
-                    rows = rows + WT @ B[:, chans.start * I : chans.stop * I]
+                if B is not None:  # rows += (B_p W)ᵀ for these channels, in place
+                    rows.addmm_(WT, B[:, chans.start * I : chans.stop * I])
                 acc.symmetric_rank_k_update(grams[self.group_of[id(la.weight)]], rows)
         if la.bias is not None:
             rows = g.sum(1)
