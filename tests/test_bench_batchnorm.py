@@ -38,6 +38,10 @@ def test_bench_batchnorm_quick_mode(tmp_path):
     resnet = result["parts"]["resnet18"]["records"]
     assert {r["model"] for r in resnet} == {"resnet18", "resnet18-eval"}
     assert all("peak_rss_bytes" in r for r in resnet if "time_s" in r)
-    assert {t["part"] for t in result["targets"]} == {"resnet18", "lanczos"}
+    assert {t["part"] for t in result["targets"]} == {
+        "bn_vs_plain",
+        "resnet18",
+        "lanczos",
+    }
     md = (out / "batchnorm_quick.md").read_text()
     assert "Machine: cpu=" in md and "## Targets" in md

@@ -63,10 +63,11 @@ def weight_rows(g: Tensor, A: Tensor) -> Tensor:
             copy of the ``B·N·P·O`` gradients).
         A: Layer inputs ``[N, P, I]``.
 
-    Per sample one product ``[O, P] @ [P, I]``, batched over ``B`` and ``N``, then a
-    sum over ``N``.
+    Per column one batched product ``[N, O, P] @ [N, P, I]`` and a sum over ``N``
+    (a broadcast over ``B`` would copy ``A`` ``B`` times).
     """
-    return torch.matmul(g.transpose(2, 3), A).sum(1)
+    native = g.transpose(2, 3)  # [B, N, O, P]
+    return torch.stack([torch.bmm(native[b], A).sum(0) for b in range(g.shape[0])])
 
 
 def add_dense_linear(gram: Tensor, g: Tensor, A: Tensor) -> None:
