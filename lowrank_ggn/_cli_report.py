@@ -24,6 +24,12 @@ def _fmt(values: Sequence[float]) -> str:
 def _model_report(name: str, e: dict[str, Any]) -> list[str]:
     lines = [f"[{name}]  D = {e['num_params']:,} parameters, {e['origin']}"]
     lines.append(f"  engine path   {e['path']['name']}: {e['path']['reason']}")
+    if e.get("engine"):
+        passes = ", ".join(f"{k} {v}" for k, v in e["engine"]["passes"].items())
+        lines.append(
+            f"  strategy      {e['engine']['strategy']} / {e['engine']['solver']} "
+            f"({passes} passes)"
+        )
     ce = "CrossEntropyLoss" in e["loss"]
     bound = ""
     if ce and e["zoo"] and not e["approximation"]:  # zoo outputs: [N, 10] logits

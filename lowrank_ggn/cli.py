@@ -603,6 +603,11 @@ def analyse(problem: Problem, args: argparse.Namespace) -> dict[str, Any]:
             "reason": res.path.reason,
             "mixing_modules": list(res.path.mixing_modules),
         },
+        engine={
+            "strategy": str(res.engine_report.strategy),
+            "solver": str(res.engine_report.solver),
+            "passes": dict(res.engine_report.passes),
+        },
         trace_check=check,
         approximation={k: v for k, v in approx.items() if k != "generator"} or None,
         **extra,

@@ -44,7 +44,8 @@ class EnginePath:
 
     Attributes:
         name: ``"per_sample"`` (C batched backward passes give all N·C columns) or
-            ``"full_batch"`` (one full-batch vector-Jacobian product per column).
+            ``"full_batch"`` (the columns need full-batch derivatives; how they are
+            obtained is the engine's strategy, :mod:`lowrank_ggn.engine.report`).
         reason: A sentence explaining the choice.
         mixing_modules: Qualified names of modules found to mix samples.
         sample_mixing: ``True`` when the forward pass mixes samples (or could not be
@@ -128,7 +129,8 @@ def choose_path(fmodel: FunctionalModel, inputs: Tensor, outputs: Tensor) -> Eng
         return EnginePath(
             FULL_BATCH,
             f"modules {', '.join(mixing)} normalize with batch statistics, so output n "
-            "depends on every input; each column needs a full-batch backward pass",
+            "depends on every input; the Gram's columns come from full-batch "
+            "derivatives (see engine_report.strategy)",
             tuple(mixing),
             True,
         )

@@ -562,7 +562,8 @@ def _forward_check(
         else (
             f"F_n depends on every input{' through ' + ', '.join(mixing) if mixing else ''}: "
             "per-sample gradients do not exist, only per-component ones; the engine "
-            "uses one full-batch backward pass per column"
+            "differentiates the whole batch (engine_report.strategy: bn_split, "
+            "columns or streamed)"
         )
     )
     return StructureCheck(
