@@ -37,8 +37,13 @@ def _model_report(name: str, e: dict[str, Any]) -> list[str]:
         bound = f"; softmax CE allows at most N·(C−1) = {n * (NUM_CLASSES - 1)}"
     lines.append(
         f"  nonzero       {e['num_nonzero']} eigenvalues of N·C = {e['num_columns']} "
-        f"Gram columns (zero threshold {e['threshold']:.2g}{bound})"
+        f"Gram columns resolved to 1e-3 (Gram summed {e['accumulate']}{bound})"
     )
+    if e["num_unresolved"]:
+        lines.append(
+            f"  unresolved    {e['num_unresolved']} eigenvalues at or below "
+            f"{e['threshold']:.2g} (error model; shaded in the plots)"
+        )
     if e["approximation"]:
         lines.append(
             f"  approximation {e['approximation']} (eigenvalues are estimates)"
@@ -135,7 +140,8 @@ def write_outputs(report: dict[str, Any], out: Path) -> list[Path]:
     (out / "spectrum.json").write_text(json.dumps(public, indent=1))
     written.append(out / "spectrum.json")
     spectra = {_label(n, e): e["eigenvalues"] for n, e in models.items()}
-    fig = plotting.spectrum_figure(spectra)
+    floor = max((e["threshold"] for e in models.values()), default=0.0)
+    fig = plotting.spectrum_figure(spectra, unresolved=floor or None)
     written += plotting.save_figure(fig, out / "spectrum")
     if any("exact_eigenvalues" in e for e in models.values()):
         fig, axes = plotting.new_figure(ncols=len(models))

@@ -440,23 +440,29 @@ _GRAM_ADVICE = (
 
 
 def check_linearization_memory(
-    lin, memory_budget: float | None = None, engine: str = "generic", num_grams: int = 1
+    lin,
+    memory_budget: float | None = None,
+    engine: str = "generic",
+    num_grams: int = 1,
+    gram_itemsize: int | None = None,
 ) -> None:
     """Budget check for a Gram request on a :class:`lowrank_ggn.factors.Linearization`.
 
     Counts the ``num_grams`` Gram matrices ``[N·C, N·C]`` and the factors ``S``
     ``[C, N, *out]``, and for the generic engine ``Vᵀ`` ``[N·C, D]``, all alive while
     the Gram matrix is formed. (The layer-wise engine never holds ``Vᵀ``; it bounds
-    its factor blocks by the same budget while it runs.)
+    its factor blocks by the same budget while it runs.) ``gram_itemsize``: bytes
+    per Gram entry when it is summed in another dtype than the parameters'.
     """
     NC, D = lin.num_columns, lin.fmodel.num_params
+    ratio = (gram_itemsize or lin.outputs.element_size()) / lin.outputs.element_size()
     C, S = lin.num_columns_per_sample, lin.factors.numel()
     parts = {f"loss-Hessian factors S [C={C}, N, *out]": S}
     if num_grams:
         gram = f"Gram matrix [{NC}, {NC}]"
         if num_grams > 1:
             gram = f"Gram matrices {num_grams} × [{NC}, {NC}]"
-        parts[gram] = num_grams * NC * NC
+        parts[gram] = int(num_grams * NC * NC * ratio)
     if engine == "generic":
         parts[f"factors Vᵀ [N·C={NC}, D={D}]"] = NC * D
     check_memory(parts, lin.outputs.element_size(), memory_budget, _GRAM_ADVICE)

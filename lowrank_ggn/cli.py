@@ -593,7 +593,10 @@ def analyse(problem: Problem, args: argparse.Namespace) -> dict[str, Any]:
         extra, extra_lines = structure_and_moments(problem, res.eigenvectors)
     entry.update(
         eigenvalues=res.eigenvalues.tolist(),
+        eigenvalue_errors=res.eigenvalue_errors.tolist(),
         num_nonzero=res.rank,
+        num_unresolved=res.num_unresolved,
+        accumulate=res.accumulate,
         num_columns=res.num_columns,
         threshold=res.threshold,
         top_eigenvalues=top_values.tolist(),

@@ -52,6 +52,7 @@ from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.loss_factors import check_loss_func, check_mc_samples
 from lowrank_ggn.operators import TorchLinearOperator, factors_transpose_apply
 from lowrank_ggn.param_groups import symmetric_gram
+from lowrank_ggn.precision import ErrorModel, accumulation_dtype
 from lowrank_ggn.sample_mixing import EnginePath
 from lowrank_ggn.spectrum import default_rtol, spectrum_from_gram
 
@@ -72,7 +73,8 @@ class DatasetSpectrum:
     """Result of :func:`ggn_spectrum_dataset`.
 
     Attributes:
-        eigenvalues: ``[K]``, descending, above the zero threshold.
+        eigenvalues: ``[K]``, descending: those the error model resolves (dense
+            solver), or above ``Ñ · eps · λ_max`` (Lanczos); or above ``rtol · λ_max``.
         eigenvectors: ``[K, D]`` orthonormal rows (parameters flattened in ``params``
             order), or ``None``.
         paths: The engine path of every batch.
@@ -82,6 +84,9 @@ class DatasetSpectrum:
         threshold: The absolute zero threshold applied.
         gram_eigenvectors: ``[Ñ, K]``, batch-major, then sample-major within a batch.
         solver: ``"dense"`` or ``"lanczos"``.
+        eigenvalue_errors: ``[K]`` error estimates of the dense solver (the Gram is
+            summed in float64 for float32 models; :mod:`lowrank_ggn.precision`);
+            ``None`` for Lanczos, whose zero threshold is the rank rule ``Ñ · eps``.
 
     """
 
@@ -94,6 +99,7 @@ class DatasetSpectrum:
     threshold: float
     gram_eigenvectors: Tensor
     solver: str
+    eigenvalue_errors: Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -225,7 +231,9 @@ def ggn_spectrum_dataset(
         top_k: Return only the ``top_k`` largest eigenvalues (required for
             ``solver="lanczos"``).
         eigenvectors: Also return parameter-space eigenvectors ``[K, D]``.
-        rtol: Relative zero threshold (default ``Ñ · eps``).
+        rtol: Relative zero threshold (default: the error model of
+            :mod:`lowrank_ggn.precision` for the dense solver, ``Ñ · eps`` for
+            Lanczos).
         chunk: Columns per vmapped backward pass.
         path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.
         mc_samples: Monte-Carlo factors with ``M`` columns per sample, drawn batch by
@@ -318,7 +326,7 @@ def ggn_spectrum_dataset(
             threshold = rtol * max(evals[0].item(), 0.0)
             keep = int((evals > threshold).sum()) if evals[0] > 0 else 0
             evals, evecs = evals[:keep], evecs[:, :keep]
-            vectors = None
+            errors, vectors = None, None
             if eigenvectors:
                 parts = torch.split((evecs / evals.sqrt()).T, columns, dim=1)
                 vectors = sum(
@@ -329,10 +337,19 @@ def ggn_spectrum_dataset(
                     vectors = evals.new_zeros(0, lins[0].fmodel.num_params)
         else:
             Vt = torch.cat([s * block for s, block in zip(scales, blocks)])  # [Ñ, D]
-            evals, evecs, threshold = spectrum_from_gram(
-                symmetric_gram(Vt), top_k, rtol
+            acc = accumulation_dtype(Vt.dtype, None)
+            pairs = spectrum_from_gram(
+                symmetric_gram(Vt, acc),
+                top_k,
+                rtol,
+                ErrorModel.of(Vt.dtype, acc, Vt.shape[1]),
             )
-            vectors = (evecs / evals.sqrt()).T @ Vt if eigenvectors else None
+            evals, evecs = pairs.eigenvalues, pairs.vectors
+            threshold, errors = pairs.threshold, pairs.errors.to(Vt.dtype)
+            vectors = None
+            if eigenvectors:
+                vectors = (evecs / evals.sqrt()).T.to(Vt.dtype) @ Vt
+            evals, evecs = evals.to(Vt.dtype), evecs.to(Vt.dtype)
         return DatasetSpectrum(
             evals,
             vectors,
@@ -343,4 +360,5 @@ def ggn_spectrum_dataset(
             threshold,
             evecs,
             solver,
+            errors,
         )

@@ -33,6 +33,7 @@ from lowrank_ggn.param_groups import (
     resolve_param_groups,
     symmetric_gram,
 )
+from lowrank_ggn.precision import accumulation_dtype, check_accumulate
 
 ENGINES = ("layerwise", "generic")
 STRATEGIES = tuple(s.value for s in Strategy if s is not Strategy.GENERIC)
@@ -63,6 +64,7 @@ def gram_from_linearization(
     columns: Sequence[slice] | None = None,
     strategy: Strategy | None = None,
     progress: bool | None = None,
+    accumulate: str | None = None,
 ) -> Tensor | list[Tensor]:
     """``Vᵀ V`` ``[N·C, N·C]`` for a linearised model (symmetric by construction).
 
@@ -83,11 +85,15 @@ def gram_from_linearization(
             (``None``: the cost model of :mod:`lowrank_ggn.engine.plan` chooses).
         progress: Progress bar on stderr (``None``: for calls estimated to take more
             than a few seconds).
+        accumulate: ``None``, ``"float64"`` or ``"native"``: the dtype the Gram is
+            summed in (:func:`lowrank_ggn.precision.accumulation_dtype`).
 
     Returns:
-        The Gram matrix, or a list of them (one per group) if ``columns`` is given.
+        The Gram matrix, or a list of them (one per group) if ``columns`` is given,
+        in the accumulation dtype.
     """
     check_engine(engine)
+    acc_dtype = accumulation_dtype(lin.outputs.dtype, accumulate)
     groups = None if columns is None else params_by_group(lin.fmodel.params, columns)
     report = EngineReport(
         Strategy.GENERIC, reason="engine='generic': explicit Vᵀ, memory N·C·D"
@@ -96,7 +102,9 @@ def gram_from_linearization(
         budget = int(min(resolve_memory_budget(memory_budget), 2**62))
         bar = PassProgress(progress)
         try:
-            grams, report = layerwise_gram(lin, chunk, budget, groups, strategy, bar)
+            grams, report = layerwise_gram(
+                lin, chunk, budget, groups, strategy, bar, acc_dtype
+            )
         finally:
             bar.close()
         lin.engine_report = report
@@ -111,8 +119,8 @@ def gram_from_linearization(
     report.count("backward", lin.num_columns)
     Vt = lin.factors_matrix(chunk)  # [N·C, D]
     if columns is None:
-        return symmetric_gram(Vt)
-    return [symmetric_gram(Vt[:, cols]) for cols in columns]
+        return symmetric_gram(Vt, acc_dtype)
+    return [symmetric_gram(Vt[:, cols], acc_dtype) for cols in columns]
 
 
 def linearize_request(
@@ -130,6 +138,7 @@ def linearize_request(
     memory_budget: float | None,
     engine: str,
     gram: bool = True,
+    accumulate: str | None = None,
 ) -> tuple[Linearization, list[slice] | None]:
     """The shared front of :func:`gram_matrix` and :func:`ggn_spectrum`.
 
@@ -157,7 +166,9 @@ def linearize_request(
     )
     columns = None if groups is None else groups[1]
     num_grams = len(columns or [0]) if gram else 0
-    check_linearization_memory(lin, memory_budget, engine, num_grams)
+    acc = accumulation_dtype(lin.outputs.dtype, accumulate)
+    itemsize = torch.empty(0, dtype=acc).element_size()
+    check_linearization_memory(lin, memory_budget, engine, num_grams, itemsize)
     return lin, columns
 
 
@@ -178,6 +189,7 @@ def gram_matrix(
     param_groups: Sequence[Mapping] | None = None,
     strategy: str | None = None,
     progress: bool | None = None,
+    accumulate: str | None = None,
 ) -> Tensor | list[Tensor]:
     r"""The ``[N·C, N·C]`` Gram matrix ``Vᵀ V`` of the mini-batch GGN.
 
@@ -218,9 +230,15 @@ def gram_matrix(
             backpropagated (:mod:`lowrank_ggn.engine.report`). All are exact.
         progress: Progress bar on stderr (``None``: for calls estimated to take
             more than a few seconds; ``True``/``False``: always/never).
+        accumulate: Where the Gram is summed: ``None`` (float64 for float32,
+            float16 and bfloat16 models, the parameters' dtype otherwise),
+            ``"float64"`` or ``"native"`` (the parameters' dtype). Backward passes
+            always run in the parameters' dtype (:mod:`lowrank_ggn.precision`).
 
     Returns:
-        ``[N·C, N·C]`` in the parameters' dtype and device, rows ordered sample-major
+        ``[N·C, N·C]`` in the accumulation dtype (float64 for a float32 model by
+        default; the parameters' dtype with ``accumulate="native"``) on the
+        parameters' device, rows ordered sample-major
         (``n·C + c``), where ``C`` is the number of factor columns per sample
         (``C = Π out`` for all supported losses, ``M`` with ``mc_samples``). Its
         trace is ``tr G``. With ``param_groups``, a list of such matrices.
@@ -236,6 +254,7 @@ def gram_matrix(
 
     """
     check_options(chunk=chunk, memory_budget=memory_budget)
+    check_accumulate(accumulate)
     forced = check_engine(engine, strategy)
     with model_preserved(model):
         lin, columns = linearize_request(
@@ -251,9 +270,10 @@ def gram_matrix(
             subsampling=subsampling,
             memory_budget=memory_budget,
             engine=engine,
+            accumulate=accumulate,
         )
         return gram_from_linearization(
-            lin, chunk, engine, memory_budget, columns, forced, progress
+            lin, chunk, engine, memory_budget, columns, forced, progress, accumulate
         )
 
 

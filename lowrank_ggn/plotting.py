@@ -63,8 +63,14 @@ def _style(ax) -> None:
 
 
 def _legend(ax, labels: Iterable[str]) -> None:
-    if any(labels):
+    if any(labels) or ax.get_legend_handles_labels()[1]:
         ax.legend(fontsize=FONT_SIZE - 1, frameon=False)
+
+
+def _shade_unresolved(ax, lo: float, hi: float, axis: str) -> None:
+    """Grey band ``[lo, hi]`` along ``axis``, labelled as unresolved."""
+    span = ax.axvspan if axis == "x" else ax.axhspan
+    span(lo, hi, color="0.85", zorder=0, linewidth=0, label="unresolved")
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, **kwargs):
@@ -109,6 +115,7 @@ def spectrum_histogram(
     density: bool = False,
     label: str | None = None,
     xlabel: str = r"eigenvalue $\lambda$",
+    unresolved: float | None = None,
 ):
     r"""Histogram (or density) of the positive eigenvalues on a logarithmic axis.
 
@@ -123,6 +130,8 @@ def spectrum_histogram(
         density: Normalise to a density in ``log₁₀ λ`` instead of counts.
         label: Legend label for a single series.
         xlabel: Label of the eigenvalue axis.
+        unresolved: Shade ``λ ≤ unresolved``: the region the error model could not
+            resolve (``GGNSpectrum.threshold``); eigenvalues there are missing.
 
     Returns:
         The axes.
@@ -131,6 +140,10 @@ def spectrum_histogram(
     ax = _axes(ax)
     series = _as_dict(spectra, label)
     edges = log_bins(series, bins)
+    if unresolved:
+        lo = min(edges[0], unresolved / 10)
+        edges = np.concatenate([[lo], edges]) if lo < edges[0] else edges
+        _shade_unresolved(ax, lo, unresolved, "x")
     width = np.diff(np.log10(edges))
     for name, values in series.items():
         values = values[values > 0]
@@ -182,6 +195,7 @@ def eigenvalue_index(
     *,
     label: str | None = None,
     relative: bool = False,
+    unresolved: float | None = None,
 ):
     r"""Eigenvalues, sorted descending, against their index ``k = 1, 2, …`` (log ``λ``).
 
@@ -190,6 +204,8 @@ def eigenvalue_index(
         ax: Axes to draw into; a new one-column figure if ``None``.
         label: Legend label for a single series.
         relative: Plot ``λ_k / λ_1`` instead of ``λ_k``.
+        unresolved: Shade ``λ ≤ unresolved`` (absolute, divided by the first
+            series' ``λ_1`` when ``relative``): the unresolved region.
 
     Returns:
         The axes.
@@ -197,6 +213,12 @@ def eigenvalue_index(
     """
     ax = _axes(ax)
     series = _as_dict(spectra, label)
+    if unresolved:
+        first = next((v[v > 0] for v in series.values() if (v > 0).any()), None)
+        scale = first.max() if relative and first is not None else 1.0
+        values = np.concatenate([v[v > 0] for v in series.values()] or [[1.0]])
+        lo = min(values.min() / scale, unresolved / scale) / 10
+        _shade_unresolved(ax, lo, unresolved / scale, "y")
     for name, values in series.items():
         values = np.sort(values[values > 0])[::-1]
         if relative and values.size:
@@ -250,21 +272,29 @@ def directional_snr(
     return ax
 
 
-def spectrum_figure(spectra: Spectra, *, title: str | None = None, bins: int = 40):
+def spectrum_figure(
+    spectra: Spectra,
+    *,
+    title: str | None = None,
+    bins: int = 40,
+    unresolved: float | None = None,
+):
     """Two panels side by side: log-scale histogram and eigenvalue against index.
 
     Args:
         spectra: Eigenvalues ``[K]`` or ``{label: eigenvalues}`` (all in both panels).
         title: Figure title.
         bins: Logarithmic bins of the histogram.
+        unresolved: Shade ``λ ≤ unresolved`` in both panels (``GGNSpectrum.threshold``
+            or the largest of several).
 
     Returns:
         The ``matplotlib.figure.Figure`` (``2 × PANEL_WIDTH`` inches wide).
 
     """
     fig, (left, right) = new_figure(ncols=2)
-    spectrum_histogram(spectra, left, bins=bins)
-    eigenvalue_index(spectra, right)
+    spectrum_histogram(spectra, left, bins=bins, unresolved=unresolved)
+    eigenvalue_index(spectra, right, unresolved=unresolved)
     if title:
         fig.suptitle(title, fontsize=FONT_SIZE)
     return fig

@@ -92,14 +92,15 @@ def lanczos_eigenpairs(
     top_k: int,
     memory_budget: float | None,
     progress: bool | None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Top-``k`` eigenpairs of ``𝒢 = Sᵀ J Jᵀ S`` without forming it (block Lanczos).
 
     Each operator product is one VJP and one JVP
     (:class:`lowrank_ggn.engine.streamed.GramOperator`). Sets ``lin.engine_report``.
 
     Returns:
-        ``(eigenvalues [k] descending, Gram eigenvectors [NC, k])``.
+        ``(eigenvalues [k] descending, Gram eigenvectors [NC, k], residual norms
+        ‖𝒢 u_k − λ_k u_k‖ [k])``.
     """
     report = EngineReport(Strategy.STREAMED, solver=Solver.LANCZOS)
     report.reason = "matrix-free: block Lanczos on the Gram operator"
@@ -123,7 +124,7 @@ def lanczos_eigenpairs(
         return torch.cat(parts, dim=1)
 
     try:
-        evals, evecs, _ = top_eigenpairs(
+        evals, evecs, info = top_eigenpairs(
             matmat,
             NC,
             k,
@@ -133,7 +134,7 @@ def lanczos_eigenpairs(
         )
     finally:
         bar.close()
-    return evals, evecs
+    return evals, evecs, info.residuals
 
 
 __all__ = [

@@ -8,25 +8,28 @@ With ``𝒢 = Vᵀ V = U Λ Uᵀ`` (see :mod:`lowrank_ggn.gram`), the GGN ``G = 
 so each eigenvector is one full-batch vector-Jacobian product with the cotangent
 ``S u_k / √λ_k``; the ``D × D`` matrix is never formed, for BatchNorm models too.
 
-**Zero threshold.** An eigenvalue counts as nonzero if
-``λ > rtol · λ_max`` with ``rtol = N·C · eps(dtype)`` by default (``eps`` the machine
-epsilon of the parameters' dtype: ``2.2e-16`` in float64, ``1.2e-7`` in float32). The
-Gram matrix's eigenvalues carry a round-off error of about ``N·C · eps · λ_max``, so
-smaller values cannot be told apart from zero. Pass ``rtol`` to change it.
+**Which eigenvalues are returned.** Every eigenvalue comes with an error estimate
+``ε_k`` from the error model of :mod:`lowrank_ggn.precision` (factor precision,
+accumulation dtype and length, ``eigh``). By default the eigenvalues with
+``ε_k ≤ 1e-3 · λ_k`` are returned; the others are counted (``num_unresolved``) and
+lie at or below ``threshold``. In float64 that resolves down to about ``1e-12·λ_max``;
+for a float32 model with the Gram summed in float64 (the default) about as far, as
+the small eigenvalues of trained networks come from small factor columns. Pass
+``rtol`` to use ``λ > rtol · λ_max`` instead.
 
-**Near-zero eigenvalues and eigenvectors.** ``e_k = V u_k / √λ_k`` divides by
-``√λ_k``; below the default threshold ``N·C · eps · λ_max`` that amplifies round-off
-into garbage. A smaller ``rtol`` is honoured for eigenvalues alone, but when
-eigenvectors are requested, eigenpairs below the default threshold are dropped (from
-``eigenvalues`` too, so both stay aligned) with a :class:`NearZeroEigenvalueWarning`.
-:func:`parameter_eigenvectors` refuses them with a ``ValueError``.
+**Eigenvectors.** ``e_k = V u_k / √λ_k`` divides by ``√λ_k``: each returned
+eigenvector comes with an estimate of its residual ``‖G e_k − λ_k e_k‖``
+(``eigenvector_residuals``). Eigenvectors of unresolved eigenvalues (let through by a
+small ``rtol``) are dropped, from ``eigenvalues`` too, with a
+:class:`NearZeroEigenvalueWarning`; :func:`parameter_eigenvectors` refuses
+eigenvalues at the ``eigh`` round-off floor.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +42,15 @@ from lowrank_ggn._validation import (
 from lowrank_ggn.engine import EngineReport, Solver
 from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization
 from lowrank_ggn.gram import check_engine, gram_from_linearization, linearize_request
+from lowrank_ggn.precision import (
+    C_EIGH,
+    RESOLVED_RTOL,
+    ErrorModel,
+    accumulation_dtype,
+    accumulation_name,
+    check_accumulate,
+    resolved,
+)
 from lowrank_ggn.sample_mixing import EnginePath
 from lowrank_ggn.solvers import (
     check_solver,
@@ -56,18 +68,28 @@ class GGNSpectrum:
     """Result of :func:`ggn_spectrum`.
 
     Attributes:
-        eigenvalues: ``[K]``, descending, all above the zero threshold (or the top
-            ``top_k`` of them).
+        eigenvalues: ``[K]``, descending, those the error model resolves to
+            ``1e-3`` relative (or above ``rtol · λ_max``), or the top ``top_k`` of
+            them; in the parameters' dtype.
         eigenvectors: ``[K, D]`` with orthonormal rows, parameters flattened in the
             order of ``params``; ``None`` unless asked for. ``K`` is the number of
             eigenvalues, or ``k`` when ``eigenvectors=k`` asked for the top ``k``.
         path: The engine's path (``.name``, ``.reason``, ``.mixing_modules``).
         num_columns: ``N·C``, the size of the Gram matrix and the rank bound.
-        threshold: The absolute zero threshold ``rtol · λ_max`` that was applied.
+        threshold: Unresolved eigenvalues lie at or below this absolute value
+            (``rtol · λ_max`` with ``rtol``; 0 if every eigenvalue was resolved).
         gram_eigenvectors: ``[N·C, K]``, the Gram eigenvectors ``u_k`` (sample-major).
         engine_report: How the Gram matrix (or operator) and the eigenpairs were
             computed: strategy, solver, per-layer treatment and pass counts
             (:class:`lowrank_ggn.engine.EngineReport`).
+        eigenvalue_errors: ``[K]``, estimated absolute error ``ε_k`` of each
+            eigenvalue (:mod:`lowrank_ggn.precision`).
+        eigenvector_residuals: ``[K_e]``, estimated ``‖G e_k − λ_k e_k‖`` of each
+            returned eigenvector; ``None`` without eigenvectors.
+        num_unresolved: Eigenvalues not returned because the error model cannot
+            tell them from zero to ``1e-3`` relative (or below ``rtol · λ_max``).
+        accumulate: ``"float64"`` or ``"native"``: the dtype the Gram was summed and
+            diagonalised in.
 
     """
 
@@ -78,6 +100,10 @@ class GGNSpectrum:
     threshold: float
     gram_eigenvectors: Tensor
     engine_report: EngineReport | None = None
+    eigenvalue_errors: Tensor | None = None
+    eigenvector_residuals: Tensor | None = None
+    num_unresolved: int = 0
+    accumulate: str = "native"
 
     @property
     def rank(self) -> int:
@@ -85,32 +111,110 @@ class GGNSpectrum:
         return self.eigenvalues.numel()
 
 
+@dataclass
+class GramEigenpairs:
+    """Eigenpairs of a Gram matrix with their error estimates (working dtype).
+
+    Attributes:
+        eigenvalues: ``[K]`` descending, the returned ones.
+        vectors: ``[N·C, K]``.
+        errors: ``[K]`` float64, ``ε_k``.
+        threshold: Unresolved eigenvalues lie at or below it.
+        num_unresolved: How many were not returned.
+        diag: ``[N·C]``, the Gram's diagonal (``None`` for a matrix-free solver).
+        lam_max: The largest eigenvalue.
+        model: The :class:`~lowrank_ggn.precision.ErrorModel` used.
+    """
+
+    eigenvalues: Tensor
+    vectors: Tensor
+    errors: Tensor
+    threshold: float
+    num_unresolved: int
+    diag: Tensor | None
+    lam_max: float
+    model: ErrorModel
+
+    def pick(self, index: Tensor) -> GramEigenpairs:
+        """The pairs at positions ``index`` (the rest are no longer returned)."""
+        return replace(
+            self,
+            eigenvalues=self.eigenvalues[index],
+            vectors=self.vectors[:, index],
+            errors=self.errors[index],
+        )
+
+    def residuals(self, k: int) -> Tensor:
+        """Estimated ``‖G e − λ e‖`` of the leading ``k`` parameter eigenvectors."""
+        lam, vec = self.eigenvalues[:k], self.vectors[:, :k]
+        if self.diag is None:  # Ritz pairs: ‖V r‖/√λ ≤ √(λ_max/λ)·‖r‖
+            ratio = (self.lam_max / lam.double().clamp_min(1e-300)).sqrt()
+            return ratio * self.errors[:k]
+        return self.model.eigenvector_residuals(lam, vec, self.diag, self.lam_max)
+
+
 def default_rtol(num_columns: int, dtype: torch.dtype) -> float:
-    """``N·C · eps(dtype)``, the default relative zero threshold."""
+    """``N·C · eps(dtype)``: the worst-case rank rule (data sets' Lanczos solver)."""
     return max(num_columns, 1) * torch.finfo(dtype).eps
 
 
+def _select(
+    evals: Tensor,
+    evecs: Tensor,
+    errors: Tensor,
+    rtol: float | None,
+    top_k: int | None,
+    diag: Tensor | None,
+    model: ErrorModel,
+) -> GramEigenpairs:
+    """Keep the resolved pairs (or those above ``rtol · λ_max``), then ``top_k``."""
+    lam_max = max(evals[0].item(), 0.0) if evals.numel() else 0.0
+    keep = resolved(evals, errors, rtol, lam_max)
+    dropped = ~keep
+    if rtol is not None:
+        threshold = rtol * lam_max
+    elif bool(dropped.any()):
+        threshold = float((evals.double() + errors)[dropped].max().clamp_min(0))
+    else:
+        threshold = 0.0
+    index = keep.nonzero().flatten()
+    if top_k is not None:
+        index = index[:top_k]
+    return GramEigenpairs(
+        evals[index],
+        evecs[:, index],
+        errors[index],
+        threshold,
+        int(dropped.sum()),
+        diag,
+        lam_max,
+        model,
+    )
+
+
 def spectrum_from_gram(
-    gram: Tensor, top_k: int | None = None, rtol: float | None = None
-) -> tuple[Tensor, Tensor, float]:
-    """Nonzero eigenpairs of a symmetric PSD Gram matrix, descending.
+    gram: Tensor,
+    top_k: int | None = None,
+    rtol: float | None = None,
+    model: ErrorModel | None = None,
+) -> GramEigenpairs:
+    """Eigenpairs of a symmetric PSD Gram matrix, descending, with error estimates.
 
-    Returns:
-        ``(eigenvalues [K], eigenvectors [N·C, K], absolute threshold)``.
-
+    Args:
+        gram: ``[N·C, N·C]``; ``eigh`` runs in its dtype.
+        top_k: Keep at most this many.
+        rtol: ``None``: keep what ``model`` resolves to ``1e-3``; else
+            ``λ > rtol · λ_max``.
+        model: The computation's :class:`~lowrank_ggn.precision.ErrorModel`
+            (default: factors and sums in ``gram``'s dtype, length ``N·C``).
     """
+    if model is None:
+        model = ErrorModel.of(gram.dtype, gram.dtype, gram.shape[0])
     evals, evecs = torch.linalg.eigh(gram)
     evals, evecs = evals.flip(0), evecs.flip(1)
-    rtol = default_rtol(gram.shape[0], gram.dtype) if rtol is None else rtol
-    lam_max = max(evals[0].item(), 0.0) if evals.numel() else 0.0
-    threshold = rtol * lam_max
-    keep = (
-        evals > threshold if lam_max > 0 else torch.zeros_like(evals, dtype=torch.bool)
-    )
-    count = int(keep.sum())
-    if top_k is not None:
-        count = min(count, top_k)
-    return evals[:count], evecs[:, :count], threshold
+    diag = gram.diagonal()
+    errors = model.eigenvalue_errors(evals, evecs, diag)
+    return _select(evals, evecs, errors, rtol, top_k, diag, model)
 
 
 def parameter_eigenvectors(
@@ -121,47 +225,55 @@ def parameter_eigenvectors(
 ) -> Tensor:
     """``e_k = Jᵀ (S u_k) / √λ_k`` as rows ``[K, D]`` (one batched VJP).
 
+    The cotangents are formed in the dtype of ``eigenvalues`` and cast to the
+    parameters' dtype for the backward pass.
+
     Raises:
-        ValueError: If an eigenvalue is at or below the round-off floor
-            ``N·C · eps · max(eigenvalues)``, where dividing by ``√λ_k`` is meaningless.
+        ValueError: If an eigenvalue is at or below the ``eigh`` round-off floor
+            ``c_e · eps · max(eigenvalues)`` (in the eigenvalues' dtype), where
+            dividing by ``√λ_k`` is meaningless.
     """
     if eigenvalues.numel() == 0:
-        return eigenvalues.new_zeros(0, lin.fmodel.num_params)
-    floor = _zero_floor(eigenvalues, lin.num_columns)
+        return lin.outputs.new_zeros(0, lin.fmodel.num_params)
+    floor = _zero_floor(eigenvalues)
     if not bool((eigenvalues > floor).all()):
         raise ValueError(
             f"eigenvalues down to {eigenvalues.min().item():.3e} are at or below the "
-            f"zero threshold {floor:.3e} (N·C·eps·λ_max); their eigenvectors "
+            f"round-off floor {floor:.3e} (c_e·eps·λ_max); their eigenvectors "
             "V u / √λ would divide by ≈0. Pass only eigenvalues above it."
         )
     weights = (gram_eigenvectors / eigenvalues.sqrt()).T  # [K, N·C]
-    return lin.apply_factors(weights, chunk)
+    return lin.apply_factors(weights.to(lin.outputs.dtype), chunk)
 
 
-def _zero_floor(eigenvalues: Tensor, num_columns: int) -> float:
-    """``N·C · eps · λ_max``: below it eigenvalues are round-off."""
+def _zero_floor(eigenvalues: Tensor) -> float:
+    """``c_e · eps · λ_max``: below it ``eigh`` cannot tell eigenvalues from zero."""
     lam_max = max(eigenvalues.max().item(), 0.0) if eigenvalues.numel() else 0.0
-    return default_rtol(num_columns, eigenvalues.dtype) * lam_max
+    return C_EIGH * torch.finfo(eigenvalues.dtype).eps * lam_max
 
 
-def _drop_near_zero(
-    evals: Tensor, evecs: Tensor, threshold: float, num_columns: int
-) -> tuple[Tensor, Tensor, float]:
-    """Drop eigenpairs below the round-off floor, with a warning (eigenvectors asked)."""
-    floor = _zero_floor(evals, num_columns)
-    keep = int((evals > floor).sum())
-    if keep < evals.numel():
-        warnings.warn(
-            f"{evals.numel() - keep} of {evals.numel()} eigenvalues are at or below "
-            f"the zero threshold {floor:.3e} (N·C·eps·λ_max), so their eigenvectors "
-            "would divide by ≈0; they are dropped from eigenvalues and eigenvectors. "
-            "Use rtol=None (the default), or eigenvectors=False to get the small "
-            "eigenvalues alone.",
-            NearZeroEigenvalueWarning,
-            stacklevel=3,
-        )
-        return evals[:keep], evecs[:, :keep], max(threshold, floor)
-    return evals, evecs, threshold
+def _drop_unresolved(pairs: GramEigenpairs) -> GramEigenpairs:
+    """Drop pairs the error model does not resolve, with a warning (eigenvectors asked)."""
+    ok = (pairs.eigenvalues.double() > 0) & (
+        pairs.errors <= RESOLVED_RTOL * pairs.eigenvalues.double()
+    )
+    keep, total = int(ok.sum()), pairs.eigenvalues.numel()
+    if keep == total:
+        return pairs
+    floor = float((pairs.eigenvalues.double() + pairs.errors)[~ok].max())
+    warnings.warn(
+        f"{total - keep} of {total} eigenvalues are at or below the zero threshold "
+        f"{floor:.3e}: the error model cannot resolve them to {RESOLVED_RTOL:g} "
+        "relative, and their eigenvectors V u / √λ would amplify round-off; they are "
+        "dropped from eigenvalues and eigenvectors. Use rtol=None (the default), or "
+        "eigenvectors=False to get the small eigenvalues alone.",
+        NearZeroEigenvalueWarning,
+        stacklevel=4,
+    )
+    out = pairs.pick(ok.nonzero().flatten())
+    out.threshold = max(pairs.threshold, floor)
+    out.num_unresolved = pairs.num_unresolved + total - keep
+    return out
 
 
 def _check_eigenvectors(eigenvectors: bool | int) -> None:
@@ -176,32 +288,38 @@ def _check_eigenvectors(eigenvectors: bool | int) -> None:
 
 def _result(
     lin: Linearization,
-    gram: Tensor | tuple[Tensor, Tensor, float],
-    top_k: int | None,
+    pairs: GramEigenpairs,
     eigenvectors: bool | int,
-    rtol: float | None,
     chunk: int,
     columns: slice = slice(None),
 ) -> GGNSpectrum:
-    """Eigenpairs from a Gram matrix; eigenvectors ``e_k = (V u_k)[columns] / √λ_k``.
+    """The result from Gram eigenpairs; eigenvectors ``e_k = (V u_k)[columns] / √λ_k``.
 
     ``columns`` selects a parameter group's block (``V_g u / √λ`` are the rows of
     ``V u / √λ`` that belong to the group).
     """
-    if isinstance(gram, tuple):  # eigenpairs of the operator (Lanczos)
-        evals, evecs, threshold = gram
-    else:
-        evals, evecs, threshold = spectrum_from_gram(gram, top_k, rtol)
-    vectors = None
+    vectors = residuals = None
     if eigenvectors is not False:
-        evals, evecs, threshold = _drop_near_zero(
-            evals, evecs, threshold, lin.num_columns
-        )
-        k = evals.numel() if eigenvectors is True else min(eigenvectors, evals.numel())
-        vectors = parameter_eigenvectors(lin, evals[:k], evecs[:, :k], chunk)
-        vectors = vectors[:, columns]
+        pairs = _drop_unresolved(pairs)
+        n = pairs.eigenvalues.numel()
+        k = n if eigenvectors is True else min(eigenvectors, n)
+        vectors = parameter_eigenvectors(
+            lin, pairs.eigenvalues[:k], pairs.vectors[:, :k], chunk
+        )[:, columns]
+        residuals = pairs.residuals(k)
+    dtype = lin.outputs.dtype
     return GGNSpectrum(
-        evals, vectors, lin.path, lin.num_columns, threshold, evecs, lin.engine_report
+        pairs.eigenvalues.to(dtype),
+        vectors,
+        lin.path,
+        lin.num_columns,
+        pairs.threshold,
+        pairs.vectors.to(dtype),
+        lin.engine_report,
+        pairs.errors.to(dtype),
+        None if residuals is None else residuals.to(dtype),
+        pairs.num_unresolved,
+        accumulation_name(dtype, pairs.vectors.dtype),
     )
 
 
@@ -226,6 +344,7 @@ def ggn_spectrum(
     strategy: str | None = None,
     solver: str = "dense",
     progress: bool | None = None,
+    accumulate: str | None = None,
 ) -> GGNSpectrum | list[GGNSpectrum]:
     r"""Exact nonzero eigenvalues (and eigenvectors) of the mini-batch GGN.
 
@@ -246,9 +365,10 @@ def ggn_spectrum(
             for every returned eigenvalue, an int ``k`` for the top ``k`` only (all
             nonzero eigenvalues, the ``k`` leading eigenvectors: one batched backward
             pass of ``k`` cotangents).
-        rtol: Relative zero threshold (default ``N·C · eps``; see module docstring).
-            With ``eigenvectors=True``, eigenpairs below the default threshold are
-            dropped with a :class:`NearZeroEigenvalueWarning`.
+        rtol: ``None`` (default): return the eigenvalues the error model of
+            :mod:`lowrank_ggn.precision` resolves to ``1e-3`` relative; a float:
+            those above ``rtol · λ_max``. With eigenvectors, unresolved eigenpairs
+            are dropped with a :class:`NearZeroEigenvalueWarning`.
         chunk: Factor columns per vmapped backward pass.
         path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.
         engine: ``"layerwise"`` (default) or ``"generic"`` Gram computation.
@@ -279,9 +399,14 @@ def ggn_spectrum(
             ``.engine_report.solver`` says which ran.
         progress: Progress bar on stderr (``None``: for calls estimated to take
             more than a few seconds).
+        accumulate: Where the Gram is summed and ``eigh`` runs: ``None`` (float64
+            for float32, float16 and bfloat16 models), ``"float64"`` or ``"native"``
+            (the parameters' dtype). Backward passes always run in the parameters'
+            dtype; the Lanczos solver orthogonalises in float64 either way.
 
     Returns:
-        A :class:`GGNSpectrum`, or a list of them with ``param_groups``.
+        A :class:`GGNSpectrum`, or a list of them with ``param_groups``; each
+        carries ``eigenvalue_errors`` and the count of unresolved eigenvalues.
 
     Example:
         >>> import torch
@@ -302,6 +427,7 @@ def ggn_spectrum(
     """
     _check_eigenvectors(eigenvectors)
     check_options(chunk=chunk, rtol=rtol, top_k=top_k, memory_budget=memory_budget)
+    check_accumulate(accumulate)
     forced = check_engine(engine, strategy)
     chosen = check_solver(solver, top_k, param_groups, engine)
     with model_preserved(model):
@@ -319,25 +445,37 @@ def ggn_spectrum(
             memory_budget=memory_budget,
             engine=engine,
             gram=chosen is Solver.DENSE,
+            accumulate=accumulate,
         )
         if chosen is Solver.AUTO:
             chosen = choose_solver(lin, top_k)
             if chosen is Solver.DENSE:
-                check_linearization_memory(lin, memory_budget, engine)
+                acc = accumulation_dtype(lin.outputs.dtype, accumulate)
+                itemsize = torch.empty(0, dtype=acc).element_size()
+                check_linearization_memory(lin, memory_budget, engine, 1, itemsize)
+        dtype = lin.outputs.dtype
+        acc = accumulation_dtype(dtype, accumulate)
+        model_errors = ErrorModel.of(dtype, acc, lin.fmodel.num_params)
         if chosen is Solver.LANCZOS:
-            evals, evecs = lanczos_eigenpairs(lin, top_k, memory_budget, progress)
-            rtol = default_rtol(lin.num_columns, evals.dtype) if rtol is None else rtol
-            threshold = rtol * max(evals[0].item(), 0.0)
-            keep = int((evals > threshold).sum()) if threshold > 0 else 0
-            pairs = evals[:keep], evecs[:, :keep], threshold
-            return _result(lin, pairs, top_k, eigenvectors, rtol, chunk)
+            evals, evecs, res = lanczos_eigenpairs(lin, top_k, memory_budget, progress)
+            lam_max = max(evals[0].item(), 0.0)
+            errors = model_errors.operator_errors(res, lam_max)
+            pairs = _select(evals, evecs, errors, rtol, top_k, None, model_errors)
+            return _result(lin, pairs, eigenvectors, chunk)
         grams = gram_from_linearization(
-            lin, chunk, engine, memory_budget, columns, forced, progress
+            lin, chunk, engine, memory_budget, columns, forced, progress, accumulate
         )
         lin.engine_report.solver = Solver.DENSE
         if columns is None:
-            return _result(lin, grams, top_k, eigenvectors, rtol, chunk)
+            pairs = spectrum_from_gram(grams, top_k, rtol, model_errors)
+            return _result(lin, pairs, eigenvectors, chunk)
         return [
-            _result(lin, gram, top_k, eigenvectors, rtol, chunk, cols)
+            _result(
+                lin,
+                spectrum_from_gram(gram, top_k, rtol, model_errors),
+                eigenvectors,
+                chunk,
+                cols,
+            )
             for gram, cols in zip(grams, columns)
         ]

@@ -4,7 +4,9 @@ A captured layer with input ``A_n`` ``[P, I]`` (``P`` weight-sharing positions, 
 for convolutions) and per-column output gradients ``g_i`` ``[P, O]`` that vanish off
 sample ``n(i)`` has rows ``V_i = g_iᵀ A_{n(i)}`` ``[O·I]`` (weight) and ``Σ_p g_i``
 (bias). Every function here takes those tensors and adds into ``gram`` ``[NC, NC]``
-(rows sample-major, ``i = n·C + c``); none calls the model.
+(rows sample-major, ``i = n·C + c``); none calls the model. The products that add
+into ``gram`` run in ``gram``'s dtype (float64 from float32 factors by default; see
+:mod:`lowrank_ggn.precision`).
 
 * :func:`add_dense_linear` (``P = 1``): ``(A Aᵀ ⊗ 1_{C×C}) ⊙ (G Gᵀ)``;
   cost ``N²·I + (NC)²·O``.
@@ -79,8 +81,9 @@ def add_dense_linear(gram: Tensor, g: Tensor, A: Tensor) -> None:
         A: Layer inputs ``[NS, I]``.
     """
     NS, C, _ = g.shape
+    A = A.to(gram.dtype)
     Ka = (A @ A.T).repeat_interleave(C, 0).repeat_interleave(C, 1)  # [NC, NC]
-    flat = g.reshape(NS * C, -1)
+    flat = g.reshape(NS * C, -1).to(gram.dtype)
     gram.add_(Ka * (flat @ flat.T))
 
 
@@ -99,7 +102,10 @@ def add_kron_blocks(gram: Tensor, g: Tensor, A: Tensor) -> None:
     """
     NS, C, P, O = g.shape
     upper = torch.zeros_like(gram)
-    g_poc = g.permute(0, 2, 3, 1).contiguous()  # [NS, P, O, C]
+    A = A.to(gram.dtype)
+    g_poc = g.permute(0, 2, 3, 1).to(  # [NS, P, O, C], one copy
+        dtype=gram.dtype, memory_format=torch.contiguous_format
+    )
     for n in range(NS):
         M = NS - n  # samples m = n, …, NS − 1
         # Kt[m, q, p] = (A_n A_mᵀ)[p, q]

@@ -9,9 +9,9 @@ autograd (:mod:`~lowrank_ggn.engine.selfcheck`); each block is added in its chea
 exact form (:mod:`~lowrank_ggn.engine.accumulate`). Under ``BN_SPLIT`` a block is
 ``V_p = V_{f,p} + B_p W`` (frozen per-sample rows plus statistics directions).
 
-**Precision.** Accumulation happens in the parameters' dtype. In float32 the Gram's
-entries carry a relative round-off of about ``√K · 6e-8`` for inner products of length
-``K`` (see :mod:`lowrank_ggn.spectrum` for the zero threshold).
+**Precision.** Backward passes run in the parameters' dtype; the Gram is summed in
+``acc_dtype`` (float64 from float32 factors by default): every block is cast to it
+before its products (:mod:`lowrank_ggn.precision` for the error model).
 """
 
 from __future__ import annotations
@@ -59,8 +59,11 @@ def _no_tick(n: int) -> None:
 class _Engine:
     """One layer-wise Gram computation for a :class:`Linearization`."""
 
-    def __init__(self, lin, chunk, budget, groups, forced, forced_mixing, tick):
+    def __init__(
+        self, lin, chunk, budget, groups, forced, forced_mixing, tick, acc_dtype=None
+    ):
         self.lin, self.chunk, self.budget, self.tick = lin, max(1, chunk), budget, tick
+        self.acc = lin.outputs.dtype if acc_dtype is None else acc_dtype
         self.groups = groups
         self.group_of = {id(p): g for g, members in enumerate(groups) for p in members}
         self.forced = forced
@@ -215,8 +218,10 @@ class _Engine:
         """Add every block into one Gram per group."""
         lin = self.lin
         NC = lin.num_columns
-        dtype, device = lin.outputs.dtype, lin.outputs.device
-        grams = [torch.zeros(NC, NC, dtype=dtype, device=device) for _ in self.groups]
+        grams = [
+            torch.zeros(NC, NC, dtype=self.acc, device=lin.outputs.device)
+            for _ in self.groups
+        ]
         layers = self.report.layers
         for la in f.layers:
             stats = [f.B.get(id(p)) for p in la.params] if f.W is not None else []
@@ -225,7 +230,9 @@ class _Engine:
                 for p, part in zip(
                     la.params, block.split([p.numel() for p in la.params], 1)
                 ):
-                    acc.symmetric_rank_k_update(grams[self.group_of[id(p)]], part)
+                    acc.symmetric_rank_k_update(
+                        grams[self.group_of[id(p)]], part.to(self.acc)
+                    )
                 layers[la.name] = LayerTreatment.MIXING
             elif any(s is not None for s in stats):
                 self._add_split_layer(grams, la, f)
@@ -236,13 +243,14 @@ class _Engine:
         for bn in f.bns:
             for p, rows in zip(bn.params, bn.affine_rows()):
                 extra = f.statistics_rows(p)
+                rows = rows if extra is None else rows + extra
                 acc.symmetric_rank_k_update(
-                    grams[self.group_of[id(p)]], rows if extra is None else rows + extra
+                    grams[self.group_of[id(p)]], rows.to(self.acc)
                 )
             if bn.params:
                 layers[bn.name] = LayerTreatment.SPLIT
         for p, rows in zip(f.generic, f.generic_rows):
-            acc.symmetric_rank_k_update(grams[self.group_of[id(p)]], rows)
+            acc.symmetric_rank_k_update(grams[self.group_of[id(p)]], rows.to(self.acc))
         for name, p in zip(lin.fmodel.names, lin.fmodel.params):
             if any(p is q for q in f.generic):
                 layers.setdefault(name, LayerTreatment.GENERIC)
@@ -250,11 +258,11 @@ class _Engine:
 
     def _add_local(self, grams: list[Tensor], la: Layer) -> LayerTreatment:
         lin = self.lin
-        g = la.grad_matrix()  # [NC, P, O]
+        g = la.grad_matrix()  # [NC, P, O], parameters' dtype
         NS, C = lin.num_samples, lin.num_columns_per_sample
         NC, P, O = g.shape
         if la.bias is not None:
-            gb = g.sum(1)
+            gb = g.sum(1).to(self.acc)
             grams[self.group_of[id(la.bias)]].addmm_(gb, gb.T)
         if la.weight is None:
             return LayerTreatment.KRONECKER
@@ -264,13 +272,13 @@ class _Engine:
             acc.add_dense_linear(gram, g.reshape(NS, C, O), A_s[:, 0])
             return LayerTreatment.KRONECKER
         form = acc.choose_local_form(
-            NS, C, P, O, A_s.shape[-1], g.element_size(), self.budget
+            NS, C, P, O, A_s.shape[-1], gram.element_size(), self.budget
         )
         if form is LayerTreatment.KRONECKER:
             acc.add_kron_blocks(gram, g.reshape(NS, C, P, O), A_s)
         else:
             for _, rows in acc.explicit_rows(g.reshape(NS, C, P, O), A_s, self.budget):
-                acc.symmetric_rank_k_update(gram, rows)
+                acc.symmetric_rank_k_update(gram, rows.to(self.acc))
         return form
 
     def _add_split_layer(self, grams: list[Tensor], la: Layer, f: Factors) -> None:
@@ -290,13 +298,17 @@ class _Engine:
             ):
                 if B is not None:  # rows += (B_p W)ᵀ for these channels, in place
                     rows.addmm_(WT, B[:, chans.start * I : chans.stop * I])
-                acc.symmetric_rank_k_update(grams[self.group_of[id(la.weight)]], rows)
+                acc.symmetric_rank_k_update(
+                    grams[self.group_of[id(la.weight)]], rows.to(self.acc)
+                )
         if la.bias is not None:
             rows = g.sum(1)
             extra = f.statistics_rows(la.bias)
             if extra is not None:
                 rows = rows + extra
-            acc.symmetric_rank_k_update(grams[self.group_of[id(la.bias)]], rows)
+            acc.symmetric_rank_k_update(
+                grams[self.group_of[id(la.bias)]], rows.to(self.acc)
+            )
 
     # ------------------------------------------------------------------- main
     def run(self, out: Tensor, strategy: Strategy) -> list[Tensor] | None:
@@ -310,6 +322,7 @@ class _Engine:
                 self.report,
                 self.tick,
                 (out, self.layers),
+                self.acc,
             )
         f = self.backward(out, strategy)
         if not self_check(f):
@@ -338,6 +351,7 @@ def layerwise_gram(
     groups: list[list[Tensor]] | None = None,
     strategy: Strategy | None = None,
     tick: Tick | None = None,
+    acc_dtype: torch.dtype | None = None,
 ) -> tuple[list[Tensor] | None, EngineReport]:
     """Gram matrices of ``lin`` (see module docstring).
 
@@ -349,6 +363,7 @@ def layerwise_gram(
             all from the same backward passes. Default: one group of all parameters.
         strategy: Force a :class:`Strategy` (``None``: the cost model chooses).
         tick: Called with the number of passes done, for a progress bar.
+        acc_dtype: dtype the Gram is summed in (``None``: the parameters' dtype).
 
     Returns:
         ``(grams, report)``: one ``[NC, NC]`` Gram per group, or ``None`` if the
@@ -363,7 +378,14 @@ def layerwise_gram(
     attempt, fallback = strategy, None
     for _ in range(64):
         engine = _Engine(
-            lin, chunk, memory_budget, groups, attempt, forced_mixing, tick or _no_tick
+            lin,
+            chunk,
+            memory_budget,
+            groups,
+            attempt,
+            forced_mixing,
+            tick or _no_tick,
+            acc_dtype,
         )
         engine.report.fallback = fallback
         try:

@@ -164,16 +164,20 @@ def streamed_gram(
     report: EngineReport,
     tick: Callable[[int], None] | None = None,
     captured: tuple[Tensor, list[Layer]] | None = None,
+    acc_dtype: torch.dtype | None = None,
 ) -> list[Tensor]:
     """Every group's Gram matrix, block column by block column (memory ``B·D``).
 
     ``captured``: the graph output and captured layers of a forward pass already
-    run (see :func:`capture_forward`), reused instead of a new one.
+    run (see :func:`capture_forward`), reused instead of a new one. ``acc_dtype``:
+    dtype of the returned Gram (its entries are the operator's products, computed in
+    the parameters' dtype; only the symmetrisation and ``eigh`` gain from float64).
     """
     NC = lin.num_columns
     dtype, device = lin.outputs.dtype, lin.outputs.device
     op = GramOperator(lin, report, NC * len(masks or [None]), captured)
-    grams = [torch.zeros(NC, NC, dtype=dtype, device=device) for _ in masks or [None]]
+    acc = dtype if acc_dtype is None else acc_dtype
+    grams = [torch.zeros(NC, NC, dtype=acc, device=device) for _ in masks or [None]]
     width = block_width(lin, budget, len(masks or [None]))
     for start in range(0, NC, width):
         stop = min(NC, start + width)
