@@ -1,0 +1,425 @@
+r"""Float32 spectra: what summing the Gram in float64 costs and what it resolves.
+
+Two parts:
+
+* ``3c3d``: DeepOBS' 3c3d and its BatchNorm variant in train mode (``bench_gram.build``,
+  CIFAR-10 shapes, C = 10, random weights), N ∈ {64, 128}. Three variants of
+  ``ggn_spectrum(model, loss, X, y)`` (all resolved eigenvalues, no eigenvectors):
+  the float32 model with ``accumulate="native"``, the float32 model with
+  ``accumulate="float64"`` (the default), and the float64 model (same weights).
+  Each runs in a fresh subprocess (peak RSS its own, reset after a warm-up on N = 4,
+  as in ``bench_batchnorm.py``). Reported: time, peak RSS, the ratio
+  ``t(float64 accumulation) / t(native)`` (target ≤ 1.3 at N = 128), and the
+  eigenvalues returned per decade of ``λ/λ_max`` against the float64 model's.
+* ``digits``: the zoo's ``mlp``, ``cnn``, ``cnn-bn`` and ``resnet-bn`` (train mode),
+  trained 150 SGD steps in float32 (``lowrank-ggn``'s training loop), one digits
+  batch of N = 128: per decade, the eigenvalues the float64 model finds (``rtol=0``
+  truth and its default rule), and what float32 returns with native and float64
+  accumulation, with the largest relative error and the largest ratio of actual error
+  to the stated bound (``eigenvalue_errors``).
+
+Results go to ``results/precision_<device>.json`` and ``.md``.
+
+Usage::
+
+    python benchmarks/bench_precision.py                 # both parts
+    python benchmarks/bench_precision.py --only digits
+    python benchmarks/bench_precision.py --quick --out /tmp/bpq   # smoke run (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_batchnorm import reset_peak_rss, resident_bytes  # noqa: E402
+from bench_gram import build, machine  # noqa: E402
+
+RESULTS = HERE / "results"
+VARIANTS = ("native", "float64", "model64")
+PARTS = ("3c3d", "digits")
+RATIO_TARGET = 1.3
+DECADES = 13
+
+
+def decade_counts(evals: list[float], lam_max: float) -> list[int]:
+    """Eigenvalues in ``(10^-(j+1), 10^-j]·λ_max`` for ``j = 0 … DECADES−1``."""
+    counts = [0] * DECADES
+    for v in evals:
+        if v <= 0:
+            continue
+        j = int(-_log10(v / lam_max) // 1) if v < lam_max else 0
+        if 0 <= j < DECADES:
+            counts[j] += 1
+    return counts
+
+
+def _log10(x: float) -> float:
+    import math
+
+    return math.log10(x)
+
+
+def deviations(evals, errors, truth) -> tuple[list[float], list[float]]:
+    """Relative error and error/bound of each eigenvalue against the nearest truth."""
+    import torch
+
+    lam = torch.tensor(evals, dtype=torch.float64)
+    ref = torch.tensor(truth, dtype=torch.float64)
+    dist = (lam[:, None] - ref[None, :]).abs().min(1).values
+    bound = torch.tensor(errors, dtype=torch.float64)
+    return (dist / lam).tolist(), (dist / bound).tolist()
+
+
+# ----------------------------------------------------------------------------- 3c3d
+def kink_flips(model_name: str, N: int) -> int:
+    """ReLU/max-pool outputs whose sign differs between float32 and float64 forward.
+
+    Where float32 and float64 take different sides of a kink, the two GGNs belong to
+    different linearisations: no round-off model of one covers the other.
+    """
+    import copy
+
+    import torch
+    from torch import nn
+
+    model, _, X, _ = build(model_name, N, "cpu", 0)
+    m64 = copy.deepcopy(model).double()
+    outs: dict[str, list] = {"32": [], "64": []}
+    hooks = []
+    for tag, m in (("32", model), ("64", m64)):
+        for mod in m.modules():
+            if isinstance(mod, (nn.ReLU, nn.MaxPool2d)):
+                hooks.append(
+                    mod.register_forward_hook(lambda *a, t=tag: outs[t].append(a[2]))
+                )
+    with torch.no_grad():
+        model(X)
+        m64(X.double())
+    for h in hooks:
+        h.remove()
+    return sum(int(((a > 0) != (b > 0)).sum()) for a, b in zip(outs["32"], outs["64"]))
+
+
+def worker(
+    model_name: str, N: int, variant: str, quick: bool, threads: int, repeat: int = 1
+) -> dict:
+    import torch
+
+    from lowrank_ggn import ggn_spectrum
+
+    torch.set_num_threads(threads)
+    acc = {"native": "native", "float64": "float64", "model64": None}[variant]
+
+    def problem(n: int, seed: int):
+        model, loss, X, y = build(model_name, n, "cpu", 0)
+        if variant == "model64":
+            model, X = model.double(), X.double()
+        return model, loss, X, y
+
+    if not quick:
+        model, loss, X, y = problem(4, 1)
+        ggn_spectrum(model, loss, X, y, accumulate=acc, progress=False)
+    model, loss, X, y = problem(N, 0)
+    reset = reset_peak_rss()
+    base = resident_bytes()
+    times = []
+    for _ in range(repeat):  # the fastest of `repeat` calls
+        t0 = time.perf_counter()
+        res = ggn_spectrum(model, loss, X, y, accumulate=acc, progress=False)
+        times.append(time.perf_counter() - t0)
+    elapsed = min(times)
+    import resource
+
+    truth = None
+    if variant == "model64":  # every eigenvalue, for the deviations
+        truth = ggn_spectrum(model, loss, X, y, rtol=0.0, progress=False).eigenvalues
+    return {
+        "model": model_name,
+        "N": N,
+        "variant": variant,
+        "time_s": elapsed,
+        "times_s": times,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "baseline_rss_bytes": base,
+        "peak_rss_reset": reset,
+        "strategy": str(res.engine_report.strategy),
+        "accumulate": res.accumulate,
+        "num_resolved": res.rank,
+        "num_unresolved": res.num_unresolved,
+        "eigenvalues": res.eigenvalues.tolist(),
+        "errors": res.eigenvalue_errors.tolist(),
+        "truth": None if truth is None else truth.tolist(),
+        "kink_flips": kink_flips(model_name, N) if variant == "model64" else None,
+    }
+
+
+def run_3c3d(args) -> dict:
+    models = ("tiny",) if args.quick else tuple(args.models)
+    sizes = (6,) if args.quick else tuple(args.n)
+    records = []
+    for model_name in models:
+        for N in sizes:
+            for variant in VARIANTS:
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    json.dumps(
+                        [model_name, N, variant, args.quick, args.threads, args.repeat]
+                    ),
+                ]
+                print(f"3c3d: {model_name} N={N} {variant}", file=sys.stderr)
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if proc.returncode:
+                    tail = proc.stderr.strip().splitlines()[-1:]
+                    records.append(
+                        {"model": model_name, "N": N, "variant": variant, "error": tail}
+                    )
+                    continue
+                records.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    summary = []
+    for model_name in models:
+        for N in sizes:
+            rows = {
+                r["variant"]: r
+                for r in records
+                if r["model"] == model_name and r["N"] == N and "error" not in r
+            }
+            if set(rows) != set(VARIANTS):
+                continue
+            truth = rows["model64"]["truth"]
+            lam_max = truth[0]
+            entry = {
+                "model": model_name,
+                "N": N,
+                "kink_flips": rows["model64"]["kink_flips"],
+                "ratio_float64_to_native": rows["float64"]["time_s"]
+                / rows["native"]["time_s"],
+                "ratio_model64_to_native": rows["model64"]["time_s"]
+                / rows["native"]["time_s"],
+                "decades": {
+                    v: decade_counts(rows[v]["eigenvalues"], lam_max) for v in VARIANTS
+                },
+            }
+            for v in ("native", "float64"):
+                rel, ratio = deviations(
+                    rows[v]["eigenvalues"], rows[v]["errors"], truth
+                )
+                entry[f"max_rel_error_{v}"] = max(rel, default=0.0)
+                entry[f"max_error_over_bound_{v}"] = max(ratio, default=0.0)
+            summary.append(entry)
+    for r in records:
+        r.pop("truth", None)
+        r.pop("eigenvalues", None)
+        r.pop("errors", None)
+    return {"records": records, "summary": summary}
+
+
+def merge_3c3d(old: dict | None, new: dict) -> dict:
+    """Replace the rows of the models just measured, keep the others."""
+    if not old:
+        return new
+    done = {r["model"] for r in new["records"]}
+    keep = lambda rows: [r for r in rows if r["model"] not in done]  # noqa: E731
+    return {
+        "records": keep(old["records"]) + new["records"],
+        "summary": keep(old["summary"]) + new["summary"],
+    }
+
+
+# --------------------------------------------------------------------------- digits
+def run_digits(args) -> dict:
+    import copy
+
+    import torch
+    from torch import nn
+
+    from lowrank_ggn import ggn_spectrum
+    from lowrank_ggn.cli import train
+    from lowrank_ggn.data import digits_batch
+    from lowrank_ggn.models import build_model
+
+    torch.set_num_threads(args.threads)
+    names = ("cnn",) if args.quick else ("mlp", "cnn", "cnn-bn", "resnet-bn")
+    steps, N = (2, 16) if args.quick else (150, 128)
+    out = []
+    for name in names:
+        m32 = build_model(name, 0, torch.float32)
+        train(m32, "ce", steps, 0, torch.float32, "cpu", f"training {name}")
+        X, y = digits_batch(N, 0, torch.float32)
+        loss = nn.CrossEntropyLoss()
+        m64 = copy.deepcopy(m32).double()
+        truth = ggn_spectrum(m64, loss, X.double(), y, rtol=0.0).eigenvalues.tolist()
+        res64 = ggn_spectrum(m64, loss, X.double(), y)
+        lam_max = truth[0]
+        entry = {
+            "model": name,
+            "N": N,
+            "train_steps": steps,
+            "float64_all": decade_counts(truth, lam_max),
+            "float64_resolved": decade_counts(res64.eigenvalues.tolist(), lam_max),
+        }
+        for acc in ("native", "float64"):
+            res = ggn_spectrum(m32, loss, X, y, accumulate=acc)
+            evals = res.eigenvalues.tolist()
+            rel, ratio = deviations(evals, res.eigenvalue_errors.tolist(), truth)
+            entry[f"float32_{acc}"] = decade_counts(evals, lam_max)
+            per_decade = [0.0] * DECADES
+            for v, r in zip(evals, rel):
+                j = (
+                    min(DECADES - 1, int(-_log10(v / lam_max) // 1))
+                    if v < lam_max
+                    else 0
+                )
+                per_decade[j] = max(per_decade[j], r)
+            entry[f"float32_{acc}_max_rel_error"] = per_decade
+            entry[f"float32_{acc}_max_error_over_bound"] = max(ratio, default=0.0)
+        out.append(entry)
+    return {"models": out}
+
+
+# --------------------------------------------------------------------------- report
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        "# Float32 spectra: native vs float64 accumulation vs the float64 model",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+        f"{result['threads']} threads. Produced by `benchmarks/bench_precision.py`.",
+        "",
+    ]
+    part = result["parts"].get("3c3d")
+    if part:
+        lines += [
+            "## 3c3d (random weights, CIFAR-10 shapes, C = 10): time and memory",
+            "",
+            "| model | N | variant | strategy | time [s] | peak RSS [GiB] | resolved | "
+            "unresolved |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in part["records"]:
+            if "error" in r:
+                lines.append(
+                    f"| {r['model']} | {r['N']} | {r['variant']} | error: "
+                    f"{r['error']} | | | | |"
+                )
+                continue
+            lines.append(
+                f"| {r['model']} | {r['N']} | {r['variant']} | {r['strategy']} | "
+                f"{r['time_s']:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+                f"{r['num_resolved']} | {r['num_unresolved']} |"
+            )
+        lines += [
+            "",
+            "| model | N | t(float64 acc.)/t(native) | t(float64 model)/t(native) "
+            f"| target ≤ {RATIO_TARGET} | max rel. error native / float64 acc. | "
+            "max error/bound | ReLU/max-pool sign flips f32 vs f64 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for s in part["summary"]:
+            met = "met" if s["ratio_float64_to_native"] <= RATIO_TARGET else "missed"
+            lines.append(
+                f"| {s['model']} | {s['N']} | {s['ratio_float64_to_native']:.2f} | "
+                f"{s['ratio_model64_to_native']:.2f} | {met} | "
+                f"{s['max_rel_error_native']:.1e} / {s['max_rel_error_float64']:.1e} | "
+                f"{max(s['max_error_over_bound_native'], s['max_error_over_bound_float64']):.2f} | "
+                f"{s.get('kink_flips', '')} |"
+            )
+        lines += [
+            "",
+            "Times are the fastest of `--repeat` calls (see `times_s` in the JSON). A "
+            "nonzero sign-flip count means float32 and float64 evaluate the net on "
+            "different sides of a ReLU/max-pool kink: their GGNs are those of two "
+            "different linearisations, which no round-off bound covers (max error/bound "
+            "above 1 occurs exactly in those rows).",
+        ]
+        lines += [
+            "",
+            "Eigenvalues returned per decade of λ/λ_max "
+            "(native / float64 accumulation / float64 model):",
+            "",
+            "| model | N | " + " | ".join(f"1e-{j + 1}" for j in range(DECADES)) + " |",
+            "|---|---|" + "---|" * DECADES,
+        ]
+        for s in part["summary"]:
+            d = s["decades"]
+            cells = [
+                f"{a}/{b}/{c}"
+                for a, b, c in zip(d["native"], d["float64"], d["model64"])
+            ]
+            lines.append(f"| {s['model']} | {s['N']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    part = result["parts"].get("digits")
+    if part:
+        lines += ["## Trained digits zoo (float32 training, N = 128, C = 10)", ""]
+        for e in part["models"]:
+            lines += [
+                f"### {e['model']} ({e['train_steps']} SGD steps); max error/bound: "
+                f"native {e['float32_native_max_error_over_bound']:.2f}, "
+                f"float64 acc. {e['float32_float64_max_error_over_bound']:.2f}",
+                "",
+                "| decade of λ/λ_max | float64 (all / resolved) | float32 native | "
+                "max rel. err. | float32 float64-acc. | max rel. err. |",
+                "|---|---|---|---|---|---|",
+            ]
+            for j in range(DECADES):
+                if not e["float64_all"][j]:
+                    continue
+                lines.append(
+                    f"| (1e-{j + 1}, 1e-{j}] | {e['float64_all'][j]} / "
+                    f"{e['float64_resolved'][j]} | {e['float32_native'][j]} | "
+                    f"{e['float32_native_max_rel_error'][j]:.1e} | "
+                    f"{e['float32_float64'][j]} | "
+                    f"{e['float32_float64_max_rel_error'][j]:.1e} |"
+                )
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=PARTS, nargs="+", default=list(PARTS))
+    parser.add_argument("--n", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="*", default=["3c3d", "3c3d-bn"])
+    parser.add_argument("--repeat", type=int, default=1, help="time the fastest of R")
+    parser.add_argument("--quick", action="store_true", help="smoke run for the tests")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*json.loads(args.worker))))
+        return
+    tag = "quick" if args.quick else "cpu"
+    path = args.out / f"precision_{tag}.json"
+    result = {"machine": machine("cpu"), "threads": args.threads, "parts": {}}
+    if path.exists():
+        result["parts"] = json.loads(path.read_text()).get("parts", {})
+    t0 = time.perf_counter()
+    runners = {"3c3d": run_3c3d, "digits": run_digits}
+    for part in args.only:
+        new = runners[part](args)
+        if part == "3c3d":
+            new = merge_3c3d(result["parts"].get(part), new)
+            for entry in new["summary"]:  # rows measured before the count existed
+                if entry.get("kink_flips") is None:
+                    entry["kink_flips"] = kink_flips(entry["model"], entry["N"])
+        result["parts"][part] = new
+        result["parts"][part]["seconds"] = time.perf_counter() - t0
+        result["parts"][part]["when"] = time.strftime("%Y-%m-%d")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    path.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
