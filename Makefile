@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 OUT    ?= results
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,18 @@ bench: $(STAMP)
 	  curvlinops-for-pytorch unfoldNd einops einconv linear_operator opt-einsum tqdm \
 	  jaxtyping typeguard wadler_lindig psutil
 	$(BIN)/python benchmarks/bench_gram.py
+
+# Every paper figure from seeds, full mode, CPU (results JSON in each experiment
+# folder, figures/<name>.png|pdf); measured 31 min on one core (2026-11-29).
+# The peers (make bench installs them) are optional: missing ones are skipped.
+FIGURES = digits_spectrum spectrum_approximations topk_runtime batch_size_limits \
+	training_monitoring batchnorm_structure
+
+figures: $(STAMP)
+	for name in $(FIGURES); do \
+	  $(BIN)/python experiments/$$name/run.py && \
+	  $(BIN)/python experiments/$$name/plot.py || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info

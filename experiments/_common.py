@@ -1,0 +1,332 @@
+r"""Shared helpers of the paper-figure experiments (not part of the package).
+
+Each ``experiments/<name>/run.py`` puts this folder on ``sys.path`` (anchored at the
+script, never the working directory) and imports what it needs:
+
+* :func:`run_main` / :func:`plot_main`: the common command lines
+  ``run.py [--quick] [--out PATH]`` and ``plot.py [--quick] [--json PATH] [--out DIR]``;
+  every JSON records its settings, seed, package versions and wall time;
+* :func:`build_3c3d` and :func:`cifar_batch`: DeepOBS' 3c3d (D = 895,210) with or
+  without BatchNorm, and seeded synthetic CIFAR-10-shaped batches (timing only);
+* :func:`digits_inputs`: digits batches of any size (drawn with replacement beyond
+  the 1,797 images; memory does not depend on the values);
+* :func:`frozen_statistics_copy`: a train-mode BatchNorm model turned into the
+  eval-mode model whose running statistics are the batch's (ViViT's shortcut);
+* :func:`subspace_overlap`, :func:`train_steps`, :func:`peak_rss_of`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+FIGURES = ROOT / "figures"
+
+#: Distributions whose versions every results JSON records (peers where installed).
+PACKAGES = (
+    "torch",
+    "numpy",
+    "scipy",
+    "scikit-learn",
+    "matplotlib",
+    "backpack-for-pytorch",
+    "vivit-for-pytorch",
+    "curvlinops-for-pytorch",
+)
+
+
+def versions() -> dict[str, str | None]:
+    """Python, lowrank_ggn and :data:`PACKAGES` versions (``None``: not installed)."""
+    from lowrank_ggn import __version__
+
+    out: dict[str, str | None] = {
+        "python": platform.python_version(),
+        "lowrank_ggn": __version__,
+    }
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def installed(*modules: str) -> bool:
+    """Whether every module can be imported (peers are optional)."""
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+# ------------------------------------------------------------------------ command lines
+def run_main(
+    doc: str,
+    here: Path,
+    compute: Callable[[dict], dict],
+    full: dict,
+    quick: dict,
+    seed: int,
+    argv: list[str] | None = None,
+) -> dict:
+    """``run.py [--quick] [--out PATH]``: compute, stamp and write the JSON.
+
+    The default output is ``results.json`` (``results_quick.json`` with ``--quick``)
+    next to the script, so quick runs never overwrite committed full results.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny run for the tests")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # small tensors, and `make figures` budgets one core
+    out = args.out or here / ("results_quick.json" if args.quick else "results.json")
+    settings = {**(quick if args.quick else full), "quick": args.quick, "seed": seed}
+    t0 = time.perf_counter()
+    result = compute(settings)
+    result = {
+        "settings": settings,
+        "versions": versions(),
+        "torch_threads": torch.get_num_threads(),
+        **result,
+        "seconds_total": time.perf_counter() - t0,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=_jsonable))
+    print(f"wrote {out} ({result['seconds_total']:.1f} s)")
+    return result
+
+
+def _jsonable(obj: Any):
+    if isinstance(obj, Tensor):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def plot_main(
+    doc: str, here: Path, stem: str, make_figure: Callable[[dict], Any], argv=None
+) -> None:
+    """``plot.py [--quick] [--json PATH] [--out DIR]``: read the JSON, save PNG + PDF.
+
+    Writes ``<DIR>/<stem>.png|pdf`` (``<stem>_quick`` when the JSON is a quick run),
+    ``DIR`` defaulting to ``figures/`` at the repository root.
+    """
+    from lowrank_ggn import plotting
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="plot the quick run")
+    parser.add_argument("--json", type=Path, default=None, help="results JSON")
+    parser.add_argument("--out", type=Path, default=None, help="figure folder")
+    args = parser.parse_args(argv)
+    source = args.json or here / (
+        "results_quick.json" if args.quick else "results.json"
+    )
+    result = json.loads(source.read_text())
+    if result["settings"].get("quick"):
+        stem += "_quick"
+    fig = make_figure(result)
+    for path in plotting.save_figure(fig, (args.out or FIGURES) / stem):
+        print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------ models
+def build_3c3d(
+    batch_norm: bool,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    running_stats: bool = True,
+) -> nn.Module:
+    """DeepOBS' 3c3d for ``[N, 3, 32, 32]`` → 10 (BatchNorm after each conv optional).
+
+    As ``benchmarks/bench_gram.py`` builds it; ``running_stats=False`` gives BatchNorm
+    ``track_running_stats=False``, the same train-mode function, which curvlinops'
+    ``torch.func`` transforms need.
+    """
+
+    def block(cin: int, cout: int, k: int, pad: int) -> list[nn.Module]:
+        norm = [nn.BatchNorm2d(cout, track_running_stats=running_stats)]
+        return [
+            nn.Conv2d(cin, cout, k, padding=pad),
+            *(norm if batch_norm else []),
+            nn.ReLU(),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        ]
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            *block(3, 64, 5, 0),
+            *block(64, 96, 3, 0),
+            *block(96, 128, 3, 1),
+            nn.Flatten(),
+            nn.Linear(1152, 512),
+            nn.ReLU(),
+            nn.Linear(512, 256),
+            nn.ReLU(),
+            nn.Linear(256, 10),
+        )
+    return model.to(dtype).train()
+
+
+def cifar_batch(
+    N: int, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """Seeded synthetic CIFAR-10-shaped batch: ``randn [N, 3, 32, 32]``, labels ``[N]``."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, 3, 32, 32, generator=gen, dtype=dtype)
+    return X, torch.randint(0, 10, (N,), generator=gen)
+
+
+def digits_inputs(
+    N: int, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor]:
+    """``N`` digits: distinct for ``N ≤ 1797``, else drawn with replacement (seeded)."""
+    from lowrank_ggn.data import digits_batch, load_digits
+
+    images, labels = load_digits(dtype)
+    if N <= images.shape[0]:
+        return digits_batch(N, seed, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, images.shape[0], (N,), generator=gen)
+    return images[idx], labels[idx]
+
+
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+
+
+def frozen_statistics_copy(model: nn.Module, inputs: Tensor) -> nn.Module:
+    r"""Eval-mode copy whose BatchNorm running statistics are ``inputs``' batch ones.
+
+    Its forward pass equals the train-mode one on ``inputs`` (``μ`` and the *biased*
+    variance of each BatchNorm input over batch and positions), but the statistics
+    are constants: each output depends on its own sample only. Its GGN is the
+    per-sample shortcut ``Σ_n J̃_nᵀ H_n J̃_n`` that ignores ``∂(μ, σ²)/∂θ`` and the
+    coupling between samples (what per-sample engines such as ViViT/BackPACK compute
+    for a train-mode BatchNorm network).
+    """
+    frozen = copy.deepcopy(model).train()
+    seen: dict[nn.Module, Tensor] = {}
+    hooks = [
+        bn.register_forward_pre_hook(lambda m, a: seen.__setitem__(m, a[0].detach()))
+        for bn in batch_norms(frozen)
+    ]
+    snapshot = copy.deepcopy(frozen.state_dict())  # train() would move the stats
+    with torch.no_grad():
+        frozen(inputs)
+    for h in hooks:
+        h.remove()
+    frozen.load_state_dict(snapshot)
+    for bn in batch_norms(frozen):
+        x = seen[bn]
+        dims = [d for d in range(x.dim()) if d != 1]
+        bn.running_mean = x.mean(dims)
+        bn.running_var = x.var(dims, unbiased=False)
+    return frozen.eval()
+
+
+def without_running_stats(model: nn.Module) -> nn.Module:
+    """Copy with ``track_running_stats=False`` BatchNorm: the same train-mode function
+    without in-place buffer updates (``torch.func`` transforms need that)."""
+    out = copy.deepcopy(model).train()
+    for bn in batch_norms(out):
+        bn.track_running_stats = False
+        bn.running_mean = None
+        bn.running_var = None
+        bn.num_batches_tracked = None
+    return out
+
+
+# ------------------------------------------------------------------------- quantities
+def subspace_overlap(A: Tensor, B: Tensor) -> float:
+    r"""``‖P_A P_B‖_F² / max(k_A, k_B)`` of the row spaces of ``A [k_A, D]``, ``B``.
+
+    ``Tr(P_A P_B) / max(k_A, k_B)`` with orthogonal projectors onto the spans of the
+    rows: 1 for equal subspaces, 0 for orthogonal ones; ``k/D`` expected for random
+    ``k``-dimensional subspaces. Rows need not be orthonormal (QR first).
+    """
+    Qa = torch.linalg.qr(A.T.double())[0]
+    Qb = torch.linalg.qr(B.T.double())[0]
+    return float((Qa.T @ Qb).square().sum() / max(Qa.shape[1], Qb.shape[1]))
+
+
+def train_steps(
+    model: nn.Module,
+    batches: Iterator[tuple[Tensor, Tensor]],
+    steps: int,
+    lr: float,
+    momentum: float,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> tuple[torch.optim.Optimizer, float]:
+    """``steps`` SGD steps with cross-entropy, in place; returns optimizer, last loss."""
+    opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    loss = nn.CrossEntropyLoss()
+    last = float("nan")
+    model.train()
+    for _ in range(steps):
+        X, y = next(batches)
+        opt.zero_grad(set_to_none=True)
+        value = loss(model(X), y)
+        value.backward()
+        opt.step()
+        last = value.item()
+    model.zero_grad(set_to_none=True)
+    return opt, last
+
+
+def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """``(fn(*args, **kwargs), seconds)``."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------- memory
+def _reset_peak_rss() -> bool:
+    """Return freed heap to the OS and reset the kernel's peak-RSS mark (Linux)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss_of(fn: Callable[[], Any]) -> tuple[Any, int | None]:
+    """``(fn(), peak resident bytes above the start)``; ``None`` where the peak mark
+    cannot be reset (then nothing sensible is measured). Run it in a fresh process:
+    memory that the process already holds is reused and not counted."""
+    ok = sys.platform.startswith("linux") and _reset_peak_rss()
+    base = _rss_bytes() if ok else 0
+    out = fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out, (peak - base) if ok else None
