@@ -35,9 +35,14 @@ def _model_report(name: str, e: dict[str, Any]) -> list[str]:
     if ce and e["zoo"] and not e["approximation"]:  # zoo outputs: [N, 10] logits
         n = e["num_columns"] // NUM_CLASSES
         bound = f"; softmax CE allows at most N·(C−1) = {n * (NUM_CLASSES - 1)}"
+    summed = (
+        "Gram summed in float64"
+        if e["accumulate"] == "float64"
+        else "Gram summed in the model's dtype"
+    )
     lines.append(
         f"  nonzero       {e['num_nonzero']} eigenvalues of N·C = {e['num_columns']} "
-        f"Gram columns resolved to 1e-3 (Gram summed {e['accumulate']}{bound})"
+        f"Gram columns resolved to 1e-3 ({summed}{bound})"
     )
     if e["num_unresolved"]:
         lines.append(
