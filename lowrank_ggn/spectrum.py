@@ -254,9 +254,7 @@ def _zero_floor(eigenvalues: Tensor) -> float:
 
 def _drop_unresolved(pairs: GramEigenpairs) -> GramEigenpairs:
     """Drop pairs the error model does not resolve, with a warning (eigenvectors asked)."""
-    ok = (pairs.eigenvalues.double() > 0) & (
-        pairs.errors <= RESOLVED_RTOL * pairs.eigenvalues.double()
-    )
+    ok = resolved(pairs.eigenvalues, pairs.errors, None, pairs.lam_max)
     keep, total = int(ok.sum()), pairs.eigenvalues.numel()
     if keep == total:
         return pairs
