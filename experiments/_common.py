@@ -126,7 +126,7 @@ def plot_main(
     Writes ``<DIR>/<stem>.png|pdf`` (``<stem>_quick`` when the JSON is a quick run),
     ``DIR`` defaulting to ``figures/`` at the repository root.
     """
-    from lowrank_ggn import plotting
+    from lowrank_ggn.app import plotting
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="plot the quick run")
@@ -196,7 +196,7 @@ def digits_inputs(
     N: int, seed: int = 0, dtype: torch.dtype = torch.float64
 ) -> tuple[Tensor, Tensor]:
     """``N`` digits: distinct for ``N ≤ 1797``, else drawn with replacement (seeded)."""
-    from lowrank_ggn.data import digits_batch, load_digits
+    from lowrank_ggn.app.data import digits_batch, load_digits
 
     images, labels = load_digits(dtype)
     if N <= images.shape[0]:

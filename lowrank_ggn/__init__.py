@@ -7,21 +7,35 @@ computes them exactly for any model, BatchNorm in train mode included.
 """
 
 from lowrank_ggn import reference
-from lowrank_ggn.dataset import DatasetSpectrum, GramMemoryError, ggn_spectrum_dataset
-from lowrank_ggn.directional import DirectionalDerivatives, directional_derivatives
-from lowrank_ggn.gram import gram_matrix
-from lowrank_ggn.loss_factors import loss_hessian_factors, sampled_loss_hessian_factors
-from lowrank_ggn.moments import GradientMoments, gradient_moments
-from lowrank_ggn.operators import ggn_linear_operator, gram_linear_operator
-from lowrank_ggn.param_groups import per_layer_groups
-from lowrank_ggn.sample_mixing import EnginePath
-from lowrank_ggn.spectrum import GGNSpectrum, NearZeroEigenvalueWarning, ggn_spectrum
-from lowrank_ggn.structure import (
+from lowrank_ggn.approx.dataset import (
+    DatasetSpectrum,
+    GramMemoryError,
+    ggn_spectrum_dataset,
+)
+from lowrank_ggn.approx.param_groups import per_layer_groups
+from lowrank_ggn.core.gram import gram_matrix
+from lowrank_ggn.core.loss_factors import (
+    loss_hessian_factors,
+    sampled_loss_hessian_factors,
+)
+from lowrank_ggn.core.paths import EnginePath
+from lowrank_ggn.core.spectrum import (
+    GGNSpectrum,
+    NearZeroEigenvalueWarning,
+    ggn_spectrum,
+)
+from lowrank_ggn.diagnostics.audit import (
     SampleMixingWarning,
     StructureCheck,
     StructureReport,
     audit_structure,
 )
+from lowrank_ggn.diagnostics.directional import (
+    DirectionalDerivatives,
+    directional_derivatives,
+)
+from lowrank_ggn.diagnostics.moments import GradientMoments, gradient_moments
+from lowrank_ggn.operators import ggn_linear_operator, gram_linear_operator
 
 __version__ = "0.1.0"
 

@@ -11,7 +11,7 @@ with ``H = ∇²_F L = Σ_{n,c} (e_n ⊗ s_nc)(e_n ⊗ s_nc)ᵀ`` from the loss-
 * ``Vᵀ v``: one Jacobian-vector product ``J v`` (``[N, *out]``, forward mode through
   the whole batch, BatchNorm statistics included), then ``(Vᵀ v)_{nc} = ⟨s_nc, (J v)_n⟩``;
 * ``V u``: the cotangent ``w_n = Σ_c u_nc s_nc``, then one vector-Jacobian product
-  ``Jᵀ w`` (:meth:`lowrank_ggn.factors.Linearization.apply_factors`).
+  ``Jᵀ w`` (:meth:`lowrank_ggn.core.linearization.Linearization.apply_factors`).
 
 Cost per product with ``K`` vectors: ``K`` full-batch JVPs and ``K`` full-batch VJPs
 (vmapped in chunks of ``chunk``), memory ``O(chunk · D + N·C·O)`` plus the saved
@@ -24,7 +24,7 @@ factors of the moment it was created: it evaluates the model functionally on det
 *copies* of the parameters and buffers, and re-applies the recorded train/eval modes
 for every product, so later changes to the model (an optimizer step, ``model.eval()``)
 do not change it. Each product runs inside
-:func:`lowrank_ggn._state.model_preserved`, so the model is never changed either. It
+:func:`lowrank_ggn.core.state.model_preserved`, so the model is never changed either. It
 keeps a reference to the module (its code is re-run) and a copy of ``D`` parameters.
 
 **Dtypes.** Products are computed in the parameters' dtype and device. The operator's
@@ -44,8 +44,8 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import jvp, vmap
 
-from lowrank_ggn._state import model_preserved
-from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
+from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
+from lowrank_ggn.core.state import model_preserved
 
 
 def jacobian_products(lin: Linearization, vectors: Tensor, chunk: int) -> Tensor:

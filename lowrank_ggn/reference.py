@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import hessian, jacrev
 
-from lowrank_ggn._model import FunctionalModel
-from lowrank_ggn._state import model_preserved
-from lowrank_ggn._validation import (
+from lowrank_ggn.core.loss_factors import SUPPORTED_LOSSES, check_targets
+from lowrank_ggn.core.model import FunctionalModel
+from lowrank_ggn.core.state import model_preserved
+from lowrank_ggn.core.validation import (
     check_batch_norm_batch_size,
     check_inputs,
     check_memory,
@@ -29,7 +30,6 @@ from lowrank_ggn._validation import (
     check_params_finite,
     resolve_params,
 )
-from lowrank_ggn.loss_factors import SUPPORTED_LOSSES, check_targets
 
 
 def _flat_model(

@@ -18,9 +18,9 @@ from torch import nn
 from utils import RTOL, report_close
 
 from lowrank_ggn import ggn_spectrum
-from lowrank_ggn.cli import build_parser, layer_groups, main, subsampling_indices
-from lowrank_ggn.data import digits_batch
-from lowrank_ggn.models import build_model
+from lowrank_ggn.app.cli import build_parser, layer_groups, main, subsampling_indices
+from lowrank_ggn.app.data import digits_batch
+from lowrank_ggn.app.models import build_model
 from lowrank_ggn.reference import dense_gradient
 
 TESTS = Path(__file__).parent
@@ -299,7 +299,7 @@ def test_per_layer_option(tmp_path):
 
 def test_issue4_options_are_wired_as_keyword_arguments(tmp_path, monkeypatch, capsys):
     """A recording ggn_spectrum checks exactly which keyword arguments the CLI passes."""
-    import lowrank_ggn.cli as cli
+    import lowrank_ggn.app.cli as cli
 
     calls = []
 

@@ -13,7 +13,7 @@ from test_structure import EXPECTED_MIXING
 from utils import RTOL, assert_state_equal, report_close, state_of
 
 from lowrank_ggn import SampleMixingWarning, directional_derivatives, ggn_spectrum
-from lowrank_ggn.loss_factors import reduction_factor
+from lowrank_ggn.core.loss_factors import reduction_factor
 from lowrank_ggn.reference import (
     dense_directional_derivatives,
     dense_ggn,

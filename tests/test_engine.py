@@ -1,4 +1,4 @@
-"""The Gram engine (lowrank_ggn.engine) against the generic engine and the dense reference."""
+"""The Gram engine (lowrank_ggn.core.engine) against the generic engine and the dense reference."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from cases import CASES
 from utils import assert_spectrum_matches, report_close
 
 from lowrank_ggn import ggn_spectrum, gram_matrix
-from lowrank_ggn.engine import LayerTreatment, Strategy
-from lowrank_ggn.engine.accumulate import (
+from lowrank_ggn.core.engine import LayerTreatment, Strategy
+from lowrank_ggn.core.engine.accumulate import (
     add_kron_blocks,
     explicit_rows,
     symmetric_rank_k_update,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from utils import report_close
 
-from lowrank_ggn.engine.capture import FreezeSwitch, batch_norm_layers, capture
+from lowrank_ggn.core.engine.capture import FreezeSwitch, batch_norm_layers, capture
 
 D = torch.float64
 

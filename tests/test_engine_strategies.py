@@ -1,6 +1,6 @@
 """Every strategy on every BatchNorm flavour, against the float64 dense reference.
 
-Strategies (``lowrank_ggn.engine.report.Strategy``) are forced through ``strategy=``;
+Strategies (``lowrank_ggn.core.engine.report.Strategy``) are forced through ``strategy=``;
 the Lanczos solver runs on the same cases. Model state is checked bitwise.
 """
 
@@ -18,8 +18,8 @@ from utils import (
 )
 
 from lowrank_ggn import ggn_spectrum, gram_matrix
-from lowrank_ggn.engine import Solver, Strategy, StrategyUnavailable
-from lowrank_ggn.engine.plan import plan_strategy
+from lowrank_ggn.core.engine import Solver, Strategy, StrategyUnavailable
+from lowrank_ggn.core.engine.plan import plan_strategy
 from lowrank_ggn.reference import dense_ggn
 
 STRATEGIES = [None, "bn_split", "columns", "streamed"]
@@ -193,7 +193,7 @@ def test_auto_solver_picks_lanczos_only_when_cheaper():
 
 def test_plan_prefers_split_then_columns_then_streamed():
     """The cost model in isolation: counts and budgets decide."""
-    from lowrank_ggn.engine.capture import BNLayer, Layer
+    from lowrank_ggn.core.engine.capture import BNLayer, Layer
 
     lin_layer = torch.nn.Linear(4, 4)
     la = Layer(

@@ -7,7 +7,7 @@ import torch
 from utils import assert_spectrum_matches, report_close
 
 from lowrank_ggn import gram_matrix
-from lowrank_ggn.loss_factors import loss_hessian_factors
+from lowrank_ggn.core.loss_factors import loss_hessian_factors
 from lowrank_ggn.reference import dense_ggn, dense_jacobian, dense_outputs
 
 

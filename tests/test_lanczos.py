@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from lowrank_ggn.lanczos import BASIS_BLOCKS, TOL_FLOAT32, TOL_FLOAT64, top_eigenpairs
+from lowrank_ggn.core.lanczos import (
+    BASIS_BLOCKS,
+    TOL_FLOAT32,
+    TOL_FLOAT64,
+    top_eigenpairs,
+)
 
 F64 = torch.float64
 #: Eigenvalue error relative to λ_max in float64 at the default tolerance: Ritz values

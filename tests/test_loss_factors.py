@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from utils import report_close
 
-from lowrank_ggn.loss_factors import loss_hessian_factors
+from lowrank_ggn.core.loss_factors import loss_hessian_factors
 from lowrank_ggn.reference import dense_output_hessian
 
 D = torch.float64

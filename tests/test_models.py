@@ -12,11 +12,11 @@ from torch import nn
 from utils import assert_spectrum_matches, assert_state_equal, state_of
 
 from lowrank_ggn import ggn_spectrum
-from lowrank_ggn.data import digits_batch, digits_batches, load_digits
-from lowrank_ggn.models import ZOO, build_model, num_params
+from lowrank_ggn.app.data import digits_batch, digits_batches, load_digits
+from lowrank_ggn.app.models import ZOO, build_model, num_params
 from lowrank_ggn.reference import dense_ggn
 
-#: Parameter counts stated in the ``lowrank_ggn.models`` docstring.
+#: Parameter counts stated in the ``lowrank_ggn.app.models`` docstring.
 SIZES = {"mlp": 2410, "cnn": 1898, "cnn-bn": 1946, "resnet-bn": 1610}
 MIXING = {"mlp": False, "cnn": False, "cnn-bn": True, "resnet-bn": True}
 

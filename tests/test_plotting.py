@@ -8,7 +8,7 @@ import torch
 
 matplotlib = pytest.importorskip("matplotlib")
 
-from lowrank_ggn import plotting  # noqa: E402
+from lowrank_ggn.app import plotting  # noqa: E402
 
 
 def _pyplot_figures() -> list[int]:

@@ -1,4 +1,4 @@
-"""Float32 spectra against float64 truth on the same weights (lowrank_ggn.precision).
+"""Float32 spectra against float64 truth on the same weights (lowrank_ggn.core.precision).
 
 Every eigenvalue a float32 model returns must lie within its stated error bound
 (``eigenvalue_errors``) of an eigenvalue of the float64 GGN, and within ``1e-3``
@@ -18,10 +18,10 @@ from cases import BN_CASES, CASES
 from torch import nn
 
 from lowrank_ggn import ggn_spectrum, gram_matrix
-from lowrank_ggn.cli import train
-from lowrank_ggn.data import digits_batch
-from lowrank_ggn.models import build_model
-from lowrank_ggn.precision import (
+from lowrank_ggn.app.cli import train
+from lowrank_ggn.app.data import digits_batch
+from lowrank_ggn.app.models import build_model
+from lowrank_ggn.core.precision import (
     RESOLVED_RTOL,
     ErrorModel,
     accumulation_dtype,
@@ -162,7 +162,7 @@ def test_error_model_terms():
     diag = torch.tensor([1.0, 1e-6], dtype=F64)
     err = model.eigenvalue_errors(evals, evecs, diag)
     # t = √λ for a diagonal Gram: c_f·1e-7·λ + c_s·1e-16·10·λ + c_e·1e-16·1
-    from lowrank_ggn.precision import C_EIGH, C_FACTOR, C_SUM
+    from lowrank_ggn.core.precision import C_EIGH, C_FACTOR, C_SUM
 
     expected = (
         C_FACTOR * 1e-7 * evals + C_SUM * 1e-16 * 10 * evals + C_EIGH * 1e-16 * 1.0

@@ -8,8 +8,8 @@ from cases import CASES, MIXING_CASES
 from utils import RTOL, assert_spectrum_matches, report_close
 
 from lowrank_ggn import ggn_spectrum
-from lowrank_ggn._state import model_preserved
-from lowrank_ggn.loss_factors import loss_hessian_factors
+from lowrank_ggn.core.loss_factors import loss_hessian_factors
+from lowrank_ggn.core.state import model_preserved
 from lowrank_ggn.reference import dense_ggn
 
 

@@ -20,7 +20,7 @@ from public_calls import CALL_IDS, PUBLIC_CALLS, TARGETLESS
 from torch import nn
 from utils import assert_state_equal, state_of
 
-from lowrank_ggn._state import model_preserved
+from lowrank_ggn.core.state import model_preserved
 
 F64 = torch.float64
 

@@ -35,15 +35,15 @@ from lowrank_ggn import (
     gram_matrix,
     loss_hessian_factors,
 )
-from lowrank_ggn._validation import (
+from lowrank_ggn.core.linearization import Linearization, linearize
+from lowrank_ggn.core.spectrum import parameter_eigenvectors
+from lowrank_ggn.core.validation import (
     DEFAULT_MEMORY_BUDGET,
     MEMORY_BUDGET_ENV,
     check_memory,
     resolve_memory_budget,
 )
-from lowrank_ggn.factors import Linearization, linearize
 from lowrank_ggn.reference import dense_ggn, dense_output_hessian
-from lowrank_ggn.spectrum import parameter_eigenvectors
 
 F64 = torch.float64
 MODEL_CALLS = [c for c in ENGINE_CALLS if c[0] != "loss_hessian_factors"]
@@ -750,7 +750,7 @@ def test_memory_budget_for_loss_factors_is_checked_before_they_exist(monkeypatch
     def refuse(*args, **kwargs):
         raise AssertionError("S was formed before the budget check")
 
-    monkeypatch.setattr("lowrank_ggn.factors.loss_hessian_factors", refuse)
+    monkeypatch.setattr("lowrank_ggn.core.linearization.loss_hessian_factors", refuse)
     N, K, P = 3, 3, 9
     with pytest.raises(ValueError, match=r"loss-Hessian factors S \[C=27, N=3, O=27\]"):
         linearize(model, loss, X, y, memory_budget=K * P * N * K * P * 8 - 1)

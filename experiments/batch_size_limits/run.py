@@ -9,8 +9,8 @@ cross-entropy, ``C = 10``, a fixed budget ``B``. For each of lowrank_ggn's strat
 1. **Probe**: the largest ``N`` that the package's memory estimate admits, found by
    bisection on :func:`package_estimate`, which restates the checks that
    ``ggn_spectrum(memory_budget=B)`` makes before its backward passes (documented in
-   ``lowrank_ggn._validation.check_linearization_memory`` and the cost model of
-   ``lowrank_ggn.engine.plan``): the Gram matrix ``(N·C)²`` and the loss-Hessian
+   ``lowrank_ggn.core.validation.check_linearization_memory`` and the cost model of
+   ``lowrank_ggn.core.engine.plan``): the Gram matrix ``(N·C)²`` and the loss-Hessian
    factors ``S`` within ``B``, and a forced strategy's factor blocks within ``B``
    (per-sample layer-output gradients ``N·C·Σ_l P_l·O_l``, plus ``2K·D_up`` for
    ``bn_split`` or ``N·C·D_up`` for ``columns``; none for ``per_sample`` and
@@ -76,7 +76,7 @@ C = 10
 
 def model_shape(name: str) -> dict:
     """Per-sample output sizes of captured layers, BN channels, ``D_up`` and ``D``."""
-    from lowrank_ggn.models import build_model
+    from lowrank_ggn.app.models import build_model
 
     model = build_model(name, SEED)
     outs, order = [], []
@@ -142,7 +142,7 @@ def largest(fits, lo: int = 2, hi: int = 2**20) -> int:
 def worker(case: dict) -> dict:
     """One measured call in this (fresh) process."""
     from lowrank_ggn import ggn_spectrum
-    from lowrank_ggn.models import build_model
+    from lowrank_ggn.app.models import build_model
 
     model = build_model(case["model"], SEED, torch.float32)
     X, y = digits_inputs(case["N"], SEED, torch.float32)

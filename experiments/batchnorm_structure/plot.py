@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE.parent))  # experiments/_common.py
 
 from _common import plot_main  # noqa: E402
 
-from lowrank_ggn import plotting  # noqa: E402
+from lowrank_ggn.app import plotting  # noqa: E402
 
 SMALL = plotting.FONT_SIZE - 2
 

@@ -54,8 +54,8 @@ from lowrank_ggn import (  # noqa: E402
     ggn_spectrum,
     gradient_moments,
 )
-from lowrank_ggn.data import digits_batch, digits_batches  # noqa: E402
-from lowrank_ggn.models import build_model, num_params  # noqa: E402
+from lowrank_ggn.app.data import digits_batch, digits_batches  # noqa: E402
+from lowrank_ggn.app.models import build_model, num_params  # noqa: E402
 
 SEED = 0
 FULL = {

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lowrank_ggn import plotting
+from lowrank_ggn.app import plotting
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE.parents[1] / "figures"

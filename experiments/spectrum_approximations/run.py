@@ -32,9 +32,9 @@ sys.path.insert(0, str(HERE.parent))  # experiments/_common.py
 from _common import run_main, timed  # noqa: E402
 
 from lowrank_ggn import ggn_spectrum, per_layer_groups  # noqa: E402
-from lowrank_ggn.cli import train  # noqa: E402
-from lowrank_ggn.data import digits_batch  # noqa: E402
-from lowrank_ggn.models import build_model, num_params  # noqa: E402
+from lowrank_ggn.app.cli import train  # noqa: E402
+from lowrank_ggn.app.data import digits_batch  # noqa: E402
+from lowrank_ggn.app.models import build_model, num_params  # noqa: E402
 from lowrank_ggn.reference import dense_ggn  # noqa: E402
 
 SEED = 0

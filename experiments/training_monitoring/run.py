@@ -12,7 +12,7 @@ each checkpoint, on a fixed monitoring mini-batch of ``N`` digits:
 * **GGN vs Hessian**: the overlap of the mini-batch GGN's top-C eigenspace with the
   top-C eigenspace (largest algebraic eigenvalues) of the mini-batch loss Hessian,
   from ``torch.func`` Hessian-vector products and
-  :func:`lowrank_ggn.lanczos.top_eigenpairs`;
+  :func:`lowrank_ggn.core.lanczos.top_eigenpairs`;
 * **SNRs**: ``mean² / variance`` over the batch of the first- and second-order
   directional derivatives ``γ_nk``, ``λ_nk`` along the top-C GGN eigenvectors
   (:func:`lowrank_ggn.directional_derivatives`; per-component with train-mode
@@ -51,9 +51,9 @@ from lowrank_ggn import (  # noqa: E402
     ggn_spectrum,
     ggn_spectrum_dataset,
 )
-from lowrank_ggn.data import digits_batch, digits_batches, load_digits  # noqa: E402
-from lowrank_ggn.lanczos import top_eigenpairs  # noqa: E402
-from lowrank_ggn.models import build_model, num_params  # noqa: E402
+from lowrank_ggn.app.data import digits_batch, digits_batches, load_digits  # noqa: E402
+from lowrank_ggn.app.models import build_model, num_params  # noqa: E402
+from lowrank_ggn.core.lanczos import top_eigenpairs  # noqa: E402
 
 SEED = 0
 FULL = {

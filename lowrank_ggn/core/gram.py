@@ -19,21 +19,21 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lowrank_ggn._progress import PassProgress
-from lowrank_ggn._state import model_preserved
-from lowrank_ggn._validation import (
-    check_linearization_memory,
-    check_options,
-    resolve_memory_budget,
-)
-from lowrank_ggn.engine import EngineReport, Strategy, layerwise_gram
-from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
-from lowrank_ggn.param_groups import (
+from lowrank_ggn.approx.param_groups import (
     params_by_group,
     resolve_param_groups,
     symmetric_gram,
 )
-from lowrank_ggn.precision import accumulation_dtype, check_accumulate
+from lowrank_ggn.core.engine import EngineReport, Strategy, layerwise_gram
+from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
+from lowrank_ggn.core.precision import accumulation_dtype, check_accumulate
+from lowrank_ggn.core.progress import PassProgress
+from lowrank_ggn.core.state import model_preserved
+from lowrank_ggn.core.validation import (
+    check_linearization_memory,
+    check_options,
+    resolve_memory_budget,
+)
 
 ENGINES = ("layerwise", "generic")
 STRATEGIES = tuple(s.value for s in Strategy if s is not Strategy.GENERIC)
@@ -70,23 +70,23 @@ def gram_from_linearization(
 
     Args:
         lin: The linearised model; ``lin.engine_report`` records how the Gram was
-            built (:class:`lowrank_ggn.engine.EngineReport`).
+            built (:class:`lowrank_ggn.core.engine.EngineReport`).
         chunk: Columns per batched backward pass.
-        engine: ``"layerwise"`` (default; :mod:`lowrank_ggn.engine`) or ``"generic"`` (all of ``Vᵀ`` ``[N·C, D]`` from vmapped
+        engine: ``"layerwise"`` (default; :mod:`lowrank_ggn.core.engine`) or ``"generic"`` (all of ``Vᵀ`` ``[N·C, D]`` from vmapped
             vector-Jacobian products, then one product; memory ``N·C·D``). The
             layer-wise engine falls back to the generic one if its self-check fails.
         memory_budget: Bytes the layer-wise engine may hold in factor blocks and
             chunk buffers (``None``: environment or default; see
-            :func:`lowrank_ggn._validation.resolve_memory_budget`).
+            :func:`lowrank_ggn.core.validation.resolve_memory_budget`).
         columns: Parameter groups as ranges of the flattened parameters (see
-            :func:`lowrank_ggn.param_groups.resolve_param_groups`): return one Gram
+            :func:`lowrank_ggn.approx.param_groups.resolve_param_groups`): return one Gram
             ``V_gᵀ V_g`` per group, all from the same backward passes.
-        strategy: Force a backpropagation :class:`~lowrank_ggn.engine.Strategy`
-            (``None``: the cost model of :mod:`lowrank_ggn.engine.plan` chooses).
+        strategy: Force a backpropagation :class:`~lowrank_ggn.core.engine.Strategy`
+            (``None``: the cost model of :mod:`lowrank_ggn.core.engine.plan` chooses).
         progress: Progress bar on stderr (``None``: for calls estimated to take more
             than a few seconds).
         accumulate: ``None``, ``"float64"`` or ``"native"``: the dtype the Gram is
-            summed in (:func:`lowrank_ggn.precision.accumulation_dtype`).
+            summed in (:func:`lowrank_ggn.core.precision.accumulation_dtype`).
 
     Returns:
         The Gram matrix, or a list of them (one per group) if ``columns`` is given,
@@ -145,7 +145,7 @@ def linearize_request(
     Resolves ``param_groups``, linearises the model (one forward pass, all checks)
     and checks the memory the Gram matrices will take (none with ``gram=False``:
     a matrix-free solver). The caller holds
-    :func:`lowrank_ggn._state.model_preserved`.
+    :func:`lowrank_ggn.core.state.model_preserved`.
 
     Returns:
         ``(lin, columns)``: the linearisation, and per group its range of the
@@ -195,7 +195,7 @@ def gram_matrix(
 
     Works for any model, BatchNorm in train mode included: the engine checks whether
     the forward pass mixes samples and then uses full-batch vector-Jacobian products
-    (see :mod:`lowrank_ggn.sample_mixing`).
+    (see :mod:`lowrank_ggn.core.paths`).
 
     Args:
         model: Module mapping ``inputs`` ``[N, *in]`` to outputs ``[N, *out]``. It is
@@ -211,14 +211,14 @@ def gram_matrix(
             :func:`gram_from_linearization`.
         mc_samples: Use ``M`` Monte-Carlo factor columns per sample instead of the
             ``C`` exact ones: the Gram is ``N·M × N·M`` and its GGN an unbiased
-            estimate (:func:`lowrank_ggn.loss_factors.sampled_loss_hessian_factors`).
+            estimate (:func:`lowrank_ggn.core.loss_factors.sampled_loss_hessian_factors`).
         generator: ``torch.Generator`` for the Monte-Carlo draws (same seed, same
             result); ``None`` uses the default generator of the outputs' device.
         subsampling: Batch positions ``S``: curvature of these samples only, forward
             pass on the whole batch; rows ``j·C + c`` for ``S[j]``; see
-            :mod:`lowrank_ggn.subsampling` (scaled by ``N/|S|`` for ``'mean'``).
+            :mod:`lowrank_ggn.approx.subsampling` (scaled by ``N/|S|`` for ``'mean'``).
         param_groups: ``[{"params": [...]}, …]``: return one Gram per group, of the
-            GGN's diagonal block for that group (:mod:`lowrank_ggn.param_groups`),
+            GGN's diagonal block for that group (:mod:`lowrank_ggn.approx.param_groups`),
             from one forward and one backward pass. Excludes ``params``.
         memory_budget: Bytes the computation may hold: the Gram matrices, ``S`` and
             (engine ``"generic"``) ``Vᵀ`` ``[N·C, D]`` are checked after the forward
@@ -227,13 +227,13 @@ def gram_matrix(
             ``LOWRANK_GGN_MEMORY_BUDGET`` or 4 GiB.
         strategy: ``None`` (the cost model chooses), ``"per_sample"``,
             ``"bn_split"``, ``"columns"`` or ``"streamed"``: how the columns are
-            backpropagated (:mod:`lowrank_ggn.engine.report`). All are exact.
+            backpropagated (:mod:`lowrank_ggn.core.engine.report`). All are exact.
         progress: Progress bar on stderr (``None``: for calls estimated to take
             more than a few seconds; ``True``/``False``: always/never).
         accumulate: Where the Gram is summed: ``None`` (float64 for float32,
             float16 and bfloat16 models, the parameters' dtype otherwise),
             ``"float64"`` or ``"native"`` (the parameters' dtype). Backward passes
-            always run in the parameters' dtype (:mod:`lowrank_ggn.precision`).
+            always run in the parameters' dtype (:mod:`lowrank_ggn.core.precision`).
 
     Returns:
         ``[N·C, N·C]`` in the accumulation dtype (float64 for a float32 model by

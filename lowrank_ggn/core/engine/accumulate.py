@@ -6,7 +6,7 @@ sample ``n(i)`` has rows ``V_i = g_iᵀ A_{n(i)}`` ``[O·I]`` (weight) and ``Σ_
 (bias). Every function here takes those tensors and adds into ``gram`` ``[NC, NC]``
 (rows sample-major, ``i = n·C + c``); none calls the model. The products that add
 into ``gram`` run in ``gram``'s dtype (float64 from float32 factors by default; see
-:mod:`lowrank_ggn.precision`).
+:mod:`lowrank_ggn.core.precision`).
 
 * :func:`add_dense_linear` (``P = 1``): ``(A Aᵀ ⊗ 1_{C×C}) ⊙ (G Gᵀ)``;
   cost ``N²·I + (NC)²·O``.
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lowrank_ggn.engine.report import LayerTreatment
+from lowrank_ggn.core.engine.report import LayerTreatment
 
 
 def symmetric_rank_k_update(gram: Tensor, block: Tensor) -> None:

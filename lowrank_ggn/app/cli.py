@@ -1,8 +1,8 @@
 r"""``lowrank-ggn``: exact GGN spectra of small networks on real digits, with a report.
 
-The default run takes two small CNNs from :mod:`lowrank_ggn.models`, one without
+The default run takes two small CNNs from :mod:`lowrank_ggn.app.models`, one without
 normalisation (``cnn``) and one with BatchNorm in **train mode** (``cnn-bn``), trains
-each briefly with SGD on scikit-learn's 8×8 digits (:mod:`lowrank_ggn.data`), and for
+each briefly with SGD on scikit-learn's 8×8 digits (:mod:`lowrank_ggn.app.data`), and for
 one batch computes the full nonzero GGN spectrum and the top eigenvectors
 (:func:`lowrank_ggn.ggn_spectrum`). It checks the sum of the eigenvalues against the
 trace of the brute-force GGN (:func:`lowrank_ggn.reference.dense_ggn`, an independent
@@ -41,8 +41,8 @@ from lowrank_ggn import (
     ggn_spectrum,
     gradient_moments,
 )
-from lowrank_ggn._cli_report import format_report, write_outputs
-from lowrank_ggn.models import NUM_CLASSES, ZOO, build_model, num_params
+from lowrank_ggn.app.models import NUM_CLASSES, ZOO, build_model, num_params
+from lowrank_ggn.app.report import format_report, write_outputs
 
 #: Models of the default run: without normalisation, and with BatchNorm (train mode).
 DEFAULT_MODELS = ("cnn", "cnn-bn")
@@ -268,7 +268,7 @@ def train(
     """
     from tqdm import tqdm
 
-    from lowrank_ggn.data import digits_batches
+    from lowrank_ggn.app.data import digits_batches
 
     loss_func = make_loss(loss)
     opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
@@ -295,7 +295,7 @@ def train(
 
 def zoo_problem(name: str, args: argparse.Namespace) -> Problem:
     """Zoo model ``name`` (seeded), trained ``--train-steps``, and a digits batch."""
-    from lowrank_ggn.data import digits_batch
+    from lowrank_ggn.app.data import digits_batch
 
     dtype = getattr(torch, args.dtype or "float64")
     device = args.device or "cpu"

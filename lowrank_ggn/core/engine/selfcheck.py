@@ -1,6 +1,6 @@
 r"""Products ``V w`` from the captured factors, and the self-check against autograd.
 
-Every strategy except :attr:`~lowrank_ggn.engine.report.Strategy.STREAMED` assembles
+Every strategy except :attr:`~lowrank_ggn.core.engine.report.Strategy.STREAMED` assembles
 the Gram matrix from per-layer formulas that assume each parameter acts only inside
 its module. :func:`factor_products` recomputes ``V w`` from the same data the Gram is
 built from; :func:`self_check` compares it with one direct full-batch vector-Jacobian
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lowrank_ggn.engine.capture import BNLayer, Layer
-from lowrank_ggn.factors import Linearization
+from lowrank_ggn.core.engine.capture import BNLayer, Layer
+from lowrank_ggn.core.linearization import Linearization
 
 #: Relative tolerance of the self-check, per dtype (round-off of two summation orders).
 SELF_CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}

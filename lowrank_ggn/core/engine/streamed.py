@@ -18,7 +18,7 @@ Exact for any model (BatchNorm in train mode included: both products differentia
 the true batch function). Memory: ``B·D`` plus one column's activations. On CPUs the
 columns of a block run one after another (batched autodiff is slower there); on other
 devices they run batched. :func:`streamed_gram` applies the operator to blocks of the
-identity; :func:`lowrank_ggn.spectrum.lanczos_eigenpairs` to Krylov blocks.
+identity; :func:`lowrank_ggn.core.spectrum.lanczos_eigenpairs` to Krylov blocks.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ import torch
 from torch import Tensor
 from torch.func import jvp, linearize, vmap
 
-from lowrank_ggn.engine.accumulate import weight_rows
-from lowrank_ggn.engine.backprop import batched_grad
-from lowrank_ggn.engine.capture import Layer, capture, captured_layers
-from lowrank_ggn.engine.report import EngineReport
-from lowrank_ggn.factors import Linearization
+from lowrank_ggn.core.engine.accumulate import weight_rows
+from lowrank_ggn.core.engine.backprop import batched_grad
+from lowrank_ggn.core.engine.capture import Layer, capture, captured_layers
+from lowrank_ggn.core.engine.report import EngineReport
+from lowrank_ggn.core.linearization import Linearization
 
 #: Below this many JVPs, tracing ``torch.func.linearize`` costs more than it saves.
 LINEARIZE_MIN_JVPS = 24

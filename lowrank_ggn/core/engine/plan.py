@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lowrank_ggn.engine.capture import BNLayer, Layer
-from lowrank_ggn.engine.report import Strategy
+from lowrank_ggn.core.engine.capture import BNLayer, Layer
+from lowrank_ggn.core.engine.report import Strategy
 
 
 @dataclass

@@ -1,7 +1,7 @@
 r"""Per-component gradients of the batch loss and their first two moments, streamed.
 
 Write the batch loss as ``L = ρ Σ_n ℓ_n`` (``ρ`` from
-:func:`lowrank_ggn.loss_factors.reduction_factor`: ``1/N`` for ``'mean'`` with one
+:func:`lowrank_ggn.core.loss_factors.reduction_factor`: ``1/N`` for ``'mean'`` with one
 output per sample, ``1/(N·P)`` for cross-entropy over ``P`` positions, where ``ℓ_n``
 sums the positions, ``1`` for ``'sum'``). The **per-component gradients**
 
@@ -13,8 +13,8 @@ are the vector-Jacobian products of the batch function ``F(X, θ)`` with the cot
 ``r_n = ρ ∇_θ ℓ(f(x_n, θ), y_n)`` and ``u_n = r_n / ρ`` is the *per-sample gradient*.
 If it mixes samples (BatchNorm in train mode), ``r_n`` is the gradient through output
 component ``F_n`` only; the rows still sum to ``∇_θ L``, but their moments are no
-sampling statistics (see :mod:`lowrank_ggn.structure`; a
-:class:`~lowrank_ggn.structure.SampleMixingWarning` says so).
+sampling statistics (see :mod:`lowrank_ggn.diagnostics.audit`; a
+:class:`~lowrank_ggn.diagnostics.audit.SampleMixingWarning` says so).
 
 Statistics, with ``u_n = r_n / ρ`` and all products elementwise:
 
@@ -44,12 +44,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
-from lowrank_ggn._state import model_preserved
-from lowrank_ggn._validation import check_chunk, check_model
-from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
-from lowrank_ggn.loss_factors import reduction_factor
-from lowrank_ggn.sample_mixing import PER_SAMPLE, EnginePath
-from lowrank_ggn.structure import (
+from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
+from lowrank_ggn.core.loss_factors import reduction_factor
+from lowrank_ggn.core.paths import PER_SAMPLE, EnginePath
+from lowrank_ggn.core.state import model_preserved
+from lowrank_ggn.core.validation import check_chunk, check_model
+from lowrank_ggn.diagnostics.audit import (
     locate_mixing_modules,
     per_component_explanation,
     warn_sample_mixing,
@@ -175,7 +175,7 @@ def gradient_moments(
 
     See the module docstring for the definitions (``u_n = r_n / ρ``, mean, second
     moment, population variance, norms, GSNR and total SNR). Issues one
-    :class:`~lowrank_ggn.structure.SampleMixingWarning` if the forward pass mixes
+    :class:`~lowrank_ggn.diagnostics.audit.SampleMixingWarning` if the forward pass mixes
     samples, naming the modules.
 
     Args:

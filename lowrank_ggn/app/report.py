@@ -1,7 +1,7 @@
-r"""The printed report and the files of ``lowrank-ggn`` (see :mod:`lowrank_ggn.cli`).
+r"""The printed report and the files of ``lowrank-ggn`` (see :mod:`lowrank_ggn.app.cli`).
 
 The report dict has ``"settings"``, ``"models"`` (one entry per model, as built by
-:func:`lowrank_ggn.cli.analyse`; keys starting with ``_`` are not written to JSON) and
+:func:`lowrank_ggn.app.cli.analyse`; keys starting with ``_`` are not written to JSON) and
 ``"seconds_total"``.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lowrank_ggn.models import NUM_CLASSES
+from lowrank_ggn.app.models import NUM_CLASSES
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -125,7 +125,7 @@ def _label(name: str, e: dict[str, Any]) -> str:
 
 def write_outputs(report: dict[str, Any], out: Path) -> list[Path]:
     """``spectrum.json``, ``spectrum.png``/``.pdf``, ``top_eigenvectors.pt`` (+ extras)."""
-    from lowrank_ggn import plotting
+    from lowrank_ggn.app import plotting
 
     out.mkdir(parents=True, exist_ok=True)
     models = report["models"]

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vmap
 
-from lowrank_ggn._model import FunctionalModel
+from lowrank_ggn.core.model import FunctionalModel
 
 PER_SAMPLE = "per_sample"
 FULL_BATCH = "full_batch"
@@ -45,7 +45,7 @@ class EnginePath:
     Attributes:
         name: ``"per_sample"`` (C batched backward passes give all N·C columns) or
             ``"full_batch"`` (the columns need full-batch derivatives; how they are
-            obtained is the engine's strategy, :mod:`lowrank_ggn.engine.report`).
+            obtained is the engine's strategy, :mod:`lowrank_ggn.core.engine.report`).
         reason: A sentence explaining the choice.
         mixing_modules: Qualified names of modules found to mix samples.
         sample_mixing: ``True`` when the forward pass mixes samples (or could not be

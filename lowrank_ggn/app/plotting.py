@@ -14,7 +14,7 @@ matplotlib is imported inside the functions: the core package does not need it
 
 Example:
     >>> import torch
-    >>> from lowrank_ggn.plotting import spectrum_figure
+    >>> from lowrank_ggn.app.plotting import spectrum_figure
     >>> fig = spectrum_figure({"exact": torch.tensor([3.0, 1.0, 0.1]),
     ...                        "MC": torch.tensor([2.5, 1.2])})
     >>> len(fig.axes)

@@ -1,13 +1,13 @@
 r"""Backpropagation strategies: how each column's layer-output gradients are found.
 
 Each function runs backward passes on the graph of one captured forward pass (see
-:mod:`lowrank_ggn.engine.capture`) and stores what it finds on the layer records;
-the Gram matrix is then assembled by :mod:`lowrank_ggn.engine.accumulate`. Shapes:
+:mod:`lowrank_ggn.core.engine.capture`) and stores what it finds on the layer records;
+the Gram matrix is then assembled by :mod:`lowrank_ggn.core.engine.accumulate`. Shapes:
 ``NC = N_S·C`` columns, sample-major; a layer's output gradient is ``[NC, P, O]``.
 
 * :func:`frozen_passes`: ``C`` backward passes of ``S[c]`` (all samples at once).
   Exact per-column gradients when the network is sample-independent, which it is
-  for the per-sample path, and under :class:`~lowrank_ggn.engine.capture.FreezeSwitch`
+  for the per-sample path, and under :class:`~lowrank_ggn.core.engine.capture.FreezeSwitch`
   for BatchNorm with its statistics held fixed.
 * :func:`statistics_directions`: ``B = (J_θ m)ᵀ``, one batched backward pass per
   chunk of BatchNorm statistics ``m = (μ_l, r_l)``, from that layer down.
@@ -24,12 +24,12 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
-from lowrank_ggn._memory import release_free_memory
-from lowrank_ggn._model import FunctionalModel
-from lowrank_ggn.engine.accumulate import weight_rows
-from lowrank_ggn.engine.capture import BNLayer, Layer
-from lowrank_ggn.engine.report import EngineReport
-from lowrank_ggn.factors import Linearization
+from lowrank_ggn.core.engine.accumulate import weight_rows
+from lowrank_ggn.core.engine.capture import BNLayer, Layer
+from lowrank_ggn.core.engine.report import EngineReport
+from lowrank_ggn.core.linearization import Linearization
+from lowrank_ggn.core.memory import release_free_memory
+from lowrank_ggn.core.model import FunctionalModel
 
 #: Rough ratio of all intermediate activations to the captured layer outputs, used to
 #: size the batches of full-batch backward passes.
@@ -270,7 +270,7 @@ def column_passes(
         report.count("backward", stop - start)
         tick(stop - start)
         if out.device.type == "cpu" and (start // chunk) % 4 == 3:
-            release_free_memory()  # see lowrank_ggn._memory
+            release_free_memory()  # see lowrank_ggn.core.memory
     return [torch.cat(r) for r in generic_rows]
 
 

@@ -14,8 +14,13 @@ module                    what it does
 ========================  ===================================================
 """
 
-from lowrank_ggn.engine.report import EngineReport, LayerTreatment, Solver, Strategy
-from lowrank_ggn.engine.run import StrategyUnavailable, layerwise_gram
+from lowrank_ggn.core.engine.report import (
+    EngineReport,
+    LayerTreatment,
+    Solver,
+    Strategy,
+)
+from lowrank_ggn.core.engine.run import StrategyUnavailable, layerwise_gram
 
 __all__ = [
     "EngineReport",

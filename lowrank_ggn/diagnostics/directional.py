@@ -9,7 +9,7 @@ For directions ``e_1, …, e_K ∈ ℝ^D`` (e.g. GGN eigenvectors from
     λ_{nk} = e_k^⊤ J_n^⊤ (∇²_{F_n} ℓ_n) J_n e_k = \frac{(J_n e_k)^⊤ (∇²_{F_n} L) J_n e_k}{ρ},
 
 with ``J_n = J_θ F_n(X, θ)`` and ``u_n = J_nᵀ ∂L/∂F_n / ρ`` (see
-:mod:`lowrank_ggn.moments`). Hence
+:mod:`lowrank_ggn.diagnostics.moments`). Hence
 
 .. math::
     ρ \sum_n γ_{nk} = e_k^⊤ ∇_θ L, \qquad ρ \sum_n λ_{nk} = e_k^⊤ G e_k .
@@ -26,7 +26,7 @@ JVPs, no backward pass through the model, no ``[N, D]`` matrix.
 Statistics over the ``N`` components, per direction: ``mean``, population
 ``variance`` and ``snr = mean² / variance``. Without the SIMD structure these are
 per-component, not per-sample quantities (a
-:class:`~lowrank_ggn.structure.SampleMixingWarning` says so).
+:class:`~lowrank_ggn.diagnostics.audit.SampleMixingWarning` says so).
 
 Reference: Dangel, Tatzel & Hennig, *ViViT: Curvature access through the generalized
 Gauss-Newton's low-rank structure*, TMLR 2022, https://arxiv.org/abs/2106.02624
@@ -42,18 +42,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
-from lowrank_ggn._state import model_preserved
-from lowrank_ggn._validation import check_chunk, check_model
-from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
-from lowrank_ggn.loss_factors import reduction_factor
-from lowrank_ggn.moments import output_gradient
-from lowrank_ggn.sample_mixing import EnginePath
-from lowrank_ggn.spectrum import GGNSpectrum
-from lowrank_ggn.structure import (
+from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
+from lowrank_ggn.core.loss_factors import reduction_factor
+from lowrank_ggn.core.paths import EnginePath
+from lowrank_ggn.core.spectrum import GGNSpectrum
+from lowrank_ggn.core.state import model_preserved
+from lowrank_ggn.core.validation import check_chunk, check_model
+from lowrank_ggn.diagnostics.audit import (
     locate_mixing_modules,
     per_component_explanation,
     warn_sample_mixing,
 )
+from lowrank_ggn.diagnostics.moments import output_gradient
 
 
 @dataclass
@@ -164,7 +164,7 @@ def directional_derivatives(
     r"""Per-component slopes ``γ_nk`` and curvatures ``λ_nk`` along ``directions``.
 
     See the module docstring for the definitions. Issues one
-    :class:`~lowrank_ggn.structure.SampleMixingWarning` if the forward pass mixes
+    :class:`~lowrank_ggn.diagnostics.audit.SampleMixingWarning` if the forward pass mixes
     samples, naming the modules.
 
     Args:
@@ -174,7 +174,7 @@ def directional_derivatives(
         inputs: The batch.
         targets: Its targets.
         directions: ``[K, D]`` (or ``[D]``), flattened in ``params`` order, or a
-            :class:`~lowrank_ggn.spectrum.GGNSpectrum` computed with
+            :class:`~lowrank_ggn.core.spectrum.GGNSpectrum` computed with
             ``eigenvectors=True`` and the same ``params``.
         params: Parameters of ``model``; default: all that require grad.
         chunk: Directions pushed forward together (memory ``chunk · N · Π out``).

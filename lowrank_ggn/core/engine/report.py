@@ -103,7 +103,7 @@ class EngineReport:
             call counted per cotangent), ``"statistics"`` (statistics directions,
             :attr:`Strategy.BN_SPLIT`), ``"jvp"`` (forward-mode products).
         estimated_passes: The cost model's full-batch-pass equivalents per strategy
-            that was considered (see :func:`lowrank_ggn.engine.plan.plan_strategy`).
+            that was considered (see :func:`lowrank_ggn.core.engine.plan.plan_strategy`).
         reason: One sentence on why this strategy was chosen.
         fallback: Set when a faster strategy failed its self-check and this one ran
             instead.

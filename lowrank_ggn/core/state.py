@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lowrank_ggn._validation import check_initialized
+from lowrank_ggn.core.validation import check_initialized
 
 
 @dataclass

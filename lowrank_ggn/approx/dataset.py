@@ -17,7 +17,7 @@ blocks ``√(w_a w_b) V_aᵀ V_b`` included. ``Ñ = Σ_b N_b·C`` is its size.
 Two solvers:
 
 * ``solver="dense"``: ``Vᵀ_b`` (``[N_b·C, D]``, one backward pass per column block,
-  :meth:`~lowrank_ggn.factors.Linearization.factors_matrix`) is kept for every batch,
+  :meth:`~lowrank_ggn.core.linearization.Linearization.factors_matrix`) is kept for every batch,
   then ``Ṽᵀ Ṽ`` and ``eigh``. Memory ``itemsize · (2 Ñ² + Ñ D)`` bytes (Gram, its
   eigendecomposition, all factors); time ``O(Ñ² D + Ñ³)`` plus the backward passes.
   This estimate is checked against ``memory_budget`` (default 4 GiB) *before* each
@@ -46,15 +46,15 @@ import torch
 from scipy.sparse.linalg import eigsh
 from torch import Tensor, nn
 
-from lowrank_ggn._state import model_preserved
-from lowrank_ggn._validation import check_model, check_top_k, resolve_memory_budget
-from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization, linearize
-from lowrank_ggn.loss_factors import check_loss_func, check_mc_samples
+from lowrank_ggn.approx.param_groups import symmetric_gram
+from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
+from lowrank_ggn.core.loss_factors import check_loss_func, check_mc_samples
+from lowrank_ggn.core.paths import EnginePath
+from lowrank_ggn.core.precision import ErrorModel, accumulation_dtype
+from lowrank_ggn.core.spectrum import default_rtol, spectrum_from_gram
+from lowrank_ggn.core.state import model_preserved
+from lowrank_ggn.core.validation import check_model, check_top_k, resolve_memory_budget
 from lowrank_ggn.operators import TorchLinearOperator, factors_transpose_apply
-from lowrank_ggn.param_groups import symmetric_gram
-from lowrank_ggn.precision import ErrorModel, accumulation_dtype
-from lowrank_ggn.sample_mixing import EnginePath
-from lowrank_ggn.spectrum import default_rtol, spectrum_from_gram
 
 #: Memory budget of the dense solver, in bytes (2 GiB).
 
@@ -85,7 +85,7 @@ class DatasetSpectrum:
         gram_eigenvectors: ``[Ñ, K]``, batch-major, then sample-major within a batch.
         solver: ``"dense"`` or ``"lanczos"``.
         eigenvalue_errors: ``[K]`` error estimates of the dense solver (the Gram is
-            summed in float64 for float32 models; :mod:`lowrank_ggn.precision`);
+            summed in float64 for float32 models; :mod:`lowrank_ggn.core.precision`);
             ``None`` for Lanczos, whose zero threshold is the rank rule ``Ñ · eps``.
 
     """
@@ -232,7 +232,7 @@ def ggn_spectrum_dataset(
             ``solver="lanczos"``).
         eigenvectors: Also return parameter-space eigenvectors ``[K, D]``.
         rtol: Relative zero threshold (default: the error model of
-            :mod:`lowrank_ggn.precision` for the dense solver, ``Ñ · eps`` for
+            :mod:`lowrank_ggn.core.precision` for the dense solver, ``Ñ · eps`` for
             Lanczos).
         chunk: Columns per vmapped backward pass.
         path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.

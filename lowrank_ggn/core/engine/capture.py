@@ -1,12 +1,12 @@
 r"""Capture of layer inputs, outputs and BatchNorm statistics in one forward pass.
 
 Forward hooks on the modules record, during
-:meth:`lowrank_ggn.factors.Linearization.forward_with_graph`:
+:meth:`lowrank_ggn.core.linearization.Linearization.forward_with_graph`:
 
 * for each captured ``Linear``/``Conv2d`` (:class:`Layer`): its input (detached) and
   its output (in the graph), so that backward passes can ask for output gradients;
 * for each BatchNorm that normalises with batch statistics (:class:`BNLayer`,
-  :attr:`~lowrank_ggn.engine.report.Strategy.BN_SPLIT` only): the module's output is
+  :attr:`~lowrank_ggn.core.engine.report.Strategy.BN_SPLIT` only): the module's output is
   recomputed as
 
   .. math::
@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import unfold
 
-from lowrank_ggn.engine.accumulate import weight_rows
-from lowrank_ggn.sample_mixing import uses_batch_statistics
+from lowrank_ggn.core.engine.accumulate import weight_rows
+from lowrank_ggn.core.paths import uses_batch_statistics
 
 
 class FreezeSwitch:

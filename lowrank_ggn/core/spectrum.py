@@ -1,6 +1,6 @@
 r"""The nonzero GGN spectrum and its eigenvectors, from the ``NC × NC`` Gram matrix.
 
-With ``𝒢 = Vᵀ V = U Λ Uᵀ`` (see :mod:`lowrank_ggn.gram`), the GGN ``G = V Vᵀ`` has
+With ``𝒢 = Vᵀ V = U Λ Uᵀ`` (see :mod:`lowrank_ggn.core.gram`), the GGN ``G = V Vᵀ`` has
 
 .. math::
     G e_k = λ_k e_k, \qquad e_k = \frac{V u_k}{\sqrt{λ_k}} = \frac{J^⊤ (S u_k)}{\sqrt{λ_k}},
@@ -9,7 +9,7 @@ so each eigenvector is one full-batch vector-Jacobian product with the cotangent
 ``S u_k / √λ_k``; the ``D × D`` matrix is never formed, for BatchNorm models too.
 
 **Which eigenvalues are returned.** Every eigenvalue comes with an error estimate
-``ε_k`` from the error model of :mod:`lowrank_ggn.precision` (factor precision,
+``ε_k`` from the error model of :mod:`lowrank_ggn.core.precision` (factor precision,
 accumulation dtype and length, ``eigh``). By default the eigenvalues with
 ``ε_k ≤ 1e-3 · λ_k`` are returned; the others are counted (``num_unresolved``) and
 lie at or below ``threshold``. In float64 that resolves down to about ``1e-12·λ_max``;
@@ -34,15 +34,15 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from lowrank_ggn._state import model_preserved
-from lowrank_ggn._validation import (
-    check_linearization_memory,
-    check_options,
+from lowrank_ggn.core.engine import EngineReport, Solver
+from lowrank_ggn.core.gram import (
+    check_engine,
+    gram_from_linearization,
+    linearize_request,
 )
-from lowrank_ggn.engine import EngineReport, Solver
-from lowrank_ggn.factors import DEFAULT_CHUNK, Linearization
-from lowrank_ggn.gram import check_engine, gram_from_linearization, linearize_request
-from lowrank_ggn.precision import (
+from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization
+from lowrank_ggn.core.paths import EnginePath
+from lowrank_ggn.core.precision import (
     C_EIGH,
     RESOLVED_RTOL,
     ErrorModel,
@@ -51,11 +51,15 @@ from lowrank_ggn.precision import (
     check_accumulate,
     resolved,
 )
-from lowrank_ggn.sample_mixing import EnginePath
-from lowrank_ggn.solvers import (
+from lowrank_ggn.core.solvers import (
     check_solver,
     choose_solver,
     lanczos_eigenpairs,
+)
+from lowrank_ggn.core.state import model_preserved
+from lowrank_ggn.core.validation import (
+    check_linearization_memory,
+    check_options,
 )
 
 
@@ -81,9 +85,9 @@ class GGNSpectrum:
         gram_eigenvectors: ``[N·C, K]``, the Gram eigenvectors ``u_k`` (sample-major).
         engine_report: How the Gram matrix (or operator) and the eigenpairs were
             computed: strategy, solver, per-layer treatment and pass counts
-            (:class:`lowrank_ggn.engine.EngineReport`).
+            (:class:`lowrank_ggn.core.engine.EngineReport`).
         eigenvalue_errors: ``[K]``, estimated absolute error ``ε_k`` of each
-            eigenvalue (:mod:`lowrank_ggn.precision`).
+            eigenvalue (:mod:`lowrank_ggn.core.precision`).
         eigenvector_residuals: ``[K_e]``, estimated ``‖G e_k − λ_k e_k‖`` of each
             returned eigenvector; ``None`` without eigenvectors.
         num_unresolved: Eigenvalues not returned because the error model cannot
@@ -123,7 +127,7 @@ class GramEigenpairs:
         num_unresolved: How many were not returned.
         diag: ``[N·C]``, the Gram's diagonal (``None`` for a matrix-free solver).
         lam_max: The largest eigenvalue.
-        model: The :class:`~lowrank_ggn.precision.ErrorModel` used.
+        model: The :class:`~lowrank_ggn.core.precision.ErrorModel` used.
     """
 
     eigenvalues: Tensor
@@ -205,7 +209,7 @@ def spectrum_from_gram(
         top_k: Keep at most this many.
         rtol: ``None``: keep what ``model`` resolves to ``1e-3``; else
             ``λ > rtol · λ_max``.
-        model: The computation's :class:`~lowrank_ggn.precision.ErrorModel`
+        model: The computation's :class:`~lowrank_ggn.core.precision.ErrorModel`
             (default: factors and sums in ``gram``'s dtype, length ``N·C``).
     """
     if model is None:
@@ -364,7 +368,7 @@ def ggn_spectrum(
             nonzero eigenvalues, the ``k`` leading eigenvectors: one batched backward
             pass of ``k`` cotangents).
         rtol: ``None`` (default): return the eigenvalues the error model of
-            :mod:`lowrank_ggn.precision` resolves to ``1e-3`` relative; a float:
+            :mod:`lowrank_ggn.core.precision` resolves to ``1e-3`` relative; a float:
             those above ``rtol · λ_max``. With eigenvectors, unresolved eigenpairs
             are dropped with a :class:`NearZeroEigenvalueWarning`.
         chunk: Factor columns per vmapped backward pass.
@@ -372,28 +376,28 @@ def ggn_spectrum(
         engine: ``"layerwise"`` (default) or ``"generic"`` Gram computation.
         memory_budget: Bytes for the Gram matrices, ``S`` and the layer-wise
             engine's factor blocks (``Vᵀ`` too with ``engine="generic"``); ``None``:
-            ``LOWRANK_GGN_MEMORY_BUDGET`` or 4 GiB (see :mod:`lowrank_ggn._validation`).
+            ``LOWRANK_GGN_MEMORY_BUDGET`` or 4 GiB (see :mod:`lowrank_ggn.core.validation`).
         mc_samples: ``M`` Monte-Carlo factor columns per sample: the spectrum of an
             unbiased estimate of the GGN, from an ``N·M × N·M`` Gram
-            (:func:`lowrank_ggn.loss_factors.sampled_loss_hessian_factors`).
+            (:func:`lowrank_ggn.core.loss_factors.sampled_loss_hessian_factors`).
         generator: ``torch.Generator`` for the Monte-Carlo draws (same seed, same
             result).
         subsampling: Batch positions ``S``: spectrum of ``κ J_Sᵀ H_SS J_S``
             (``κ = N/|S|`` for ``'mean'``, 1 for ``'sum'``), forward pass on the
-            whole batch (:mod:`lowrank_ggn.subsampling`, BatchNorm explained there).
+            whole batch (:mod:`lowrank_ggn.approx.subsampling`, BatchNorm explained there).
         param_groups: ``[{"params": [...]}, …]``: one :class:`GGNSpectrum` per group,
             of that diagonal block of the GGN, eigenvectors ``[K, D_g]`` in the
             group's parameters (in the group's order); one forward and one backward
-            pass for all groups (:mod:`lowrank_ggn.param_groups`). Excludes
+            pass for all groups (:mod:`lowrank_ggn.approx.param_groups`). Excludes
             ``params``.
         strategy: How the Gram's columns are backpropagated: ``None`` (the cost
             model chooses), ``"per_sample"``, ``"bn_split"``, ``"columns"`` or
-            ``"streamed"`` (:mod:`lowrank_ggn.engine.report`); all exact.
+            ``"streamed"`` (:mod:`lowrank_ggn.core.engine.report`); all exact.
         solver: ``"dense"`` (the Gram matrix and ``eigh``: every nonzero
             eigenvalue), ``"lanczos"`` (matrix-free block Lanczos on the Gram
             operator, one batched VJP and JVP per block; needs ``top_k``) or
             ``"auto"`` (Lanczos when ``top_k`` is given and the cost model of
-            :func:`lowrank_ggn.solvers.choose_solver` favours it).
+            :func:`lowrank_ggn.core.solvers.choose_solver` favours it).
             ``.engine_report.solver`` says which ran.
         progress: Progress bar on stderr (``None``: for calls estimated to take
             more than a few seconds).

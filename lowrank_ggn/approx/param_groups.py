@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lowrank_ggn._validation import check_model
+from lowrank_ggn.core.validation import check_model
 
 
 def per_layer_groups(model: nn.Module) -> list[dict]:

@@ -11,7 +11,7 @@ functions call them in this order:
    statistics, and the options ``chunk``, ``rtol``, ``top_k``, ``memory_budget``.
 2. **After the forward pass, before any backward pass**: finite outputs of batch size
    ``N`` (:func:`check_outputs`), targets that fit outputs and loss
-   (:func:`lowrank_ggn.loss_factors.check_targets`), and the memory budget
+   (:func:`lowrank_ggn.core.loss_factors.check_targets`), and the memory budget
    (:func:`check_memory`), from the sizes that the output shape determines; ``S`` is
    checked before it is formed, ``Vᵀ`` and the Gram matrix before the first backward
    pass.
@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lowrank_ggn.loss_factors import check_loss_func
+from lowrank_ggn.core.loss_factors import check_loss_func
 
 #: Default memory budget in bytes for the tensors of one request (4 GiB).
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
@@ -194,7 +194,7 @@ def check_targets_early(
 
     Type, device, batch size (``N`` of ``inputs``), dtype of floating targets and
     finiteness. Shapes that depend on the outputs are checked afterwards by
-    :func:`lowrank_ggn.loss_factors.check_targets`.
+    :func:`lowrank_ggn.core.loss_factors.check_targets`.
     """
     if not isinstance(targets, Tensor):
         raise TypeError(
@@ -265,7 +265,7 @@ def check_outputs(outputs: Tensor, batch_size: int | None = None) -> None:
 
 def check_batch_norm_batch_size(model: nn.Module, inputs: Tensor) -> None:
     """BatchNorm with batch statistics is refused for a batch of one sample."""
-    from lowrank_ggn.sample_mixing import batch_statistic_modules
+    from lowrank_ggn.core.paths import batch_statistic_modules
 
     mixing = batch_statistic_modules(model)
     if inputs.shape[0] == 1 and mixing:
@@ -446,7 +446,7 @@ def check_linearization_memory(
     num_grams: int = 1,
     gram_itemsize: int | None = None,
 ) -> None:
-    """Budget check for a Gram request on a :class:`lowrank_ggn.factors.Linearization`.
+    """Budget check for a Gram request on a :class:`lowrank_ggn.core.linearization.Linearization`.
 
     Counts the ``num_grams`` Gram matrices ``[N·C, N·C]`` and the factors ``S``
     ``[C, N, *out]``, and for the generic engine ``Vᵀ`` ``[N·C, D]``, all alive while

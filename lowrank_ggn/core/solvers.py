@@ -1,9 +1,9 @@
 r"""Which eigensolver, and the matrix-free one: block Lanczos on the Gram operator.
 
-``solver="dense"`` forms the Gram matrix (:mod:`lowrank_ggn.engine`) and calls
+``solver="dense"`` forms the Gram matrix (:mod:`lowrank_ggn.core.engine`) and calls
 ``eigh``: every nonzero eigenvalue. ``solver="lanczos"`` finds the ``top_k`` eigenpairs
-of ``𝒢 = Sᵀ J Jᵀ S`` from operator products alone (:mod:`lowrank_ggn.lanczos`, one VJP
-and one JVP per vector, :class:`lowrank_ggn.engine.streamed.GramOperator`), in memory
+of ``𝒢 = Sᵀ J Jᵀ S`` from operator products alone (:mod:`lowrank_ggn.core.lanczos`, one VJP
+and one JVP per vector, :class:`lowrank_ggn.core.engine.streamed.GramOperator`), in memory
 ``B·D`` and exact for BatchNorm in train mode. ``solver="auto"`` compares the two by
 the cost model of :func:`choose_solver`.
 """
@@ -15,13 +15,13 @@ import time
 import torch
 from torch import Tensor
 
-from lowrank_ggn._progress import PassProgress
-from lowrank_ggn._validation import resolve_memory_budget
-from lowrank_ggn.engine import EngineReport, Solver, Strategy
-from lowrank_ggn.engine.streamed import GramOperator, block_width
-from lowrank_ggn.factors import Linearization
-from lowrank_ggn.lanczos import top_eigenpairs
-from lowrank_ggn.sample_mixing import PER_SAMPLE, batch_statistic_modules
+from lowrank_ggn.core.engine import EngineReport, Solver, Strategy
+from lowrank_ggn.core.engine.streamed import GramOperator, block_width
+from lowrank_ggn.core.lanczos import top_eigenpairs
+from lowrank_ggn.core.linearization import Linearization
+from lowrank_ggn.core.paths import PER_SAMPLE, batch_statistic_modules
+from lowrank_ggn.core.progress import PassProgress
+from lowrank_ggn.core.validation import resolve_memory_budget
 
 #: Cost model of ``solver="auto"``: operator products (one VJP plus one JVP each) that
 #: block Lanczos needs per wanted eigenpair (measured: 4.4 on 3c3d-BN, ``k = 10``).
@@ -55,7 +55,7 @@ def check_solver(
 def choose_solver(lin: Linearization, top_k: int) -> Solver:
     """``"auto"``: Lanczos where its products are cheaper than the Gram's passes.
 
-    Dense work (full-batch pass equivalents, :mod:`lowrank_ggn.engine.plan`) is ``C``
+    Dense work (full-batch pass equivalents, :mod:`lowrank_ggn.core.engine.plan`) is ``C``
     on the per-sample path and at most ``min(N·C, C + Σ_l 2K_l)`` otherwise; Lanczos
     needs about :data:`LANCZOS_PRODUCTS_PER_EIGENPAIR` · ``top_k`` products of two
     passes each.
@@ -96,7 +96,7 @@ def lanczos_eigenpairs(
     """Top-``k`` eigenpairs of ``𝒢 = Sᵀ J Jᵀ S`` without forming it (block Lanczos).
 
     Each operator product is one VJP and one JVP
-    (:class:`lowrank_ggn.engine.streamed.GramOperator`). Sets ``lin.engine_report``.
+    (:class:`lowrank_ggn.core.engine.streamed.GramOperator`). Sets ``lin.engine_report``.
 
     Returns:
         ``(eigenvalues [k] descending, Gram eigenvectors [NC, k], residual norms

@@ -1,17 +1,17 @@
 r"""The layer-wise Gram engine: capture, plan, backpropagate, check, accumulate.
 
 ``𝒢 = Vᵀ V = Σ_p V_pᵀ V_p`` is a sum over parameter blocks. One forward pass
-captures each layer's input and output (:mod:`~lowrank_ggn.engine.capture`); the cost
-model picks a strategy (:mod:`~lowrank_ggn.engine.plan`); backward passes find each
-column's layer-output gradients (:mod:`~lowrank_ggn.engine.backprop`, or the streamed
-products of :mod:`~lowrank_ggn.engine.streamed`); a random ``V w`` is checked against
-autograd (:mod:`~lowrank_ggn.engine.selfcheck`); each block is added in its cheapest
-exact form (:mod:`~lowrank_ggn.engine.accumulate`). Under ``BN_SPLIT`` a block is
+captures each layer's input and output (:mod:`~lowrank_ggn.core.engine.capture`); the cost
+model picks a strategy (:mod:`~lowrank_ggn.core.engine.plan`); backward passes find each
+column's layer-output gradients (:mod:`~lowrank_ggn.core.engine.backprop`, or the streamed
+products of :mod:`~lowrank_ggn.core.engine.streamed`); a random ``V w`` is checked against
+autograd (:mod:`~lowrank_ggn.core.engine.selfcheck`); each block is added in its cheapest
+exact form (:mod:`~lowrank_ggn.core.engine.accumulate`). Under ``BN_SPLIT`` a block is
 ``V_p = V_{f,p} + B_p W`` (frozen per-sample rows plus statistics directions).
 
 **Precision.** Backward passes run in the parameters' dtype; the Gram is summed in
 ``acc_dtype`` (float64 from float32 factors by default): every block is cast to it
-before its products (:mod:`lowrank_ggn.precision` for the error model).
+before its products (:mod:`lowrank_ggn.core.precision` for the error model).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lowrank_ggn.engine import accumulate as acc
-from lowrank_ggn.engine.backprop import (
+from lowrank_ggn.core.engine import accumulate as acc
+from lowrank_ggn.core.engine.backprop import (
     AUTOGRAD_OVERHEAD,
     LayerTurnedMixing,
     column_passes,
@@ -31,19 +31,19 @@ from lowrank_ggn.engine.backprop import (
     per_sample_generic_rows,
     statistics_directions,
 )
-from lowrank_ggn.engine.capture import (
+from lowrank_ggn.core.engine.capture import (
     FreezeSwitch,
     Layer,
     batch_norm_layers,
     capture,
     captured_layers,
 )
-from lowrank_ggn.engine.plan import plan_strategy, split_shape
-from lowrank_ggn.engine.report import EngineReport, LayerTreatment, Strategy
-from lowrank_ggn.engine.selfcheck import Factors, self_check
-from lowrank_ggn.engine.streamed import streamed_gram
-from lowrank_ggn.factors import Linearization
-from lowrank_ggn.sample_mixing import PER_SAMPLE
+from lowrank_ggn.core.engine.plan import plan_strategy, split_shape
+from lowrank_ggn.core.engine.report import EngineReport, LayerTreatment, Strategy
+from lowrank_ggn.core.engine.selfcheck import Factors, self_check
+from lowrank_ggn.core.engine.streamed import streamed_gram
+from lowrank_ggn.core.linearization import Linearization
+from lowrank_ggn.core.paths import PER_SAMPLE
 
 Tick = Callable[[int], None]
 

@@ -6,11 +6,11 @@ One forward pass of the whole batch linearises the model:
     G = J^⊤ (∇²_F L) J = \sum_{n,c} v_{nc} v_{nc}^⊤, \qquad
     v_{nc} = (J_θ F_n)^⊤ s_{nc} ∈ ℝ^D,
 
-with ``S`` from :mod:`lowrank_ggn.loss_factors`. The columns are ordered
+with ``S`` from :mod:`lowrank_ggn.core.loss_factors`. The columns are ordered
 **sample-major**: column ``i = n·C + c``. ``V`` is ``[D, N·C]``; this module returns
 it transposed, as per-parameter blocks ``[N·C, *θ_p.shape]``.
 
-Two paths compute ``V`` (see :mod:`lowrank_ggn.sample_mixing` for the choice):
+Two paths compute ``V`` (see :mod:`lowrank_ggn.core.paths` for the choice):
 
 * ``per_sample``: ``F_n = f(x_n)``, so ``v_{nc} = J_θ f(x_n)ᵀ s_{nc}``; a vmap over
   samples of a vmap over ``c`` of the per-sample vector-Jacobian product. Cost: ``C``
@@ -33,28 +33,28 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
-from lowrank_ggn._model import FunctionalModel
-from lowrank_ggn._validation import (
-    check_call,
-    check_factor_memory,
-    check_outputs,
-    check_params_finite,
-)
-from lowrank_ggn.loss_factors import (
+from lowrank_ggn.approx.subsampling import check_subsampling, subsample_factors
+from lowrank_ggn.core.loss_factors import (
     check_mc_samples,
     check_targets,
     loss_hessian_factors,
     num_factor_columns,
     sampled_loss_hessian_factors,
 )
-from lowrank_ggn.sample_mixing import (
+from lowrank_ggn.core.model import FunctionalModel
+from lowrank_ggn.core.paths import (
     FULL_BATCH,
     PER_SAMPLE,
     EnginePath,
     check_deterministic,
     choose_path,
 )
-from lowrank_ggn.subsampling import check_subsampling, subsample_factors
+from lowrank_ggn.core.validation import (
+    check_call,
+    check_factor_memory,
+    check_outputs,
+    check_params_finite,
+)
 
 #: Columns processed together in one vmapped backward pass, unless overridden.
 DEFAULT_CHUNK = 64
@@ -77,7 +77,7 @@ class Linearization:
             columns (all ``N`` by default; a subset under curvature sub-sampling).
             Column ``i = j·C + c`` belongs to sample ``sample_index[j]``.
         engine_report: How the Gram matrix was computed (set by
-            :func:`lowrank_ggn.gram.gram_from_linearization`).
+            :func:`lowrank_ggn.core.gram.gram_from_linearization`).
         graph: Outputs of a forward pass on the live parameters with its autograd
             graph, shared by every backward pass; built on first use
             (:meth:`forward_with_graph`).
@@ -232,12 +232,12 @@ def linearize(
 ) -> Linearization:
     """Check the input, run one forward pass and choose the path.
 
-    The caller must hold :func:`lowrank_ggn._state.model_preserved` around this and
+    The caller must hold :func:`lowrank_ggn.core.state.model_preserved` around this and
     every use of the result.
 
     Args:
         model: Any module that maps ``inputs`` ``[N, *in]`` to ``[N, *out]``.
-        loss_func: A supported loss (see :mod:`lowrank_ggn.loss_factors`).
+        loss_func: A supported loss (see :mod:`lowrank_ggn.core.loss_factors`).
         inputs: The batch.
         targets: Its targets.
         params: Parameters to differentiate; default: those that require grad.
@@ -245,13 +245,13 @@ def linearize(
             Forcing ``"per_sample"`` on a sample-mixing model gives a wrong GGN; it
             exists to demonstrate exactly that.
         mc_samples: ``M`` Monte-Carlo factor columns per sample instead of the ``C``
-            exact ones (:func:`lowrank_ggn.loss_factors.sampled_loss_hessian_factors`).
+            exact ones (:func:`lowrank_ggn.core.loss_factors.sampled_loss_hessian_factors`).
         generator: ``torch.Generator`` for the Monte-Carlo draws.
         subsampling: Batch positions whose curvature is kept, scaled by ``N/|S|`` for
-            ``'mean'`` (:mod:`lowrank_ggn.subsampling`); the forward pass still uses
+            ``'mean'`` (:mod:`lowrank_ggn.approx.subsampling`); the forward pass still uses
             the whole batch.
         memory_budget: Bytes the loss-Hessian factors ``S`` may take (see
-            :mod:`lowrank_ggn._validation`); ``None``: environment or default.
+            :mod:`lowrank_ggn.core.validation`); ``None``: environment or default.
 
     Returns:
         The :class:`Linearization`.

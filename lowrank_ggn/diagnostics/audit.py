@@ -28,7 +28,7 @@ draws, and none of them is "the gradient of one sample".
   samples mix. The innermost such modules are named (``"1.bn"``, not its parent
   ``"1"``). This localises mixing done by any module, including ones the scan does not
   know; it assumes the batch sits in dim 0 of the module's tensors;
-* *parameter probe* (:func:`lowrank_ggn.sample_mixing.choose_path`): evaluating the
+* *parameter probe* (:func:`lowrank_ggn.core.paths.choose_path`): evaluating the
   model one sample at a time reproduces the batch outputs and a random
   parameter-Jacobian-vector product (this also catches a dependence on the batch size).
 
@@ -51,21 +51,21 @@ from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 from torch.utils._pytree import tree_flatten
 
-from lowrank_ggn._model import FunctionalModel
-from lowrank_ggn._state import model_preserved
-from lowrank_ggn._validation import (
-    check_call,
-    check_model,
-    check_outputs,
-    check_params_finite,
-)
-from lowrank_ggn.loss_factors import check_targets, reduction_factor
-from lowrank_ggn.sample_mixing import (
+from lowrank_ggn.core.loss_factors import check_targets, reduction_factor
+from lowrank_ggn.core.model import FunctionalModel
+from lowrank_ggn.core.paths import (
     EnginePath,
     _tolerance,
     active_dropout_modules,
     batch_statistic_modules,
     choose_path,
+)
+from lowrank_ggn.core.state import model_preserved
+from lowrank_ggn.core.validation import (
+    check_call,
+    check_model,
+    check_outputs,
+    check_params_finite,
 )
 
 

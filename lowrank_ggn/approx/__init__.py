@@ -1,0 +1,5 @@
+"""Approximations and scale.
+
+Monte-Carlo factors, curvature sub-sampling, parameter groups (block-diagonal GGN)
+and data sets of many batches.
+"""

@@ -1,0 +1,18 @@
+"""The exact pipeline: model → loss-Hessian factors → path → linearisation → Gram → spectrum.
+
+=============================  ==================================================
+module                         stage
+=============================  ==================================================
+:mod:`.model`                  the model as a function ``F(θ, X)`` of its parameters
+:mod:`.state`                  the guarantee that the model is never changed
+:mod:`.validation`             argument checks at every public entry
+:mod:`.loss_factors`           ``S_n`` with ``S_n S_nᵀ = ∇²_{F_n} L`` (closed forms)
+:mod:`.paths`                  per-sample or full-batch: does the model mix samples?
+:mod:`.linearization`          one forward pass; products with ``Jᵀ`` and ``V``
+:mod:`.engine`                 the layer-wise Gram engine and its strategies
+:mod:`.gram`                   ``Vᵀ V`` from a linearisation
+:mod:`.spectrum`               eigenpairs of the Gram, eigenvectors ``V u / √λ``
+:mod:`.solvers`, :mod:`.lanczos`  dense ``eigh`` or matrix-free Lanczos
+:mod:`.precision`              the error model; which eigenvalues are resolved
+=============================  ==================================================
+"""
