@@ -171,11 +171,20 @@ def build_case(
 
 
 # --------------------------------------------------------------------------- methods
-def unsupported(kwargs: dict) -> str | None:
-    """Why this lowrank_ggn cannot take ``kwargs`` (a keyword it lacks), or ``None``."""
+def accepted_keywords() -> set[str]:
+    """Keywords this lowrank_ggn's ``ggn_spectrum`` takes (its ``GGN``'s options too)."""
+    import lowrank_ggn
     from lowrank_ggn import ggn_spectrum
 
-    accepted = inspect.signature(ggn_spectrum).parameters
+    accepted = set(inspect.signature(ggn_spectrum).parameters)
+    if hasattr(lowrank_ggn, "GGN"):  # options pass through to the curvature object
+        accepted |= set(inspect.signature(lowrank_ggn.GGN).parameters)
+    return accepted
+
+
+def unsupported(kwargs: dict) -> str | None:
+    """Why this lowrank_ggn cannot take ``kwargs`` (a keyword it lacks), or ``None``."""
+    accepted = accepted_keywords()
     for name, value in kwargs.items():
         if name not in accepted and value != OPTIONAL_KWARGS.get(name, object()):
             return f"ggn_spectrum has no {name}= (this lowrank_ggn predates it)"
@@ -185,9 +194,7 @@ def unsupported(kwargs: dict) -> str | None:
 def call_kwargs(kwargs: dict) -> dict:
     """``kwargs`` plus ``progress=False``, minus the optional ones at their default or
     unknown to this ``ggn_spectrum``."""
-    from lowrank_ggn import ggn_spectrum
-
-    accepted = inspect.signature(ggn_spectrum).parameters
+    accepted = accepted_keywords()
     out = {}
     for name, value in {**kwargs, "progress": False}.items():
         if name in OPTIONAL_KWARGS and (

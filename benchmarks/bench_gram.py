@@ -1,6 +1,6 @@
 """Side-by-side benchmark: top-10 GGN eigenpairs of 3c3d, lowrank_ggn against its peers.
 
-Task, as in issue 3: on DeepOBS' 3c3d with CIFAR-10 shapes (D = 895,210, C = 10),
+Task: on DeepOBS' 3c3d with CIFAR-10 shapes (D = 895,210, C = 10),
 float32, compute the top-10 GGN eigenpairs of one mini-batch; lowrank_ggn and ViViT also
 return all nonzero eigenvalues. Methods, each run in a fresh subprocess so that its peak
 memory is its own:

@@ -243,9 +243,9 @@ def run_digits(args) -> dict:
     from torch import nn
 
     from lowrank_ggn import ggn_spectrum
-    from lowrank_ggn.app.cli import train
     from lowrank_ggn.app.data import digits_batch
     from lowrank_ggn.app.models import build_model
+    from lowrank_ggn.app.training import train
 
     torch.set_num_threads(args.threads)
     names = ("cnn",) if args.quick else ("mlp", "cnn", "cnn-bn", "resnet-bn")

@@ -4,6 +4,10 @@ The mini-batch GGN ``G = Σ_n J_nᵀ S_n S_nᵀ J_n = V Vᵀ`` has rank at most 
 its nonzero eigenvalues are those of the ``N·C × N·C`` Gram matrix ``Vᵀ V``
 (Dangel, Tatzel & Hennig, TMLR 2022, https://arxiv.org/abs/2106.02624). lowrank_ggn
 computes them exactly for any model, BatchNorm in train mode included.
+
+:class:`GGN` linearises a model on a batch once and serves the Gram matrix, the
+spectrum, gradient moments, directional derivatives and linear operators from it;
+the one-call functions of :mod:`lowrank_ggn.functional` wrap it.
 """
 
 from lowrank_ggn import reference
@@ -13,54 +17,58 @@ from lowrank_ggn.approx.dataset import (
     ggn_spectrum_dataset,
 )
 from lowrank_ggn.approx.param_groups import per_layer_groups
-from lowrank_ggn.core.gram import gram_matrix
 from lowrank_ggn.core.loss_factors import (
     loss_hessian_factors,
     sampled_loss_hessian_factors,
 )
 from lowrank_ggn.core.paths import EnginePath
-from lowrank_ggn.core.spectrum import (
-    GGNSpectrum,
-    NearZeroEigenvalueWarning,
-    ggn_spectrum,
-)
+from lowrank_ggn.core.spectrum import GGNSpectrum, NearZeroEigenvalueWarning
+from lowrank_ggn.curvature import GGN
 from lowrank_ggn.diagnostics.audit import (
-    SampleMixingWarning,
     StructureCheck,
     StructureReport,
     audit_structure,
 )
-from lowrank_ggn.diagnostics.directional import (
-    DirectionalDerivatives,
+from lowrank_ggn.diagnostics.directional import DirectionalDerivatives
+from lowrank_ggn.diagnostics.moments import GradientMoments
+from lowrank_ggn.diagnostics.warnings import SampleMixingWarning
+from lowrank_ggn.functional import (
+    block_gram_matrices,
     directional_derivatives,
+    ggn_block_spectra,
+    ggn_linear_operator,
+    ggn_spectrum,
+    gradient_moments,
+    gram_linear_operator,
+    gram_matrix,
 )
-from lowrank_ggn.diagnostics.moments import GradientMoments, gradient_moments
-from lowrank_ggn.operators import ggn_linear_operator, gram_linear_operator
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GGN",
+    "DatasetSpectrum",
     "DirectionalDerivatives",
     "EnginePath",
     "GGNSpectrum",
     "GradientMoments",
+    "GramMemoryError",
+    "NearZeroEigenvalueWarning",
     "SampleMixingWarning",
     "StructureCheck",
     "StructureReport",
     "audit_structure",
+    "block_gram_matrices",
     "directional_derivatives",
-    "gradient_moments",
-    "NearZeroEigenvalueWarning",
+    "ggn_block_spectra",
+    "ggn_linear_operator",
     "ggn_spectrum",
+    "ggn_spectrum_dataset",
+    "gradient_moments",
+    "gram_linear_operator",
     "gram_matrix",
     "loss_hessian_factors",
-    "reference",
-    # approximations and scale (issue 4)
-    "DatasetSpectrum",
-    "GramMemoryError",
-    "ggn_linear_operator",
-    "ggn_spectrum_dataset",
-    "gram_linear_operator",
     "per_layer_groups",
+    "reference",
     "sampled_loss_hessian_factors",
 ]

@@ -36,27 +36,16 @@ dtype on the CPU.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
-from torch.func import jvp, vmap
 
-from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
+from lowrank_ggn.core.autodiff import batch_jvps
+from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.state import model_preserved
-
-
-def jacobian_products(lin: Linearization, vectors: Tensor, chunk: int) -> Tensor:
-    """``J v_k`` for rows ``v_k`` of ``[K, D]``: ``[K, N, *out]`` (full-batch JVPs)."""
-    theta = lin.fmodel.primals()
-
-    def one(v: Tensor) -> Tensor:
-        tangents = lin.fmodel.unflatten(v)
-        return jvp(lambda th: lin.fmodel(th, lin.inputs), (theta,), (tangents,))[1]
-
-    return vmap(one, chunk_size=max(1, chunk))(vectors)
 
 
 def project_on_factors(lin: Linearization, outputs: Tensor) -> Tensor:
@@ -69,7 +58,7 @@ def project_on_factors(lin: Linearization, outputs: Tensor) -> Tensor:
 
 def factors_transpose_apply(lin: Linearization, vectors: Tensor, chunk: int) -> Tensor:
     """``(Vᵀ v_k)ᵀ`` for rows ``v_k``: ``[K, D] -> [K, N_S·C]``: one JVP each."""
-    return project_on_factors(lin, jacobian_products(lin, vectors, chunk))
+    return project_on_factors(lin, batch_jvps(lin.fmodel, lin.inputs, vectors, chunk))
 
 
 def frozen_linearization(lin: Linearization) -> Linearization:
@@ -84,6 +73,7 @@ def frozen_linearization(lin: Linearization) -> Linearization:
         inputs=lin.inputs.detach().clone(),
         targets=lin.targets.detach().clone(),
         graph=None,
+        capture=None,
     )
 
 
@@ -132,124 +122,40 @@ class TorchLinearOperator(LinearOperator):
         return self  # symmetric
 
 
-def _frozen(
-    model: nn.Module,
-    loss_func: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    params: Sequence[Tensor] | None,
-    mc_samples: int | None,
-    generator: torch.Generator | None,
-    subsampling: Sequence[int] | Tensor | None,
-) -> Linearization:
-    with model_preserved(model):
-        lin = linearize(
-            model,
-            loss_func,
-            inputs,
-            targets,
-            params,
-            mc_samples=mc_samples,
-            generator=generator,
-            subsampling=subsampling,
-        )
-        return frozen_linearization(lin)
-
-
-def ggn_linear_operator(
-    model: nn.Module,
-    loss_func: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    *,
-    params: Sequence[Tensor] | None = None,
-    chunk: int = DEFAULT_CHUNK,
-    mc_samples: int | None = None,
-    generator: torch.Generator | None = None,
-    subsampling: Sequence[int] | Tensor | None = None,
-) -> LinearOperator:
-    r"""The mini-batch GGN ``G = Jᵀ H J`` (``D × D``) as a scipy ``LinearOperator``.
+def ggn_operator(model: nn.Module, lin: Linearization, chunk: int) -> LinearOperator:
+    r"""The GGN ``G = Jᵀ H J`` of a linearisation as a ``LinearOperator`` ``(D, D)``.
 
     ``G v = Jᵀ (H (J v))``: one JVP, the loss-Hessian factors and one VJP per vector
-    (see module docstring); ``G`` is never formed. Works for any model, BatchNorm in
-    train mode included. The operator is frozen at creation (module docstring).
-
-    Args:
-        model: The module; never changed, also not by later products.
-        loss_func: A supported loss.
-        inputs: The batch ``[N, *in]``.
-        targets: Its targets.
-        params: Parameters (define ``D`` and the flattening); default: trainable ones.
-        chunk: Vectors per vmapped JVP/VJP in products with matrices.
-        mc_samples: Monte-Carlo factors (as in :func:`lowrank_ggn.ggn_spectrum`),
-            drawn once at creation.
-        generator: ``torch.Generator`` for those draws.
-        subsampling: Curvature sub-sampling positions (as in
-            :func:`lowrank_ggn.ggn_spectrum`).
-
-    Returns:
-        A symmetric ``LinearOperator`` of shape ``(D, D)``, dtype the parameters'.
-
-    Example:
-        >>> import numpy as np, torch
-        >>> from scipy.sparse.linalg import eigsh
-        >>> from lowrank_ggn.reference import dense_ggn
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
-        ...                             torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
-        >>> X, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0])
-        >>> G = ggn_linear_operator(model, torch.nn.CrossEntropyLoss(), X, y)
-        >>> dense = dense_ggn(model, torch.nn.CrossEntropyLoss(), X, y).numpy()
-        >>> v = np.random.default_rng(0).standard_normal(G.shape[0])
-        >>> assert np.allclose(G @ v, dense @ v)
-        >>> assert np.isclose(eigsh(G, k=1)[0][0], np.linalg.eigvalsh(dense)[-1])
-
+    (see module docstring); ``G`` is never formed. Frozen now: it works on copies.
     """
-    lin = _frozen(
-        model, loss_func, inputs, targets, params, mc_samples, generator, subsampling
-    )
+    frozen = frozen_linearization(lin)
 
     def apply(vectors: Tensor) -> Tensor:
         # J v: [K, N, *out] -> coefficients [K, N_S·C] -> H J v -> Jᵀ H J v: [K, D]
-        coefficients = factors_transpose_apply(lin, vectors, chunk)
-        return lin.apply_factors(coefficients, chunk)
+        coefficients = factors_transpose_apply(frozen, vectors, chunk)
+        return frozen.apply_factors(coefficients, chunk)
 
-    fm = lin.fmodel
+    fm = frozen.fmodel
     return TorchLinearOperator(model, fm.num_params, apply, fm.dtype, fm.device)
 
 
-def gram_linear_operator(
-    model: nn.Module,
-    loss_func: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    *,
-    params: Sequence[Tensor] | None = None,
-    chunk: int = DEFAULT_CHUNK,
-    mc_samples: int | None = None,
-    generator: torch.Generator | None = None,
-    subsampling: Sequence[int] | Tensor | None = None,
-) -> LinearOperator:
-    r"""The Gram matrix ``𝒢 = Vᵀ V`` (``N·C × N·C``) as a scipy ``LinearOperator``.
+def gram_operator(model: nn.Module, lin: Linearization, chunk: int) -> LinearOperator:
+    r"""The Gram ``𝒢 = Vᵀ V`` of a linearisation as a ``LinearOperator``.
 
     ``𝒢 u = Vᵀ (V u)``: one VJP (``V u = Jᵀ(S u)``) and one JVP per vector, without
-    forming ``V``. Same arguments, row order and freezing as
-    :func:`lowrank_ggn.gram_matrix` / :func:`ggn_linear_operator`; its nonzero
-    eigenvalues are those of the GGN.
-
-    Returns:
-        A symmetric ``LinearOperator`` of shape ``(N_S·C, N_S·C)`` (``C`` replaced by
-        ``M`` with ``mc_samples``, ``N_S = |subsampling|``).
-
+    forming ``V``; shape ``(N_S·C, N_S·C)`` (``C`` replaced by ``M`` with
+    Monte-Carlo factors, ``N_S = |subsampling|``). Frozen now: it works on copies.
     """
-    lin = _frozen(
-        model, loss_func, inputs, targets, params, mc_samples, generator, subsampling
-    )
+    frozen = frozen_linearization(lin)
 
     def apply(coefficients: Tensor) -> Tensor:
         # V u: [K, D] (one VJP each), then Vᵀ (V u): [K, N_S·C] (one JVP each)
         return factors_transpose_apply(
-            lin, lin.apply_factors(coefficients, chunk), chunk
+            frozen, frozen.apply_factors(coefficients, chunk), chunk
         )
 
-    fm = lin.fmodel
-    return TorchLinearOperator(model, lin.num_columns, apply, fm.dtype, fm.device)
+    fm = frozen.fmodel
+    return TorchLinearOperator(model, frozen.num_columns, apply, fm.dtype, fm.device)
+
+
+__all__ = ["TorchLinearOperator", "ggn_operator", "gram_operator"]

@@ -18,13 +18,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import hessian, jacrev
 
+from lowrank_ggn.core.budget import check_memory
 from lowrank_ggn.core.loss_factors import SUPPORTED_LOSSES, check_targets
 from lowrank_ggn.core.model import FunctionalModel
 from lowrank_ggn.core.state import model_preserved
 from lowrank_ggn.core.validation import (
     check_batch_norm_batch_size,
     check_inputs,
-    check_memory,
     check_model,
     check_outputs,
     check_params_finite,
@@ -203,8 +203,9 @@ def dense_directional_derivatives(
 
     ``γ_nk = e_kᵀ r_n / ρ`` from :func:`dense_per_component_gradients` and
     ``λ_nk = (J_n e_k)ᵀ (∇²_{F_n} L) (J_n e_k) / ρ`` from the dense Jacobian and the
-    diagonal blocks of the dense output Hessian. ``ρ`` is the reduction factor in
-    ``L = ρ Σ_n ℓ_n``.
+    diagonal blocks of the dense output Hessian. ``ρ`` is the per-sample weight in
+    ``L = ρ Σ_n ℓ_n`` (``1/N`` for ``reduction='mean'``, 1 for ``'sum'``:
+    :func:`lowrank_ggn.core.loss_factors.sample_weight`).
     """
     with model_preserved(model):
         R = dense_per_component_gradients(

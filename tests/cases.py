@@ -268,7 +268,7 @@ CASES: list[Case] = [
 CASE_IDS = [c.name for c in CASES]
 MIXING_CASES = [c for c in CASES if c.mixing]
 
-#: Every BatchNorm flavour the engine's strategies must handle exactly (issue 10);
+#: Every BatchNorm flavour the engine's strategies must handle exactly;
 #: all mix samples. Each runs through every strategy in ``test_engine_strategies``.
 BN_CASES: list[Case] = [
     *[c for c in CASES if c.mixing],

@@ -16,6 +16,7 @@ from torch.nn.parameter import is_lazy
 from lowrank_ggn import (
     audit_structure,
     directional_derivatives,
+    ggn_block_spectra,
     ggn_linear_operator,
     ggn_spectrum,
     ggn_spectrum_dataset,
@@ -58,7 +59,10 @@ def _operator_apply(make_operator, m, f, X, y, p):
 
 
 def _groups(m, p):
-    return per_layer_groups(m) if p is None else [{"params": [q]} for q in p]
+    """One group per layer (or per given parameter; bad ``p`` fails as params)."""
+    if p is None or not isinstance(p, (list, tuple)):
+        return per_layer_groups(m)
+    return [{"params": [q]} for q in p if isinstance(q, torch.Tensor)] or [{}]
 
 
 PUBLIC_CALLS = [
@@ -88,9 +92,9 @@ PUBLIC_CALLS = [
         ),
     ),
     (
-        "ggn_spectrum-param_groups",
-        lambda m, f, X, y, p: ggn_spectrum(
-            m, f, X, y, param_groups=_groups(m, p), eigenvectors=True
+        "ggn_block_spectra",
+        lambda m, f, X, y, p: ggn_block_spectra(
+            m, f, X, y, _groups(m, p), params=p, eigenvectors=True
         ),
     ),
     (

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 from utils import RTOL, report_close
 
-from lowrank_ggn import ggn_spectrum
-from lowrank_ggn.app.cli import build_parser, layer_groups, main, subsampling_indices
+from lowrank_ggn import ggn_block_spectra, ggn_spectrum
+from lowrank_ggn.app.cli import build_parser, main
 from lowrank_ggn.app.data import digits_batch
 from lowrank_ggn.app.models import build_model
+from lowrank_ggn.app.problems import layer_groups, subsampling_indices
 from lowrank_ggn.reference import dense_gradient
 
 TESTS = Path(__file__).parent
@@ -239,7 +240,7 @@ def test_layer_groups_cover_every_parameter_once():
     assert [g["name"] for g in groups][:2] == ["0", "1.bn1"]
 
 
-# --- options that map to issue 4's keyword arguments of ggn_spectrum --------------
+# --- options that map to the approximation keywords of ggn_spectrum -------------
 def _tiny(tmp_path, *extra: str) -> dict:
     argv = ["--model", "cnn-bn", "--batch-size", "5", "--train-steps", "0"]
     assert main([*argv, *extra, "--out", str(tmp_path)]) == 0
@@ -281,8 +282,8 @@ def test_per_layer_option(tmp_path):
     entry = _tiny(tmp_path, "--per-layer")
     model, loss, X, y = _tiny_problem()
     groups = layer_groups(model)
-    direct = ggn_spectrum(
-        model, loss, X, y, param_groups=[{"params": g["params"]} for g in groups]
+    direct = ggn_block_spectra(
+        model, loss, X, y, [{"params": g["params"]} for g in groups]
     )
     assert list(entry["blocks"]) == [g["name"] for g in groups]
     for (name, block), res in zip(entry["blocks"].items(), direct):
@@ -297,9 +298,9 @@ def test_per_layer_option(tmp_path):
     assert (tmp_path / "per_layer.png").stat().st_size > 0
 
 
-def test_issue4_options_are_wired_as_keyword_arguments(tmp_path, monkeypatch, capsys):
+def test_approximation_options_are_wired_as_keyword_arguments(tmp_path, monkeypatch, capsys):
     """A recording ggn_spectrum checks exactly which keyword arguments the CLI passes."""
-    import lowrank_ggn.app.cli as cli
+    import lowrank_ggn.app.analysis as analysis
 
     calls = []
 
@@ -322,7 +323,13 @@ def test_issue4_options_are_wired_as_keyword_arguments(tmp_path, monkeypatch, ca
             ]
         return ggn_spectrum(model, loss_func, inputs, targets, **kwargs)
 
-    monkeypatch.setattr(cli, "ggn_spectrum", stand_in)
+    def blocks_stand_in(model, loss_func, inputs, targets, param_groups, **kwargs):
+        return stand_in(
+            model, loss_func, inputs, targets, param_groups=param_groups, **kwargs
+        )
+
+    monkeypatch.setattr(analysis, "ggn_spectrum", stand_in)
+    monkeypatch.setattr(analysis, "ggn_block_spectra", blocks_stand_in)
     argv = ["--model", "mlp", "--batch-size", "4", "--train-steps", "0", "--seed", "5"]
     extra = ["--mc-samples", "3", "--subsampling", "1,2", "--per-layer"]
     assert main([*argv, *extra, "--out", str(tmp_path)]) == 0

@@ -13,12 +13,11 @@ from test_structure import EXPECTED_MIXING
 from utils import RTOL, assert_state_equal, report_close, state_of
 
 from lowrank_ggn import SampleMixingWarning, directional_derivatives, ggn_spectrum
-from lowrank_ggn.core.loss_factors import reduction_factor
+from lowrank_ggn.core.loss_factors import sample_weight
 from lowrank_ggn.reference import (
     dense_directional_derivatives,
     dense_ggn,
     dense_gradient,
-    dense_outputs,
 )
 
 CASE_BY_NAME = {c.name: c for c in CASES}
@@ -36,7 +35,7 @@ def _dense(name: str):
     model, loss, X, y = CASE_BY_NAME[name].make()
     G = dense_ggn(model, loss, X, y)
     E = _directions(G.shape[0])
-    rho = reduction_factor(loss, dense_outputs(model, X))
+    rho = sample_weight(loss, X.shape[0])
     gammas, lambdas = dense_directional_derivatives(model, loss, X, y, E, rho)
     return E, rho, gammas, lambdas, G, dense_gradient(model, loss, X, y)
 

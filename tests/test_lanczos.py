@@ -8,10 +8,9 @@ from torch import Tensor
 
 from lowrank_ggn.core.lanczos import (
     BASIS_BLOCKS,
-    TOL_FLOAT32,
-    TOL_FLOAT64,
     top_eigenpairs,
 )
+from lowrank_ggn.core.tolerances import LANCZOS_RTOL
 
 F64 = torch.float64
 #: Eigenvalue error relative to λ_max in float64 at the default tolerance: Ritz values
@@ -24,6 +23,8 @@ RES_SLACK = 1.01
 #: Float32 eigenvalue error relative to λ_max (measured worst case over SPECTRA:
 #: 4e-8, the rounding of the float32 result) and orthonormality of the float32
 #: columns (measured worst case: 4e-7).
+TOL_FLOAT64 = LANCZOS_RTOL[torch.float64]
+TOL_FLOAT32 = LANCZOS_RTOL[torch.float32]
 RTOL_FLOAT32 = 1e-6
 ORTH_TOL_FLOAT32 = 5e-6
 

@@ -78,6 +78,20 @@ def test_per_component_rows_and_moments_match_brute_force(case):
     _check_moments(res, R)
 
 
+def test_per_sample_convention_mean_is_the_batch_gradient(case):
+    """``L = ρ Σ ℓ_n`` with ρ = 1/N ('mean') or 1 ('sum'), for every loss and C."""
+    model, loss, X, y = CASE_BY_NAME[case.name].make()
+    res = _moments(case.name)
+    g = dense_gradient(model, loss, X, y)
+    N = X.shape[0]
+    if loss.reduction == "mean":
+        assert res.rho == 1.0 / N
+        report_close(res.mean, g, name="mean of u_n = batch gradient")
+    else:
+        assert res.rho == 1.0
+        report_close(res.mean * N, g, name="sum of u_n = batch gradient")
+
+
 def test_streamed_moments_one_row_at_a_time(case):
     R, g = _dense(case.name)
     res = _moments(case.name, chunk=1)

@@ -13,7 +13,12 @@ from utils import (
     state_of,
 )
 
-from lowrank_ggn import ggn_spectrum, gram_matrix, per_layer_groups
+from lowrank_ggn import (
+    GGN,
+    block_gram_matrices,
+    ggn_block_spectra,
+    per_layer_groups,
+)
 from lowrank_ggn.reference import dense_ggn
 
 
@@ -21,7 +26,7 @@ def test_per_layer_spectra_match_dense_diagonal_blocks(case):
     model, loss, X, y = case.make()
     groups = per_layer_groups(model)
     before = state_of(model)
-    results = ggn_spectrum(model, loss, X, y, param_groups=groups, eigenvectors=True)
+    results = ggn_block_spectra(model, loss, X, y, groups, eigenvectors=True)
     assert_state_equal(before, model)
     assert len(results) == len(groups)
     for group, res in zip(groups, results):
@@ -42,8 +47,8 @@ def test_custom_groups_are_diagonal_blocks_of_the_full_ggn():
     G = dense_ggn(model, loss, X, y, params=a + b)
     da = sum(p.numel() for p in a)
     groups = [{"params": a}, {"params": b[0]}]
-    results = ggn_spectrum(model, loss, X, y, param_groups=groups, top_k=3)
-    grams = gram_matrix(model, loss, X, y, param_groups=groups)
+    results = ggn_block_spectra(model, loss, X, y, groups, top_k=3)
+    grams = block_gram_matrices(model, loss, X, y, groups)
     report_close(grams[0].trace() + grams[1].trace(), G.trace(), name="Gram traces")
     dense_a = torch.linalg.eigvalsh(G[:da, :da]).flip(0)[:3]
     dense_b = torch.linalg.eigvalsh(G[da:, da:]).flip(0)[: results[1].rank]
@@ -72,7 +77,7 @@ def test_per_layer_groups_names_and_sharing():
         (["x"], {}, TypeError, "key 'params'"),
         ([{"params": [torch.zeros(2)]}], {}, ValueError, "not a parameter"),
         ("overlap", {}, ValueError, "disjoint"),
-        ("one", {"params": "one"}, ValueError, "not both"),
+        ("one", {"params": "other"}, ValueError, "does not differentiate"),
     ],
 )
 def test_bad_groups_are_rejected(groups, kwargs, error, match):
@@ -81,6 +86,21 @@ def test_bad_groups_are_rejected(groups, kwargs, error, match):
     if isinstance(groups, str):
         groups = {"overlap": one + one, "one": one}[groups]
     if kwargs:
-        kwargs = {"params": [model[0].weight]}
+        kwargs = {"params": [model[2].weight]}
+    ggn = GGN(model, loss, X, y, **kwargs)
     with pytest.raises(error, match=match):
-        gram_matrix(model, loss, X, y, param_groups=groups, **kwargs)
+        ggn.block_grams(groups)
+    assert ggn.forward_passes == 0  # refused before any model call
+
+
+def test_groups_of_a_subset_in_any_order():
+    """Groups need not cover the GGN's parameters; eigenvectors follow group order."""
+    model, loss, X, y = next(c for c in CASES if c.name == "bn1d-train-ce").make()
+    a = [model[3].weight, model[0].bias]
+    G = dense_ggn(model, loss, X, y, params=a)
+    ggn = GGN(model, loss, X, y)
+    (res,) = ggn.block_spectra([{"params": a}], eigenvectors=True)
+    assert_spectrum_matches(res.eigenvalues, G)
+    E, lam = res.eigenvectors, res.eigenvalues
+    assert E.shape == (lam.numel(), G.shape[0])
+    assert (G @ E.T - E.T * lam).norm(dim=0).max() <= RTOL * lam[0]

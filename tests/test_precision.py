@@ -18,9 +18,9 @@ from cases import BN_CASES, CASES
 from torch import nn
 
 from lowrank_ggn import ggn_spectrum, gram_matrix
-from lowrank_ggn.app.cli import train
 from lowrank_ggn.app.data import digits_batch
 from lowrank_ggn.app.models import build_model
+from lowrank_ggn.app.training import train
 from lowrank_ggn.core.precision import (
     RESOLVED_RTOL,
     ErrorModel,

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from cases import DTYPE, MIXING_CASES
 from torch import nn
 from utils import assert_state_equal, state_of
 
-from lowrank_ggn import audit_structure, gradient_moments
+from lowrank_ggn import SampleMixingWarning, audit_structure, gradient_moments
+from lowrank_ggn.core.model import FunctionalModel
+from lowrank_ggn.diagnostics import audit, probe
+from lowrank_ggn.diagnostics import warnings as mixing_warnings
+from lowrank_ggn.diagnostics.probe import (
+    locate_mixing_modules,
+    probe_sample_mixing,
+    scan_and_probe,
+)
+from lowrank_ggn.diagnostics.warnings import (
+    per_component_explanation,
+    warn_sample_mixing,
+)
 
 #: The modules that mix samples in each mixing case (qualified names).
 EXPECTED_MIXING = {
@@ -193,3 +206,73 @@ def test_errors_are_early_and_clear():
     with pytest.raises(ValueError, match="dtype"):
         audit_structure(model, loss, X.float(), y)
     assert_state_equal(before, model)
+
+
+def test_each_name_lives_in_its_module():
+    for module, names in (
+        (mixing_warnings, ("SampleMixingWarning", "per_component_explanation")),
+        (mixing_warnings, ("warn_sample_mixing",)),
+        (probe, ("InputProbe", "probe_sample_mixing", "locate_mixing_modules")),
+        (audit, ("StructureCheck", "StructureReport", "audit_structure")),
+    ):
+        for name in names:
+            assert getattr(module, name).__module__ == module.__name__, name
+    # no re-exports: audit imports only what the report itself uses
+    for name in ("SampleMixingWarning", "warn_sample_mixing", "locate_mixing_modules"):
+        assert not hasattr(audit, name), name
+
+
+def test_locate_mixing_modules_scan_then_probe():
+    model, _, X, _ = MIXING_CASES[0].make()
+    fmodel = FunctionalModel(model, [p for p in model.parameters() if p.requires_grad])
+    assert locate_mixing_modules(fmodel, X) == EXPECTED_MIXING[MIXING_CASES[0].name]
+    model, _, X, _ = _problem(
+        nn.Sequential(nn.Linear(4, 5), BatchCentering(), nn.Tanh(), nn.Linear(5, 3))
+    )
+    fmodel = FunctionalModel(model, list(model.parameters()))
+    assert locate_mixing_modules(fmodel, X) == ("1",)
+    probe = probe_sample_mixing(fmodel, X)
+    assert probe.applicable and probe.leaks and probe.modules == ("1",)
+    assert "first at 1" in str(probe)
+
+
+class NoForwardAD(nn.Module):
+    """Sample-wise, but its op refuses forward-mode AD."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if fwAD.unpack_dual(x).tangent is not None:
+            raise RuntimeError("no forward-mode AD here\nsecond line")
+        return self.lin(x)
+
+
+def test_failing_input_probe_reports_why_and_scan_remains():
+    model, _, X, _ = _problem(NoForwardAD())
+    fmodel = FunctionalModel(model, list(model.parameters()))
+    scan, probe = scan_and_probe(fmodel, X)
+    assert scan == () and not probe.applicable and probe.modules == ()
+    assert probe.reason == "RuntimeError: no forward-mode AD here"
+    assert str(probe) == f"input probe: not applicable ({probe.reason})"
+    assert locate_mixing_modules(fmodel, X) == ()
+
+
+def test_audit_of_a_single_sample():
+    model, loss, X, y = _problem(nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3)))
+    report = audit_structure(model, loss, X[:1], y[:1])
+    assert report.sample_independent
+    assert all(c.holds for c in report.checks)
+    assert "ρ = 1," in report.summary
+
+
+def test_warning_texts():
+    assert "per-sample gradient" in per_component_explanation(False)
+    text = per_component_explanation(True, ("1.bn", "3"))
+    assert "module(s) 1.bn, 3 mix samples" in text
+    assert "no module named" in per_component_explanation(True)
+    with pytest.warns(SampleMixingWarning, match=r"f returned x: module\(s\) 1 mix"):
+        warn_sample_mixing(("1",), "f returned x", "the batch gradient", stacklevel=2)
+    with pytest.warns(SampleMixingWarning, match="the forward pass mixes samples"):
+        warn_sample_mixing((), "f returned x", "the batch gradient", stacklevel=2)

@@ -35,14 +35,14 @@ from lowrank_ggn import (
     gram_matrix,
     loss_hessian_factors,
 )
-from lowrank_ggn.core.linearization import Linearization, linearize
-from lowrank_ggn.core.spectrum import parameter_eigenvectors
-from lowrank_ggn.core.validation import (
+from lowrank_ggn.core.budget import (
     DEFAULT_MEMORY_BUDGET,
     MEMORY_BUDGET_ENV,
     check_memory,
     resolve_memory_budget,
 )
+from lowrank_ggn.core.linearization import Linearization, linearize
+from lowrank_ggn.core.spectrum import parameter_eigenvectors
 from lowrank_ggn.reference import dense_ggn, dense_output_hessian
 
 F64 = torch.float64

@@ -9,7 +9,7 @@ cross-entropy, ``C = 10``, a fixed budget ``B``. For each of lowrank_ggn's strat
 1. **Probe**: the largest ``N`` that the package's memory estimate admits, found by
    bisection on :func:`package_estimate`, which restates the checks that
    ``ggn_spectrum(memory_budget=B)`` makes before its backward passes (documented in
-   ``lowrank_ggn.core.validation.check_linearization_memory`` and the cost model of
+   ``lowrank_ggn.core.budget.check_linearization_memory`` and the cost model of
    ``lowrank_ggn.core.engine.plan``): the Gram matrix ``(N·C)²`` and the loss-Hessian
    factors ``S`` within ``B``, and a forced strategy's factor blocks within ``B``
    (per-sample layer-output gradients ``N·C·Σ_l P_l·O_l``, plus ``2K·D_up`` for

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from lowrank_ggn import __version__, ggn_spectrum
-from lowrank_ggn.app.cli import train
 from lowrank_ggn.app.data import digits_batch
 from lowrank_ggn.app.models import build_model, num_params
+from lowrank_ggn.app.training import train
 
 HERE = Path(__file__).resolve().parent
 SEED = 0

@@ -31,10 +31,10 @@ sys.path.insert(0, str(HERE.parent))  # experiments/_common.py
 
 from _common import run_main, timed  # noqa: E402
 
-from lowrank_ggn import ggn_spectrum, per_layer_groups  # noqa: E402
-from lowrank_ggn.app.cli import train  # noqa: E402
+from lowrank_ggn import ggn_block_spectra, ggn_spectrum, per_layer_groups  # noqa: E402
 from lowrank_ggn.app.data import digits_batch  # noqa: E402
 from lowrank_ggn.app.models import build_model, num_params  # noqa: E402
+from lowrank_ggn.app.training import train  # noqa: E402
 from lowrank_ggn.reference import dense_ggn  # noqa: E402
 
 SEED = 0
@@ -102,7 +102,7 @@ def compute(s: dict) -> dict:
         spectra["subsampled"] = sub.eigenvalues
         groups = per_layer_groups(model)
         blocks, seconds["block_diagonal"] = timed(
-            ggn_spectrum, model, loss, X, y, param_groups=groups, progress=False
+            ggn_block_spectra, model, loss, X, y, groups, progress=False
         )
         spectra["block_diagonal"] = torch.cat([b.eigenvalues for b in blocks]).sort(
             descending=True

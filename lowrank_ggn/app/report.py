@@ -1,8 +1,8 @@
 r"""The printed report and the files of ``lowrank-ggn`` (see :mod:`lowrank_ggn.app.cli`).
 
 The report dict has ``"settings"``, ``"models"`` (one entry per model, as built by
-:func:`lowrank_ggn.app.cli.analyse`; keys starting with ``_`` are not written to JSON) and
-``"seconds_total"``.
+:func:`lowrank_ggn.app.analysis.analyse`; keys starting with ``_`` are not written to
+JSON) and ``"seconds_total"``.
 """
 
 from __future__ import annotations

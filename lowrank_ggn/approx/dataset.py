@@ -47,16 +47,20 @@ from scipy.sparse.linalg import eigsh
 from torch import Tensor, nn
 
 from lowrank_ggn.approx.param_groups import symmetric_gram
+from lowrank_ggn.core.budget import resolve_memory_budget
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.core.loss_factors import check_loss_func, check_mc_samples
 from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.precision import ErrorModel, accumulation_dtype
-from lowrank_ggn.core.spectrum import default_rtol, spectrum_from_gram
+from lowrank_ggn.core.spectrum import (
+    default_rtol,
+    drop_unresolved,
+    select_pairs,
+    spectrum_from_gram,
+)
 from lowrank_ggn.core.state import model_preserved
-from lowrank_ggn.core.validation import check_model, check_top_k, resolve_memory_budget
+from lowrank_ggn.core.validation import check_model, check_options
 from lowrank_ggn.operators import TorchLinearOperator, factors_transpose_apply
-
-#: Memory budget of the dense solver, in bytes (2 GiB).
 
 #: With ``progress=None``, a progress bar is shown for at least this many batches.
 PROGRESS_MIN_BATCHES = 20
@@ -268,7 +272,12 @@ def ggn_spectrum_dataset(
     check_model(model)
     check_loss_func(loss_func)
     check_mc_samples(mc_samples, generator)
-    check_top_k(top_k)
+    check_options(chunk=chunk, rtol=rtol, top_k=top_k, memory_budget=memory_budget)
+    if not isinstance(eigenvectors, bool):
+        raise TypeError(
+            f"eigenvectors must be True or False; got {eigenvectors!r}. (Take the "
+            "top k of the result's eigenvectors.)"
+        )
     budget = resolve_memory_budget(memory_budget)
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}.")
@@ -323,18 +332,23 @@ def ggn_spectrum_dataset(
         if solver == "lanczos":
             evals, evecs = _lanczos(model, lins, scales, top_k, chunk)
             rtol = default_rtol(sum(columns), evals.dtype) if rtol is None else rtol
-            threshold = rtol * max(evals[0].item(), 0.0)
-            keep = int((evals > threshold).sum()) if evals[0] > 0 else 0
-            evals, evecs = evals[:keep], evecs[:, :keep]
-            errors, vectors = None, None
+            model_errors = ErrorModel.of(
+                evals.dtype, evals.dtype, lins[0].fmodel.num_params
+            )
+            lam_max = max(evals[0].item(), 0.0)
+            errors = model_errors.operator_errors(torch.zeros_like(evals), lam_max)
+            pairs = select_pairs(evals, evecs, errors, rtol, top_k, None, model_errors)
+            vectors = None
             if eigenvectors:
-                parts = torch.split((evecs / evals.sqrt()).T, columns, dim=1)
+                pairs = drop_unresolved(pairs)
+                parts = torch.split(pairs.scaled_vectors().T, columns, dim=1)
                 vectors = sum(
                     s * lin.apply_factors(u, chunk)
                     for s, lin, u in zip(scales, lins, parts)
                 )
-                if not evals.numel():
+                if not pairs.eigenvalues.numel():
                     vectors = evals.new_zeros(0, lins[0].fmodel.num_params)
+            dtype = evals.dtype
         else:
             Vt = torch.cat([s * block for s, block in zip(scales, blocks)])  # [Ñ, D]
             acc = accumulation_dtype(Vt.dtype, None)
@@ -344,12 +358,14 @@ def ggn_spectrum_dataset(
                 rtol,
                 ErrorModel.of(Vt.dtype, acc, Vt.shape[1]),
             )
-            evals, evecs = pairs.eigenvalues, pairs.vectors
-            threshold, errors = pairs.threshold, pairs.errors.to(Vt.dtype)
             vectors = None
             if eigenvectors:
-                vectors = (evecs / evals.sqrt()).T.to(Vt.dtype) @ Vt
-            evals, evecs = evals.to(Vt.dtype), evecs.to(Vt.dtype)
+                pairs = drop_unresolved(pairs)
+                vectors = pairs.scaled_vectors().T.to(Vt.dtype) @ Vt
+            dtype = Vt.dtype
+        evals, evecs = pairs.eigenvalues.to(dtype), pairs.vectors.to(dtype)
+        threshold = pairs.threshold
+        errors = pairs.errors.to(dtype) if solver == "dense" else None
         return DatasetSpectrum(
             evals,
             vectors,

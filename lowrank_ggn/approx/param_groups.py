@@ -132,6 +132,53 @@ def resolve_param_groups(
     return flat, columns
 
 
+def groups_within(
+    model: nn.Module, params: Sequence[Tensor], param_groups: Sequence[Mapping]
+) -> tuple[list[list[Tensor]], list[Tensor]]:
+    """Check groups of a subset of ``params``; the engine's partition and positions.
+
+    Args:
+        model: The model that owns the parameters.
+        params: The parameters of a linearisation, in flattening order.
+        param_groups: ``[{"params": [...]}, …]``, disjoint, each inside ``params``.
+
+    Returns:
+        ``(groups, positions)``: every group's parameters plus, last, the rest of
+        ``params`` (if any), a partition of ``params``; and per requested group the
+        flat positions ``[D_g]`` of its parameters in the group's order.
+
+    Raises:
+        ValueError: As :func:`resolve_param_groups`, or for a parameter outside
+            ``params``.
+    """
+    flat, columns = resolve_param_groups(model, param_groups, None)
+    offsets, start = {}, 0
+    for p in params:
+        offsets[id(p)] = start
+        start += p.numel()
+    groups = params_by_group(flat, columns)
+    positions = []
+    for g, members in enumerate(groups):
+        missing = [p for p in members if id(p) not in offsets]
+        if missing:
+            raise ValueError(
+                f"param_groups[{g}] holds a parameter (shape {tuple(missing[0].shape)})"
+                " this GGN does not differentiate; add it to params= or leave "
+                "params=None."
+            )
+        positions.append(
+            torch.cat(
+                [
+                    torch.arange(offsets[id(p)], offsets[id(p)] + p.numel())
+                    for p in members
+                ]
+            ).to(params[0].device)
+        )
+    grouped = {id(p) for members in groups for p in members}
+    rest = [p for p in params if id(p) not in grouped]
+    return groups + ([rest] if rest else []), positions
+
+
 def params_by_group(
     params: Sequence[Tensor], columns: Sequence[slice]
 ) -> list[list[Tensor]]:

@@ -27,17 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-#: Default residual tolerance (relative to ``θ₁``) in float64. A residual
-#: ``‖r‖ ≤ tol·θ₁`` bounds eigenvalue errors by ``‖r‖²/gap`` (about ``1e-12·θ₁`` for
-#: well separated eigenvalues) and eigenvector angles by ``‖r‖/gap``. ``√eps ≈ 1.5e-8``
-#: would cost 10–30 % more products for eigenvalues that are already this accurate.
-TOL_FLOAT64 = 1e-6
-#: Default residual tolerance in float32: products carry rounding of about
-#: ``√n·eps₃₂ ≈ 1e-5·‖A‖`` for ``n ≈ 10⁴``, so smaller residuals are out of reach.
-TOL_FLOAT32 = 1e-4
-#: A new basis direction whose QR pivot is at most this fraction of its block's
-#: scale lies (numerically) in the basis already and is replaced by a random one.
-BREAKDOWN_RTOL = 1e-12
+from lowrank_ggn.core.tolerances import BREAKDOWN_RTOL, LANCZOS_RTOL
+
 #: The basis holds at most this many blocks before it is thick-restarted.
 BASIS_BLOCKS = 8
 #: Seed of the random start block when no generator is given.
@@ -96,8 +87,7 @@ def top_eigenpairs(
         dtype: ``torch.float32`` or ``torch.float64``: of ``matmat``'s blocks and of
             the results.
         device: Device of ``matmat``'s blocks and of the results.
-        tol: Residual tolerance relative to ``θ₁`` (default :data:`TOL_FLOAT64` or
-            :data:`TOL_FLOAT32`).
+        tol: Residual tolerance relative to ``θ₁`` (default :data:`lowrank_ggn.core.tolerances.LANCZOS_RTOL`).
         block_size: Columns per ``matmat`` call (default ``min(n, max(2k, k + 8))``);
             the basis is thick-restarted at ``BASIS_BLOCKS·block_size`` columns
             (at least ``2k + block_size``) on the top half of its Ritz vectors.
@@ -131,7 +121,7 @@ def top_eigenpairs(
     if not 1 <= k <= n:
         raise ValueError(f"k must lie in [1, n={n}]; got k={k}. Ask for k ≥ 1 pairs.")
     if tol is None:
-        tol = TOL_FLOAT64 if dtype == torch.float64 else TOL_FLOAT32
+        tol = LANCZOS_RTOL.get(dtype, LANCZOS_RTOL[torch.float32])
     b = min(n, max(2 * k, k + 8)) if block_size is None else min(n, block_size)
     for name, value in (("tol", tol), ("block_size", b), ("max_iter", max_iter)):
         if not value > 0:

@@ -27,13 +27,15 @@ that is how eigenvectors are formed, on both paths.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import vjp, vmap
 
 from lowrank_ggn.approx.subsampling import check_subsampling, subsample_factors
+from lowrank_ggn.core.autodiff import per_sample_vjps
+from lowrank_ggn.core.budget import check_factor_memory
 from lowrank_ggn.core.loss_factors import (
     check_mc_samples,
     check_targets,
@@ -46,15 +48,13 @@ from lowrank_ggn.core.paths import (
     FULL_BATCH,
     PER_SAMPLE,
     EnginePath,
+    PathName,
+    batch_statistic_modules,
     check_deterministic,
+    check_path,
     choose_path,
 )
-from lowrank_ggn.core.validation import (
-    check_call,
-    check_factor_memory,
-    check_outputs,
-    check_params_finite,
-)
+from lowrank_ggn.core.validation import check_call, check_outputs, check_params_finite
 
 #: Columns processed together in one vmapped backward pass, unless overridden.
 DEFAULT_CHUNK = 64
@@ -78,9 +78,13 @@ class Linearization:
             Column ``i = j·C + c`` belongs to sample ``sample_index[j]``.
         engine_report: How the Gram matrix was computed (set by
             :func:`lowrank_ggn.core.gram.gram_from_linearization`).
-        graph: Outputs of a forward pass on the live parameters with its autograd
-            graph, shared by every backward pass; built on first use
-            (:meth:`forward_with_graph`).
+        graph: Outputs of the forward pass on the live parameters with its autograd
+            graph, shared by every backward pass (:meth:`forward_with_graph`).
+        capture: The Gram engine's record of that pass
+            (:class:`~lowrank_ggn.core.engine.capture.ForwardCapture`), until the
+            engine consumes it.
+        located: Names of the modules that mix samples, once a diagnostic located
+            them.
     """
 
     fmodel: FunctionalModel
@@ -93,6 +97,17 @@ class Linearization:
     sample_index: Tensor | None = None
     engine_report: object | None = None
     graph: Tensor | None = None
+    capture: object | None = None
+    located: tuple[str, ...] | None = None
+
+    @property
+    def forward_passes(self) -> float:
+        """Forward passes of the model so far, in full-batch equivalents.
+
+        Every evaluation counts the samples it processes (vmapped per-sample passes
+        included), divided by ``N``; Jacobian-vector products count as passes too.
+        """
+        return self.fmodel.samples_processed / self.batch_size
 
     def __post_init__(self) -> None:
         if self.sample_index is None:
@@ -191,19 +206,14 @@ class Linearization:
         NS, C = self.num_samples, self.num_columns_per_sample
         dtype, device = self.outputs.dtype, self.outputs.device
         if self.path.name == PER_SAMPLE:
-            theta = self.fmodel.primals()
             samples = max(1, chunk // C)
-
-            def sample_columns(x: Tensor, s: Tensor) -> tuple[Tensor, ...]:
-                # s: [C, *out] -> C per-sample VJPs, each a tuple of [*θ_p]
-                _, fn = vjp(lambda th: self.fmodel.single(th, x), theta)
-                return vmap(fn)(s)[0]
-
             S = self.factors.movedim(0, 1)  # [N_S, C, *out]
             X = self.inputs[self.sample_index]
             for start in range(0, NS, samples):
                 stop = min(NS, start + samples)
-                blocks = vmap(sample_columns)(X[start:stop], S[start:stop])
+                blocks = per_sample_vjps(
+                    self.fmodel, X[start:stop], S[start:stop], columns=True
+                )
                 flat = self.fmodel.flatten(blocks, batch_dims=2)  # [B, C, D]
                 yield slice(start * C, stop * C), flat.flatten(0, 1)
             return
@@ -229,8 +239,16 @@ def linearize(
     generator: torch.Generator | None = None,
     subsampling: Sequence[int] | Tensor | None = None,
     memory_budget: float | None = None,
+    capture: bool = True,
+    validated: bool = False,
 ) -> Linearization:
-    """Check the input, run one forward pass and choose the path.
+    """Check the input, run one forward pass (with its graph) and choose the path.
+
+    Forward passes: this one, on the live parameters with the autograd graph that
+    every later backward pass shares (and, with ``capture``, the Gram engine's
+    record of layer inputs and outputs); and the path check's Jacobian-vector
+    product of the whole batch, whose outputs double as the determinism check (a
+    plain second pass where the module scan decides the path).
 
     The caller must hold :func:`lowrank_ggn.core.state.model_preserved` around this and
     every use of the result.
@@ -251,26 +269,38 @@ def linearize(
             ``'mean'`` (:mod:`lowrank_ggn.approx.subsampling`); the forward pass still uses
             the whole batch.
         memory_budget: Bytes the loss-Hessian factors ``S`` may take (see
-            :mod:`lowrank_ggn.core.validation`); ``None``: environment or default.
+            :mod:`lowrank_ggn.core.budget`); ``None``: environment or default.
+        capture: Record the pass for the Gram engine
+            (:class:`~lowrank_ggn.core.engine.capture.ForwardCapture`).
+        validated: The caller has run the checks that need no forward pass
+            (:func:`lowrank_ggn.core.validation.check_call`, ``mc_samples``,
+            ``path``) and passes the resolved ``params``: they are not repeated.
 
     Returns:
         The :class:`Linearization`.
 
     """
-    selected = check_call(model, loss_func, inputs, params, targets)
-    check_mc_samples(mc_samples, generator)
+    if validated:
+        selected = list(params)
+    else:
+        selected = check_call(model, loss_func, inputs, params, targets)
+        check_mc_samples(mc_samples, generator)
+        check_path(path)
     index = None
     if subsampling is not None:
         index = check_subsampling(subsampling, inputs.shape[0], inputs.device)
-    if path not in (None, PER_SAMPLE, FULL_BATCH):
-        raise ValueError(
-            f"path must be None, {PER_SAMPLE!r} or {FULL_BATCH!r}; got {path!r}."
-        )
     fmodel = FunctionalModel(model, selected)
     check_params_finite(fmodel.params, fmodel.names)
-    with torch.no_grad():
-        outputs = fmodel(fmodel.primals(), inputs)
-    check_outputs(outputs, inputs.shape[0])
+    from lowrank_ggn.core.engine.capture import ForwardCapture, has_batch_norm
+
+    cap = None
+    if capture:
+        with_bns = path == FULL_BATCH or bool(batch_statistic_modules(model))
+        cap = ForwardCapture(model, {id(p) for p in fmodel.params}, with_bns)
+    with torch.enable_grad(), cap.recording() if cap else nullcontext():
+        graph = fmodel(tuple(fmodel.params), inputs)
+    check_outputs(graph, inputs.shape[0])
+    outputs = graph.detach()
     check_targets(loss_func, outputs, targets)
     check_factor_memory(
         outputs.shape[0] if index is None else index.numel(),
@@ -279,7 +309,14 @@ def linearize(
         outputs.element_size(),
         memory_budget,
     )
-    check_deterministic(fmodel, inputs, outputs)
+    chosen, again = choose_path(fmodel, inputs, outputs)
+    if cap is not None and cap.with_bns and has_batch_norm(model):
+        # compare like with like: the captured pass recomputes BatchNorm from its
+        # statistics, which tiny batch variances amplify from round-off
+        twin = ForwardCapture(model, set(), with_bns=True)
+        with torch.no_grad(), twin.recording():
+            again = fmodel(fmodel.primals(), inputs)
+    check_deterministic(fmodel, inputs, outputs, again)
     if mc_samples is None:
         factors = loss_hessian_factors(loss_func, outputs, targets)
     else:
@@ -288,7 +325,6 @@ def linearize(
         )
     if index is not None:
         factors = subsample_factors(loss_func, factors, index)
-    chosen = choose_path(fmodel, inputs, outputs)
     if path == PER_SAMPLE and chosen.mixing_modules:
         raise ValueError(
             f"path='per_sample' is invalid for this model: {', '.join(chosen.mixing_modules)} "
@@ -297,11 +333,20 @@ def linearize(
         )
     if path is not None and path != chosen.name:
         chosen = EnginePath(
-            path,
+            PathName(path),
             f"forced by path={path!r} (automatic choice: {chosen})",
             chosen.mixing_modules,
             chosen.sample_mixing,
         )
     return Linearization(
-        fmodel, loss_func, inputs, targets, outputs, factors, chosen, index
+        fmodel,
+        loss_func,
+        inputs,
+        targets,
+        outputs,
+        factors,
+        chosen,
+        index,
+        graph=graph,
+        capture=cap,
     )

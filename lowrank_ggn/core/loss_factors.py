@@ -101,6 +101,18 @@ def reduction_factor(loss_func: nn.Module, outputs: Tensor) -> float:
     return 1.0 / outputs.numel()
 
 
+def sample_weight(loss_func: nn.Module, batch_size: int) -> float:
+    r"""``ρ`` in ``L = ρ Σ_n ℓ_n`` for per-sample quantities: ``1/N`` or 1.
+
+    The per-sample convention of :mod:`lowrank_ggn.diagnostics`: with
+    ``reduction='mean'`` the per-sample losses ``ℓ_n`` are reduced over their own
+    outputs (or positions) as the loss reduces them, so that ``L = (1/N) Σ_n ℓ_n``
+    and the mean of the per-sample gradients is the batch gradient (BackPACK's and
+    ViViT's individual gradients); with ``'sum'``, ``L = Σ_n ℓ_n``.
+    """
+    return 1.0 if loss_func.reduction == "sum" else 1.0 / batch_size
+
+
 def check_targets(loss_func: nn.Module, outputs: Tensor, targets: Tensor) -> None:
     """Raise a ``ValueError`` if ``targets`` do not fit ``outputs`` for this loss.
 

@@ -21,6 +21,25 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 
+def samples_in(inputs: Tensor) -> int:
+    """How many samples a call on ``inputs`` processes, vmapped batches included.
+
+    Under :func:`torch.func.vmap` a module sees one sample at a time; the unwrapped
+    tensor carries the mapped dimension.
+    """
+    n = inputs.shape[0] if inputs.dim() else 1
+    try:
+        from torch._C._functorch import get_unwrapped, is_batchedtensor, maybe_get_bdim
+
+        while is_batchedtensor(inputs):
+            bdim = maybe_get_bdim(inputs)
+            inputs = get_unwrapped(inputs)
+            n *= inputs.shape[bdim]
+    except (ImportError, AttributeError, RuntimeError):  # private API moved: count 1
+        pass
+    return n
+
+
 class FunctionalModel:
     """``F(θ, X)`` for a module and a selection of its parameters.
 
@@ -50,6 +69,8 @@ class FunctionalModel:
         self.num_params = sum(self.numels)
         ref = self.params[0] if self.params else next(iter(model.parameters()))
         self.dtype, self.device = ref.dtype, ref.device
+        #: Samples processed by all calls so far (a full-batch pass adds ``N``).
+        self.samples_processed = 0
 
     def detached_copy(self) -> FunctionalModel:
         """The same function of frozen copies of every tensor it reads.
@@ -73,6 +94,7 @@ class FunctionalModel:
 
     def __call__(self, theta: Sequence[Tensor], inputs: Tensor) -> Tensor:
         """Evaluate ``F(θ, X)`` on the whole batch ``inputs`` ``[N, *in]``."""
+        self.samples_processed += samples_in(inputs)
         state = dict(self._frozen)
         state.update({n: b.clone() for n, b in self._buffers.items() if b is not None})
         state.update(zip(self.names, theta))

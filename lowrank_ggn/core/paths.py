@@ -26,6 +26,7 @@ models (active dropout), whose GGN is not a function of the parameters.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import torch
@@ -33,9 +34,24 @@ from torch import Tensor, nn
 from torch.func import jvp, vmap
 
 from lowrank_ggn.core.model import FunctionalModel
+from lowrank_ggn.core.tolerances import roundoff_close
 
-PER_SAMPLE = "per_sample"
-FULL_BATCH = "full_batch"
+
+class PathName(str, enum.Enum):
+    """The engine's two paths (a ``str``: ``PathName.FULL_BATCH == "full_batch"``)."""
+
+    PER_SAMPLE = "per_sample"
+    FULL_BATCH = "full_batch"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+PER_SAMPLE = PathName.PER_SAMPLE
+FULL_BATCH = PathName.FULL_BATCH
 
 
 @dataclass(frozen=True)
@@ -53,13 +69,21 @@ class EnginePath:
 
     """
 
-    name: str
+    name: PathName
     reason: str
     mixing_modules: tuple[str, ...] = field(default_factory=tuple)
     sample_mixing: bool = False
 
     def __str__(self) -> str:
         return f"{self.name}: {self.reason}"
+
+
+def check_path(path: str | None) -> None:
+    """``path`` must be ``None``, ``"per_sample"`` or ``"full_batch"``."""
+    if path not in (None, PER_SAMPLE, FULL_BATCH):
+        raise ValueError(
+            f"path must be None, {PER_SAMPLE!r} or {FULL_BATCH!r}; got {path!r}."
+        )
 
 
 def uses_batch_statistics(module: nn.Module) -> bool:
@@ -87,23 +111,27 @@ def active_dropout_modules(model: nn.Module) -> list[str]:
     ]
 
 
-def _tolerance(dtype: torch.dtype) -> float:
-    """Relative tolerance for 'equal up to round-off' between batch and per-sample runs."""
-    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 1e-2)
-
-
-def _close(a: Tensor, b: Tensor) -> bool:
-    scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
-    return (a - b).abs().max().item() <= _tolerance(a.dtype) * scale
-
-
 def check_deterministic(
-    fmodel: FunctionalModel, inputs: Tensor, outputs: Tensor
+    fmodel: FunctionalModel,
+    inputs: Tensor,
+    outputs: Tensor,
+    again: Tensor | None = None,
 ) -> None:
-    """Raise a ``ValueError`` if a second forward pass gives different outputs."""
+    """Raise a ``ValueError`` if a second forward pass gives different outputs.
+
+    Args:
+        fmodel: The model.
+        inputs: The batch.
+        outputs: The first pass's outputs.
+        again: A second pass's outputs if one ran already (the path check's
+            Jacobian-vector product computes them); else one forward pass runs.
+    """
     dropout = active_dropout_modules(fmodel.model)
-    again = fmodel(fmodel.primals(), inputs)
-    if dropout or not torch.equal(again, outputs):
+    if again is None and not dropout:
+        with torch.no_grad():
+            again = fmodel(fmodel.primals(), inputs)
+    # round-off apart: the captured pass recomputes BatchNorm from its statistics
+    if dropout or not roundoff_close(again, outputs):
         where = f" Active dropout: {', '.join(dropout)}." if dropout else ""
         raise ValueError(
             "model is not deterministic: two forward passes on the same inputs gave "
@@ -112,7 +140,9 @@ def check_deterministic(
         )
 
 
-def choose_path(fmodel: FunctionalModel, inputs: Tensor, outputs: Tensor) -> EnginePath:
+def choose_path(
+    fmodel: FunctionalModel, inputs: Tensor, outputs: Tensor
+) -> tuple[EnginePath, Tensor | None]:
     """Decide between the per-sample and the full-batch path (see module docstring).
 
     Args:
@@ -121,7 +151,9 @@ def choose_path(fmodel: FunctionalModel, inputs: Tensor, outputs: Tensor) -> Eng
         outputs: ``F(θ, X)`` of that batch, ``[N, *out]``.
 
     Returns:
-        The chosen :class:`EnginePath`.
+        The chosen :class:`EnginePath`, and the batch outputs of the check's own
+        full-batch pass (``None`` if it ran none): a second forward pass, which
+        :func:`check_deterministic` compares with the first.
 
     """
     mixing = batch_statistic_modules(fmodel.model)
@@ -133,9 +165,9 @@ def choose_path(fmodel: FunctionalModel, inputs: Tensor, outputs: Tensor) -> Eng
             "derivatives (see engine_report.strategy)",
             tuple(mixing),
             True,
-        )
+        ), None
     if inputs.shape[0] == 1:
-        return EnginePath(PER_SAMPLE, "a batch of one sample cannot mix samples")
+        return EnginePath(PER_SAMPLE, "a batch of one sample cannot mix samples"), None
     theta = fmodel.primals()
     gen = torch.Generator(device="cpu").manual_seed(0)
     direction = tuple(
@@ -160,22 +192,22 @@ def choose_path(fmodel: FunctionalModel, inputs: Tensor, outputs: Tensor) -> Eng
             "treating it as sample-mixing",
             (),
             True,
-        )
-    _, batch_dir = jvp(lambda th: fmodel(th, inputs), (theta,), (direction,))
+        ), None
+    again, batch_dir = jvp(lambda th: fmodel(th, inputs), (theta,), (direction,))
     if (
         single_out.shape == outputs[probe].shape
-        and _close(single_out, outputs[probe])
-        and _close(single_dir, batch_dir[probe])
+        and roundoff_close(single_out, outputs[probe])
+        and roundoff_close(single_dir, batch_dir[probe])
     ):
         return EnginePath(
             PER_SAMPLE,
             "no module uses batch statistics, and per-sample evaluation reproduces "
             "the batch outputs and a random parameter-Jacobian-vector product",
-        )
+        ), again
     return EnginePath(
         FULL_BATCH,
         "per-sample evaluation does not reproduce the batch outputs or their "
         "parameter Jacobian, so output n depends on other inputs",
         (),
         True,
-    )
+    ), again

@@ -65,10 +65,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lowrank_ggn.core.tolerances import RESOLVED_RTOL
+
 #: ``accumulate=`` values: where the Gram is summed and ``eigh`` runs.
 ACCUMULATE = ("float64", "native")
-#: Largest relative error the default rule lets through.
-RESOLVED_RTOL = 1e-3
 #: Calibrated constants of the three stages (see the module docstring).
 C_FACTOR = 64.0
 C_SUM = 1.0

@@ -15,13 +15,15 @@ import time
 import torch
 from torch import Tensor
 
+from lowrank_ggn.core.budget import resolve_memory_budget
 from lowrank_ggn.core.engine import EngineReport, Solver, Strategy
 from lowrank_ggn.core.engine.streamed import GramOperator, block_width
 from lowrank_ggn.core.lanczos import top_eigenpairs
 from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.paths import PER_SAMPLE, batch_statistic_modules
+from lowrank_ggn.core.precision import ErrorModel
 from lowrank_ggn.core.progress import PassProgress
-from lowrank_ggn.core.validation import resolve_memory_budget
+from lowrank_ggn.core.spectrum import GramEigenpairs, select_pairs
 
 #: Cost model of ``solver="auto"``: operator products (one VJP plus one JVP each) that
 #: block Lanczos needs per wanted eigenpair (measured: 4.4 on 3c3d-BN, ``k = 10``).
@@ -137,7 +139,26 @@ def lanczos_eigenpairs(
     return evals, evecs, info.residuals
 
 
+def lanczos_pairs(
+    lin: Linearization,
+    top_k: int,
+    rtol: float | None,
+    model: ErrorModel,
+    memory_budget: float | None,
+    progress: bool | None,
+) -> GramEigenpairs:
+    """Lanczos eigenpairs with error estimates, selected as the dense solver's are.
+
+    Each eigenvalue's error is its Ritz residual plus the operator's round-off
+    (:meth:`lowrank_ggn.core.precision.ErrorModel.operator_errors`).
+    """
+    evals, evecs, res = lanczos_eigenpairs(lin, top_k, memory_budget, progress)
+    errors = model.operator_errors(res, max(evals[0].item(), 0.0))
+    return select_pairs(evals, evecs, errors, rtol, top_k, None, model)
+
+
 __all__ = [
+    "lanczos_pairs",
     "LANCZOS_PRODUCTS_PER_EIGENPAIR",
     "check_solver",
     "choose_solver",

@@ -28,38 +28,20 @@ eigenvalues at the ``eigh`` round-off floor.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lowrank_ggn.core.engine import EngineReport, Solver
-from lowrank_ggn.core.gram import (
-    check_engine,
-    gram_from_linearization,
-    linearize_request,
-)
+from lowrank_ggn.core.engine import EngineReport
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization
 from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.precision import (
     C_EIGH,
     RESOLVED_RTOL,
     ErrorModel,
-    accumulation_dtype,
     accumulation_name,
-    check_accumulate,
     resolved,
-)
-from lowrank_ggn.core.solvers import (
-    check_solver,
-    choose_solver,
-    lanczos_eigenpairs,
-)
-from lowrank_ggn.core.state import model_preserved
-from lowrank_ggn.core.validation import (
-    check_linearization_memory,
-    check_options,
 )
 
 
@@ -148,6 +130,22 @@ class GramEigenpairs:
             errors=self.errors[index],
         )
 
+    def select(self, rtol: float | None, top_k: int | None) -> GramEigenpairs:
+        """The resolved pairs (or those above ``rtol · λ_max``), then the ``top_k``."""
+        return select_pairs(
+            self.eigenvalues,
+            self.vectors,
+            self.errors,
+            rtol,
+            top_k,
+            self.diag,
+            self.model,
+        )
+
+    def scaled_vectors(self) -> Tensor:
+        """``u_k / √λ_k`` ``[N·C, K]``: the coefficients of the eigenvectors ``V u / √λ``."""
+        return self.vectors / self.eigenvalues.sqrt()
+
     def residuals(self, k: int) -> Tensor:
         """Estimated ``‖G e − λ e‖`` of the leading ``k`` parameter eigenvectors."""
         lam, vec = self.eigenvalues[:k], self.vectors[:, :k]
@@ -162,7 +160,7 @@ def default_rtol(num_columns: int, dtype: torch.dtype) -> float:
     return max(num_columns, 1) * torch.finfo(dtype).eps
 
 
-def _select(
+def select_pairs(
     evals: Tensor,
     evecs: Tensor,
     errors: Tensor,
@@ -196,21 +194,16 @@ def _select(
     )
 
 
-def spectrum_from_gram(
-    gram: Tensor,
-    top_k: int | None = None,
-    rtol: float | None = None,
-    model: ErrorModel | None = None,
-) -> GramEigenpairs:
-    """Eigenpairs of a symmetric PSD Gram matrix, descending, with error estimates.
+def gram_eigh(gram: Tensor, model: ErrorModel | None = None) -> GramEigenpairs:
+    """Every eigenpair of a symmetric PSD Gram matrix, descending, with its error.
 
     Args:
         gram: ``[N·C, N·C]``; ``eigh`` runs in its dtype.
-        top_k: Keep at most this many.
-        rtol: ``None``: keep what ``model`` resolves to ``1e-3``; else
-            ``λ > rtol · λ_max``.
         model: The computation's :class:`~lowrank_ggn.core.precision.ErrorModel`
             (default: factors and sums in ``gram``'s dtype, length ``N·C``).
+
+    Returns:
+        All pairs (nothing dropped yet: :meth:`GramEigenpairs.select` does that).
     """
     if model is None:
         model = ErrorModel.of(gram.dtype, gram.dtype, gram.shape[0])
@@ -218,7 +211,22 @@ def spectrum_from_gram(
     evals, evecs = evals.flip(0), evecs.flip(1)
     diag = gram.diagonal()
     errors = model.eigenvalue_errors(evals, evecs, diag)
-    return _select(evals, evecs, errors, rtol, top_k, diag, model)
+    lam_max = max(evals[0].item(), 0.0) if evals.numel() else 0.0
+    return GramEigenpairs(evals, evecs, errors, 0.0, 0, diag, lam_max, model)
+
+
+def spectrum_from_gram(
+    gram: Tensor,
+    top_k: int | None = None,
+    rtol: float | None = None,
+    model: ErrorModel | None = None,
+) -> GramEigenpairs:
+    """The pairs :func:`gram_eigh` finds, selected by ``rtol`` and ``top_k``.
+
+    ``rtol``: ``None`` keeps what ``model`` resolves to ``1e-3``; else
+    ``λ > rtol · λ_max``.
+    """
+    return gram_eigh(gram, model).select(rtol, top_k)
 
 
 def parameter_eigenvectors(
@@ -256,7 +264,7 @@ def _zero_floor(eigenvalues: Tensor) -> float:
     return C_EIGH * torch.finfo(eigenvalues.dtype).eps * lam_max
 
 
-def _drop_unresolved(pairs: GramEigenpairs) -> GramEigenpairs:
+def drop_unresolved(pairs: GramEigenpairs) -> GramEigenpairs:
     """Drop pairs the error model does not resolve, with a warning (eigenvectors asked)."""
     ok = resolved(pairs.eigenvalues, pairs.errors, None, pairs.lam_max)
     keep, total = int(ok.sum()), pairs.eigenvalues.numel()
@@ -278,7 +286,8 @@ def _drop_unresolved(pairs: GramEigenpairs) -> GramEigenpairs:
     return out
 
 
-def _check_eigenvectors(eigenvectors: bool | int) -> None:
+def check_eigenvectors(eigenvectors: bool | int) -> None:
+    """``eigenvectors`` must be a bool or a positive int (before any model call)."""
     if isinstance(eigenvectors, bool):
         return
     if not isinstance(eigenvectors, int) or eigenvectors < 1:
@@ -288,21 +297,21 @@ def _check_eigenvectors(eigenvectors: bool | int) -> None:
         )
 
 
-def _result(
+def spectrum_result(
     lin: Linearization,
     pairs: GramEigenpairs,
     eigenvectors: bool | int,
     chunk: int,
-    columns: slice = slice(None),
+    columns: slice | Tensor = slice(None),
 ) -> GGNSpectrum:
     """The result from Gram eigenpairs; eigenvectors ``e_k = (V u_k)[columns] / √λ_k``.
 
     ``columns`` selects a parameter group's block (``V_g u / √λ`` are the rows of
-    ``V u / √λ`` that belong to the group).
+    ``V u / √λ`` that belong to the group): a slice or flat positions.
     """
     vectors = residuals = None
     if eigenvectors is not False:
-        pairs = _drop_unresolved(pairs)
+        pairs = drop_unresolved(pairs)
         n = pairs.eigenvalues.numel()
         k = n if eigenvectors is True else min(eigenvectors, n)
         vectors = parameter_eigenvectors(
@@ -323,161 +332,3 @@ def _result(
         pairs.num_unresolved,
         accumulation_name(dtype, pairs.vectors.dtype),
     )
-
-
-def ggn_spectrum(
-    model: nn.Module,
-    loss_func: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    *,
-    params: Sequence[Tensor] | None = None,
-    top_k: int | None = None,
-    eigenvectors: bool | int = False,
-    rtol: float | None = None,
-    chunk: int = DEFAULT_CHUNK,
-    path: str | None = None,
-    engine: str = "layerwise",
-    memory_budget: float | None = None,
-    mc_samples: int | None = None,
-    generator: torch.Generator | None = None,
-    subsampling: Sequence[int] | Tensor | None = None,
-    param_groups: Sequence[Mapping] | None = None,
-    strategy: str | None = None,
-    solver: str = "dense",
-    progress: bool | None = None,
-    accumulate: str | None = None,
-) -> GGNSpectrum | list[GGNSpectrum]:
-    r"""Exact nonzero eigenvalues (and eigenvectors) of the mini-batch GGN.
-
-    ``G = Σ_n J_θF_nᵀ (∇²_{F_n} L) J_θF_n`` for the batch loss ``L`` (reduction
-    included), through its ``N·C × N·C`` Gram matrix. Correct for any model,
-    BatchNorm in train mode included.
-
-    Args:
-        model: Module mapping ``inputs`` ``[N, *in]`` to ``[N, *out]``; never changed.
-        loss_func: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``
-            (reduction ``'mean'`` or ``'sum'``).
-        inputs: The batch.
-        targets: Its targets.
-        params: Parameters of ``model``; default: all that require grad. They define
-            the flattening order of the eigenvectors.
-        top_k: Return only the ``top_k`` largest nonzero eigenvalues.
-        eigenvectors: Also return parameter-space eigenvectors ``[K, D]``: ``True``
-            for every returned eigenvalue, an int ``k`` for the top ``k`` only (all
-            nonzero eigenvalues, the ``k`` leading eigenvectors: one batched backward
-            pass of ``k`` cotangents).
-        rtol: ``None`` (default): return the eigenvalues the error model of
-            :mod:`lowrank_ggn.core.precision` resolves to ``1e-3`` relative; a float:
-            those above ``rtol · λ_max``. With eigenvectors, unresolved eigenpairs
-            are dropped with a :class:`NearZeroEigenvalueWarning`.
-        chunk: Factor columns per vmapped backward pass.
-        path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.
-        engine: ``"layerwise"`` (default) or ``"generic"`` Gram computation.
-        memory_budget: Bytes for the Gram matrices, ``S`` and the layer-wise
-            engine's factor blocks (``Vᵀ`` too with ``engine="generic"``); ``None``:
-            ``LOWRANK_GGN_MEMORY_BUDGET`` or 4 GiB (see :mod:`lowrank_ggn.core.validation`).
-        mc_samples: ``M`` Monte-Carlo factor columns per sample: the spectrum of an
-            unbiased estimate of the GGN, from an ``N·M × N·M`` Gram
-            (:func:`lowrank_ggn.core.loss_factors.sampled_loss_hessian_factors`).
-        generator: ``torch.Generator`` for the Monte-Carlo draws (same seed, same
-            result).
-        subsampling: Batch positions ``S``: spectrum of ``κ J_Sᵀ H_SS J_S``
-            (``κ = N/|S|`` for ``'mean'``, 1 for ``'sum'``), forward pass on the
-            whole batch (:mod:`lowrank_ggn.approx.subsampling`, BatchNorm explained there).
-        param_groups: ``[{"params": [...]}, …]``: one :class:`GGNSpectrum` per group,
-            of that diagonal block of the GGN, eigenvectors ``[K, D_g]`` in the
-            group's parameters (in the group's order); one forward and one backward
-            pass for all groups (:mod:`lowrank_ggn.approx.param_groups`). Excludes
-            ``params``.
-        strategy: How the Gram's columns are backpropagated: ``None`` (the cost
-            model chooses), ``"per_sample"``, ``"bn_split"``, ``"columns"`` or
-            ``"streamed"`` (:mod:`lowrank_ggn.core.engine.report`); all exact.
-        solver: ``"dense"`` (the Gram matrix and ``eigh``: every nonzero
-            eigenvalue), ``"lanczos"`` (matrix-free block Lanczos on the Gram
-            operator, one batched VJP and JVP per block; needs ``top_k``) or
-            ``"auto"`` (Lanczos when ``top_k`` is given and the cost model of
-            :func:`lowrank_ggn.core.solvers.choose_solver` favours it).
-            ``.engine_report.solver`` says which ran.
-        progress: Progress bar on stderr (``None``: for calls estimated to take
-            more than a few seconds).
-        accumulate: Where the Gram is summed and ``eigh`` runs: ``None`` (float64
-            for float32, float16 and bfloat16 models), ``"float64"`` or ``"native"``
-            (the parameters' dtype). Backward passes always run in the parameters'
-            dtype; the Lanczos solver orthogonalises in float64 either way.
-
-    Returns:
-        A :class:`GGNSpectrum`, or a list of them with ``param_groups``; each
-        carries ``eigenvalue_errors`` and the count of unresolved eigenvalues.
-
-    Example:
-        >>> import torch
-        >>> from lowrank_ggn.reference import dense_ggn
-        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-        <torch._C.Generator object at ...>
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
-        ...                             torch.nn.ReLU(), torch.nn.Linear(4, 2)).double()
-        >>> X, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
-        >>> res = ggn_spectrum(model, torch.nn.CrossEntropyLoss(), X, y, eigenvectors=True)
-        >>> res.path.name
-        'full_batch'
-        >>> G = dense_ggn(model, torch.nn.CrossEntropyLoss(), X, y)
-        >>> assert torch.allclose(res.eigenvalues.sum(), G.trace())
-        >>> e = res.eigenvectors
-        >>> assert torch.allclose(G @ e.T, e.T * res.eigenvalues)
-
-    """
-    _check_eigenvectors(eigenvectors)
-    check_options(chunk=chunk, rtol=rtol, top_k=top_k, memory_budget=memory_budget)
-    check_accumulate(accumulate)
-    forced = check_engine(engine, strategy)
-    chosen = check_solver(solver, top_k, param_groups, engine)
-    with model_preserved(model):
-        lin, columns = linearize_request(
-            model,
-            loss_func,
-            inputs,
-            targets,
-            params=params,
-            param_groups=param_groups,
-            path=path,
-            mc_samples=mc_samples,
-            generator=generator,
-            subsampling=subsampling,
-            memory_budget=memory_budget,
-            engine=engine,
-            gram=chosen is Solver.DENSE,
-            accumulate=accumulate,
-        )
-        if chosen is Solver.AUTO:
-            chosen = choose_solver(lin, top_k)
-            if chosen is Solver.DENSE:
-                acc = accumulation_dtype(lin.outputs.dtype, accumulate)
-                itemsize = torch.empty(0, dtype=acc).element_size()
-                check_linearization_memory(lin, memory_budget, engine, 1, itemsize)
-        dtype = lin.outputs.dtype
-        acc = accumulation_dtype(dtype, accumulate)
-        model_errors = ErrorModel.of(dtype, acc, lin.fmodel.num_params)
-        if chosen is Solver.LANCZOS:
-            evals, evecs, res = lanczos_eigenpairs(lin, top_k, memory_budget, progress)
-            lam_max = max(evals[0].item(), 0.0)
-            errors = model_errors.operator_errors(res, lam_max)
-            pairs = _select(evals, evecs, errors, rtol, top_k, None, model_errors)
-            return _result(lin, pairs, eigenvectors, chunk)
-        grams = gram_from_linearization(
-            lin, chunk, engine, memory_budget, columns, forced, progress, accumulate
-        )
-        lin.engine_report.solver = Solver.DENSE
-        if columns is None:
-            pairs = spectrum_from_gram(grams, top_k, rtol, model_errors)
-            return _result(lin, pairs, eigenvectors, chunk)
-        return [
-            _result(
-                lin,
-                spectrum_from_gram(gram, top_k, rtol, model_errors),
-                eigenvectors,
-                chunk,
-                cols,
-            )
-            for gram, cols in zip(grams, columns)
-        ]

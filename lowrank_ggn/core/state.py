@@ -151,3 +151,23 @@ def model_preserved(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         snapshot.restore()
+
+
+def fingerprint(model: nn.Module) -> tuple:
+    """Identity and autograd version of every parameter and buffer of ``model``.
+
+    In-place changes (an optimizer step, a train-mode forward pass updating BatchNorm
+    statistics) bump a tensor's version; replacing one changes its identity.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    return tuple((id(t), t._version) for t in tensors)
+
+
+def refuse_changed(model: nn.Module, before: tuple, owner: str) -> None:
+    """Raise if ``model`` changed since ``before = fingerprint(model)`` was taken."""
+    if fingerprint(model) != before:
+        raise RuntimeError(
+            f"the model's parameters or buffers changed since this {owner} was "
+            "created (e.g. an optimizer step): its linearisation belongs to the "
+            f"old values. Create a new {owner}(model, ...) for the current ones."
+        )

@@ -16,39 +16,22 @@ functions call them in this order:
    checked before it is formed, ``Vᵀ`` and the Gram matrix before the first backward
    pass.
 
-**Memory budget.** A request is refused if the tensors it must hold together exceed
-``memory_budget`` bytes: the Gram matrix (``(N·C)²`` entries, one per parameter
-group), the loss-Hessian factors ``S`` (``C·N·O`` entries, ``O = Π out``) and, for
-the generic engine only, the factor matrix ``Vᵀ`` (``N·C·D`` entries), times the
-parameters' item size. The layer-wise engine bounds its factor blocks and column
-chunks by the same budget while it runs. Workspace of ``eigh`` and of the backward
-passes (about ``chunk`` columns at a time) comes on top. The default budget is :data:`DEFAULT_MEMORY_BUDGET` (4 GiB), overridden by the
-environment variable ``LOWRANK_GGN_MEMORY_BUDGET`` (bytes, e.g. ``17179869184`` or
-``16GiB``), overridden by the ``memory_budget=`` keyword. ``float("inf")`` disables it.
+The memory budget and its checks are in :mod:`lowrank_ggn.core.budget`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from lowrank_ggn.core.budget import resolve_memory_budget
 from lowrank_ggn.core.loss_factors import check_loss_func
-
-#: Default memory budget in bytes for the tensors of one request (4 GiB).
-DEFAULT_MEMORY_BUDGET = 4 * 2**30
-
-#: Environment variable that overrides :data:`DEFAULT_MEMORY_BUDGET` (bytes).
-MEMORY_BUDGET_ENV = "LOWRANK_GGN_MEMORY_BUDGET"
 
 #: Parameter dtypes the engine computes in (``eigh`` and the zero threshold need them).
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-
-_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
 def check_model(model: nn.Module) -> None:
@@ -176,15 +159,7 @@ def check_inputs(inputs: Tensor, params: Sequence[Tensor]) -> None:
             f"move them with inputs.to({str(ref.device)!r})."
         )
     if inputs.is_floating_point() or inputs.is_complex():
-        if inputs.dtype != ref.dtype:
-            raise ValueError(
-                f"inputs have dtype {inputs.dtype} but the model parameters {ref.dtype}; "
-                f"convert with inputs.to({ref.dtype})."
-            )
-        if not torch.isfinite(inputs).all():
-            raise ValueError(
-                "inputs contain NaN or Inf; clean the batch first (torch.isfinite)."
-            )
+        _check_float_tensor(inputs, "inputs", ref)
 
 
 def check_targets_early(
@@ -215,15 +190,20 @@ def check_targets_early(
             "input sample, batch in dim 0."
         )
     if targets.is_floating_point():
-        if targets.dtype != ref.dtype:
-            raise ValueError(
-                f"targets have dtype {targets.dtype} but the model parameters "
-                f"{ref.dtype}; convert with targets.to({ref.dtype})."
-            )
-        if not torch.isfinite(targets).all():
-            raise ValueError(
-                "targets contain NaN or Inf; clean the batch first (torch.isfinite)."
-            )
+        _check_float_tensor(targets, "targets", ref)
+
+
+def _check_float_tensor(t: Tensor, name: str, ref: Tensor) -> None:
+    """A floating ``t`` must have the parameters' dtype and be finite."""
+    if t.dtype != ref.dtype:
+        raise ValueError(
+            f"{name} have dtype {t.dtype} but the model parameters {ref.dtype}; "
+            f"convert with {name}.to({ref.dtype})."
+        )
+    if not torch.isfinite(t).all():
+        raise ValueError(
+            f"{name} contain NaN or Inf; clean the batch first (torch.isfinite)."
+        )
 
 
 def check_params_finite(params: Sequence[Tensor], names: Sequence[str]) -> None:
@@ -324,42 +304,6 @@ def check_top_k(top_k: int | None) -> None:
         raise ValueError(f"top_k must be a positive int or None; got {top_k!r}.")
 
 
-def resolve_memory_budget(memory_budget: float | None = None) -> float:
-    """The budget in bytes: ``memory_budget``, else the environment, else the default.
-
-    Raises:
-        ValueError: If the value (or ``LOWRANK_GGN_MEMORY_BUDGET``) is not a positive
-            number of bytes.
-
-    """
-    if memory_budget is None:
-        raw = os.environ.get(MEMORY_BUDGET_ENV, "").strip()
-        if not raw:
-            return float(DEFAULT_MEMORY_BUDGET)
-        match = re.fullmatch(r"([0-9.eE+]+)\s*([kKmMgGtT]?)(i?[bB])?", raw)
-        try:
-            value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-        except (AttributeError, ValueError):
-            value = -1.0
-        if not value > 0:
-            raise ValueError(
-                f"environment variable {MEMORY_BUDGET_ENV}={raw!r} is not a positive "
-                "number of bytes; set e.g. 17179869184 or 16GiB."
-            )
-        return value
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)):
-        raise TypeError(
-            f"memory_budget must be a number of bytes or None; got "
-            f"{type(memory_budget).__name__}."
-        )
-    if not memory_budget > 0:
-        raise ValueError(
-            f"memory_budget must be a positive number of bytes (float('inf') disables "
-            f"the check); got {memory_budget!r}."
-        )
-    return float(memory_budget)
-
-
 def check_options(
     *,
     chunk: int = 1,
@@ -372,97 +316,3 @@ def check_options(
     check_rtol(rtol)
     check_top_k(top_k)
     resolve_memory_budget(memory_budget)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def check_memory(
-    sizes: Mapping[str, int],
-    itemsize: int,
-    memory_budget: float | None = None,
-    advice: str = "",
-) -> None:
-    """Raise a ``ValueError`` if tensors of ``sizes`` entries would exceed the budget.
-
-    Args:
-        sizes: Name of each tensor the request must hold (with its shape in words)
-            -> its number of entries.
-        itemsize: Bytes per entry (of the parameters' dtype).
-        memory_budget: Bytes; ``None`` reads the environment or the default.
-        advice: What to do instead, appended to the message.
-
-    Example:
-        >>> check_memory({"Gram [N·C, N·C]": 10**4}, 8, memory_budget=2**20)
-        >>> import pytest
-        >>> with pytest.raises(ValueError, match="exceeds the memory budget"):
-        ...     check_memory({"Gram [N·C, N·C]": 10**6}, 8, memory_budget=2**20)
-
-    """
-    budget = resolve_memory_budget(memory_budget)
-    total = sum(sizes.values()) * itemsize
-    if total <= budget:
-        return
-    parts = ", ".join(f"{k}: {_fmt_bytes(v * itemsize)}" for k, v in sizes.items())
-    raise ValueError(
-        f"this request needs about {_fmt_bytes(total)} ({parts}), which exceeds the "
-        f"memory budget of {_fmt_bytes(budget)}. {advice}Or raise the budget with "
-        f"memory_budget=<bytes> or the environment variable {MEMORY_BUDGET_ENV}."
-    )
-
-
-def check_factor_memory(
-    num_samples: int,
-    num_columns_per_sample: int,
-    num_outputs: int,
-    itemsize: int,
-    memory_budget: float | None = None,
-) -> None:
-    """The loss-Hessian factors ``S`` ``[C, N, *out]`` fit the budget."""
-    N, C, O = num_samples, num_columns_per_sample, num_outputs  # noqa: E741
-    check_memory(
-        {f"loss-Hessian factors S [C={C}, N={N}, O={O}]": C * N * O},
-        itemsize,
-        memory_budget,
-        "Use a smaller batch, or fewer output positions per sample. ",
-    )
-
-
-_GRAM_ADVICE = (
-    "Use a smaller batch (or a subsample of it), fewer parameters (params=[...], "
-    "one parameter group at a time), or Monte-Carlo factors (mc_samples) where "
-    "available. "
-)
-
-
-def check_linearization_memory(
-    lin,
-    memory_budget: float | None = None,
-    engine: str = "generic",
-    num_grams: int = 1,
-    gram_itemsize: int | None = None,
-) -> None:
-    """Budget check for a Gram request on a :class:`lowrank_ggn.core.linearization.Linearization`.
-
-    Counts the ``num_grams`` Gram matrices ``[N·C, N·C]`` and the factors ``S``
-    ``[C, N, *out]``, and for the generic engine ``Vᵀ`` ``[N·C, D]``, all alive while
-    the Gram matrix is formed. (The layer-wise engine never holds ``Vᵀ``; it bounds
-    its factor blocks by the same budget while it runs.) ``gram_itemsize``: bytes
-    per Gram entry when it is summed in another dtype than the parameters'.
-    """
-    NC, D = lin.num_columns, lin.fmodel.num_params
-    ratio = (gram_itemsize or lin.outputs.element_size()) / lin.outputs.element_size()
-    C, S = lin.num_columns_per_sample, lin.factors.numel()
-    parts = {f"loss-Hessian factors S [C={C}, N, *out]": S}
-    if num_grams:
-        gram = f"Gram matrix [{NC}, {NC}]"
-        if num_grams > 1:
-            gram = f"Gram matrices {num_grams} × [{NC}, {NC}]"
-        parts[gram] = int(num_grams * NC * NC * ratio)
-    if engine == "generic":
-        parts[f"factors Vᵀ [N·C={NC}, D={D}]"] = NC * D
-    check_memory(parts, lin.outputs.element_size(), memory_budget, _GRAM_ADVICE)

@@ -1,7 +1,9 @@
 r"""First- and second-order directional derivatives per component, along directions.
 
 For directions ``e_1, …, e_K ∈ ℝ^D`` (e.g. GGN eigenvectors from
-:func:`lowrank_ggn.ggn_spectrum`) and ``L = ρ Σ_n ℓ_n``:
+:func:`lowrank_ggn.ggn_spectrum`) and ``L = ρ Σ_n ℓ_n`` (``ρ = 1/N`` for
+``reduction='mean'``, 1 for ``'sum'``: the per-sample convention of
+:mod:`lowrank_ggn.diagnostics.moments`):
 
 .. math::
     γ_{nk} = e_k^⊤ u_n = \frac{(J_n e_k)^⊤ ∂L/∂F_n}{ρ},
@@ -17,16 +19,18 @@ with ``J_n = J_θ F_n(X, θ)`` and ``u_n = J_nᵀ ∂L/∂F_n / ρ`` (see
 **One Jacobian-vector product per direction** gives both, for all samples at once:
 ``J e_k = ∂F(X, θ)/∂θ · e_k`` is the JVP of the *batch* function, ``[N, *out]``, valid
 when the forward pass mixes samples (BatchNorm in train mode) too, because row ``n``
-of a full-batch JVP is ``J_n e_k`` whatever ``F_n`` depends on. ``γ`` then needs only
-the output gradient ``∂L/∂F`` and ``λ`` one Hessian-vector product of the loss with
-respect to the outputs (block diagonal over samples for the supported losses, so the
-per-sample quadratic forms are read off sample by sample). Cost: ``K`` full-batch
-JVPs, no backward pass through the model, no ``[N, D]`` matrix.
+of a full-batch JVP is ``J_n e_k`` whatever ``F_n`` depends on. It is computed from
+the linearisation's graph by double backward
+(:func:`lowrank_ggn.core.autodiff.graph_jvps`), so no forward pass runs. ``γ`` then
+needs only the output gradient ``∂L/∂F`` and ``λ`` one Hessian-vector product of the
+loss with respect to the outputs (block diagonal over samples for the supported
+losses, so the per-sample quadratic forms are read off sample by sample). Cost: two
+reverse passes per chunk of directions, no ``[N, D]`` matrix.
 
 Statistics over the ``N`` components, per direction: ``mean``, population
 ``variance`` and ``snr = mean² / variance``. Without the SIMD structure these are
 per-component, not per-sample quantities (a
-:class:`~lowrank_ggn.diagnostics.audit.SampleMixingWarning` says so).
+:class:`~lowrank_ggn.diagnostics.warnings.SampleMixingWarning` says so).
 
 Reference: Dangel, Tatzel & Hennig, *ViViT: Curvature access through the generalized
 Gauss-Newton's low-rank structure*, TMLR 2022, https://arxiv.org/abs/2106.02624
@@ -35,29 +39,24 @@ Gauss-Newton's low-rank structure*, TMLR 2022, https://arxiv.org/abs/2106.02624
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-from torch.func import grad, jvp, vjp, vmap
+from torch import Tensor
+from torch.func import grad, vjp, vmap
 
-from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
-from lowrank_ggn.core.loss_factors import reduction_factor
-from lowrank_ggn.core.paths import EnginePath
+from lowrank_ggn.core.autodiff import graph_jvps
+from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization
+from lowrank_ggn.core.loss_factors import sample_weight
 from lowrank_ggn.core.spectrum import GGNSpectrum
-from lowrank_ggn.core.state import model_preserved
-from lowrank_ggn.core.validation import check_chunk, check_model
-from lowrank_ggn.diagnostics.audit import (
-    locate_mixing_modules,
-    per_component_explanation,
-    warn_sample_mixing,
+from lowrank_ggn.diagnostics.moments import component_context, output_gradient
+from lowrank_ggn.diagnostics.warnings import (
+    PerComponentResult,
 )
-from lowrank_ggn.diagnostics.moments import output_gradient
 
 
 @dataclass
-class DirectionalDerivatives:
+class DirectionalDerivatives(PerComponentResult):
     """Result of :func:`directional_derivatives`.
 
     Attributes:
@@ -72,12 +71,8 @@ class DirectionalDerivatives:
         slopes: ``[K]``, ``ρ Σ_n γ_nk = e_kᵀ ∇_θ L``.
         curvatures: ``[K]``, ``ρ Σ_n λ_nk = e_kᵀ G e_k`` (the eigenvalue, for a GGN
             eigenvector).
-        rho: ``ρ`` in ``L = ρ Σ_n ℓ_n``.
-        sample_mixing: Whether the forward pass mixes samples.
-        mixing_modules: Qualified names of the modules that mix samples.
-        explanation: What row ``n`` means for this model.
-        path: The engine's path choice for this model and batch (for information;
-            the computation itself uses full-batch JVPs on either path).
+        rho, sample_mixing, mixing_modules, explanation, path: see
+            :class:`~lowrank_ggn.diagnostics.warnings.PerComponentResult`.
 
     """
 
@@ -91,11 +86,9 @@ class DirectionalDerivatives:
     lambda_snr: Tensor
     slopes: Tensor
     curvatures: Tensor
-    rho: float
-    sample_mixing: bool
-    mixing_modules: tuple[str, ...]
-    explanation: str
-    path: EnginePath
+
+    WHAT = "directional_derivatives returned per-component derivatives"
+    SUMS_TO = "the batch slopes e_kᵀ∇L and curvatures e_kᵀGe_k (weighted by ρ)"
 
 
 def resolve_directions(
@@ -134,14 +127,14 @@ def resolve_directions(
 
 def output_jvps(lin: Linearization, directions: Tensor, chunk: int) -> Tensor:
     """``J e_k`` of the batch function for each direction: ``[K, D] -> [K, N, *out]``."""
-    theta = lin.fmodel.primals()
-
-    def push(*tangent: Tensor) -> Tensor:
-        return jvp(lambda th: lin.fmodel(th, lin.inputs), (theta,), (tangent,))[1]
-
-    if directions.shape[0] == 0:
-        return directions.new_zeros(0, *lin.outputs.shape)
-    return vmap(push, chunk_size=chunk)(*lin.fmodel.unflatten(directions))
+    if lin.graph is None:
+        lin.forward_with_graph()
+    tangents = lin.fmodel.unflatten(directions)
+    parts = [
+        graph_jvps(lin.graph, lin.fmodel.params, [t[i : i + chunk] for t in tangents])
+        for i in range(0, directions.shape[0], max(1, chunk))
+    ]
+    return torch.cat(parts) if parts else directions.new_zeros(0, *lin.outputs.shape)
 
 
 def _stats(values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -151,101 +144,55 @@ def _stats(values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return mean, variance, mean.square() / variance
 
 
-def directional_derivatives(
-    model: nn.Module,
-    loss_func: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    directions: Tensor | GGNSpectrum,
-    *,
-    params: Sequence[Tensor] | None = None,
-    chunk: int = DEFAULT_CHUNK,
+def directional_from_linearization(
+    lin: Linearization, directions: Tensor | GGNSpectrum, chunk: int = DEFAULT_CHUNK
 ) -> DirectionalDerivatives:
     r"""Per-component slopes ``γ_nk`` and curvatures ``λ_nk`` along ``directions``.
 
-    See the module docstring for the definitions. Issues one
-    :class:`~lowrank_ggn.diagnostics.audit.SampleMixingWarning` if the forward pass mixes
-    samples, naming the modules.
+    See the module docstring for the definitions. The caller holds
+    :func:`lowrank_ggn.core.state.model_preserved`; :meth:`DirectionalDerivatives.warn`
+    issues the :class:`~lowrank_ggn.diagnostics.warnings.SampleMixingWarning`.
 
     Args:
-        model: Module mapping ``inputs`` ``[N, *in]`` to ``[N, *out]``; never changed.
-        loss_func: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``
-            (reduction ``'mean'`` or ``'sum'``).
-        inputs: The batch.
-        targets: Its targets.
+        lin: The linearisation.
         directions: ``[K, D]`` (or ``[D]``), flattened in ``params`` order, or a
-            :class:`~lowrank_ggn.core.spectrum.GGNSpectrum` computed with
-            ``eigenvectors=True`` and the same ``params``.
-        params: Parameters of ``model``; default: all that require grad.
+            :class:`~lowrank_ggn.core.spectrum.GGNSpectrum` with eigenvectors.
         chunk: Directions pushed forward together (memory ``chunk · N · Π out``).
 
     Returns:
         A :class:`DirectionalDerivatives`.
-
-    Example:
-        >>> import torch
-        >>> from lowrank_ggn import ggn_spectrum
-        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-        <torch._C.Generator object at ...>
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
-        ...                             torch.nn.ReLU(), torch.nn.Linear(4, 2)).double()
-        >>> X, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
-        >>> loss = torch.nn.CrossEntropyLoss()
-        >>> spec = ggn_spectrum(model, loss, X, y, top_k=2, eigenvectors=True)
-        >>> import warnings
-        >>> from lowrank_ggn import SampleMixingWarning
-        >>> with warnings.catch_warnings(record=True) as caught:
-        ...     warnings.simplefilter("always", SampleMixingWarning)
-        ...     res = directional_derivatives(model, loss, X, y, spec)
-        >>> [w.category.__name__ for w in caught]  # BatchNorm in train mode
-        ['SampleMixingWarning']
-        >>> res.gammas.shape, res.mixing_modules
-        (torch.Size([5, 2]), ('1',))
-        >>> assert torch.allclose(res.curvatures, spec.eigenvalues)
-
     """
-    check_chunk(chunk)
-    check_model(model)
-    with model_preserved(model):
-        lin = linearize(model, loss_func, inputs, targets, params)
-        E = resolve_directions(directions, lin.fmodel.num_params, lin.fmodel.params[0])
-        rho = reduction_factor(loss_func, lin.outputs)
-        N, K = lin.batch_size, E.shape[0]
-        Je = output_jvps(lin, E, chunk)  # [K, N, *out]
-        g_out = output_gradient(lin)  # [N, *out], ρ included
-        gammas = (Je * g_out).reshape(K, N, -1).sum(-1).T / rho  # [N, K]
-        # ∇²_F L (J e_k): the loss Hessian is symmetric, so its VJP is the HVP
-        _, hvp_fn = vjp(grad(lambda o: loss_func(o, targets)), lin.outputs)
-        if K:
-            HJe = vmap(lambda v: hvp_fn(v)[0], chunk_size=chunk)(Je)
-        else:
-            HJe = Je
-        lambdas = (Je * HJe).reshape(K, N, -1).sum(-1).T / rho  # [N, K]
-        g_mean, g_var, g_snr = _stats(gammas)
-        l_mean, l_var, l_snr = _stats(lambdas)
-        mixing = lin.path.sample_mixing
-        modules = locate_mixing_modules(lin.fmodel, inputs) if mixing else ()
-        result = DirectionalDerivatives(
-            gammas=gammas,
-            lambdas=lambdas,
-            gamma_mean=g_mean,
-            gamma_variance=g_var,
-            gamma_snr=g_snr,
-            lambda_mean=l_mean,
-            lambda_variance=l_var,
-            lambda_snr=l_snr,
-            slopes=rho * gammas.sum(0),
-            curvatures=rho * lambdas.sum(0),
-            rho=rho,
-            sample_mixing=mixing,
-            mixing_modules=modules,
-            explanation=per_component_explanation(mixing, modules),
-            path=lin.path,
-        )
-    if mixing:
-        warn_sample_mixing(
-            modules,
-            "directional_derivatives returned per-component derivatives",
-            "the batch slopes e_kᵀ∇L and curvatures e_kᵀGe_k (weighted by ρ)",
-        )
-    return result
+    E = resolve_directions(directions, lin.fmodel.num_params, lin.fmodel.params[0])
+    loss_func, targets = lin.loss_func, lin.targets
+    rho = sample_weight(loss_func, lin.batch_size)
+    N, K = lin.batch_size, E.shape[0]
+    Je = output_jvps(lin, E, chunk)  # [K, N, *out]
+    g_out = output_gradient(lin)  # [N, *out], reduction included
+    gammas = (Je * g_out).reshape(K, N, -1).sum(-1).T / rho  # [N, K]
+    # ∇²_F L (J e_k): the loss Hessian is symmetric, so its VJP is the HVP
+    _, hvp_fn = vjp(grad(lambda o: loss_func(o, targets)), lin.outputs)
+    HJe = vmap(lambda v: hvp_fn(v)[0], chunk_size=max(1, chunk))(Je) if K else Je
+    lambdas = (Je * HJe).reshape(K, N, -1).sum(-1).T / rho  # [N, K]
+    g_mean, g_var, g_snr = _stats(gammas)
+    l_mean, l_var, l_snr = _stats(lambdas)
+    return DirectionalDerivatives(
+        gammas=gammas,
+        lambdas=lambdas,
+        gamma_mean=g_mean,
+        gamma_variance=g_var,
+        gamma_snr=g_snr,
+        lambda_mean=l_mean,
+        lambda_variance=l_var,
+        lambda_snr=l_snr,
+        slopes=rho * gammas.sum(0),
+        curvatures=rho * lambdas.sum(0),
+        **component_context(lin),
+    )
+
+
+__all__ = [
+    "DirectionalDerivatives",
+    "directional_from_linearization",
+    "output_jvps",
+    "resolve_directions",
+]

@@ -1,9 +1,12 @@
 r"""Per-component gradients of the batch loss and their first two moments, streamed.
 
-Write the batch loss as ``L = ρ Σ_n ℓ_n`` (``ρ`` from
-:func:`lowrank_ggn.core.loss_factors.reduction_factor`: ``1/N`` for ``'mean'`` with one
-output per sample, ``1/(N·P)`` for cross-entropy over ``P`` positions, where ``ℓ_n``
-sums the positions, ``1`` for ``'sum'``). The **per-component gradients**
+**Convention.** Write the batch loss as ``L = ρ Σ_n ℓ_n`` with ``ρ = 1/N`` for
+``reduction='mean'`` and ``ρ = 1`` for ``'sum'``
+(:func:`lowrank_ggn.core.loss_factors.sample_weight`), whatever the number of
+outputs: ``ℓ_n`` is the loss of sample ``n`` reduced over its own outputs (or
+positions) as the loss function reduces them. With ``'mean'`` the mean of the
+per-sample gradients ``u_n = ∇_θ ℓ_n`` is the batch gradient, as for BackPACK's and
+ViViT's individual gradients. The **per-component gradients**
 
 .. math::
     r_n = (J_θ F_n)^⊤ \frac{∂L}{∂F_n} ∈ ℝ^D, \qquad \sum_{n=1}^N r_n = ∇_θ L,
@@ -14,7 +17,7 @@ are the vector-Jacobian products of the batch function ``F(X, θ)`` with the cot
 If it mixes samples (BatchNorm in train mode), ``r_n`` is the gradient through output
 component ``F_n`` only; the rows still sum to ``∇_θ L``, but their moments are no
 sampling statistics (see :mod:`lowrank_ggn.diagnostics.audit`; a
-:class:`~lowrank_ggn.diagnostics.audit.SampleMixingWarning` says so).
+:class:`~lowrank_ggn.diagnostics.warnings.SampleMixingWarning` says so).
 
 Statistics, with ``u_n = r_n / ρ`` and all products elementwise:
 
@@ -30,34 +33,34 @@ Statistics, with ``u_n = r_n / ρ`` and all products elementwise:
   ``B_simple = tr Σ / ‖G‖²`` of McCandlish et al., *An empirical model of large-batch
   training*, 2018, https://arxiv.org/abs/1812.06162.
 
-Cost: ``N`` per-sample backward passes (vmapped) for a sample-independent model, ``N``
-full-batch backward passes otherwise (the engine's path choice). Memory: ``chunk · D``
+Cost: ``N`` per-sample backward passes (vmapped: one forward pass over the batch) for
+a sample-independent model, ``N`` full-batch backward passes of the linearisation's
+graph otherwise (the engine's path choice; no forward pass). Memory: ``chunk · D``
 for the rows in flight; the ``[N, D]`` matrix exists only if ``per_component=True``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-from torch.func import grad, vjp, vmap
+from torch import Tensor
+from torch.func import grad
 
-from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
-from lowrank_ggn.core.loss_factors import reduction_factor
-from lowrank_ggn.core.paths import PER_SAMPLE, EnginePath
-from lowrank_ggn.core.state import model_preserved
-from lowrank_ggn.core.validation import check_chunk, check_model
-from lowrank_ggn.diagnostics.audit import (
-    locate_mixing_modules,
+from lowrank_ggn.core.autodiff import one_hot_cotangents, per_sample_vjps
+from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization
+from lowrank_ggn.core.loss_factors import sample_weight
+from lowrank_ggn.core.paths import PER_SAMPLE
+from lowrank_ggn.diagnostics.probe import locate_mixing_modules
+from lowrank_ggn.diagnostics.warnings import (
+    PerComponentResult,
     per_component_explanation,
-    warn_sample_mixing,
 )
 
 
 @dataclass
-class GradientMoments:
+class GradientMoments(PerComponentResult):
     """Result of :func:`gradient_moments`; vectors are flattened in ``params`` order.
 
     Attributes:
@@ -70,12 +73,8 @@ class GradientMoments:
         gradient: ``[D]``, ``Σ_n r_n = ∇_θ L``.
         per_component: ``[N, D]``, rows ``r_n = J_θF_nᵀ ∂L/∂F_n``; ``None`` unless
             asked for.
-        rho: ``ρ`` in ``L = ρ Σ_n ℓ_n``.
-        sample_mixing: Whether the forward pass mixes samples (rows are then
-            per-component, not per-sample, gradients).
-        mixing_modules: Qualified names of the modules that mix samples.
-        explanation: What the rows and their moments mean for this model.
-        path: The engine's path (``per_sample`` or ``full_batch``).
+        rho, sample_mixing, mixing_modules, explanation, path: see
+            :class:`~lowrank_ggn.diagnostics.warnings.PerComponentResult`.
 
     """
 
@@ -87,16 +86,34 @@ class GradientMoments:
     total_snr: Tensor
     gradient: Tensor
     per_component: Tensor | None
-    rho: float
-    sample_mixing: bool
-    mixing_modules: tuple[str, ...]
-    explanation: str
-    path: EnginePath
+
+    WHAT = "gradient_moments returned per-component gradients"
+    SUMS_TO = "the batch gradient"
+
+
+def mixing_modules(lin: Linearization) -> tuple[str, ...]:
+    """Modules that mix samples (cached on ``lin``): the module scan, else the probe.
+
+    The path check's module scan names every BatchNorm that uses batch statistics;
+    only when it found none but the numerical check saw mixing does the input
+    probe (:func:`lowrank_ggn.diagnostics.probe.locate_mixing_modules`) run.
+    """
+    if not lin.path.sample_mixing:
+        return ()
+    if lin.located is None:
+        found = lin.path.mixing_modules
+        lin.located = found or locate_mixing_modules(lin.fmodel, lin.inputs)
+    return lin.located
 
 
 def output_gradient(lin: Linearization) -> Tensor:
     """``∂L/∂F``, ``[N, *out]``, of the batch loss (reduction factor included)."""
     return grad(lambda o: lin.loss_func(o, lin.targets))(lin.outputs)
+
+
+def batch_gradient(lin: Linearization) -> Tensor:
+    """``∇_θ L`` ``[D]``: one backward pass of the linearisation's graph."""
+    return lin.vjp(output_gradient(lin).unsqueeze(0))[0]
 
 
 def component_gradient_blocks(
@@ -116,25 +133,16 @@ def component_gradient_blocks(
 
     """
     N = lin.batch_size
-    if lin.path.name == PER_SAMPLE:
-        theta = lin.fmodel.primals()
-
-        def sample_grad(x: Tensor, w: Tensor) -> tuple[Tensor, ...]:
-            _, fn = vjp(lambda th: lin.fmodel.single(th, x), theta)
-            return fn(w)[0]
-
-        for start in range(0, N, chunk):
-            stop = min(N, start + chunk)
-            blocks = vmap(sample_grad)(lin.inputs[start:stop], cotangents[start:stop])
-            yield slice(start, stop), lin.fmodel.flatten(blocks, batch_dims=1)
-        return
     for start in range(0, N, chunk):
         stop = min(N, start + chunk)
-        # cotangent e_n ⊗ w_n for each n in the block: [B, N, *out]
-        cot = cotangents.new_zeros(stop - start, *cotangents.shape)
-        rows = torch.arange(stop - start, device=cot.device)
-        cot[rows, rows + start] = cotangents[start:stop]
-        yield slice(start, stop), lin.vjp(cot, chunk)
+        if lin.path.name == PER_SAMPLE:
+            blocks = per_sample_vjps(
+                lin.fmodel, lin.inputs[start:stop], cotangents[start:stop]
+            )
+            yield slice(start, stop), lin.fmodel.flatten(blocks, batch_dims=1)
+        else:
+            cot = one_hot_cotangents(cotangents[start:stop], start, N)
+            yield slice(start, stop), lin.vjp(cot, chunk)
 
 
 class _Moments:
@@ -160,102 +168,70 @@ class _Moments:
         self.count = n
 
 
-def gradient_moments(
-    model: nn.Module,
-    loss_func: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    *,
-    params: Sequence[Tensor] | None = None,
-    per_component: bool = False,
-    chunk: int = DEFAULT_CHUNK,
-    path: str | None = None,
+def moments_from_linearization(
+    lin: Linearization, chunk: int = DEFAULT_CHUNK, per_component: bool = False
 ) -> GradientMoments:
     r"""Per-component gradients ``r_n = J_θF_nᵀ ∂L/∂F_n`` and their moments.
 
     See the module docstring for the definitions (``u_n = r_n / ρ``, mean, second
-    moment, population variance, norms, GSNR and total SNR). Issues one
-    :class:`~lowrank_ggn.diagnostics.audit.SampleMixingWarning` if the forward pass mixes
-    samples, naming the modules.
+    moment, population variance, norms, GSNR and total SNR). The caller holds
+    :func:`lowrank_ggn.core.state.model_preserved`; :meth:`GradientMoments.warn`
+    issues the :class:`~lowrank_ggn.diagnostics.warnings.SampleMixingWarning`.
 
     Args:
-        model: Module mapping ``inputs`` ``[N, *in]`` to ``[N, *out]``; never changed.
-        loss_func: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``
-            (reduction ``'mean'`` or ``'sum'``).
-        inputs: The batch.
-        targets: Its targets.
-        params: Parameters of ``model``; default: all that require grad. They define
-            the flattening order.
-        per_component: Also return the ``[N, D]`` matrix of the rows ``r_n``
-            (memory ``N·D``); the moments never need it.
+        lin: The linearisation.
         chunk: Rows computed together (memory ``chunk · D``).
-        path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.
+        per_component: Also return the ``[N, D]`` matrix of the rows ``r_n``.
 
     Returns:
         A :class:`GradientMoments`.
-
-    Example:
-        >>> import torch
-        >>> from lowrank_ggn.reference import dense_gradient
-        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-        <torch._C.Generator object at ...>
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
-        ...                             torch.nn.Linear(4, 2)).double()
-        >>> X, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
-        >>> loss = torch.nn.CrossEntropyLoss()
-        >>> res = gradient_moments(model, loss, X, y, per_component=True)
-        >>> res.per_component.shape, res.sample_mixing
-        (torch.Size([5, 26]), False)
-        >>> g = dense_gradient(model, loss, X, y)
-        >>> assert torch.allclose(res.per_component.sum(0), g)
-        >>> assert torch.allclose(res.mean, g / (res.rho * 5))
-
     """
-    check_chunk(chunk)
-    check_model(model)
-    with model_preserved(model):
-        lin = linearize(model, loss_func, inputs, targets, params, path)
-        rho = reduction_factor(loss_func, lin.outputs)
-        N, D = lin.batch_size, lin.fmodel.num_params
-        g_out = output_gradient(lin)  # [N, *out]
-        stats = _Moments(D, lin.fmodel.dtype, lin.fmodel.device)
-        total = torch.zeros(D, dtype=lin.fmodel.dtype, device=lin.fmodel.device)
-        norms = torch.zeros(N, dtype=lin.fmodel.dtype, device=lin.fmodel.device)
-        rows_all = (
-            torch.empty(N, D, dtype=lin.fmodel.dtype, device=lin.fmodel.device)
-            if per_component
-            else None
-        )
-        for samples, rows in component_gradient_blocks(lin, g_out, chunk):
-            total += rows.sum(0)
-            if rows_all is not None:
-                rows_all[samples] = rows
-            u = rows / rho
-            norms[samples] = u.norm(dim=1)
-            stats.update(u)
-        mean = stats.mean
-        variance = stats.m2 / N
-        mixing = lin.path.sample_mixing
-        modules = locate_mixing_modules(lin.fmodel, inputs) if mixing else ()
-        result = GradientMoments(
-            mean=mean,
-            second_moment=stats.sum_sq / N,
-            variance=variance,
-            norms=norms,
-            snr=mean.square() / variance,
-            total_snr=mean.square().sum() / variance.sum(),
-            gradient=total,
-            per_component=rows_all,
-            rho=rho,
-            sample_mixing=mixing,
-            mixing_modules=modules,
-            explanation=per_component_explanation(mixing, modules),
-            path=lin.path,
-        )
-    if mixing:
-        warn_sample_mixing(
-            modules,
-            "gradient_moments returned per-component gradients",
-            "the batch gradient",
-        )
-    return result
+    rho = sample_weight(lin.loss_func, lin.batch_size)
+    N, D = lin.batch_size, lin.fmodel.num_params
+    dtype, device = lin.fmodel.dtype, lin.fmodel.device
+    g_out = output_gradient(lin)  # [N, *out]
+    stats = _Moments(D, dtype, device)
+    total = torch.zeros(D, dtype=dtype, device=device)
+    norms = torch.zeros(N, dtype=dtype, device=device)
+    rows_all = torch.empty(N, D, dtype=dtype, device=device) if per_component else None
+    for samples, rows in component_gradient_blocks(lin, g_out, chunk):
+        total += rows.sum(0)
+        if rows_all is not None:
+            rows_all[samples] = rows
+        u = rows / rho
+        norms[samples] = u.norm(dim=1)
+        stats.update(u)
+    mean, variance = stats.mean, stats.m2 / N
+    return GradientMoments(
+        mean=mean,
+        second_moment=stats.sum_sq / N,
+        variance=variance,
+        norms=norms,
+        snr=mean.square() / variance,
+        total_snr=mean.square().sum() / variance.sum(),
+        gradient=total,
+        per_component=rows_all,
+        **component_context(lin),
+    )
+
+
+def component_context(lin: Linearization) -> dict:
+    """The fields every per-component result shares: ``rho``, mixing, explanation, path."""
+    modules, mixing = mixing_modules(lin), lin.path.sample_mixing
+    return dict(
+        rho=sample_weight(lin.loss_func, lin.batch_size),
+        sample_mixing=mixing,
+        mixing_modules=modules,
+        explanation=per_component_explanation(mixing, modules),
+        path=lin.path,
+    )
+
+
+__all__ = [
+    "component_context",
+    "GradientMoments",
+    "batch_gradient",
+    "component_gradient_blocks",
+    "moments_from_linearization",
+    "output_gradient",
+]

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.func import vjp, vmap
 
+from lowrank_ggn.core.autodiff import per_sample_vjps
 from lowrank_ggn.core.engine.accumulate import weight_rows
 from lowrank_ggn.core.engine.capture import BNLayer, Layer
 from lowrank_ggn.core.engine.report import EngineReport
@@ -281,21 +281,17 @@ def per_sample_generic_rows(
     if not generic:
         return []
     fm = FunctionalModel(lin.fmodel.model, generic)
-    theta = fm.primals()
     C = lin.num_columns_per_sample
-
-    def columns(x: Tensor, s: Tensor) -> tuple[Tensor, ...]:
-        _, fn = vjp(lambda th: fm.single(th, x), theta)
-        return vmap(fn)(s)[0]
-
     S = lin.factors.movedim(0, 1)  # [NS, C, *out]
     X = lin.inputs[lin.sample_index]
     per = max(1, chunk // C)
     rows: list[list[Tensor]] = [[] for _ in generic]
     for start in range(0, X.shape[0], per):
-        res = vmap(columns)(X[start : start + per], S[start : start + per])
+        stop = start + per
+        res = per_sample_vjps(fm, X[start:stop], S[start:stop], columns=True)
         for store, r in zip(rows, res):
             store.append(r.flatten(0, 1).flatten(1))
+    lin.fmodel.samples_processed += fm.samples_processed
     return [torch.cat(r) for r in rows]
 
 

@@ -23,6 +23,7 @@ Hooks are removed when the forward pass ends; the module itself is never changed
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -231,6 +232,15 @@ def captured_layers(model: nn.Module, selected: set[int]) -> list[Layer]:
     ]
 
 
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` holds a BatchNorm module that the capture recomputes."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and not isinstance(m, nn.SyncBatchNorm)
+        for m in model.modules()
+    )
+
+
 def batch_norm_layers(model: nn.Module, selected: set[int]) -> list[BNLayer]:
     """Every BatchNorm module (``SyncBatchNorm`` excluded), flagged by its statistics.
 
@@ -308,8 +318,67 @@ def capture(
             h.remove()
 
 
+class ForwardCapture:
+    """The engine's view of one forward pass: layers, BatchNorm nodes, module order.
+
+    Built before the pass, filled by :meth:`recording`, consumed by one engine run.
+    The linearisation runs its graph forward pass inside :meth:`recording`, so the
+    Gram engine needs no forward pass of its own.
+
+    Args:
+        model: The module.
+        selected: ``id`` of the selected parameters.
+        with_bns: Recompute BatchNorm modules with their statistics as graph nodes
+            (needed on the full-batch path and for ``bn_split``).
+        forced_mixing: Names of layers to treat as sample-mixing.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        selected: set[int],
+        with_bns: bool,
+        forced_mixing: frozenset[str] = frozenset(),
+    ) -> None:
+        self.model, self.with_bns = model, with_bns
+        self.forced_mixing = forced_mixing
+        self.layers = captured_layers(model, selected)
+        for la in self.layers:
+            la.local = la.name not in forced_mixing
+        self.bns = batch_norm_layers(model, selected) if with_bns else []
+        self.switch = FreezeSwitch()
+        self.order: dict[int, int] = {}
+        self.seconds = 0.0
+        self.done = False
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Capture during the block (one forward pass of the whole batch)."""
+        start = time.perf_counter()
+
+        def first_call(mod, inp) -> None:
+            self.order.setdefault(id(mod), len(self.order))
+
+        hooks = [m.register_forward_pre_hook(first_call) for m in self.model.modules()]
+        try:
+            with capture(self.layers, self.bns, self.switch):
+                yield
+        finally:
+            for h in hooks:
+                h.remove()
+        self.seconds = time.perf_counter() - start
+        # a module called twice shares its weights across calls: leave it generic
+        self.layers = [la for la in self.layers if len(la.outputs) == 1]
+        self.bns = [bn for bn in self.bns if bn.calls == 1]
+        for la in self.layers:
+            la.A = la.layer_input()
+        self.done = True
+
+
 __all__ = [
     "BNLayer",
+    "ForwardCapture",
+    "has_batch_norm",
     "FreezeSwitch",
     "Layer",
     "batch_norm_layers",

@@ -16,7 +16,6 @@ before its products (:mod:`lowrank_ggn.core.precision` for the error model).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -31,13 +30,7 @@ from lowrank_ggn.core.engine.backprop import (
     per_sample_generic_rows,
     statistics_directions,
 )
-from lowrank_ggn.core.engine.capture import (
-    FreezeSwitch,
-    Layer,
-    batch_norm_layers,
-    capture,
-    captured_layers,
-)
+from lowrank_ggn.core.engine.capture import ForwardCapture, Layer
 from lowrank_ggn.core.engine.plan import plan_strategy, split_shape
 from lowrank_ggn.core.engine.report import EngineReport, LayerTreatment, Strategy
 from lowrank_ggn.core.engine.selfcheck import Factors, self_check
@@ -67,44 +60,31 @@ class _Engine:
         self.groups = groups
         self.group_of = {id(p): g for g, members in enumerate(groups) for p in members}
         self.forced = forced
-        fm = lin.fmodel
-        selected = {id(p) for p in fm.params}
-        self.layers = captured_layers(fm.model, selected)
-        for la in self.layers:
-            la.local = la.name not in forced_mixing
         self.per_sample = lin.path.name == PER_SAMPLE
         want_bns = not self.per_sample or forced is Strategy.BN_SPLIT
-        self.bns = batch_norm_layers(fm.model, selected) if want_bns else []
-        self.switch = FreezeSwitch()
+        cap = lin.capture
+        if cap is None or cap.done and (
+            cap.with_bns != want_bns or cap.forced_mixing != forced_mixing
+        ):
+            selected = {id(p) for p in lin.fmodel.params}
+            cap = ForwardCapture(lin.fmodel.model, selected, want_bns, forced_mixing)
+        lin.capture = None  # one engine run consumes a capture
+        self.cap = cap
         self.report = EngineReport(Strategy.COLUMNS)
 
     # ----------------------------------------------------------------- forward
     def forward(self) -> Tensor:
-        """Forward pass on the live parameters, capturing layers and BatchNorm."""
-        start = time.perf_counter()
-        order: dict[int, int] = {}
-
-        def first_call(mod, inp) -> None:
-            order.setdefault(id(mod), len(order))
-
-        hooks = [
-            m.register_forward_pre_hook(first_call)
-            for m in self.lin.fmodel.model.modules()
-        ]
-        try:
-            with capture(self.layers, self.bns, self.switch):
+        """The captured forward pass: the linearisation's, or a new one if needed."""
+        cap = self.cap
+        if cap.done and self.lin.graph is not None:
+            out = self.lin.graph
+        else:
+            with cap.recording():
                 out = self.lin.forward_with_graph()
-        finally:
-            for h in hooks:
-                h.remove()
-        self.report.count("forward")
-        self.order = order
-        self.seconds_per_pass = 2 * (time.perf_counter() - start)
-        # a module called twice shares its weights across calls: leave it generic
-        self.layers = [la for la in self.layers if len(la.outputs) == 1]
-        self.bns = [bn for bn in self.bns if bn.calls == 1]
-        for la in self.layers:
-            la.A = la.layer_input()
+            self.report.count("forward")
+        self.layers, self.bns, self.switch = cap.layers, cap.bns, cap.switch
+        self.order = cap.order
+        self.seconds_per_pass = 2 * max(cap.seconds, 1e-4)
         captured = {id(p) for la in self.layers for p in la.params}
         bn_params = {id(p) for bn in self.bns for p in bn.params}
         self.generic = [p for p in self.lin.fmodel.params if id(p) not in captured]
@@ -374,7 +354,7 @@ def layerwise_gram(
         StrategyUnavailable: A forced strategy does not apply to the model.
     """
     groups = [list(lin.fmodel.params)] if groups is None else groups
-    forced_mixing: set[str] = set()
+    forced_mixing: frozenset[str] = frozenset()
     attempt, fallback = strategy, None
     for _ in range(64):
         engine = _Engine(
@@ -394,7 +374,7 @@ def layerwise_gram(
                 chosen = engine.plan()
                 grams = engine.run(out, chosen)
         except LayerTurnedMixing as err:
-            forced_mixing.add(str(err))
+            forced_mixing = forced_mixing | {str(err)}
             continue
         except MemoryError:
             if strategy is not None or attempt is not None:

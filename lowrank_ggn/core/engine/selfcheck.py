@@ -18,9 +18,9 @@ from torch import Tensor
 
 from lowrank_ggn.core.engine.capture import BNLayer, Layer
 from lowrank_ggn.core.linearization import Linearization
+from lowrank_ggn.core.tolerances import roundoff_rtol
 
 #: Relative tolerance of the self-check, per dtype (round-off of two summation orders).
-SELF_CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
 @dataclass
@@ -109,11 +109,11 @@ def self_check(f: Factors) -> bool:
     w = torch.randn(1, lin.num_columns, generator=gen, dtype=dtype).to(device)
     direct = lin.apply_factors(w)[0]
     mine = factor_products(f, w)[0]
-    tol = SELF_CHECK_RTOL.get(dtype, 1e-2)
+    tol = roundoff_rtol(dtype)
     # relative to the whole vector: a parameter with zero gradient (a bias before
     # BatchNorm) has only round-off, which must not count as a mismatch
     scale = max(direct.norm().item(), mine.norm().item(), 1e-30)
     return bool((direct - mine).norm() <= tol * scale)
 
 
-__all__ = ["Factors", "SELF_CHECK_RTOL", "factor_products", "self_check"]
+__all__ = ["Factors", "factor_products", "self_check"]

@@ -1,0 +1,399 @@
+r"""One curvature object: linearise the model on a batch once, serve every quantity.
+
+:class:`GGN` holds one :class:`~lowrank_ggn.core.linearization.Linearization` of the
+model around a batch — the forward pass with its autograd graph, the loss-Hessian
+factors ``S`` and the engine's path — and derives everything from it:
+
+* :meth:`GGN.gram` (and :meth:`GGN.block_grams`): the engine's backward passes,
+  cached; :meth:`GGN.spectrum`: ``eigh`` of the cached Gram, eigenvectors from one
+  batched backward pass of ``K`` cotangents;
+* :meth:`GGN.moments`: ``N`` per-sample VJPs (one vmapped pass over the batch) on
+  the per-sample path, ``N`` backward passes of the graph on the full-batch path;
+* :meth:`GGN.directional_derivatives`: double-backward products on the graph;
+* :meth:`GGN.linear_operator`, :meth:`GGN.gram_operator`: frozen copies.
+
+**Forward passes.** Building the linearisation (on the first call that needs it)
+runs the model twice on the whole batch: once with the graph, recorded for the Gram
+engine, and once as the path check's Jacobian-vector product, whose outputs also
+serve as the determinism check (a plain pass where the module scan decides the
+path). ``GGN(...)``, ``.spectrum(top_k=k, eigenvectors=True)``, ``.moments()`` and
+``.directional_derivatives(eigenvectors)`` then take at most three forward passes
+of the batch in all (:attr:`GGN.forward_passes` counts them).
+
+**Nothing changes.** The object observes the model: every method runs inside
+:func:`lowrank_ggn.core.state.model_preserved`. It refuses to serve results after
+the model's parameters or buffers were changed in place (an optimiser step): build a
+new :class:`GGN` for the new parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor, nn
+
+from lowrank_ggn.approx.param_groups import groups_within
+from lowrank_ggn.approx.subsampling import check_subsampling
+from lowrank_ggn.core.budget import check_linearization_memory
+from lowrank_ggn.core.engine import EngineReport, Solver
+from lowrank_ggn.core.gram import check_engine, gram_from_linearization
+from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
+from lowrank_ggn.core.loss_factors import check_mc_samples
+from lowrank_ggn.core.paths import EnginePath, check_path
+from lowrank_ggn.core.precision import (
+    ErrorModel,
+    accumulation_dtype,
+    check_accumulate,
+)
+from lowrank_ggn.core.solvers import check_solver, choose_solver, lanczos_pairs
+from lowrank_ggn.core.spectrum import (
+    GGNSpectrum,
+    GramEigenpairs,
+    check_eigenvectors,
+    gram_eigh,
+    spectrum_result,
+)
+from lowrank_ggn.core.state import fingerprint, model_preserved, refuse_changed
+from lowrank_ggn.core.validation import check_call, check_options
+from lowrank_ggn.diagnostics.audit import StructureReport, audit_structure
+from lowrank_ggn.diagnostics.directional import (
+    DirectionalDerivatives,
+    directional_from_linearization,
+)
+from lowrank_ggn.diagnostics.moments import (
+    GradientMoments,
+    batch_gradient,
+    moments_from_linearization,
+)
+from lowrank_ggn.operators import ggn_operator, gram_operator
+
+
+class GGN:
+    r"""The generalized Gauss-Newton matrix of one batch, linearised once.
+
+    ``G = Σ_n J_θF_nᵀ (∇²_{F_n} L) J_θF_n = V Vᵀ`` for the batch loss ``L`` (reduction
+    included), exact for any model, BatchNorm in train mode included. Construction
+    checks the arguments and runs nothing; the first method that needs the model
+    linearises it (see the module docstring for what each method costs).
+
+    Args:
+        model: Module mapping ``inputs`` ``[N, *in]`` to ``[N, *out]``; never changed.
+        loss_func: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``
+            (reduction ``'mean'`` or ``'sum'``).
+        inputs: The batch.
+        targets: Its targets.
+        params: Parameters of ``model``; default: all that require grad. They define
+            ``D`` and the flattening order of every parameter-space vector.
+        mc_samples: ``M`` Monte-Carlo factor columns per sample instead of the ``C``
+            exact ones: an unbiased estimate of the GGN
+            (:func:`lowrank_ggn.core.loss_factors.sampled_loss_hessian_factors`).
+        generator: ``torch.Generator`` for the Monte-Carlo draws.
+        subsampling: Batch positions whose curvature is kept (forward pass on the
+            whole batch; :mod:`lowrank_ggn.approx.subsampling`).
+        memory_budget: Bytes for the Gram matrices, ``S`` and the engine's blocks;
+            ``None``: ``LOWRANK_GGN_MEMORY_BUDGET`` or 4 GiB.
+        progress: Progress bars on stderr (``None``: for long computations).
+        path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.
+        engine: ``"layerwise"`` (default) or ``"generic"`` (explicit ``Vᵀ``).
+        strategy: Force the engine's strategy (``None``: the cost model chooses;
+            :class:`lowrank_ggn.core.engine.Strategy`).
+        chunk: Columns (rows, directions) per batched pass.
+        accumulate: Where the Gram is summed: ``None`` (float64 for float32 and lower
+            precision models), ``"float64"`` or ``"native"``
+            (:mod:`lowrank_ggn.core.precision`).
+
+    Example:
+        >>> import torch
+        >>> from lowrank_ggn import GGN
+        >>> from lowrank_ggn.reference import dense_ggn
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
+        ...                             torch.nn.ReLU(), torch.nn.Linear(4, 2)).double()
+        >>> X, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0])
+        >>> ggn = GGN(model, torch.nn.CrossEntropyLoss(), X, y)
+        >>> spec = ggn.spectrum(top_k=2, eigenvectors=True)
+        >>> G = dense_ggn(model, torch.nn.CrossEntropyLoss(), X, y)
+        >>> assert torch.allclose(G @ spec.eigenvectors.T, spec.eigenvectors.T * spec.eigenvalues)
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")  # BatchNorm: per-component moments
+        ...     mom = ggn.moments()
+        ...     dd = ggn.directional_derivatives(spec)
+        >>> assert torch.allclose(dd.curvatures, spec.eigenvalues)
+        >>> ggn.forward_passes <= 3
+        True
+
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_func: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        *,
+        params: Sequence[Tensor] | None = None,
+        mc_samples: int | None = None,
+        generator: torch.Generator | None = None,
+        subsampling: Sequence[int] | Tensor | None = None,
+        memory_budget: float | None = None,
+        progress: bool | None = None,
+        path: str | None = None,
+        engine: str = "layerwise",
+        strategy: str | None = None,
+        chunk: int = DEFAULT_CHUNK,
+        accumulate: str | None = None,
+    ) -> None:
+        check_options(chunk=chunk, memory_budget=memory_budget)
+        check_accumulate(accumulate)
+        self._strategy = check_engine(engine, strategy)
+        check_mc_samples(mc_samples, generator)
+        check_path(path)
+        self.params = check_call(model, loss_func, inputs, params, targets)
+        if subsampling is not None:
+            check_subsampling(subsampling, inputs.shape[0], inputs.device)
+        self.model, self.loss_func = model, loss_func
+        self.inputs, self.targets = inputs, targets
+        self._linearize_args = dict(
+            params=self.params,
+            path=path,
+            mc_samples=mc_samples,
+            generator=generator,
+            subsampling=subsampling,
+            memory_budget=memory_budget,
+            validated=True,
+        )
+        self.memory_budget, self.progress = memory_budget, progress
+        self.engine, self.chunk, self.accumulate = engine, chunk, accumulate
+        self._lin: Linearization | None = None
+        self._gram: Tensor | None = None
+        self._eigh: GramEigenpairs | None = None
+        self._versions = fingerprint(model)
+
+    @contextmanager
+    def _observing(self) -> Iterator[None]:
+        """Refuse a changed model; never change it (also on failure)."""
+        refuse_changed(self.model, self._versions, "GGN")
+        with model_preserved(self.model):
+            yield
+
+    @property
+    def linearization(self) -> Linearization:
+        """The linearisation (built on first use: two forward passes of the batch)."""
+        if self._lin is None:
+            with self._observing():
+                self._lin = linearize(
+                    self.model,
+                    self.loss_func,
+                    self.inputs,
+                    self.targets,
+                    **self._linearize_args,
+                )
+        return self._lin
+
+    @property
+    def path(self) -> EnginePath:
+        """The engine's path (``.name``, ``.reason``, ``.mixing_modules``)."""
+        return self.linearization.path
+
+    @property
+    def engine_report(self) -> EngineReport | None:
+        """How the Gram (or the Lanczos eigenpairs) was computed; ``None`` before."""
+        return None if self._lin is None else self._lin.engine_report
+
+    @property
+    def forward_passes(self) -> float:
+        """Forward passes of the model so far, in full-batch equivalents (0 before)."""
+        return 0.0 if self._lin is None else self._lin.forward_passes
+
+    def _gram_memory(self, lin: Linearization, num_grams: int) -> None:
+        acc = accumulation_dtype(lin.outputs.dtype, self.accumulate).itemsize
+        check_linearization_memory(lin, self.memory_budget, self.engine, num_grams, acc)
+
+    def _grams(self, groups: list[list[Tensor]] | None) -> list[Tensor]:
+        lin = self.linearization
+        self._gram_memory(lin, 1 if groups is None else len(groups))
+        return gram_from_linearization(
+            lin,
+            self.chunk,
+            self.engine,
+            self.memory_budget,
+            groups,
+            self._strategy,
+            self.progress,
+            self.accumulate,
+        )
+
+    def gram(self) -> Tensor:
+        r"""``Vᵀ V`` ``[N·C, N·C]``, sample-major (row ``n·C + c``); cached.
+
+        In the accumulation dtype (float64 for a float32 model by default). Its
+        nonzero eigenvalues are the GGN's; its trace is ``tr G``. The cached tensor
+        itself is returned: :meth:`spectrum` diagonalises it, so do not modify it.
+        """
+        with self._observing():
+            if self._gram is None:
+                self._gram = self._grams(None)[0]
+            return self._gram
+
+    def block_grams(self, param_groups: Sequence[Mapping]) -> list[Tensor]:
+        """One Gram ``V_gᵀ V_g`` per parameter group, from the same backward passes.
+
+        ``V_g`` holds the rows of ``V`` of group ``g``: ``V_g V_gᵀ`` is the GGN's
+        diagonal block of that group (:mod:`lowrank_ggn.approx.param_groups`).
+
+        Args:
+            param_groups: ``[{"params": [...]}, …]``, disjoint subsets of this GGN's
+                parameters (as for ``torch.optim``).
+        """
+        with self._observing():
+            groups, _ = groups_within(self.model, self.params, param_groups)
+            return self._grams(groups)[: len(param_groups)]
+
+    def _pairs(self, lin: Linearization) -> GramEigenpairs:
+        if self._eigh is None:
+            gram = self.gram()
+            model = ErrorModel.of(lin.outputs.dtype, gram.dtype, lin.fmodel.num_params)
+            self._eigh = gram_eigh(gram, model)
+            lin.engine_report.solver = Solver.DENSE
+        return self._eigh
+
+    def spectrum(
+        self,
+        top_k: int | None = None,
+        eigenvectors: bool | int = False,
+        solver: str = "dense",
+        rtol: float | None = None,
+    ) -> GGNSpectrum:
+        r"""Nonzero eigenvalues (and eigenvectors ``e_k = V u_k / √λ_k``) of ``G``.
+
+        Args:
+            top_k: Return only the ``top_k`` largest.
+            eigenvectors: ``True`` for every returned eigenvalue, an int ``k`` for
+                the top ``k`` (one batched backward pass of ``k`` cotangents).
+            solver: ``"dense"`` (the Gram and ``eigh``: every resolved eigenvalue),
+                ``"lanczos"`` (matrix-free top ``top_k``) or ``"auto"``
+                (:mod:`lowrank_ggn.core.solvers`).
+            rtol: ``None``: the eigenvalues the error model of
+                :mod:`lowrank_ggn.core.precision` resolves to ``1e-3`` relative;
+                a float: those above ``rtol · λ_max``.
+
+        Returns:
+            A :class:`~lowrank_ggn.core.spectrum.GGNSpectrum`.
+        """
+        check_eigenvectors(eigenvectors)
+        check_options(rtol=rtol, top_k=top_k)
+        chosen = check_solver(solver, top_k, None, self.engine)
+        with self._observing():
+            lin = self.linearization
+            if chosen is Solver.AUTO:
+                chosen = choose_solver(lin, top_k)
+            model = ErrorModel.of(
+                lin.outputs.dtype,
+                accumulation_dtype(lin.outputs.dtype, self.accumulate),
+                lin.fmodel.num_params,
+            )
+            if chosen is Solver.LANCZOS:
+                self._gram_memory(lin, 0)
+                pairs = lanczos_pairs(
+                    lin, top_k, rtol, model, self.memory_budget, self.progress
+                )
+            else:
+                pairs = self._pairs(lin).select(rtol, top_k)
+            return spectrum_result(lin, pairs, eigenvectors, self.chunk)
+
+    def block_spectra(
+        self,
+        param_groups: Sequence[Mapping],
+        top_k: int | None = None,
+        eigenvectors: bool | int = False,
+        rtol: float | None = None,
+    ) -> list[GGNSpectrum]:
+        """The spectrum of each group's diagonal block of the GGN (dense solver).
+
+        Eigenvectors of group ``g`` are ``[K, D_g]``, flattened in the order of the
+        group's parameters. Same options as :meth:`spectrum`.
+        """
+        check_eigenvectors(eigenvectors)
+        check_options(rtol=rtol, top_k=top_k)
+        with self._observing():
+            lin = self.linearization
+            groups, positions = groups_within(self.model, self.params, param_groups)
+            grams = self._grams(groups)
+            lin.engine_report.solver = Solver.DENSE
+            model = ErrorModel.of(
+                lin.outputs.dtype, grams[0].dtype, lin.fmodel.num_params
+            )
+            return [
+                spectrum_result(
+                    lin,
+                    gram_eigh(gram, model).select(rtol, top_k),
+                    eigenvectors,
+                    self.chunk,
+                    cols,
+                )
+                for gram, cols in zip(grams, positions)
+            ]
+
+    def gradient(self) -> Tensor:
+        """The batch gradient ``∇_θ L`` ``[D]`` (one backward pass of the graph)."""
+        with self._observing():
+            return batch_gradient(self.linearization)
+
+    def moments(self, per_component: bool = False) -> GradientMoments:
+        """Per-sample (per-component) gradients' moments (:mod:`~lowrank_ggn.diagnostics.moments`).
+
+        Args:
+            per_component: Also return the ``[N, D]`` rows (memory ``N·D``).
+        """
+        with self._observing():
+            result = moments_from_linearization(
+                self.linearization, self.chunk, per_component
+            )
+        result.warn()
+        return result
+
+    def directional_derivatives(
+        self, directions: Tensor | GGNSpectrum
+    ) -> DirectionalDerivatives:
+        """Per-sample slopes ``γ_nk`` and curvatures ``λ_nk`` along ``directions``.
+
+        Args:
+            directions: ``[K, D]`` (or ``[D]``) in this GGN's flattening, or a
+                :class:`~lowrank_ggn.core.spectrum.GGNSpectrum` with eigenvectors.
+        """
+        with self._observing():
+            result = directional_from_linearization(
+                self.linearization, directions, self.chunk
+            )
+        result.warn()
+        return result
+
+    def linear_operator(self) -> LinearOperator:
+        """``G`` (``D × D``) as a scipy ``LinearOperator``, frozen now (see :mod:`lowrank_ggn.operators`)."""
+        with self._observing():
+            return ggn_operator(self.model, self.linearization, self.chunk)
+
+    def gram_operator(self) -> LinearOperator:
+        """``Vᵀ V`` (``N·C × N·C``) as a scipy ``LinearOperator``, frozen now."""
+        with self._observing():
+            return gram_operator(self.model, self.linearization, self.chunk)
+
+    def audit(self) -> StructureReport:
+        """The structure audit of this batch (:func:`lowrank_ggn.audit_structure`).
+
+        It runs its own checks (forward passes of the batch and of single samples).
+        """
+        refuse_changed(self.model, self._versions, "GGN")
+        return audit_structure(
+            self.model,
+            self.loss_func,
+            self.inputs,
+            self.targets,
+            params=self._linearize_args["params"],
+        )
+
+
+__all__ = ["GGN"]
