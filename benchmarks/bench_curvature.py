@@ -44,12 +44,18 @@ def samples_in(x) -> int:
     import torch
 
     n = x.shape[0] if x.dim() else 1
-    from torch._C._functorch import get_unwrapped, is_batchedtensor, maybe_get_bdim
+    from torch._C._functorch import (
+        get_unwrapped,
+        is_batchedtensor,
+        is_functorch_wrapped_tensor,
+        maybe_get_bdim,
+    )
 
-    while is_batchedtensor(x):
-        bdim = maybe_get_bdim(x)
+    while is_functorch_wrapped_tensor(x):
+        bdim = maybe_get_bdim(x) if is_batchedtensor(x) else None
         x = get_unwrapped(x)
-        n *= x.shape[bdim]
+        if bdim is not None:
+            n *= x.shape[bdim]
     del torch
     return n
 
@@ -92,6 +98,30 @@ def run_sequence(kind: str, model, loss, X, y) -> dict:
     }
 
 
+def render(stem: Path) -> None:
+    """The Markdown table of ``stem.json``."""
+    data = json.loads(stem.with_suffix(".json").read_text())
+    m = data["machine"]
+    where = f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['device']}"
+    lines = [
+        f"# Spectrum + moments + directional derivatives, one batch ({where})",
+        "",
+        f"top-{data['top_k']} eigenpairs, gradient moments, directional derivatives",
+        "along the eigenvectors; float32, C = 10, one thread. Forward passes in",
+        "full-batch equivalents, counted by a hook on the model.",
+        "",
+        "| code | model | N | way | forward passes | engine passes | strategy | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['label']} | {r['model']} | {r['N']} | {r['kind']} | "
+            f"{r['forward_passes']:.2f} | {r['engine_passes']} | {r['strategy']} | "
+            f"{r['seconds']:.2f} |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--N", type=int, default=64)
@@ -101,7 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="current")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--render-only", action="store_true", help="rewrite the .md from the .json"
+    )
     args = parser.parse_args(argv)
+    if args.render_only:
+        render(Path(args.out) / "curvature_cpu")
+        return 0
     if args.lowrank_ggn:
         sys.path.insert(0, str(Path(args.lowrank_ggn).resolve()))
     sys.path.insert(0, str(HERE))
@@ -132,23 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     stem.with_suffix(".json").write_text(
         json.dumps({"machine": machine("cpu"), "top_k": TOP_K, "rows": rows}, indent=1)
     )
-    lines = [
-        f"# Spectrum + moments + directional derivatives, one batch ({machine('cpu')})",
-        "",
-        f"top-{TOP_K} eigenpairs, gradient moments, directional derivatives along",
-        "the eigenvectors; float32, C = 10, one thread. Forward passes in full-batch",
-        "equivalents, counted by a hook on the model.",
-        "",
-        "| code | model | N | way | forward passes | engine passes | strategy | seconds |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['label']} | {r['model']} | {r['N']} | {r['kind']} | "
-            f"{r['forward_passes']:.2f} | {r['engine_passes']} | {r['strategy']} | "
-            f"{r['seconds']:.2f} |"
-        )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    render(stem)
     print(f"written to {stem}.json/.md")
     return 0
 

@@ -18,7 +18,9 @@ engine, and once as the path check's Jacobian-vector product, whose outputs also
 serve as the determinism check (a plain pass where the module scan decides the
 path). ``GGN(...)``, ``.spectrum(top_k=k, eigenvectors=True)``, ``.moments()`` and
 ``.directional_derivatives(eigenvectors)`` then take at most three forward passes
-of the batch in all (:attr:`GGN.forward_passes` counts them).
+of the batch in all (:attr:`GGN.forward_passes` counts them); four on the
+per-sample path when parameters outside ``Linear``/``Conv2d``/BatchNorm layers need
+per-sample VJPs.
 
 **Nothing changes.** The object observes the model: every method runs inside
 :func:`lowrank_ggn.core.state.model_preserved`. It refuses to serve results after
@@ -173,8 +175,7 @@ class GGN:
         self._versions = fingerprint(model)
 
     @contextmanager
-    def _observing(self) -> Iterator[None]:
-        """Refuse a changed model; never change it (also on failure)."""
+    def _observing(self) -> Iterator[None]:  # refuse a changed model; never change it
         refuse_changed(self.model, self._versions, "GGN")
         with model_preserved(self.model):
             yield

@@ -113,9 +113,15 @@ def test_spectrum_moments_directional_take_at_most_three_forward_passes(case):
         _quiet(ggn.directional_derivatives, spec)
     finally:
         counter.remove()
-    assert counter.samples <= 3 * N + PROBE, (
+    # parameters outside Linear/Conv2d/BatchNorm layers (LayerNorm, GroupNorm affine)
+    # need per-sample VJPs on the per-sample path: one vmapped pass more
+    generic = "generic" in {str(t) for t in ggn.engine_report.layers.values()}
+    extra = int(generic and ggn.path.name == "per_sample")
+    assert counter.samples <= (3 + extra) * N + PROBE, (
         f"{counter.samples} samples processed, {counter.samples / N:.2f} batches"
     )
+    if case.name in ("mlp-ce-mean", "cnn-pool-ce", "bn2d-train-ce", "bn2d-eval-ce"):
+        assert not extra  # every parameter in a captured layer
     # the object's own count agrees with the hook (it counts the probe too)
     assert ggn.forward_passes == pytest.approx(counter.samples / N)
 

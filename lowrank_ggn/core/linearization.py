@@ -295,7 +295,7 @@ def linearize(
 
     cap = None
     if capture:
-        with_bns = path == FULL_BATCH or bool(batch_statistic_modules(model))
+        with_bns = path == FULL_BATCH or has_batch_norm(model)
         cap = ForwardCapture(model, {id(p) for p in fmodel.params}, with_bns)
     with torch.enable_grad(), cap.recording() if cap else nullcontext():
         graph = fmodel(tuple(fmodel.params), inputs)
@@ -310,7 +310,7 @@ def linearize(
         memory_budget,
     )
     chosen, again = choose_path(fmodel, inputs, outputs)
-    if cap is not None and cap.with_bns and has_batch_norm(model):
+    if cap is not None and cap.with_bns and batch_statistic_modules(model):
         # compare like with like: the captured pass recomputes BatchNorm from its
         # statistics, which tiny batch variances amplify from round-off
         twin = ForwardCapture(model, set(), with_bns=True)

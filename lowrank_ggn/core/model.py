@@ -29,12 +29,20 @@ def samples_in(inputs: Tensor) -> int:
     """
     n = inputs.shape[0] if inputs.dim() else 1
     try:
-        from torch._C._functorch import get_unwrapped, is_batchedtensor, maybe_get_bdim
+        from torch._C._functorch import (
+            get_unwrapped,
+            is_batchedtensor,
+            is_functorch_wrapped_tensor,
+            maybe_get_bdim,
+        )
 
-        while is_batchedtensor(inputs):
-            bdim = maybe_get_bdim(inputs)
+        # vmap's batched tensors carry the mapped dimension; vjp/jvp/grad wrap
+        # without one
+        while is_functorch_wrapped_tensor(inputs):
+            bdim = maybe_get_bdim(inputs) if is_batchedtensor(inputs) else None
             inputs = get_unwrapped(inputs)
-            n *= inputs.shape[bdim]
+            if bdim is not None:
+                n *= inputs.shape[bdim]
     except (ImportError, AttributeError, RuntimeError):  # private API moved: count 1
         pass
     return n

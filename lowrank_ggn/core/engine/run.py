@@ -30,7 +30,7 @@ from lowrank_ggn.core.engine.backprop import (
     per_sample_generic_rows,
     statistics_directions,
 )
-from lowrank_ggn.core.engine.capture import ForwardCapture, Layer
+from lowrank_ggn.core.engine.capture import ForwardCapture, Layer, has_batch_norm
 from lowrank_ggn.core.engine.plan import plan_strategy, split_shape
 from lowrank_ggn.core.engine.report import EngineReport, LayerTreatment, Strategy
 from lowrank_ggn.core.engine.selfcheck import Factors, self_check
@@ -61,7 +61,8 @@ class _Engine:
         self.group_of = {id(p): g for g, members in enumerate(groups) for p in members}
         self.forced = forced
         self.per_sample = lin.path.name == PER_SAMPLE
-        want_bns = not self.per_sample or forced is Strategy.BN_SPLIT
+        # per-sample path: BatchNorm (then eval-mode) affine rows from frozen passes
+        want_bns = has_batch_norm(lin.fmodel.model)
         cap = lin.capture
         if cap is None or cap.done and (
             cap.with_bns != want_bns or cap.forced_mixing != forced_mixing
@@ -161,13 +162,17 @@ class _Engine:
         """Run the strategy's backward passes; return what the Gram is built from."""
         lin, report = self.lin, self.report
         if strategy in (Strategy.PER_SAMPLE, Strategy.BN_SPLIT):
-            bns = self.bns if strategy is Strategy.BN_SPLIT else []
+            bns = self.bns
             with self.switch.freeze():
                 frozen_passes(lin, out, self.layers, bns, report, self.tick)
-            if strategy is Strategy.PER_SAMPLE:
-                rows = per_sample_generic_rows(lin, self.generic, self.chunk)
+            if strategy is Strategy.PER_SAMPLE:  # no statistics: frozen is exact
+                rows = per_sample_generic_rows(lin, self.non_bn_generic, self.chunk)
                 return Factors(
-                    lin, self.layers, generic=self.generic, generic_rows=rows
+                    lin,
+                    self.layers,
+                    bns,
+                    generic=self.non_bn_generic,
+                    generic_rows=rows,
                 )
             stat_bns = [bn for bn in bns if bn.batch_stats]
             below, _ = split_shape(self.layers, bns, self.order)
