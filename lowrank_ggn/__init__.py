@@ -11,11 +11,8 @@ the one-call functions of :mod:`lowrank_ggn.functional` wrap it.
 """
 
 from lowrank_ggn import reference
-from lowrank_ggn.approx.dataset import (
-    DatasetSpectrum,
-    GramMemoryError,
-    ggn_spectrum_dataset,
-)
+from lowrank_ggn.approx.dataset import DatasetSpectrum, ggn_spectrum_dataset
+from lowrank_ggn.approx.dataset_solvers import GramMemoryError
 from lowrank_ggn.approx.param_groups import per_layer_groups
 from lowrank_ggn.core.loss_factors import (
     loss_hessian_factors,

@@ -41,35 +41,34 @@ import sys
 from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from scipy.sparse.linalg import eigsh
 from torch import Tensor, nn
 
-from lowrank_ggn.approx.param_groups import symmetric_gram
+from lowrank_ggn.approx.dataset_solvers import (
+    DatasetOperator,
+    check_budget,
+    check_ranks,
+    dense_eigenvectors,
+    dense_pairs,
+    lanczos_pairs,
+)
+from lowrank_ggn.approx.distributed import Comm, check_sync_batch_norm
 from lowrank_ggn.core.budget import resolve_memory_budget
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.core.loss_factors import check_loss_func, check_mc_samples
 from lowrank_ggn.core.paths import EnginePath
-from lowrank_ggn.core.precision import ErrorModel, accumulation_dtype
+from lowrank_ggn.core.precision import accumulation_dtype
 from lowrank_ggn.core.spectrum import (
     default_rtol,
     drop_unresolved,
-    select_pairs,
-    spectrum_from_gram,
 )
 from lowrank_ggn.core.state import model_preserved
 from lowrank_ggn.core.validation import check_model, check_options
-from lowrank_ggn.operators import TorchLinearOperator, factors_transpose_apply
 
 #: With ``progress=None``, a progress bar is shown for at least this many batches.
 PROGRESS_MIN_BATCHES = 20
 
 SOLVERS = ("dense", "lanczos")
-
-
-class GramMemoryError(MemoryError):
-    """The data-set Gram matrix would exceed the memory budget of the dense solver."""
 
 
 @dataclass
@@ -91,6 +90,8 @@ class DatasetSpectrum:
         eigenvalue_errors: ``[K]`` error estimates of the dense solver (the Gram is
             summed in float64 for float32 models; :mod:`lowrank_ggn.core.precision`);
             ``None`` for Lanczos, whose zero threshold is the rank rule ``Ñ · eps``.
+        bytes_exchanged: Bytes this rank sent or received in collectives (0 for
+            one process).
 
     """
 
@@ -104,16 +105,12 @@ class DatasetSpectrum:
     gram_eigenvectors: Tensor
     solver: str
     eigenvalue_errors: Tensor | None = None
+    bytes_exchanged: int = 0
 
     @property
     def rank(self) -> int:
         """Number of returned eigenvalues."""
         return self.eigenvalues.numel()
-
-
-def dense_memory_bytes(num_columns: int, num_params: int, itemsize: int) -> int:
-    """``itemsize · (2 Ñ² + Ñ D)``: the dense solver's memory estimate in bytes."""
-    return itemsize * (2 * num_columns**2 + num_columns * num_params)
 
 
 def _progress(batches: Iterable, progress: bool | None) -> Iterable:
@@ -148,63 +145,6 @@ def _projected_columns(batches: Iterable, lin: Linearization) -> int | None:
         return None
 
 
-def _check_budget(columns: int, lin: Linearization, budget: float, when: str) -> None:
-    fm = lin.fmodel
-    itemsize = torch.empty(0, dtype=fm.dtype).element_size()
-    need = dense_memory_bytes(columns, fm.num_params, itemsize)
-    if need > budget:
-        raise GramMemoryError(
-            f"the data-set Gram matrix {when} has {columns} rows; the dense solver "
-            f"needs about {need / 2**30:.3g} GiB ({columns}² Gram entries twice plus "
-            f"{columns}×{fm.num_params} factors, {itemsize} bytes each), above "
-            f"memory_budget={budget / 2**30:.3g} GiB. Pass solver='lanczos' with "
-            "top_k=k for the k largest eigenvalues without forming it, use "
-            "mc_samples=M (M columns per sample) or fewer/smaller batches, or raise "
-            "memory_budget."
-        )
-
-
-def _lanczos(
-    model: nn.Module,
-    lins: list[Linearization],
-    scales: list[float],
-    top_k: int,
-    chunk: int,
-) -> tuple[Tensor, Tensor]:
-    """Top-``k`` eigenpairs of ``Ṽᵀ Ṽ`` by ``eigsh`` on a matrix-free operator."""
-    sizes = [lin.num_columns for lin in lins]
-    total = sum(sizes)
-    if top_k >= total:
-        raise ValueError(
-            f"top_k={top_k} must be smaller than the Gram size {total} for "
-            "solver='lanczos'; use solver='dense' for the whole spectrum."
-        )
-
-    def apply(rows: Tensor) -> Tensor:
-        # Ṽ u = Σ_b √w_b V_b u_b: one VJP per batch; then Ṽᵀ x per batch: one JVP
-        parts = torch.split(rows, sizes, dim=1)
-        x = sum(
-            s * lin.apply_factors(u, chunk) for s, lin, u in zip(scales, lins, parts)
-        )
-        return torch.cat(
-            [
-                s * factors_transpose_apply(lin, x, chunk)
-                for s, lin in zip(scales, lins)
-            ],
-            dim=1,
-        )
-
-    fm = lins[0].fmodel
-    op = TorchLinearOperator(model, total, apply, fm.dtype, fm.device)
-    v0 = np.random.default_rng(0).standard_normal(total)  # reproducible start
-    evals, evecs = eigsh(op, k=top_k, which="LA", v0=v0)
-    order = np.argsort(evals)[::-1].copy()
-    to = {"dtype": fm.dtype, "device": fm.device}
-    return torch.as_tensor(evals[order]).to(**to), torch.as_tensor(evecs[:, order]).to(
-        **to
-    )
-
-
 def ggn_spectrum_dataset(
     model: nn.Module,
     loss_func: nn.Module,
@@ -221,6 +161,8 @@ def ggn_spectrum_dataset(
     solver: str = "dense",
     memory_budget: float | None = None,
     progress: bool | None = None,
+    process_group: object | None = None,
+    activations: str = "keep",
 ) -> DatasetSpectrum:
     r"""Nonzero spectrum of the data-set GGN ``Σ_b w_b G_b`` over many batches.
 
@@ -242,13 +184,24 @@ def ggn_spectrum_dataset(
         path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.
         mc_samples: Monte-Carlo factors with ``M`` columns per sample, drawn batch by
             batch from ``generator``.
-        generator: ``torch.Generator`` for the Monte-Carlo draws.
+        generator: ``torch.Generator`` for the Monte-Carlo draws: one seed ``s`` is
+            drawn from it, and batch ``b`` (global index, rank order) draws from a
+            generator seeded ``s + b``, so the result does not depend on how the
+            batches are split across ranks.
         solver: ``"dense"`` (exact, full Gram, memory-guarded) or ``"lanczos"``
             (top-``k`` by ``eigsh``, matrix-free).
         memory_budget: Budget of the dense solver in bytes; ``None``: the
             environment variable ``LOWRANK_GGN_MEMORY_BUDGET`` or 4 GiB.
         progress: Show a tqdm progress bar on stderr (``None``: for a sized iterable
             of at least ``PROGRESS_MIN_BATCHES`` batches, when tqdm is installed).
+        process_group: A ``torch.distributed`` process group (``None``: one
+            process). Every rank passes its own batches and gets the spectrum over
+            the union of all ranks' batches, in rank order, eigenvectors included
+            (:mod:`lowrank_ggn.approx.dataset_solvers`). Every rank must pass the
+            same model, options and (identically seeded) ``generator``.
+        activations: ``"keep"`` every batch's forward activations for the Lanczos
+            products, or ``"recompute"`` them for every product (memory of one
+            batch's activations; one more forward pass per batch and product).
 
     Returns:
         A :class:`DatasetSpectrum`.
@@ -271,6 +224,7 @@ def ggn_spectrum_dataset(
     """
     check_model(model)
     check_loss_func(loss_func)
+    check_sync_batch_norm(model)
     check_mc_samples(mc_samples, generator)
     check_options(chunk=chunk, rtol=rtol, top_k=top_k, memory_budget=memory_budget)
     if not isinstance(eigenvectors, bool):
@@ -285,6 +239,10 @@ def ggn_spectrum_dataset(
         raise ValueError(
             "solver='lanczos' finds the top_k largest eigenvalues; pass top_k=k."
         )
+    if activations not in ("keep", "recompute"):
+        raise ValueError(
+            f"activations must be 'keep' or 'recompute'; got {activations!r}."
+        )
     if (
         isinstance(batches, tuple)
         and len(batches) == 2
@@ -294,87 +252,115 @@ def ggn_spectrum_dataset(
             "batches must be an iterable of (inputs, targets) pairs; for one batch "
             "pass [(inputs, targets)]."
         )
+    comm = Comm(process_group)
+    if comm.distributed:
+        batches = list(batches)  # every rank's count first: global batch indices
+    first = (
+        sum(comm.gather_objects(len(batches))[: comm.rank]) if comm.distributed else 0
+    )
+    base_seed = None
+    if mc_samples is not None:  # batch b draws from its own generator (any split)
+        base_seed = int(torch.randint(2**62, (1,), generator=generator).item())
     with model_preserved(model):
         lins: list[Linearization] = []
         blocks: list[Tensor] = []
-        sizes: list[int] = []
-        paths: list[EnginePath] = []
-        columns: list[int] = []
-        for b, item in enumerate(_progress(batches, progress)):
-            X, y = _unpack(item, b)
-            lin = linearize(
-                model,
-                loss_func,
-                X,
-                y,
-                params,
-                path,
-                mc_samples=mc_samples,
-                generator=generator,
-            )
-            sizes.append(lin.batch_size)
-            paths.append(lin.path)
-            columns.append(lin.num_columns)
-            if solver == "lanczos":
-                lins.append(lin)
-                continue
-            if b == 0:
-                projected = _projected_columns(batches, lin)
-                if projected is not None:
-                    _check_budget(projected, lin, budget, "of this data set")
-            _check_budget(sum(columns), lin, budget, f"after {b + 1} batches")
-            blocks.append(lin.factors_matrix(chunk))  # [N_b·C, D]
-        if not sizes:
-            raise ValueError("batches is empty; pass at least one (inputs, targets).")
+        local: list[tuple[int, int, EnginePath]] = []  # (N_b, columns, path)
+        error = None
+        try:
+            for b, item in enumerate(_progress(batches, progress)):
+                X, y = _unpack(item, b)
+                lin = linearize(
+                    model,
+                    loss_func,
+                    X,
+                    y,
+                    params,
+                    path,
+                    mc_samples=mc_samples,
+                    generator=_batch_generator(generator, base_seed, first + b),
+                    capture=False,
+                )
+                local.append((lin.batch_size, lin.num_columns, lin.path))
+                if solver == "lanczos":
+                    lins.append(lin)
+                    continue
+                if b == 0 and not comm.distributed:
+                    projected = _projected_columns(batches, lin)
+                    if projected is not None:
+                        check_budget(projected, lin, budget, "of this data set")
+                columns_so_far = sum(c for _, c, _ in local)
+                check_budget(columns_so_far, lin, budget, f"after {b + 1} batches")
+                blocks.append(lin.factors_matrix(chunk))  # [N_b·C, D]
+            if not local:
+                raise ValueError(
+                    "batches is empty; pass at least one (inputs, targets)"
+                    + (
+                        f" on every rank (rank {comm.rank} has none)."
+                        if comm.distributed
+                        else "."
+                    )
+                )
+        except Exception as err:  # noqa: BLE001 - raised on every rank by agree
+            error = err
+        comm.agree(error)
+        everyone = comm.gather_objects(local)
+        flat = [entry for rank in everyone for entry in rank]
+        sizes = [n for n, _, _ in flat]
         total = sum(sizes)
         weights = [n / total if loss_func.reduction == "mean" else 1.0 for n in sizes]
-        scales = [w**0.5 for w in weights]
+        offsets = [0]
+        for rank_entries in everyone:
+            offsets.append(offsets[-1] + sum(c for _, c, _ in rank_entries))
+        start = sum(len(entries) for entries in everyone[: comm.rank])
+        scales = [w**0.5 for w in weights[start : start + len(local)]]
         if solver == "lanczos":
-            evals, evecs = _lanczos(model, lins, scales, top_k, chunk)
-            rtol = default_rtol(sum(columns), evals.dtype) if rtol is None else rtol
-            model_errors = ErrorModel.of(
-                evals.dtype, evals.dtype, lins[0].fmodel.num_params
+            op = DatasetOperator(
+                lins, scales, offsets, comm, chunk, activations == "recompute"
             )
-            lam_max = max(evals[0].item(), 0.0)
-            errors = model_errors.operator_errors(torch.zeros_like(evals), lam_max)
-            pairs = select_pairs(evals, evecs, errors, rtol, top_k, None, model_errors)
-            vectors = None
-            if eigenvectors:
-                pairs = drop_unresolved(pairs)
-                parts = torch.split(pairs.scaled_vectors().T, columns, dim=1)
-                vectors = sum(
-                    s * lin.apply_factors(u, chunk)
-                    for s, lin, u in zip(scales, lins, parts)
-                )
-                if not pairs.eigenvalues.numel():
-                    vectors = evals.new_zeros(0, lins[0].fmodel.num_params)
-            dtype = evals.dtype
+            rtol = (
+                default_rtol(offsets[-1], lins[0].outputs.dtype)
+                if rtol is None
+                else rtol
+            )
+            pairs = lanczos_pairs(model, op, top_k, rtol)
+            dtype = pairs.eigenvalues.dtype
+            apply = op.apply_factors
         else:
-            Vt = torch.cat([s * block for s, block in zip(scales, blocks)])  # [Ñ, D]
-            acc = accumulation_dtype(Vt.dtype, None)
-            pairs = spectrum_from_gram(
-                symmetric_gram(Vt, acc),
-                top_k,
-                rtol,
-                ErrorModel.of(Vt.dtype, acc, Vt.shape[1]),
-            )
-            vectors = None
-            if eigenvectors:
-                pairs = drop_unresolved(pairs)
-                vectors = pairs.scaled_vectors().T.to(Vt.dtype) @ Vt
-            dtype = Vt.dtype
-        evals, evecs = pairs.eigenvalues.to(dtype), pairs.vectors.to(dtype)
-        threshold = pairs.threshold
-        errors = pairs.errors.to(dtype) if solver == "dense" else None
+            dtype = blocks[0].dtype
+            if comm.distributed:
+                check_ranks(offsets, blocks[0].shape[1], dtype, budget)
+            Vt = torch.cat([s * block for s, block in zip(scales, blocks)])  # [Ñ_r, D]
+            acc = accumulation_dtype(dtype, None)
+            pairs = dense_pairs(Vt, offsets, comm, acc, rtol, top_k)
+            apply = None
+        vectors = None
+        if eigenvectors:
+            pairs = drop_unresolved(pairs)
+            coefficients = pairs.scaled_vectors()  # [Ñ, K]
+            if apply is not None:
+                vectors = apply(coefficients.T.to(dtype))
+            else:
+                vectors = dense_eigenvectors(Vt, coefficients, offsets, comm)
         return DatasetSpectrum(
-            evals,
+            pairs.eigenvalues.to(dtype),
             vectors,
-            paths,
+            [p for _, _, p in flat],
             sizes,
             weights,
-            sum(columns),
-            threshold,
-            evecs,
+            offsets[-1],
+            pairs.threshold,
+            pairs.vectors.to(dtype),
             solver,
-            errors,
+            pairs.errors.to(dtype) if solver == "dense" else None,
+            bytes_exchanged=comm.bytes,
         )
+
+
+def _batch_generator(
+    generator: torch.Generator | None, base_seed: int | None, b: int
+) -> torch.Generator | None:
+    """Batch ``b``'s Monte-Carlo generator: seeded ``base + b`` (``None``: no MC)."""
+    if base_seed is None:
+        return None
+    device = generator.device if generator is not None else "cpu"
+    return torch.Generator(device=device).manual_seed(base_seed + b)
