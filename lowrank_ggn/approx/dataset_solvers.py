@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from lowrank_ggn.approx.distributed import Comm
 from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.precision import ErrorModel, accumulation_dtype
-from lowrank_ggn.core.spectrum import GramEigenpairs, gram_eigh, select_pairs
+from lowrank_ggn.core.spectrum import GramEigenpairs, gram_eigh, ritz_pairs
 from lowrank_ggn.operators import TorchLinearOperator, factors_transpose_apply
 
 
@@ -215,10 +215,8 @@ def lanczos_pairs(
     evals = torch.as_tensor(evals[order]).to(**to)
     evecs = torch.as_tensor(evecs[:, order]).to(**to)
     model_errors = ErrorModel.of(evals.dtype, evals.dtype, fm.num_params)
-    errors = model_errors.operator_errors(
-        torch.zeros_like(evals), max(evals[0].item(), 0.0)
-    )
-    return select_pairs(evals, evecs, errors, rtol, top_k, None, model_errors)
+    # eigsh reports no residuals: the operator's round-off alone
+    return ritz_pairs(evals, evecs, torch.zeros_like(evals), rtol, top_k, model_errors)
 
 
 __all__ = [

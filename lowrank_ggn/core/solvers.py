@@ -23,7 +23,7 @@ from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.paths import PER_SAMPLE, batch_statistic_modules
 from lowrank_ggn.core.precision import ErrorModel
 from lowrank_ggn.core.progress import PassProgress
-from lowrank_ggn.core.spectrum import GramEigenpairs, select_pairs
+from lowrank_ggn.core.spectrum import GramEigenpairs, ritz_pairs
 
 #: Cost model of ``solver="auto"``: operator products (one VJP plus one JVP each) that
 #: block Lanczos needs per wanted eigenpair (measured: 4.4 on 3c3d-BN, ``k = 10``).
@@ -147,14 +147,9 @@ def lanczos_pairs(
     memory_budget: float | None,
     progress: bool | None,
 ) -> GramEigenpairs:
-    """Lanczos eigenpairs with error estimates, selected as the dense solver's are.
-
-    Each eigenvalue's error is its Ritz residual plus the operator's round-off
-    (:meth:`lowrank_ggn.core.precision.ErrorModel.operator_errors`).
-    """
+    """Lanczos eigenpairs with error estimates (:func:`~lowrank_ggn.core.spectrum.ritz_pairs`)."""
     evals, evecs, res = lanczos_eigenpairs(lin, top_k, memory_budget, progress)
-    errors = model.operator_errors(res, max(evals[0].item(), 0.0))
-    return select_pairs(evals, evecs, errors, rtol, top_k, None, model)
+    return ritz_pairs(evals, evecs, res, rtol, top_k, model)
 
 
 __all__ = [

@@ -194,6 +194,23 @@ def select_pairs(
     )
 
 
+def ritz_pairs(
+    evals: Tensor,
+    evecs: Tensor,
+    residuals: Tensor,
+    rtol: float | None,
+    top_k: int | None,
+    model: ErrorModel,
+) -> GramEigenpairs:
+    """Pairs of a matrix-free solver, selected as the dense solver's are.
+
+    Each eigenvalue's error is its residual plus the operator's round-off
+    (:meth:`lowrank_ggn.core.precision.ErrorModel.operator_errors`).
+    """
+    errors = model.operator_errors(residuals, max(evals[0].item(), 0.0))
+    return select_pairs(evals, evecs, errors, rtol, top_k, None, model)
+
+
 def gram_eigh(gram: Tensor, model: ErrorModel | None = None) -> GramEigenpairs:
     """Every eigenpair of a symmetric PSD Gram matrix, descending, with its error.
 
