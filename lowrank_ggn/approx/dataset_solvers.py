@@ -97,14 +97,16 @@ def dense_pairs(
     total, D = offsets[-1], Vt.shape[1]
     gram = Vt.new_zeros(total, total, dtype=acc)
     mine = slice(offsets[comm.rank], offsets[comm.rank + 1])
-    own = Vt.to(acc)
     for s in range(comm.world):
         if s == comm.rank:
-            other = comm.broadcast_(Vt.contiguous(), s).to(acc)
+            other = comm.broadcast_(Vt.contiguous(), s)
         else:
             rows = offsets[s + 1] - offsets[s]
-            other = comm.broadcast_(Vt.new_empty(rows, D), s).to(acc)
-        gram[mine, offsets[s] : offsets[s + 1]] = own @ other.T
+            other = comm.broadcast_(Vt.new_empty(rows, D), s)
+        block = gram[mine, offsets[s] : offsets[s + 1]]
+        step = max(1, 2**24 // max(1, Vt.shape[0] + other.shape[0]))
+        for j in range(0, D, step):  # cast in column blocks: no full copy in ``acc``
+            block.addmm_(Vt[:, j : j + step].to(acc), other[:, j : j + step].to(acc).T)
         del other
     comm.all_reduce_(gram)
     gram = 0.5 * (gram + gram.T)
