@@ -150,7 +150,7 @@ ENGINE_IDS = [name for name, _ in ENGINE_CALLS]
 
 
 def _bits(t):
-    from lowrank_ggn.core.state import _bits as bits
+    from lowrank_ggn.core.state import tensor_bits as bits
 
     return bits(t)
 

@@ -299,50 +299,33 @@ def test_per_layer_option(tmp_path):
 
 
 def test_approximation_options_are_wired_as_keyword_arguments(tmp_path, monkeypatch, capsys):
-    """A recording ggn_spectrum checks exactly which keyword arguments the CLI passes."""
+    """A recording GGN checks exactly which keyword arguments the CLI passes."""
     import lowrank_ggn.app.analysis as analysis
+    from lowrank_ggn import GGN
 
-    calls = []
+    calls, block_groups = [], []
 
-    def stand_in(model, loss_func, inputs, targets, *, mc_samples=None,
-                 generator=None, subsampling=None, param_groups=None, **kwargs):  # fmt: skip
-        calls.append(
-            {
-                "mc_samples": mc_samples,
-                "generator": generator,
-                "subsampling": subsampling,
-                "param_groups": param_groups,
-            }  # fmt: skip
-        )
-        if param_groups is not None:
-            return [
-                ggn_spectrum(
-                    model, loss_func, inputs, targets, params=g["params"], **kwargs
-                )
-                for g in param_groups
-            ]
-        return ggn_spectrum(model, loss_func, inputs, targets, **kwargs)
+    class Recording(GGN):
+        def __init__(self, model, loss_func, inputs, targets, **kwargs):
+            calls.append(kwargs)
+            super().__init__(model, loss_func, inputs, targets, **kwargs)
 
-    def blocks_stand_in(model, loss_func, inputs, targets, param_groups, **kwargs):
-        return stand_in(
-            model, loss_func, inputs, targets, param_groups=param_groups, **kwargs
-        )
+        def block_spectra(self, param_groups, *args, **kwargs):
+            block_groups.append(param_groups)
+            return super().block_spectra(param_groups, *args, **kwargs)
 
-    monkeypatch.setattr(analysis, "ggn_spectrum", stand_in)
-    monkeypatch.setattr(analysis, "ggn_block_spectra", blocks_stand_in)
+    monkeypatch.setattr(analysis, "GGN", Recording)
     argv = ["--model", "mlp", "--batch-size", "4", "--train-steps", "0", "--seed", "5"]
     extra = ["--mc-samples", "3", "--subsampling", "1,2", "--per-layer"]
     assert main([*argv, *extra, "--out", str(tmp_path)]) == 0
-    approx = [c for c in calls if c["mc_samples"] is not None]
-    assert len(approx) == 2  # spectrum with top-k eigenvectors, per-layer blocks
+    approx = [c for c in calls if c.get("mc_samples") is not None]
+    assert len(approx) == 1  # one object: spectrum, per-layer blocks, moments
     for c in approx:
         assert c["mc_samples"] == 3 and c["subsampling"] == [1, 2]
         assert isinstance(c["generator"], torch.Generator)
         assert c["generator"].initial_seed() == 5
-    assert (
-        sum(c["mc_samples"] is None and c["param_groups"] is None for c in calls) == 1
-    )
-    (groups,) = [c["param_groups"] for c in calls if c["param_groups"] is not None]
+    assert [c for c in calls if c.get("mc_samples") is None] == [{}]  # exact spectrum
+    (groups,) = block_groups
     model = build_model("mlp", 5)
     expected = [[p.shape for p in g["params"]] for g in layer_groups(model)]
     assert [[p.shape for p in g["params"]] for g in groups] == expected

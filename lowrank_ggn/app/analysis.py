@@ -1,7 +1,7 @@
 r"""The analysis of one problem by ``lowrank-ggn``: spectrum, checks, structure, moments.
 
 :func:`analyse` computes the nonzero GGN spectrum and the top eigenvectors of a
-:class:`~lowrank_ggn.app.problems.Problem` (:func:`lowrank_ggn.ggn_spectrum`, with
+:class:`~lowrank_ggn.app.problems.Problem` from one :class:`lowrank_ggn.GGN` (with
 the ``--mc-samples``/``--subsampling`` approximations and the ``--per-layer`` blocks),
 checks the sum of the eigenvalues and the eigenvectors against the brute-force dense
 GGN where that is affordable (:data:`DENSE_BUDGET`), and adds the structure audit, the
@@ -20,13 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lowrank_ggn import (
-    audit_structure,
-    directional_derivatives,
-    ggn_block_spectra,
-    ggn_spectrum,
-    gradient_moments,
-)
+from lowrank_ggn import GGN
 from lowrank_ggn.app.models import ZOO, num_params
 from lowrank_ggn.app.problems import Problem, layer_groups, subsampling_indices
 
@@ -35,7 +29,7 @@ DENSE_BUDGET = 4_000_000
 
 
 def _approximation_kwargs(args: argparse.Namespace, problem: Problem) -> dict[str, Any]:
-    """Keyword arguments of ``ggn_spectrum`` for ``--mc-samples``/``--subsampling``."""
+    """Keyword arguments of ``GGN`` for ``--mc-samples``/``--subsampling``."""
     kwargs: dict[str, Any] = {}
     if args.mc_samples is not None:
         device = next(problem.model.parameters()).device
@@ -87,7 +81,7 @@ def _dense_check(
 
 
 def structure_and_moments(
-    problem: Problem, vectors: Tensor | None
+    ggn: GGN, vectors: Tensor | None
 ) -> tuple[dict[str, Any], list[str]]:
     """Structure audit, gradient moments and directional derivatives of one problem.
 
@@ -98,15 +92,9 @@ def structure_and_moments(
     Returns:
         ``(JSON entries, report lines)``.
     """
-    model, loss_func, X, y = (
-        problem.model,
-        problem.loss_func,
-        problem.inputs,
-        problem.targets,
-    )
     t0 = time.perf_counter()
-    audit = audit_structure(model, loss_func, X, y)
-    moments = gradient_moments(model, loss_func, X, y)
+    audit = ggn.audit()
+    moments = ggn.moments()
     entries: dict[str, Any] = {
         "structure_audit": {
             "sample_independent": audit.sample_independent,
@@ -132,7 +120,7 @@ def structure_and_moments(
         f"{kind} SNR ‖mean‖²/Σvar = {moments.total_snr.item():.4g}"
     )
     if vectors is not None and vectors.shape[0] > 0:
-        dd = directional_derivatives(model, loss_func, X, y, vectors)
+        dd = ggn.directional_derivatives(vectors)
         entries["directional"] = {
             "gamma_snr": dd.gamma_snr.tolist(),
             "lambda_snr": dd.lambda_snr.tolist(),
@@ -185,24 +173,18 @@ def analyse(problem: Problem, args: argparse.Namespace) -> dict[str, Any]:
             "ignore", "`torch.jit.script` is deprecated", DeprecationWarning
         )
         t0 = time.perf_counter()
-        res = ggn_spectrum(model, loss_func, X, y, eigenvectors=args.top_k, **approx)
+        ggn = GGN(model, loss_func, X, y, **approx)  # one linearisation serves all
+        res = ggn.spectrum(eigenvectors=args.top_k)
         entry["seconds_spectrum"] = time.perf_counter() - t0
         top_values = res.eigenvalues[: args.top_k]
         exact_res = None
         if approx:
-            exact_res = ggn_spectrum(model, loss_func, X, y)
+            exact_res = GGN(model, loss_func, X, y).spectrum()
         blocks = None
         if args.per_layer:
             groups = layer_groups(model)
             t0 = time.perf_counter()
-            block_res = ggn_block_spectra(
-                model,
-                loss_func,
-                X,
-                y,
-                [{"params": g["params"]} for g in groups],
-                **_approximation_kwargs(args, problem),
-            )
+            block_res = ggn.block_spectra([{"params": g["params"]} for g in groups])
             entry["seconds_per_layer"] = time.perf_counter() - t0
             blocks = {
                 g["name"]: {
@@ -213,7 +195,7 @@ def analyse(problem: Problem, args: argparse.Namespace) -> dict[str, Any]:
                 for g, r in zip(groups, block_res)
             }
         check = _dense_check(problem, res.eigenvalues, res.eigenvectors, not approx)
-        extra, extra_lines = structure_and_moments(problem, res.eigenvectors)
+        extra, extra_lines = structure_and_moments(ggn, res.eigenvectors)
     entry.update(
         eigenvalues=res.eigenvalues.tolist(),
         eigenvalue_errors=res.eigenvalue_errors.tolist(),
@@ -235,6 +217,7 @@ def analyse(problem: Problem, args: argparse.Namespace) -> dict[str, Any]:
             "passes": dict(res.engine_report.passes),
         },
         trace_check=check,
+        forward_passes=ggn.forward_passes,
         approximation={k: v for k, v in approx.items() if k != "generator"} or None,
         **extra,
     )

@@ -43,7 +43,7 @@ class _TensorSlot:
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _bits(t: Tensor) -> Tensor:
+def tensor_bits(t: Tensor) -> Tensor:
     """``t`` reinterpreted as integers of the same width (bitwise comparison)."""
     if t.is_complex():
         t = torch.view_as_real(t)
@@ -58,7 +58,7 @@ def _unchanged(a: Tensor, b: Tensor) -> bool:
         return False
     if a.device.type == "meta":  # no values to compare
         return True
-    return bool(torch.equal(_bits(a), _bits(b)))
+    return bool(torch.equal(tensor_bits(a), tensor_bits(b)))
 
 
 class ModelSnapshot:
