@@ -10,7 +10,7 @@ spectrum, gradient moments, directional derivatives and linear operators from it
 the one-call functions of :mod:`lowrank_ggn.functional` wrap it.
 """
 
-from lowrank_ggn import reference
+from lowrank_ggn import optim, reference
 from lowrank_ggn.approx.dataset import DatasetSpectrum, ggn_spectrum_dataset
 from lowrank_ggn.approx.dataset_solvers import GramMemoryError
 from lowrank_ggn.approx.param_groups import per_layer_groups
@@ -65,6 +65,7 @@ __all__ = [
     "gram_linear_operator",
     "gram_matrix",
     "loss_hessian_factors",
+    "optim",
     "per_layer_groups",
     "reference",
     "sampled_loss_hessian_factors",

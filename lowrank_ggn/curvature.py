@@ -82,11 +82,11 @@ class GGN:
     linearises it (see the module docstring for what each method costs).
 
     Args:
-        model: Module mapping ``inputs`` ``[N, *in]`` to ``[N, *out]``; never changed.
-        loss_func: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``
-            (reduction ``'mean'`` or ``'sum'``).
-        inputs: The batch.
-        targets: Its targets.
+        model: The module, ``[N, *in] -> [N, *out]``; observed, never changed.
+        loss_func: A ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``
+            with reduction ``'mean'`` or ``'sum'``.
+        inputs: The batch ``[N, *in]``.
+        targets: The batch's targets.
         params: Parameters of ``model``; default: all that require grad. They define
             ``D`` and the flattening order of every parameter-space vector.
         mc_samples: ``M`` Monte-Carlo factor columns per sample instead of the ``C``

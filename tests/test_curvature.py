@@ -219,3 +219,15 @@ def test_gradient_and_audit_of_the_object():
     report_close(ggn.gradient(), dense_gradient(model, loss, X, y), name="∇L")
     report = ggn.audit()
     assert not report.sample_independent and report.mixing_modules == ("1",)
+
+
+def test_zero_directions_and_parameters_above_batch_norm_only():
+    """Edge cases: K = 0 directions; bn_split when no parameter sits below the BN."""
+    model, loss, X, y = next(c for c in CASES if c.name == "bn1d-train-ce").make()
+    head = list(model[3].parameters())
+    ggn = GGN(model, loss, X, y, params=head, strategy="bn_split")
+    spec = ggn.spectrum(eigenvectors=True)
+    assert_spectrum_matches(spec.eigenvalues, dense_ggn(model, loss, X, y, params=head))
+    D = sum(p.numel() for p in head)
+    dd = _quiet(ggn.directional_derivatives, torch.zeros(0, D, dtype=X.dtype))
+    assert dd.gammas.shape == (X.shape[0], 0) and dd.lambdas.shape == (X.shape[0], 0)

@@ -163,3 +163,35 @@ def test_batchnorm_structure_quick(tmp_path):
         assert r["random_baseline"] < 0.05
     if not has("vivit", "backpack"):
         assert "skipped" in result["shortcut"]["vivit"]
+
+
+def test_optimizers_quick(tmp_path):
+    result = run_quick("optimizers", tmp_path)
+    s = result["settings"]
+    assert [r["model"] for r in result["runs"]] == ["cnn", "cnn-bn"]
+    for run in result["runs"]:
+        names = [o["optimizer"] for o in run["optimizers"]]
+        assert names == [
+            "SGD",
+            "Adam",
+            "DampedNewton, constant",
+            "DampedNewton, bootstrap",
+        ]
+        for opt in run["optimizers"]:
+            assert [p["step"] for p in opt["steps"]] == list(range(1, s["steps"] + 1))
+            assert all(math.isfinite(p["loss"]) for p in opt["steps"])
+            times = [p["seconds"] for p in opt["steps"]]
+            assert times == sorted(times) and times[0] > 0
+            assert all(0.0 <= e["test_accuracy"] <= 1.0 for e in opt["evals"])
+            if opt["optimizer"].startswith("DampedNewton"):
+                for p in opt["steps"]:
+                    assert len(p["damping"]) <= s["top_k"]
+                    assert p["lambda_1"] is None or p["lambda_1"] > 0
+                    finite = [d for d in p["damping"] if d is not None]
+                    assert p["num_directions"] == len(finite)
+            if opt["optimizer"].endswith("constant"):
+                assert all(
+                    d == s["constant_damping"]
+                    for p in opt["steps"]
+                    for d in p["damping"]
+                )

@@ -275,6 +275,15 @@ def loss_hessian_factors(
     return S.reshape(C, N, *out_shape)
 
 
+def check_generator(generator: object) -> None:
+    """``generator`` must be a ``torch.Generator`` or ``None``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None; got {type(generator).__name__}."
+            " Pass e.g. torch.Generator().manual_seed(0)."
+        )
+
+
 def check_mc_samples(mc_samples: int | None, generator: object = None) -> None:
     """Raise unless ``mc_samples`` is ``None`` or a positive int and ``generator`` fits.
 
@@ -292,11 +301,7 @@ def check_mc_samples(mc_samples: int | None, generator: object = None) -> None:
             f"mc_samples must be a positive int (sampled factor columns per sample) or "
             f"None for the exact factors; got {mc_samples!r}."
         )
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a torch.Generator or None; got {type(generator).__name__}."
-            " Pass e.g. torch.Generator().manual_seed(0)."
-        )
+    check_generator(generator)
     if generator is not None and mc_samples is None:
         raise ValueError(
             "generator is only used with mc_samples=M (Monte-Carlo factors); pass "

@@ -168,11 +168,12 @@ def directional_from_linearization(
     N, K = lin.batch_size, E.shape[0]
     Je = output_jvps(lin, E, chunk)  # [K, N, *out]
     g_out = output_gradient(lin)  # [N, *out], reduction included
-    gammas = (Je * g_out).reshape(K, N, -1).sum(-1).T / rho  # [N, K]
+    O = lin.outputs[0].numel()  # explicit: K = 0 must reshape too
+    gammas = (Je * g_out).reshape(K, N, O).sum(-1).T / rho  # [N, K]
     # ∇²_F L (J e_k): the loss Hessian is symmetric, so its VJP is the HVP
     _, hvp_fn = vjp(grad(lambda o: loss_func(o, targets)), lin.outputs)
     HJe = vmap(lambda v: hvp_fn(v)[0], chunk_size=max(1, chunk))(Je) if K else Je
-    lambdas = (Je * HJe).reshape(K, N, -1).sum(-1).T / rho  # [N, K]
+    lambdas = (Je * HJe).reshape(K, N, O).sum(-1).T / rho  # [N, K]
     g_mean, g_var, g_snr = _stats(gammas)
     l_mean, l_var, l_snr = _stats(lambdas)
     return DirectionalDerivatives(

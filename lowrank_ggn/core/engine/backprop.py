@@ -101,14 +101,14 @@ def frozen_passes(
     targets = [la.outputs[0] for la in layers] + [bn.output for bn in bns]
     per_layer: list[list[Tensor]] = [[] for _ in layers]
     per_bn: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in bns]
+    live = [t for t in targets if t.requires_grad]  # e.g. a BN below every param
     for c in range(C):
-        grads = (
-            torch.autograd.grad(
-                out, targets, full[c], retain_graph=True, allow_unused=True
-            )
-            if targets
+        found = iter(
+            torch.autograd.grad(out, live, full[c], retain_graph=True, allow_unused=True)
+            if live
             else []
         )
+        grads = [next(found) if t.requires_grad else None for t in targets]
         for store, la, g in zip(per_layer, layers, grads):
             g = torch.zeros_like(la.outputs[0]) if g is None else g  # dead branch
             store.append(la.output_grad(g.unsqueeze(0))[0][idx])  # [NS, P, O]

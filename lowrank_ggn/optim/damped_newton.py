@@ -1,0 +1,372 @@
+r"""Damped Newton in the top-``K`` GGN eigenspace of each batch, as a ``torch.optim.Optimizer``.
+
+For a batch with loss ``L = ρ Σ_n ℓ_n``, gradient ``g = ∇_θ L`` and top-``K`` GGN
+eigenpairs ``(λ_k, e_k)`` (exact for any model, BatchNorm in train mode included), one
+step is
+
+.. math::
+    Δθ = −\text{lr} \sum_{k=1}^K \frac{γ_k}{λ_k + δ_k} e_k
+         − \text{complement\_lr} \Big(g − \sum_{k=1}^K γ_k e_k\Big),
+    \qquad γ_k = e_k^⊤ g,
+
+with the dampings ``δ_k`` of a policy (:mod:`lowrank_ggn.optim.damping`);
+``δ_k = inf`` takes no step along ``e_k``. The first term is Newton's step of the
+quadratic model restricted to the eigenspace, the second a gradient step in its
+orthogonal complement. With several parameter groups each group's coordinates of
+``Δθ`` use that group's ``lr`` and ``complement_lr``.
+
+**One linearisation.** Each step builds one :class:`~lowrank_ggn.GGN` and reads
+everything from it: the spectrum (Gram engine's backward passes, ``eigh``,
+eigenvectors from one batched backward pass), the gradient (one backward pass of the
+recorded graph), ``γ_nk`` (``J e_k`` by double backward on the graph, no forward
+pass) and
+
+.. math::
+    λ_{nk} = \frac{‖V_n^⊤ e_k‖²}{ρ_S} = \frac{λ_k ‖u_k[n·C:(n+1)·C]‖²}{ρ_S},
+
+because ``V_nᵀ e_k = V_nᵀ V u_k / √λ_k = (Vᵀ V u_k)_n / √λ_k = √λ_k u_k[n]`` for the
+Gram eigenvector ``u_k`` (``[N_S·C]``, sample-major): no further pass. ``V_n`` are the
+factor columns of sample ``n``, so this is the per-sample (per-component) curvature
+of the factors in use — exact ones, Monte-Carlo ones or a curvature sub-sample of
+``N_S`` samples with ``ρ_S = 1/N_S`` (``'mean'``) — and ``ρ_S Σ_n λ_nk = λ_k``
+holds exactly. The step therefore costs the forward passes of the spectrum alone
+(:attr:`StepInfo.forward_passes`) and three more reverse passes through the model
+(besides products on the outputs alone).
+
+**Nothing else changes.** The step writes the parameters in place under
+``torch.no_grad()``; ``.grad``, modes and buffers stay as they were. With
+``update_buffers=True`` the model runs once more on the batch, as the forward pass of
+a training step would (in its current modes, at the parameters before the update,
+without graph), so train-mode BatchNorm updates its running statistics.
+
+Reference: Dangel, Tatzel & Hennig, *ViViT: Curvature access through the generalized
+Gauss-Newton's low-rank structure*, TMLR 2022, https://arxiv.org/abs/2106.02624
+(directional derivatives and damped Newton steps along GGN eigenvectors).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lowrank_ggn.core.loss_factors import check_mc_samples, sample_weight
+from lowrank_ggn.core.paths import EnginePath
+from lowrank_ggn.core.validation import check_options
+from lowrank_ggn.curvature import GGN
+from lowrank_ggn.diagnostics.warnings import SampleMixingWarning
+from lowrank_ggn.optim.damping import ConstantDamping, DampingPolicy, DirectionalData
+
+
+@dataclass
+class StepInfo:
+    """What one :meth:`DampedNewton.step` computed (at the parameters before it).
+
+    Attributes:
+        loss: The batch loss ``L``.
+        eigenvalues: ``[K]``, ``λ_k`` (``K ≤ top_k``: only resolved eigenvalues).
+        eigenvectors: ``[K, D]``, ``e_k``.
+        slopes: ``[K]``, ``γ_k = e_kᵀ g``.
+        gammas: ``[N, K]``, per-sample (per-component) slopes ``γ_nk``.
+        lambdas: ``[N_S, K]``, per-sample (per-component) curvatures ``λ_nk``.
+        damping: ``[K]``, ``δ_k`` (``inf``: no step along ``e_k``).
+        coefficients: ``[K]``, Newton coefficients ``γ_k / (λ_k + δ_k)`` (0 where
+            ``δ_k = inf``); the step along ``e_k`` is ``−lr`` times this.
+        num_directions: Directions stepped along (finite ``δ_k``).
+        step_norm: ``‖Δθ‖₂``.
+        gradient_norm: ``‖g‖₂``.
+        path: The engine's path (``per_sample`` or ``full_batch``, and why).
+        engine_report: How the Gram matrix and eigenpairs were computed.
+        forward_passes: Forward passes of the batch the step ran (full-batch
+            equivalents; ``update_buffers`` adds one).
+        sample_mixing: The forward pass mixes samples: ``gammas``/``lambdas`` are
+            per-component quantities.
+    """
+
+    loss: float
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    slopes: Tensor
+    gammas: Tensor
+    lambdas: Tensor
+    damping: Tensor
+    coefficients: Tensor
+    num_directions: int
+    step_norm: float
+    gradient_norm: float
+    path: EnginePath
+    engine_report: Any
+    forward_passes: float
+    sample_mixing: bool
+
+
+def gram_curvatures(
+    eigenvalues: Tensor, gram_eigenvectors: Tensor, num_samples: int, rho: float
+) -> Tensor:
+    r"""``λ_nk = λ_k ‖u_k[n·C:(n+1)·C]‖² / ρ_S`` ``[N_S, K]`` from Gram eigenpairs.
+
+    Args:
+        eigenvalues: ``[K]``.
+        gram_eigenvectors: ``[N_S·C, K]``, sample-major.
+        num_samples: ``N_S``.
+        rho: ``ρ_S``.
+
+    Example:
+        >>> import torch
+        >>> U = torch.linalg.qr(torch.randn(6, 2, dtype=torch.float64))[0]
+        >>> lam = gram_curvatures(torch.tensor([2.0, 1.0]).double(), U, 3, 1 / 3)
+        >>> assert torch.allclose(lam.sum(0) / 3, torch.tensor([2.0, 1.0]).double())
+    """
+    NC, K = gram_eigenvectors.shape
+    U = gram_eigenvectors.reshape(num_samples, NC // num_samples, K).double()
+    lambdas = eigenvalues.double() * U.square().sum(1) / rho
+    return lambdas.to(eigenvalues.dtype)
+
+
+def newton_coefficients(slopes: Tensor, eigenvalues: Tensor, damping: Tensor) -> Tensor:
+    """``γ_k / (λ_k + δ_k)``, and 0 where ``δ_k = inf``."""
+    finite = torch.isfinite(damping)
+    denom = eigenvalues + torch.where(finite, damping, torch.zeros_like(damping))
+    return torch.where(finite, slopes / denom, torch.zeros_like(slopes))
+
+
+def _check_rate(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float; got {type(value).__name__}.")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and ≥ 0; got {value}.")
+    return float(value)
+
+
+def _check_damping_output(damping: Any, K: int, ref: Tensor) -> Tensor:
+    damping = torch.as_tensor(damping).to(dtype=ref.dtype, device=ref.device)
+    if damping.shape != (K,):
+        raise ValueError(
+            f"the damping policy must return one damping per direction, shape ({K},); "
+            f"got {tuple(damping.shape)}."
+        )
+    if torch.isnan(damping).any() or (damping < 0).any():
+        raise ValueError(
+            f"the damping policy returned NaN or negative dampings {damping.tolist()}; "
+            "dampings must lie in [0, inf] (inf: no step along that direction)."
+        )
+    return damping
+
+
+class DampedNewton(torch.optim.Optimizer):
+    r"""Damped Newton steps along the top-``K`` GGN eigenvectors of each batch.
+
+    See the module docstring for the step and its cost. ``lr`` and ``complement_lr``
+    live in ``param_groups`` (learning-rate schedulers change them);
+    :meth:`state_dict` also holds the step count and the damping policy's state.
+
+    Args:
+        params: Parameters of ``model`` to optimise (or parameter groups); they define
+            ``D`` and the flattening order of the eigenvectors.
+        model: The module; only ``params`` are changed by a step.
+        loss_func: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``
+            (reduction ``'mean'`` or ``'sum'``).
+        top_k: ``K``, the eigen-directions per step (fewer where fewer eigenvalues
+            are resolved).
+        damping: A :class:`~lowrank_ggn.optim.damping.DampingPolicy`, or a float for
+            :class:`~lowrank_ggn.optim.damping.ConstantDamping`.
+        lr: Learning rate of the Newton part (default 1: the damped Newton step).
+        complement_lr: Learning rate of the gradient in the eigenspace's complement.
+        mc_samples: Monte-Carlo factor columns per sample (:class:`~lowrank_ggn.GGN`).
+        generator: ``torch.Generator`` for the Monte-Carlo draws.
+        subsampling: Batch positions whose curvature is kept.
+        update_buffers: Run the model once more on the batch so that buffers
+            (BatchNorm running statistics) update as in a training step.
+        progress: Progress bars of the Gram engine on stderr (``None``: for steps
+            estimated to take more than 5 s; default: never).
+
+    Example:
+        >>> import torch
+        >>> from lowrank_ggn.optim import DampedNewton
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(4, 2)).double()
+        >>> X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+        >>> opt = DampedNewton(model.parameters(), model=model, top_k=2, damping=1e-2,
+        ...                    loss_func=torch.nn.CrossEntropyLoss())
+        >>> info = opt.step(X, y)
+        >>> info.num_directions, info.gammas.shape
+        (2, torch.Size([8, 2]))
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        *,
+        model: nn.Module,
+        loss_func: nn.Module,
+        top_k: int,
+        damping: DampingPolicy | float,
+        lr: float = 1.0,
+        complement_lr: float = 0.0,
+        mc_samples: int | None = None,
+        generator: torch.Generator | None = None,
+        subsampling: Sequence[int] | Tensor | None = None,
+        update_buffers: bool = False,
+        progress: bool | None = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module; got {type(model).__name__}."
+            )
+        check_options(top_k=top_k)
+        if top_k is None:
+            raise ValueError("top_k must be a positive int (directions per step).")
+        if isinstance(damping, (int, float)) and not isinstance(damping, bool):
+            damping = ConstantDamping(float(damping))
+        if not callable(damping):
+            raise TypeError(
+                "damping must be a DampingPolicy (e.g. ConstantDamping(1e-3) or "
+                f"BootstrapDamping()) or a float; got {type(damping).__name__}."
+            )
+        check_mc_samples(mc_samples, generator)
+        defaults = {
+            "lr": _check_rate("lr", lr),
+            "complement_lr": _check_rate("complement_lr", complement_lr),
+        }
+        super().__init__(params, defaults)
+        own = {id(p) for p in model.parameters()}
+        for group in self.param_groups:
+            _check_rate("lr", group["lr"])
+            _check_rate("complement_lr", group["complement_lr"])
+            for p in group["params"]:
+                if id(p) not in own:
+                    raise ValueError(
+                        f"params must be parameters of model; got a tensor of shape "
+                        f"{tuple(p.shape)} that is not. Pass model.parameters() or a "
+                        "subset of them."
+                    )
+        self.model, self.loss_func, self.top_k = model, loss_func, top_k
+        self.damping = damping
+        self.mc_samples, self.generator = mc_samples, generator
+        self.subsampling, self.update_buffers = subsampling, bool(update_buffers)
+        self.progress = progress
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _directions(self, ggn: GGN) -> tuple[Tensor, Tensor, DirectionalData]:
+        """Gradient, eigenvectors and the policy's data, from one linearisation."""
+        with warnings.catch_warnings():  # the step says per-component once, itself
+            warnings.simplefilter("ignore", SampleMixingWarning)
+            spec = ggn.spectrum(top_k=self.top_k, eigenvectors=True)
+            gradient = ggn.gradient()  # [D], one backward pass of the graph
+            lin = ggn.linearization
+            N, N_S = lin.batch_size, lin.num_samples
+            if spec.rank:  # γ_nk: J e_k by double backward on the graph
+                gammas = ggn.directional_derivatives(spec).gammas
+            else:  # no resolved eigenvalue (a zero GGN): no direction to project on
+                gammas = gradient.new_zeros(N, 0)
+        E = spec.eigenvectors  # [K, D]
+        lambda_rho = sample_weight(self.loss_func, N_S)
+        data = DirectionalData(
+            eigenvalues=spec.eigenvalues,
+            eigenvectors=E,
+            slopes=E @ gradient,
+            gammas=gammas,
+            lambdas=gram_curvatures(
+                spec.eigenvalues, spec.gram_eigenvectors, N_S, lambda_rho
+            ),
+            rho=sample_weight(self.loss_func, N),
+            lambda_rho=lambda_rho,
+            paired=self.subsampling is None,
+            sample_mixing=lin.path.sample_mixing,
+            mixing_modules=lin.path.mixing_modules,
+        )
+        return gradient, E, data
+
+    def step(self, inputs: Tensor, targets: Tensor) -> StepInfo:  # type: ignore[override]
+        r"""One damped Newton step on the batch ``(inputs, targets)``.
+
+        Args:
+            inputs: ``[N, *in]``.
+            targets: The targets of the batch.
+
+        Returns:
+            A :class:`StepInfo` of the quantities at the parameters before the step.
+        """
+        params = self._params()
+        ggn = GGN(
+            self.model,
+            self.loss_func,
+            inputs,
+            targets,
+            params=params,
+            mc_samples=self.mc_samples,
+            generator=self.generator,
+            subsampling=self.subsampling,
+            progress=self.progress,
+        )
+        gradient, E, data = self._directions(ggn)
+        lin = ggn.linearization
+        K = data.eigenvalues.numel()
+        damping = _check_damping_output(self.damping(data), K, data.eigenvalues)
+        coefficients = newton_coefficients(data.slopes, data.eigenvalues, damping)
+        newton = coefficients @ E  # [D], Σ_k γ_k/(λ_k + δ_k) e_k
+        complement = gradient - data.slopes @ E  # [D], g − Σ_k γ_k e_k
+        loss = float(self.loss_func(lin.outputs, targets))
+        forward_passes = ggn.forward_passes
+        if self.update_buffers:  # the forward pass of a training step, no graph
+            with torch.no_grad():
+                self.model(inputs)
+            forward_passes += 1.0
+        squared = 0.0
+        with torch.no_grad():
+            start = 0
+            for group in self.param_groups:
+                lr, c_lr = group["lr"], group["complement_lr"]
+                for p in group["params"]:
+                    part = slice(start, start + p.numel())
+                    delta = -lr * newton[part]
+                    if c_lr:
+                        delta = delta - c_lr * complement[part]
+                    p.add_(delta.view_as(p))
+                    squared += float(delta.square().sum())
+                    start += p.numel()
+        state = self.state[params[0]]
+        state["step"] = state.get("step", 0) + 1
+        return StepInfo(
+            loss=loss,
+            eigenvalues=data.eigenvalues,
+            eigenvectors=E,
+            slopes=data.slopes,
+            gammas=data.gammas,
+            lambdas=data.lambdas,
+            damping=damping,
+            coefficients=coefficients,
+            num_directions=int(torch.isfinite(damping).sum()),
+            step_norm=math.sqrt(squared),
+            gradient_norm=float(gradient.norm()),
+            path=lin.path,
+            engine_report=lin.engine_report,
+            forward_passes=forward_passes,
+            sample_mixing=data.sample_mixing,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim`` state (``param_groups``, step count) and the policy's state."""
+        state = super().state_dict()
+        policy_state = getattr(self.damping, "state_dict", None)
+        state["damping"] = policy_state() if callable(policy_state) else None
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the policy's state too, where it has one)."""
+        state_dict = dict(state_dict)
+        policy_state = state_dict.pop("damping", None)
+        super().load_state_dict(state_dict)
+        load = getattr(self.damping, "load_state_dict", None)
+        if policy_state is not None and callable(load):
+            load(policy_state)
+
+
+__all__ = ["DampedNewton", "StepInfo", "gram_curvatures", "newton_coefficients"]
