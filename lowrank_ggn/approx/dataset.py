@@ -329,7 +329,7 @@ def ggn_spectrum_dataset(
             dtype = blocks[0].dtype
             if comm.distributed:
                 check_ranks(offsets, blocks[0].shape[1], dtype, budget)
-            Vt = torch.cat([s * block for s, block in zip(scales, blocks)])  # [Ñ_r, D]
+            Vt = _stack_scaled(blocks, scales)  # [Ñ_r, D], the blocks freed
             acc = accumulation_dtype(dtype, None)
             pairs = dense_pairs(Vt, offsets, comm, acc, rtol, top_k)
             apply = None
@@ -354,6 +354,17 @@ def ggn_spectrum_dataset(
             pairs.errors.to(dtype) if solver == "dense" else None,
             bytes_exchanged=comm.bytes,
         )
+
+
+def _stack_scaled(blocks: list[Tensor], scales: list[float]) -> Tensor:
+    """``[s_1 V_1ᵀ; s_2 V_2ᵀ; …]``, freeing each block as it is copied (one copy held)."""
+    out = blocks[0].new_empty(sum(b.shape[0] for b in blocks), blocks[0].shape[1])
+    start = 0
+    for i, s in enumerate(scales):
+        rows = blocks[i].shape[0]
+        torch.mul(blocks[i], s, out=out[start : start + rows])
+        blocks[i], start = None, start + rows
+    return out
 
 
 def _batch_generator(
