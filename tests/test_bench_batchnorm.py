@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_batchnorm.py"
+from utils import run_quick_benchmark
+
 PARTS = {"bn_vs_plain", "resnet18", "lanczos"}
 
 
 def test_bench_batchnorm_quick_mode(tmp_path):
-    out = tmp_path / "results"
-    cwd = tmp_path / "elsewhere"  # the script must not depend on the working directory
-    cwd.mkdir()
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--threads", "1"]
-    proc = subprocess.run(
-        cmd, cwd=cwd, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = run_quick_benchmark("bench_batchnorm.py", tmp_path, "--threads", "1")
     result = json.loads((out / "batchnorm_quick.json").read_text())
     assert set(result["parts"]) == PARTS
     assert {"cpu", "cores", "torch"} <= set(result["machine"])

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_curvature.py"
+from utils import run_quick_benchmark
 
 
 def test_bench_curvature_quick_mode(tmp_path):
-    out = tmp_path / "results"
-    cwd = tmp_path / "elsewhere"  # the script must not depend on the working directory
-    cwd.mkdir()
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out)]
-    proc = subprocess.run(
-        cmd, cwd=cwd, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = run_quick_benchmark("bench_curvature.py", tmp_path)
     rows = json.loads((out / "curvature_quick.json").read_text())["rows"]
     by = {(r["model"], r["kind"]): r for r in rows}
     assert set(by) == {

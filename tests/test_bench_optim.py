@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_optim.py"
+from utils import run_quick_benchmark
 
 
 def test_bench_optim_quick_mode(tmp_path):
-    out = tmp_path / "results"
-    cwd = tmp_path / "elsewhere"  # the script must not depend on the working directory
-    cwd.mkdir()
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--threads", "1"]
-    proc = subprocess.run(
-        cmd, cwd=cwd, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = run_quick_benchmark("bench_optim.py", tmp_path, "--threads", "1")
     result = json.loads((out / "optim_quick.json").read_text())
     assert result["quick"] and result["machine"]["torch"]
     assert [r["model"] for r in result["records"]] == ["tiny", "3c3d"]

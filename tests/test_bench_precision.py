@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_precision.py"
+from utils import run_quick_benchmark
 
 
 def test_bench_precision_quick_mode(tmp_path):
-    out = tmp_path / "results"
-    cwd = tmp_path / "elsewhere"  # the script must not depend on the working directory
-    cwd.mkdir()
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--threads", "1"]
-    proc = subprocess.run(
-        cmd, cwd=cwd, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = run_quick_benchmark("bench_precision.py", tmp_path, "--threads", "1")
     result = json.loads((out / "precision_quick.json").read_text())
     records = result["parts"]["3c3d"]["records"]
     assert {r["variant"] for r in records} == {"native", "float64", "model64"}

@@ -54,6 +54,13 @@ DAMPING = 0.1
 EXTRA_REVERSE_CALLS = 7
 
 
+def _newton(model, loss, params=None, **kwargs) -> DampedNewton:
+    """The optimiser of most tests: top-``TOP_K``, constant damping ``DAMPING``."""
+    params = model.parameters() if params is None else params
+    kwargs = {"top_k": TOP_K, "damping": DAMPING, **kwargs}
+    return DampedNewton(params, model=model, loss_func=loss, **kwargs)
+
+
 def _flat(model, params=None) -> torch.Tensor:
     params = list(model.parameters()) if params is None else params
     return torch.cat([p.detach().flatten() for p in params])
@@ -137,12 +144,10 @@ def test_parameter_groups_and_subsets():
     split = sum(p.numel() for p in first)
     expected = torch.cat([ref_a[:split], ref_b[split:]])
     before = _flat(model, params)
-    opt = DampedNewton(
+    opt = _newton(
+        model,
+        loss,
         [{"params": first, "lr": 0.5, "complement_lr": 0.2}, {"params": rest}],
-        model=model,
-        loss_func=loss,
-        top_k=TOP_K,
-        damping=DAMPING,
     )
     _quiet_step(opt, X, y)
     report_close(_flat(model, params) - before, expected, name="Δθ per group")
@@ -153,14 +158,7 @@ def test_parameter_groups_and_subsets():
     dense = _dense_problem(model, loss, X, y, first)
     expected = _reference_step(dense, TOP_K, 1.0, 0.5, DAMPING)
     others, before = _flat(model, rest), _flat(model, first)
-    opt = DampedNewton(
-        first,
-        model=model,
-        loss_func=loss,
-        top_k=TOP_K,
-        damping=DAMPING,
-        complement_lr=0.5,
-    )
+    opt = _newton(model, loss, first, complement_lr=0.5)
     info = _quiet_step(opt, X, y)
     assert info.eigenvectors.shape[1] == before.numel()
     report_close(_flat(model, first) - before, expected, name="Δθ of a subset")
@@ -172,14 +170,7 @@ def test_subsampled_and_monte_carlo_curvatures(name):
     """``λ_nk`` of the factors in use: sub-sampled rows, MC estimates with ρ Σ = λ_k."""
     model, loss, X, y = CASE_BY_NAME[name].make()
     rows = [0, 2, 5]
-    opt = DampedNewton(
-        model.parameters(),
-        model=model,
-        loss_func=loss,
-        top_k=TOP_K,
-        damping=DAMPING,
-        subsampling=rows,
-    )
+    opt = _newton(model, loss, subsampling=rows)
     info = _quiet_step(opt, X, y)
     assert info.gammas.shape[0] == X.shape[0] and info.lambdas.shape[0] == len(rows)
     m2, l2, X2, y2 = CASE_BY_NAME[name].make()
@@ -191,15 +182,7 @@ def test_subsampled_and_monte_carlo_curvatures(name):
 
     model, loss, X, y = CASE_BY_NAME[name].make()
     before = _flat(model)
-    opt = DampedNewton(
-        model.parameters(),
-        model=model,
-        loss_func=loss,
-        top_k=TOP_K,
-        damping=DAMPING,
-        mc_samples=2,
-        generator=torch.Generator().manual_seed(0),
-    )
+    opt = _newton(model, loss, mc_samples=2, generator=torch.Generator().manual_seed(0))
     info = _quiet_step(opt, X, y)
     rho = sample_weight(loss, X.shape[0])
     report_close(rho * info.lambdas.sum(0), info.eigenvalues, name="MC ρ Σ λ = λ")
@@ -237,14 +220,7 @@ def test_only_parameters_change_unless_buffers_are_updated(name):
     twin = copy.deepcopy(model)
     with torch.no_grad():
         twin(X)
-    opt = DampedNewton(
-        model.parameters(),
-        model=model,
-        loss_func=loss,
-        top_k=TOP_K,
-        damping=DAMPING,
-        update_buffers=True,
-    )
+    opt = _newton(model, loss, update_buffers=True)
     info = _quiet_step(opt, X, y)
     expected, after = _buffers(twin), _buffers(model)
     assert all(torch.equal(expected[k], after[k]) for k in expected)

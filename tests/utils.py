@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -77,3 +80,30 @@ def assert_state_equal(before: dict, model: nn.Module) -> None:
         assert (g0 is None) == (g1 is None) and (g0 is None or torch.equal(g0, g1)), (
             ".grad changed"
         )
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_quick_benchmark(script: str, tmp_path: Path, *args: str) -> Path:
+    """Run ``benchmarks/<script> --quick --out <tmp>/results *args``; return that folder.
+
+    The script runs from another working directory (it must not depend on it) and
+    must exit with 0; its stderr is shown otherwise.
+    """
+    out = tmp_path / "results"
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    cmd = [
+        sys.executable,
+        str(BENCHMARKS / script),
+        "--quick",
+        "--out",
+        str(out),
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
