@@ -44,6 +44,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from lowrank_ggn.core.autodiff import batch_jvps
+from lowrank_ggn.core.inputs import detached_clone
 from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.state import model_preserved
 
@@ -70,8 +71,8 @@ def frozen_linearization(lin: Linearization) -> Linearization:
     return dataclasses.replace(
         lin,
         fmodel=lin.fmodel.detached_copy(),
-        inputs=lin.inputs.detach().clone(),
-        targets=lin.targets.detach().clone(),
+        inputs=lin.inputs.detached_clone(),
+        targets=detached_clone(lin.targets),
         graph=None,
         capture=None,
     )

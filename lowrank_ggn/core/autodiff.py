@@ -4,11 +4,13 @@ With ``F(θ, X)`` the batch function (:class:`~lowrank_ggn.core.model.Functional
 and ``f(θ, x)`` its per-sample restriction:
 
 * :func:`per_sample_vjps`: ``J_θ f(x_n)ᵀ w_n`` for each sample, optionally for
-  several cotangents per sample (``vmap`` over samples of a ``vjp``); valid on the
-  per-sample path only;
+  several cotangents per sample (``vmap`` over samples of a ``vjp``; for modules
+  without batching rules, such as ``nn.LSTM``, a loop over batches of one sample);
+  valid on the per-sample path only;
 * :func:`one_hot_cotangents`: ``e_n ⊗ w_n``, the cotangents whose full-batch VJPs
   ``J_θF(X)ᵀ (e_n ⊗ w_n) = J_θF_nᵀ w_n`` are per-component quantities on any path;
-* :func:`batch_jvps`: ``J_θF(X) · t_k`` for parameter tangents (forward mode);
+* :func:`batch_jvps`: ``J_θF(X) · t_k`` for parameter tangents (forward mode, or
+  double backward for modules without forward-mode AD, such as CPU attention);
 * :func:`graph_jvps`: the same products from a retained autograd graph with two
   reverse-mode passes, ``J t = ∂/∂w ⟨Jᵀ w, t⟩``: no forward pass, and it works for
   modules without forward-mode AD.
@@ -20,30 +22,77 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
+from lowrank_ggn.core.inputs import ModelInputs, as_inputs
 from lowrank_ggn.core.model import FunctionalModel
+
+#: Phrases by which ``vmap`` or forward-mode AD say an operator has no rule.
+_NO_RULE = ("batching rule", "vmap", "functorch", "forward ad", "not implemented",
+            "does not support")
+
+
+def no_rule(err: BaseException) -> bool:
+    """Whether ``err`` says that ``vmap``/forward-mode AD lacks a rule (not a bug)."""
+    text = f"{type(err).__name__}: {err}".lower()
+    return isinstance(err, (RuntimeError, NotImplementedError)) and any(
+        phrase in text for phrase in _NO_RULE
+    )
 
 
 def per_sample_vjps(
-    fmodel: FunctionalModel, inputs: Tensor, cotangents: Tensor, columns: bool = False
+    fmodel: FunctionalModel,
+    inputs: Tensor | ModelInputs,
+    cotangents: Tensor,
+    columns: bool = False,
 ) -> tuple[Tensor, ...]:
     """``J_θ f(x_n)ᵀ w_n`` per sample, as per-parameter tensors.
 
+    ``vmap`` over the samples where every module has batching rules; otherwise
+    (``nn.LSTM``, ``nn.GRU``) one forward pass per sample on a batch of one and its
+    backward passes: the same numbers, linear in ``B``, with Python overhead.
+
     Args:
         fmodel: The model (its :meth:`~FunctionalModel.single` is differentiated).
-        inputs: ``[B, *in]``.
+        inputs: ``B`` samples (split entries ``[B, *in]``).
         cotangents: ``[B, *out]``, or ``[B, C, *out]`` with ``columns=True``.
         columns: ``C`` cotangents per sample (one forward, ``C`` backward each).
 
     Returns:
         Per parameter ``[B, *θ_p]`` (``[B, C, *θ_p]`` with ``columns``).
     """
+    inputs = as_inputs(inputs)
     theta = fmodel.primals()
 
-    def sample(x: Tensor, w: Tensor) -> tuple[Tensor, ...]:
+    def sample(split: list[Tensor], w: Tensor) -> tuple[Tensor, ...]:
+        x = inputs.with_tensors(split, 1)
         _, fn = vjp(lambda th: fmodel.single(th, x), theta)
         return vmap(fn)(w)[0] if columns else fn(w)[0]
 
-    return vmap(sample)(inputs, cotangents)
+    try:
+        return vmap(sample)(inputs.tensors, cotangents)
+    except (RuntimeError, NotImplementedError) as err:
+        if not no_rule(err):
+            raise
+        return _looped_vjps(fmodel, inputs, cotangents, columns)
+
+
+def _looped_vjps(
+    fmodel: FunctionalModel, inputs: ModelInputs, cotangents: Tensor, columns: bool
+) -> tuple[Tensor, ...]:
+    """:func:`per_sample_vjps` one sample at a time, with plain autograd."""
+    params = [t.detach().requires_grad_(True) for t in fmodel.primals()]
+    rows: list[list[Tensor]] = [[] for _ in params]
+    for n in range(inputs.size):
+        with torch.enable_grad():
+            out = fmodel(params, inputs.select([n])).squeeze(0)
+        ws = cotangents[n] if columns else cotangents[n].unsqueeze(0)
+        per_column = [
+            torch.autograd.grad(out, params, w, retain_graph=True, allow_unused=True)
+            for w in ws
+        ]
+        for p, r, grads in zip(params, rows, zip(*per_column)):
+            g = torch.stack([torch.zeros_like(p) if x is None else x for x in grads])
+            r.append(g if columns else g[0])
+    return tuple(torch.stack(r) for r in rows)
 
 
 def one_hot_cotangents(values: Tensor, start: int, batch_size: int) -> Tensor:
@@ -56,15 +105,30 @@ def one_hot_cotangents(values: Tensor, start: int, batch_size: int) -> Tensor:
 
 
 def batch_jvps(
-    fmodel: FunctionalModel, inputs: Tensor, tangents: Tensor, chunk: int
+    fmodel: FunctionalModel,
+    inputs: Tensor | ModelInputs,
+    tangents: Tensor,
+    chunk: int,
 ) -> Tensor:
-    """``J_θF(X) · t_k`` for flat tangents ``[K, D]``: ``[K, N, *out]`` (forward mode)."""
+    """``J_θF(X) · t_k`` for flat tangents ``[K, D]``: ``[K, N, *out]``.
+
+    Forward mode (one vmapped JVP per chunk); for models with an operator that has
+    no forward-mode rule, one forward pass with its graph and :func:`graph_jvps`.
+    """
     theta = fmodel.primals()
 
     def push(t: Tensor) -> Tensor:
         return jvp(lambda th: fmodel(th, inputs), (theta,), (fmodel.unflatten(t),))[1]
 
-    return vmap(push, chunk_size=max(1, chunk))(tangents)
+    try:
+        return vmap(push, chunk_size=max(1, chunk))(tangents)
+    except (RuntimeError, NotImplementedError) as err:
+        if not no_rule(err):
+            raise
+        params = [t.detach().requires_grad_(True) for t in theta]
+        with torch.enable_grad():
+            graph = fmodel(params, inputs)
+        return graph_jvps(graph, params, fmodel.unflatten(tangents))
 
 
 def graph_jvps(
@@ -112,4 +176,10 @@ def graph_jvps(
     return graph.new_zeros(K, *graph.shape) if Jt is None else Jt.detach()
 
 
-__all__ = ["batch_jvps", "graph_jvps", "one_hot_cotangents", "per_sample_vjps"]
+__all__ = [
+    "batch_jvps",
+    "graph_jvps",
+    "no_rule",
+    "one_hot_cotangents",
+    "per_sample_vjps",
+]

@@ -36,11 +36,13 @@ from torch import Tensor, nn
 from lowrank_ggn.approx.subsampling import check_subsampling, subsample_factors
 from lowrank_ggn.core.autodiff import per_sample_vjps
 from lowrank_ggn.core.budget import check_factor_memory
+from lowrank_ggn.core.inputs import ModelInputs, as_inputs
 from lowrank_ggn.core.loss_factors import (
     check_mc_samples,
     check_targets,
     loss_hessian_factors,
     num_factor_columns,
+    resolve_loss,
     sampled_loss_hessian_factors,
 )
 from lowrank_ggn.core.model import FunctionalModel
@@ -67,8 +69,8 @@ class Linearization:
     Attributes:
         fmodel: The model as a function of the selected parameters.
         loss_func: The loss.
-        inputs: ``[N, *in]``.
-        targets: The targets.
+        inputs: The batch (:class:`~lowrank_ggn.core.inputs.ModelInputs`).
+        targets: The targets (a tensor, or a tuple passed as ``loss(out, *targets)``).
         outputs: ``F(θ, X)``, ``[N, *out]``, detached.
         factors: ``S``, ``[C, N_S, *out]`` (reduction factor included): the factor
             columns of the samples in ``sample_index``.
@@ -89,8 +91,8 @@ class Linearization:
 
     fmodel: FunctionalModel
     loss_func: nn.Module
-    inputs: Tensor
-    targets: Tensor
+    inputs: ModelInputs
+    targets: object
     outputs: Tensor
     factors: Tensor
     path: EnginePath
@@ -208,11 +210,11 @@ class Linearization:
         if self.path.name == PER_SAMPLE:
             samples = max(1, chunk // C)
             S = self.factors.movedim(0, 1)  # [N_S, C, *out]
-            X = self.inputs[self.sample_index]
+            X = self.inputs.select(self.sample_index)
             for start in range(0, NS, samples):
                 stop = min(NS, start + samples)
                 blocks = per_sample_vjps(
-                    self.fmodel, X[start:stop], S[start:stop], columns=True
+                    self.fmodel, X.select(slice(start, stop)), S[start:stop], columns=True
                 )
                 flat = self.fmodel.flatten(blocks, batch_dims=2)  # [B, C, D]
                 yield slice(start * C, stop * C), flat.flatten(0, 1)
@@ -230,9 +232,9 @@ class Linearization:
 
 def linearize(
     model: nn.Module,
-    loss_func: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
+    loss_func: object,
+    inputs: object,
+    targets: object,
     params: Sequence[Tensor] | None = None,
     path: str | None = None,
     mc_samples: int | None = None,
@@ -241,22 +243,26 @@ def linearize(
     memory_budget: float | None = None,
     capture: bool = True,
     validated: bool = False,
+    batch_size: int | None = None,
 ) -> Linearization:
     """Check the input, run one forward pass (with its graph) and choose the path.
 
     Forward passes: this one, on the live parameters with the autograd graph that
     every later backward pass shares (and, with ``capture``, the Gram engine's
-    record of layer inputs and outputs); and the path check's Jacobian-vector
-    product of the whole batch, whose outputs double as the determinism check (a
-    plain second pass where the module scan decides the path).
+    record of layer inputs and outputs); a second one, the determinism check; and
+    the path check's per-sample evaluation of four probe samples. The path check's
+    batch side is one backward pass through the recorded graph.
 
     The caller must hold :func:`lowrank_ggn.core.state.model_preserved` around this and
     every use of the result.
 
     Args:
-        model: Any module that maps ``inputs`` ``[N, *in]`` to ``[N, *out]``.
-        loss_func: A supported loss (see :mod:`lowrank_ggn.core.loss_factors`).
-        inputs: The batch.
+        model: Any module that maps ``inputs`` to ``[N, *out]``.
+        loss_func: A loss ``loss_func(outputs, targets) -> scalar`` with the
+            per-sample-plus-reduction structure (see
+            :mod:`lowrank_ggn.core.loss_factors`).
+        inputs: The batch: a tensor ``[N, *in]``, a tuple (positional) or a dict
+            (keyword) of entries (:mod:`lowrank_ggn.core.inputs`).
         targets: Its targets.
         params: Parameters to differentiate; default: those that require grad.
         path: Force ``"per_sample"`` or ``"full_batch"``. ``None`` chooses safely.
@@ -275,6 +281,7 @@ def linearize(
         validated: The caller has run the checks that need no forward pass
             (:func:`lowrank_ggn.core.validation.check_call`, ``mc_samples``,
             ``path``) and passes the resolved ``params``: they are not repeated.
+        batch_size: ``N`` when the first input entry is not batched.
 
     Returns:
         The :class:`Linearization`.
@@ -283,12 +290,14 @@ def linearize(
     if validated:
         selected = list(params)
     else:
-        selected = check_call(model, loss_func, inputs, params, targets)
+        selected = check_call(model, loss_func, inputs, params, targets, batch_size)
         check_mc_samples(mc_samples, generator)
         check_path(path)
+    inputs = as_inputs(inputs, batch_size)
+    loss_func = resolve_loss(loss_func)
     index = None
     if subsampling is not None:
-        index = check_subsampling(subsampling, inputs.shape[0], inputs.device)
+        index = check_subsampling(subsampling, inputs.size, inputs.device)
     fmodel = FunctionalModel(model, selected)
     check_params_finite(fmodel.params, fmodel.names)
     from lowrank_ggn.core.engine.capture import ForwardCapture, has_batch_norm
@@ -299,7 +308,7 @@ def linearize(
         cap = ForwardCapture(model, {id(p) for p in fmodel.params}, with_bns)
     with torch.enable_grad(), cap.recording() if cap else nullcontext():
         graph = fmodel(tuple(fmodel.params), inputs)
-    check_outputs(graph, inputs.shape[0])
+    check_outputs(graph, inputs.size)
     outputs = graph.detach()
     check_targets(loss_func, outputs, targets)
     check_factor_memory(
@@ -309,7 +318,7 @@ def linearize(
         outputs.element_size(),
         memory_budget,
     )
-    chosen, again = choose_path(fmodel, inputs, outputs)
+    chosen, again = choose_path(fmodel, inputs, outputs, graph), None
     if cap is not None and cap.with_bns and batch_statistic_modules(model):
         # compare like with like: the captured pass recomputes BatchNorm from its
         # statistics, which tiny batch variances amplify from round-off

@@ -20,13 +20,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lowrank_ggn.core.inputs import ModelInputs, as_inputs
 
-def samples_in(inputs: Tensor) -> int:
+
+def samples_in(inputs: Tensor | ModelInputs) -> int:
     """How many samples a call on ``inputs`` processes, vmapped batches included.
 
     Under :func:`torch.func.vmap` a module sees one sample at a time; the unwrapped
-    tensor carries the mapped dimension.
+    tensor carries the mapped dimension. For tuple/dict inputs the first split entry
+    counts.
     """
+    if isinstance(inputs, ModelInputs):
+        inputs = inputs.tensors[0]
     n = inputs.shape[0] if inputs.dim() else 1
     try:
         from torch._C._functorch import (
@@ -100,17 +105,25 @@ class FunctionalModel:
         """The selected parameters, detached (shared storage, no grad tracking)."""
         return tuple(p.detach() for p in self.params)
 
-    def __call__(self, theta: Sequence[Tensor], inputs: Tensor) -> Tensor:
-        """Evaluate ``F(θ, X)`` on the whole batch ``inputs`` ``[N, *in]``."""
+    def __call__(
+        self, theta: Sequence[Tensor], inputs: Tensor | ModelInputs
+    ) -> Tensor:
+        """Evaluate ``F(θ, X)`` on the whole batch ``inputs``.
+
+        ``inputs``: a tensor ``[N, *in]``, or tuple/dict entries as
+        :class:`~lowrank_ggn.core.inputs.ModelInputs`.
+        """
+        inputs = as_inputs(inputs)
         self.samples_processed += samples_in(inputs)
         state = dict(self._frozen)
         state.update({n: b.clone() for n, b in self._buffers.items() if b is not None})
         state.update(zip(self.names, theta))
-        return functional_call(self.model, state, (inputs,), tie_weights=True)
+        args, kwargs = inputs.call_args()
+        return functional_call(self.model, state, args, kwargs, tie_weights=True)
 
-    def single(self, theta: Sequence[Tensor], x: Tensor) -> Tensor:
-        """Evaluate the model on one sample ``x`` ``[*in]``, returning ``[*out]``."""
-        return self(theta, x.unsqueeze(0)).squeeze(0)
+    def single(self, theta: Sequence[Tensor], x: ModelInputs) -> Tensor:
+        """Evaluate the model on one sample (split entries ``[*in]``): ``[*out]``."""
+        return self(theta, x.unsqueezed()).squeeze(0)
 
     def flatten(self, tensors: Sequence[Tensor], batch_dims: int = 0) -> Tensor:
         """Concatenate per-parameter tensors into ``[*batch, D]`` in ``params`` order."""

@@ -12,16 +12,22 @@ steps and the per-sample path is taken only when both pass:
 1. **Module scan.** Modules known to mix samples (``_BatchNorm`` subclasses that use
    batch statistics: train mode, or ``track_running_stats=False``) select the
    full-batch path directly, by their qualified names.
-2. **Numerical check.** Otherwise the model is evaluated per sample (``vmap`` over
-   batches of one, for up to four probe samples: first, last and two between) and
-   must reproduce the batch outputs *and* the batch Jacobian-vector product
-   ``J_θF · v`` for a random parameter direction ``v``. Equal
-   JVPs for a random ``v`` mean ``J_θF_n = J_θ f(x_n)`` almost surely, which is what
-   the per-sample path relies on. A model that cannot be evaluated per sample, or
-   disagrees beyond round-off, takes the full-batch path, which is always exact.
+2. **Numerical check, reverse mode only.** Otherwise up to four probe samples
+   (first, last and two between) are evaluated one at a time (``vmap`` over batches
+   of one, or a loop of batches of one for modules without batching rules such as
+   ``nn.LSTM``). They must reproduce the batch outputs *and* a vector-Jacobian
+   product: with random cotangents ``w_n`` on the probe samples (zero elsewhere),
+   ``Σ_n J_θ f(x_n)ᵀ w_n`` must equal the batch product ``J_θF(X)ᵀ W``, one backward
+   pass through the linearisation's own graph. The difference is
+   ``Σ_n Δ_nᵀ w_n`` with ``Δ_n = J_θF_n − J_θ f(x_n)``; it vanishes for random ``w``
+   only if every ``Δ_n = 0`` (almost surely), which is what the per-sample path
+   relies on. No forward-mode AD is needed, so LSTMs and CPU attention are checked
+   too. A model that cannot be evaluated per sample, or disagrees beyond round-off,
+   takes the full-batch path, which is always exact.
 
-The check also runs the batch forward pass twice and refuses non-deterministic
-models (active dropout), whose GGN is not a function of the parameters.
+The linearisation also runs the batch forward pass twice and refuses
+non-deterministic models (active dropout), whose GGN is not a function of the
+parameters (:func:`check_deterministic`).
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import jvp, vmap
+from torch.func import vjp, vmap
 
+from lowrank_ggn.core.autodiff import no_rule
+from lowrank_ggn.core.inputs import ModelInputs, as_inputs
 from lowrank_ggn.core.model import FunctionalModel
 from lowrank_ggn.core.tolerances import roundoff_close
 
@@ -123,13 +131,15 @@ def check_deterministic(
         fmodel: The model.
         inputs: The batch.
         outputs: The first pass's outputs.
-        again: A second pass's outputs if one ran already (the path check's
-            Jacobian-vector product computes them); else one forward pass runs.
+        again: A second pass's outputs if one ran already; else one forward pass
+            runs.
     """
     dropout = active_dropout_modules(fmodel.model)
     if again is None and not dropout:
-        with torch.no_grad():
-            again = fmodel(fmodel.primals(), inputs)
+        # on the live parameters with grad enabled, as the recorded pass ran: some
+        # modules take other kernels without grad (nn.TransformerEncoder's fast path)
+        with torch.enable_grad():
+            again = fmodel(tuple(fmodel.params), inputs).detach()
     # round-off apart: the captured pass recomputes BatchNorm from its statistics
     if dropout or not roundoff_close(again, outputs):
         where = f" Active dropout: {', '.join(dropout)}." if dropout else ""
@@ -140,20 +150,56 @@ def check_deterministic(
         )
 
 
+def _probe_per_sample(
+    fmodel: FunctionalModel, probe_inputs: ModelInputs, cotangents: Tensor
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Per-sample outputs ``f(x_n)`` and ``Σ_n J_θ f(x_n)ᵀ w_n`` of the probe samples.
+
+    ``vmap`` over samples where every module has batching rules; otherwise a loop
+    over batches of one sample (``nn.LSTM``).
+    """
+    theta = fmodel.primals()
+
+    def per_sample(th: tuple[Tensor, ...]) -> Tensor:
+        return vmap(
+            lambda split: fmodel.single(th, probe_inputs.with_tensors(split, 1))
+        )(probe_inputs.tensors)
+
+    try:
+        single_out, fn = vjp(per_sample, theta)
+        return single_out, fn(cotangents)[0]
+    except (RuntimeError, NotImplementedError) as err:
+        if not no_rule(err):
+            raise
+    params = [t.detach().requires_grad_(True) for t in theta]
+    outs = []
+    with torch.enable_grad():
+        for n in range(probe_inputs.size):
+            outs.append(fmodel(params, probe_inputs.select([n])).squeeze(0))
+        single_out = torch.stack(outs)
+        grads = torch.autograd.grad(single_out, params, cotangents, allow_unused=True)
+    grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
+    return single_out.detach(), grads
+
+
 def choose_path(
-    fmodel: FunctionalModel, inputs: Tensor, outputs: Tensor
-) -> tuple[EnginePath, Tensor | None]:
+    fmodel: FunctionalModel,
+    inputs: ModelInputs,
+    outputs: Tensor,
+    graph: Tensor | None = None,
+) -> EnginePath:
     """Decide between the per-sample and the full-batch path (see module docstring).
 
     Args:
         fmodel: The model as a function of the selected parameters.
-        inputs: The batch ``[N, *in]``.
+        inputs: The batch (:class:`~lowrank_ggn.core.inputs.ModelInputs`).
         outputs: ``F(θ, X)`` of that batch, ``[N, *out]``.
+        graph: The same outputs in the autograd graph of ``fmodel.params`` (the
+            linearisation's forward pass); one backward pass through it gives the
+            batch side of the check. ``None``: a forward pass with graph runs here.
 
     Returns:
-        The chosen :class:`EnginePath`, and the batch outputs of the check's own
-        full-batch pass (``None`` if it ran none): a second forward pass, which
-        :func:`check_deterministic` compares with the first.
+        The chosen :class:`EnginePath`.
 
     """
     mixing = batch_statistic_modules(fmodel.model)
@@ -165,25 +211,20 @@ def choose_path(
             "derivatives (see engine_report.strategy)",
             tuple(mixing),
             True,
-        ), None
-    if inputs.shape[0] == 1:
-        return EnginePath(PER_SAMPLE, "a batch of one sample cannot mix samples"), None
-    theta = fmodel.primals()
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    direction = tuple(
-        torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in theta
-    )
+        )
+    inputs = as_inputs(inputs)
+    N = inputs.size
+    if N == 1:
+        return EnginePath(PER_SAMPLE, "a batch of one sample cannot mix samples")
     # per-sample evaluation of a few samples (first, last, two in between) suffices:
     # the batch pass already involves every sample
-    N = inputs.shape[0]
     probe = sorted({0, N - 1, N // 3, (2 * N) // 3})
-    probe_inputs = inputs[probe]
-
-    def per_sample(th: tuple[Tensor, ...]) -> Tensor:
-        return vmap(fmodel.single, in_dims=(None, 0))(th, probe_inputs)
-
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    w = torch.randn(
+        (len(probe), *outputs.shape[1:]), generator=gen, dtype=outputs.dtype
+    ).to(outputs.device)
     try:
-        single_out, single_dir = jvp(per_sample, (theta,), (direction,))
+        single_out, single_vjp = _probe_per_sample(fmodel, inputs.select(probe), w)
     except Exception as err:  # noqa: BLE001 - any failure means "cannot show SIMD"
         return EnginePath(
             FULL_BATCH,
@@ -192,22 +233,32 @@ def choose_path(
             "treating it as sample-mixing",
             (),
             True,
-        ), None
-    again, batch_dir = jvp(lambda th: fmodel(th, inputs), (theta,), (direction,))
+        )
+    if graph is None:
+        with torch.enable_grad():
+            graph = fmodel(tuple(fmodel.params), inputs)
+    W = torch.zeros_like(outputs)
+    W[probe] = w
+    batch_vjp = torch.autograd.grad(
+        graph, fmodel.params, W, retain_graph=True, allow_unused=True
+    )
+    batch_vjp = [
+        torch.zeros_like(p) if g is None else g for g, p in zip(batch_vjp, fmodel.params)
+    ]
     if (
         single_out.shape == outputs[probe].shape
         and roundoff_close(single_out, outputs[probe])
-        and roundoff_close(single_dir, batch_dir[probe])
+        and roundoff_close(fmodel.flatten(single_vjp), fmodel.flatten(batch_vjp))
     ):
         return EnginePath(
             PER_SAMPLE,
             "no module uses batch statistics, and per-sample evaluation reproduces "
-            "the batch outputs and a random parameter-Jacobian-vector product",
-        ), again
+            "the batch outputs and a random vector-Jacobian product of probe samples",
+        )
     return EnginePath(
         FULL_BATCH,
         "per-sample evaluation does not reproduce the batch outputs or their "
         "parameter Jacobian, so output n depends on other inputs",
         (),
         True,
-    ), again
+    )

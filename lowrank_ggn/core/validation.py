@@ -4,9 +4,9 @@ Every check names the offending argument and says what to do instead. The public
 functions call them in this order:
 
 1. **Before the forward pass** (:func:`check_call`, :func:`check_options`): the
-   model, the loss (only the built-in losses whose Hessian factors are exact and
-   positive semi-definite; user-defined losses are refused), ``params``, the inputs
-   (non-empty, finite, dtype and device of the parameters), the targets' type,
+   model, the loss (:func:`lowrank_ggn.core.loss_factors.check_loss_func`),
+   ``params``, the inputs (a tensor, tuple or dict; non-empty, finite, dtype and
+   device of the parameters), the targets' type,
    device, batch size and finiteness, a batch of one under BatchNorm with batch
    statistics, and the options ``chunk``, ``rtol``, ``top_k``, ``memory_budget``.
 2. **After the forward pass, before any backward pass**: finite outputs of batch size
@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_ggn.core.budget import resolve_memory_budget
+from lowrank_ggn.core.inputs import ModelInputs, as_inputs, check_entries
 from lowrank_ggn.core.loss_factors import check_loss_func
 
 #: Parameter dtypes the engine computes in (``eigh`` and the zero threshold need them).
@@ -138,43 +139,48 @@ def _check_param_types(params: Sequence[Tensor], names: Sequence[str]) -> None:
             )
 
 
-def check_inputs(inputs: Tensor, params: Sequence[Tensor]) -> None:
+def check_inputs(
+    inputs: object, params: Sequence[Tensor], batch_size: int | None = None
+) -> ModelInputs:
     """Raise if ``inputs`` are not a non-empty finite batch on the parameters' device.
 
-    Floating-point inputs must also have the parameters' dtype; integer inputs (token
-    indices) are accepted as they are.
+    ``inputs`` may be a tensor, a tuple (positional) or a dict (keyword) of entries
+    (:mod:`lowrank_ggn.core.inputs`). Floating-point entries must have the parameters'
+    dtype; integer entries (token indices) and boolean masks are accepted as they are.
+
+    Returns:
+        The inputs as :class:`~lowrank_ggn.core.inputs.ModelInputs`.
     """
-    if not isinstance(inputs, Tensor):
-        raise TypeError(
-            f"inputs must be a torch.Tensor with the batch in dim 0; got {type(inputs).__name__}."
-        )
-    if inputs.dim() == 0 or inputs.shape[0] == 0:
+    if isinstance(inputs, Tensor) and (inputs.dim() == 0 or inputs.shape[0] == 0):
         raise ValueError(
             f"inputs must hold at least one sample in dim 0; got shape {tuple(inputs.shape)}."
         )
-    ref = params[0]
-    if inputs.device != ref.device:
-        raise ValueError(
-            f"inputs are on {inputs.device} but the model parameters on {ref.device}; "
-            f"move them with inputs.to({str(ref.device)!r})."
-        )
-    if inputs.is_floating_point() or inputs.is_complex():
-        _check_float_tensor(inputs, "inputs", ref)
+    view = as_inputs(inputs, batch_size)
+    check_entries(view, params[0])
+    return view
 
 
 def check_targets_early(
-    targets: Tensor, inputs: Tensor, params: Sequence[Tensor]
+    targets: object, inputs: object, params: Sequence[Tensor]
 ) -> None:
     """What can be checked about ``targets`` before the forward pass.
 
     Type, device, batch size (``N`` of ``inputs``), dtype of floating targets and
-    finiteness. Shapes that depend on the outputs are checked afterwards by
+    finiteness. A tuple of targets (passed as ``loss(outputs, *targets)``) is checked
+    entry by entry and needs one entry with ``N`` rows. Shapes that depend on the
+    outputs are checked afterwards by
     :func:`lowrank_ggn.core.loss_factors.check_targets`.
     """
+    N = as_inputs(inputs).size
+    if isinstance(targets, tuple):
+        view = ModelInputs(targets, N, name="targets")
+        check_entries(view, params[0])
+        return
     if not isinstance(targets, Tensor):
         raise TypeError(
-            f"targets must be a torch.Tensor; got {type(targets).__name__}. Convert "
-            "with torch.as_tensor(targets)."
+            f"targets must be a torch.Tensor (or a tuple of tensors for losses with "
+            f"several target arguments); got {type(targets).__name__}. Convert with "
+            "torch.as_tensor(targets)."
         )
     ref = params[0]
     if targets.device != ref.device:
@@ -182,7 +188,6 @@ def check_targets_early(
             f"targets are on {targets.device} but the model parameters on "
             f"{ref.device}; move them with targets.to({str(ref.device)!r})."
         )
-    N = inputs.shape[0]
     if targets.dim() == 0 or targets.shape[0] != N:
         got = targets.shape[0] if targets.dim() else "none (a scalar)"
         raise ValueError(
@@ -243,12 +248,12 @@ def check_outputs(outputs: Tensor, batch_size: int | None = None) -> None:
         )
 
 
-def check_batch_norm_batch_size(model: nn.Module, inputs: Tensor) -> None:
+def check_batch_norm_batch_size(model: nn.Module, inputs: object) -> None:
     """BatchNorm with batch statistics is refused for a batch of one sample."""
     from lowrank_ggn.core.paths import batch_statistic_modules
 
     mixing = batch_statistic_modules(model)
-    if inputs.shape[0] == 1 and mixing:
+    if as_inputs(inputs).size == 1 and mixing:
         raise ValueError(
             f"inputs hold one sample, but {', '.join(mixing)} normalize with batch "
             "statistics (train mode or track_running_stats=False); pass a batch of at "
@@ -259,19 +264,20 @@ def check_batch_norm_batch_size(model: nn.Module, inputs: Tensor) -> None:
 
 def check_call(
     model: nn.Module,
-    loss_func: nn.Module,
-    inputs: Tensor,
+    loss_func: object,
+    inputs: object,
     params: Sequence[Tensor] | None,
-    targets: Tensor | None = None,
+    targets: object = None,
+    batch_size: int | None = None,
 ) -> list[Tensor]:
     """All checks that need no forward pass; returns the resolved parameter list."""
     check_model(model)
     check_loss_func(loss_func)
     selected = resolve_params(model, params)
-    check_inputs(inputs, selected)
+    view = check_inputs(inputs, selected, batch_size)
     if targets is not None:
-        check_targets_early(targets, inputs, selected)
-    check_batch_norm_batch_size(model, inputs)
+        check_targets_early(targets, view, selected)
+    check_batch_norm_batch_size(model, view)
     return selected
 
 

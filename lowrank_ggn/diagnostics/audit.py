@@ -271,7 +271,7 @@ def audit_structure(
             with torch.no_grad():
                 outputs = fmodel(fmodel.primals(), inputs)
         scan, probe = scan_and_probe(fmodel, inputs)
-        path, _ = choose_path(fmodel, inputs, outputs)
+        path = choose_path(fmodel, inputs, outputs)
         mixing = scan + tuple(n for n in probe.modules if n not in scan)
         forward = _forward_check(scan, probe, path, mixing)
         independent = forward.holds

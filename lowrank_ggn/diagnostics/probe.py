@@ -28,6 +28,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from lowrank_ggn.core.inputs import as_inputs
 from lowrank_ggn.core.model import FunctionalModel
 from lowrank_ggn.core.paths import batch_statistic_modules
 from lowrank_ggn.core.tolerances import roundoff_rtol
@@ -100,19 +101,21 @@ def probe_sample_mixing(fmodel: FunctionalModel, inputs: Tensor) -> InputProbe:
 
     Args:
         fmodel: The model as a function of the selected parameters.
-        inputs: ``[N, *in]``.
+        inputs: The batch (a tensor ``[N, *in]``, or tuple/dict entries; the
+            floating entries are perturbed).
 
     Returns:
         The :class:`InputProbe`.
 
     """
-    N = inputs.shape[0]
-    if not inputs.is_floating_point():
+    inputs = as_inputs(inputs)
+    N = inputs.size
+    if not any(t.is_floating_point() for t in inputs.tensors):
         return InputProbe(False, False, 0.0, (), "integer inputs")
     if N == 1:
         return InputProbe(True, False, 0.0, ())
     model = fmodel.model
-    tol = roundoff_rtol(inputs.dtype)
+    tol = roundoff_rtol(inputs.first_float_dtype())
     names = {id(m): name for name, m in model.named_modules()}
     flagged: set[str] = set()
     probe = {"m": 0}
@@ -130,11 +133,17 @@ def probe_sample_mixing(fmodel: FunctionalModel, inputs: Tensor) -> InputProbe:
     try:
         for m in sorted({0, N - 1}):
             probe["m"] = m
-            tangent = torch.zeros_like(inputs)
-            noise = torch.randn(inputs.shape[1:], generator=gen, dtype=inputs.dtype)
-            tangent[m] = noise.to(inputs.device)
             with fwAD.dual_level():
-                out = fmodel(fmodel.primals(), fwAD.make_dual(inputs, tangent))
+                duals = []
+                for x in inputs.tensors:  # a tangent on sample m of each float entry
+                    if not x.is_floating_point():
+                        duals.append(x)
+                        continue
+                    tangent = torch.zeros_like(x)
+                    noise = torch.randn(x.shape[1:], generator=gen, dtype=x.dtype)
+                    tangent[m] = noise.to(x.device)
+                    duals.append(fwAD.make_dual(x, tangent))
+                out = fmodel(fmodel.primals(), inputs.with_tensors(duals))
                 off, scale = _off_sample(_tangents(out), m, N)
             max_leak = max(max_leak, off / scale if scale > 0 else 0.0)
     finally:

@@ -283,12 +283,14 @@ def per_sample_generic_rows(
     fm = FunctionalModel(lin.fmodel.model, generic)
     C = lin.num_columns_per_sample
     S = lin.factors.movedim(0, 1)  # [NS, C, *out]
-    X = lin.inputs[lin.sample_index]
+    X = lin.inputs.select(lin.sample_index)
     per = max(1, chunk // C)
     rows: list[list[Tensor]] = [[] for _ in generic]
-    for start in range(0, X.shape[0], per):
+    for start in range(0, X.size, per):
         stop = start + per
-        res = per_sample_vjps(fm, X[start:stop], S[start:stop], columns=True)
+        res = per_sample_vjps(
+            fm, X.select(slice(start, stop)), S[start:stop], columns=True
+        )
         for store, r in zip(rows, res):
             store.append(r.flatten(0, 1).flatten(1))
     lin.fmodel.samples_processed += fm.samples_processed
