@@ -14,9 +14,8 @@ factors ``S`` and the engine's path — and derives everything from it:
 
 **Forward passes.** Building the linearisation (on the first call that needs it)
 runs the model twice on the whole batch: once with the graph, recorded for the Gram
-engine, and once as the path check's Jacobian-vector product, whose outputs also
-serve as the determinism check (a plain pass where the module scan decides the
-path). ``GGN(...)``, ``.spectrum(top_k=k, eigenvectors=True)``, ``.moments()`` and
+engine, and once as the determinism check; the path check evaluates four probe
+samples one at a time and backpropagates once through the recorded graph. ``GGN(...)``, ``.spectrum(top_k=k, eigenvectors=True)``, ``.moments()`` and
 ``.directional_derivatives(eigenvectors)`` then take at most three forward passes
 of the batch in all (:attr:`GGN.forward_passes` counts them); four on the
 per-sample path when parameters outside ``Linear``/``Conv2d``/BatchNorm layers need
@@ -42,6 +41,7 @@ from lowrank_ggn.approx.subsampling import check_subsampling
 from lowrank_ggn.core.budget import check_linearization_memory
 from lowrank_ggn.core.engine import EngineReport, Solver
 from lowrank_ggn.core.gram import check_engine, gram_from_linearization
+from lowrank_ggn.core.inputs import as_inputs
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.core.loss_factors import check_mc_samples
 from lowrank_ggn.core.paths import EnginePath, check_path
@@ -82,11 +82,17 @@ class GGN:
     linearises it (see the module docstring for what each method costs).
 
     Args:
-        model: The module, ``[N, *in] -> [N, *out]``; observed, never changed.
-        loss_func: A ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``
-            with reduction ``'mean'`` or ``'sum'``.
-        inputs: The batch ``[N, *in]``.
-        targets: The batch's targets.
+        model: The module, ``inputs -> [N, *out]``; observed, never changed.
+        loss_func: Any loss ``loss_func(outputs, targets) -> scalar`` that is a
+            per-sample loss with a sum or mean reduction: ``CrossEntropyLoss``,
+            ``MSELoss`` and ``BCEWithLogitsLoss`` in closed form, any other loss
+            module or callable through autodiff Hessians
+            (:mod:`lowrank_ggn.core.loss_factors`).
+        inputs: The batch: a tensor ``[N, *in]``, a tuple of entries (passed
+            positionally) or a dict (passed as keywords); entries whose dim 0 is
+            ``N`` are split per sample, the rest shared
+            (:mod:`lowrank_ggn.core.inputs`).
+        targets: The batch's targets (a tuple is passed as ``loss(out, *targets)``).
         params: Parameters of ``model``; default: all that require grad. They define
             ``D`` and the flattening order of every parameter-space vector.
         mc_samples: ``M`` Monte-Carlo factor columns per sample instead of the ``C``
@@ -106,6 +112,8 @@ class GGN:
         accumulate: Where the Gram is summed: ``None`` (float64 for float32 and lower
             precision models), ``"float64"`` or ``"native"``
             (:mod:`lowrank_ggn.core.precision`).
+        batch_size: ``N`` when the first entry of tuple/dict ``inputs`` is not the
+            batched one (default: its dim 0).
 
     Example:
         >>> import torch
@@ -147,15 +155,17 @@ class GGN:
         strategy: str | None = None,
         chunk: int = DEFAULT_CHUNK,
         accumulate: str | None = None,
+        batch_size: int | None = None,
     ) -> None:
         check_options(chunk=chunk, memory_budget=memory_budget)
         check_accumulate(accumulate)
         self._strategy = check_engine(engine, strategy)
         check_mc_samples(mc_samples, generator)
         check_path(path)
-        self.params = check_call(model, loss_func, inputs, params, targets)
+        self.params = check_call(model, loss_func, inputs, params, targets, batch_size)
+        inputs = as_inputs(inputs, batch_size)
         if subsampling is not None:
-            check_subsampling(subsampling, inputs.shape[0], inputs.device)
+            check_subsampling(subsampling, inputs.size, inputs.device)
         self.model, self.loss_func = model, loss_func
         self.inputs, self.targets = inputs, targets
         self._linearize_args = dict(

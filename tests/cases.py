@@ -1,7 +1,8 @@
 """Shared model/loss/data cases: every feature is tested over this whole list.
 
 Each case is a small constructor with a fixed seed that returns
-``(model, loss_func, inputs, targets)`` in float64. ``mixing`` says whether the
+``(model, loss_func, inputs, targets)`` in float64; ``inputs`` is a tensor, a tuple
+or a dict (the real-model cases of ``tests/real_models.py``). ``mixing`` says whether the
 forward pass mixes samples (BatchNorm with batch statistics), i.e. which engine path
 is expected.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import real_models
 import torch
 from torch import Tensor, nn
 
@@ -263,6 +265,18 @@ CASES: list[Case] = [
     _case("segmentation-ce-mean", 19, segmentation, (3, 2, 3, 3), CE()),
     _case("segmentation-ce-sum", 20, segmentation, (3, 2, 3, 3), CE(reduction="sum")),
     _case("sequence-linear-mse", 21, sequence_mlp, (4, 5, 3), MSE()),
+]
+
+#: Models as people write them (``tests/real_models.py``): tuple and dict inputs,
+#: token ids and masks, LSTM, attention, depthwise and transposed convolutions.
+CASES += [
+    Case("transformer-mask-ce", lambda: real_models.token_transformer(40), False),
+    Case("keyword-inputs-ce", lambda: real_models.keyword_model(41), False),
+    Case("lstm-lm-ce", lambda: real_models.lstm_language_model(42), False),
+    Case("depthwise-ce", lambda: real_models.depthwise(43), False),
+    Case("depthwise-bn-train-ce", lambda: real_models.depthwise(44, True), True),
+    Case("deconv-decoder-mse", lambda: real_models.decoder(45), False),
+    Case("embedding-bag-ce", lambda: real_models.bag_of_words(46), False),
 ]
 
 CASE_IDS = [c.name for c in CASES]

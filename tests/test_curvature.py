@@ -23,6 +23,7 @@ from utils import (
     RTOL,
     assert_spectrum_matches,
     assert_state_equal,
+    batch_of,
     report_close,
     state_of,
 )
@@ -103,7 +104,7 @@ def test_object_equals_functional_api_and_brute_force(case):
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.name for c in ALL_CASES])
 def test_spectrum_moments_directional_take_at_most_three_forward_passes(case):
     model, loss, X, y = case.make()
-    N = X.shape[0]
+    N = batch_of(X)
     counter = SampleCounter(model)
     try:
         ggn = GGN(model, loss, X, y)
@@ -230,4 +231,4 @@ def test_zero_directions_and_parameters_above_batch_norm_only():
     assert_spectrum_matches(spec.eigenvalues, dense_ggn(model, loss, X, y, params=head))
     D = sum(p.numel() for p in head)
     dd = _quiet(ggn.directional_derivatives, torch.zeros(0, D, dtype=X.dtype))
-    assert dd.gammas.shape == (X.shape[0], 0) and dd.lambdas.shape == (X.shape[0], 0)
+    assert dd.gammas.shape == (batch_of(X), 0) and dd.lambdas.shape == (batch_of(X), 0)

@@ -9,8 +9,10 @@ from utils import (
     RTOL,
     assert_spectrum_matches,
     assert_state_equal,
+    batch_of,
     report_close,
     state_of,
+    take,
 )
 
 from lowrank_ggn import GramMemoryError, ggn_spectrum_dataset
@@ -20,14 +22,17 @@ from lowrank_ggn.reference import dense_ggn
 def _batches(case):
     """The case's batch and a second, smaller one (own BN statistics)."""
     model, loss, X, y = case.make()
-    N = X.shape[0]
+    N = batch_of(X)
     k = max(1, N - 1) if N > 1 else 1
-    X2, y2 = 0.7 * X.flip(0)[:k] + 0.1, y.flip(0)[:k]
+    backwards = list(range(N))[::-1][:k]
+    X2, y2 = take(X, backwards), y.flip(0)[:k]
+    if isinstance(X, torch.Tensor) and X.is_floating_point():  # new values too
+        X2 = 0.7 * X2 + 0.1
     return model, loss, [(X, y), (X2, y2)]
 
 
 def _dense_dataset_ggn(model, loss, batches):
-    sizes = [X.shape[0] for X, _ in batches]
+    sizes = [batch_of(X) for X, _ in batches]
     total = sum(sizes)
     return sum(
         (n / total if loss.reduction == "mean" else 1.0) * dense_ggn(model, loss, X, y)
@@ -41,7 +46,7 @@ def test_dataset_spectrum_matches_dense(case):
     res = ggn_spectrum_dataset(model, loss, iter(batches), eigenvectors=True)
     assert_state_equal(before, model)
     G = _dense_dataset_ggn(model, loss, batches)
-    assert res.batch_sizes == [X.shape[0] for X, _ in batches]
+    assert res.batch_sizes == [batch_of(X) for X, _ in batches]
     assert_spectrum_matches(res.eigenvalues, G)
     E, lam = res.eigenvectors, res.eigenvalues
     residual = (G @ E.T - E.T * lam).norm(dim=0)

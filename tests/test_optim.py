@@ -27,7 +27,7 @@ import torch
 from cases import BN_CASES, CASES, DTYPE
 from scipy.stats import binom
 from test_curvature import SampleCounter
-from utils import RTOL, report_close
+from utils import RTOL, batch_of, report_close
 
 from lowrank_ggn import GGN, SampleMixingWarning
 from lowrank_ggn.core.loss_factors import sample_weight
@@ -172,7 +172,7 @@ def test_subsampled_and_monte_carlo_curvatures(name):
     rows = [0, 2, 5]
     opt = _newton(model, loss, subsampling=rows)
     info = _quiet_step(opt, X, y)
-    assert info.gammas.shape[0] == X.shape[0] and info.lambdas.shape[0] == len(rows)
+    assert info.gammas.shape[0] == batch_of(X) and info.lambdas.shape[0] == len(rows)
     m2, l2, X2, y2 = CASE_BY_NAME[name].make()
     rho = sample_weight(l2, X2.shape[0])
     _, lambdas = dense_directional_derivatives(m2, l2, X2, y2, info.eigenvectors, rho)
@@ -184,7 +184,7 @@ def test_subsampled_and_monte_carlo_curvatures(name):
     before = _flat(model)
     opt = _newton(model, loss, mc_samples=2, generator=torch.Generator().manual_seed(0))
     info = _quiet_step(opt, X, y)
-    rho = sample_weight(loss, X.shape[0])
+    rho = sample_weight(loss, batch_of(X))
     report_close(rho * info.lambdas.sum(0), info.eigenvalues, name="MC ρ Σ λ = λ")
     report_close(
         _flat(model) - before,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import CASES, MIXING_CASES
-from utils import RTOL, assert_spectrum_matches, report_close
+from utils import RTOL, assert_spectrum_matches, call, report_close
 
 from lowrank_ggn import ggn_spectrum
 from lowrank_ggn.core.loss_factors import loss_hessian_factors
@@ -72,7 +72,7 @@ def _vivit_style_gram(model, loss, X, y):
     ]
     with model_preserved(model):
         try:
-            out = model(X)
+            out = call(model, X)
         finally:
             for h in hooks:
                 h.remove()

@@ -30,6 +30,7 @@ EXPECTED_MIXING = {
     "bn1d-train-bce": ("1",),
     "bn2d-train-ce": ("1",),
     "resnet-bn-train-ce": ("1.bn",),
+    "depthwise-bn-train-ce": ("3",),
 }
 
 

@@ -9,6 +9,7 @@ from utils import (
     RTOL,
     assert_spectrum_matches,
     assert_state_equal,
+    batch_of,
     report_close,
     state_of,
 )
@@ -45,7 +46,7 @@ def dense_subsampled_ggn(model, loss, X, y, index) -> torch.Tensor:
 
 def test_subsampled_spectrum_matches_dense(case):
     model, loss, X, y = case.make()
-    index = _subset(X.shape[0])
+    index = _subset(batch_of(X))
     before = state_of(model)
     res = ggn_spectrum(model, loss, X, y, subsampling=index, eigenvectors=True)
     assert_state_equal(before, model)

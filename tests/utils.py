@@ -10,6 +10,29 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+
+def batch_of(inputs) -> int:
+    """``N`` of a case's inputs (a tensor, tuple or dict)."""
+    from lowrank_ggn.core.inputs import batch_size_of
+
+    return batch_size_of(inputs)
+
+
+def take(inputs, index):
+    """The samples ``index`` of a case's inputs, in their container."""
+    from lowrank_ggn.core.inputs import as_inputs
+
+    return as_inputs(inputs).select(index).raw
+
+
+def call(model: nn.Module, inputs) -> Tensor:
+    """``model(X)``, ``model(*X)`` or ``model(**X)``."""
+    from lowrank_ggn.core.inputs import as_inputs
+
+    args, kwargs = as_inputs(inputs).call_args()
+    return model(*args, **kwargs)
+
+
 #: Tolerance of float64 results against the dense reference, relative to the
 #: largest eigenvalue / the largest entry.
 RTOL = 1e-8

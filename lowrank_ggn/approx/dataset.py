@@ -55,7 +55,11 @@ from lowrank_ggn.approx.dataset_solvers import (
 from lowrank_ggn.approx.distributed import Comm, check_sync_batch_norm
 from lowrank_ggn.core.budget import resolve_memory_budget
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
-from lowrank_ggn.core.loss_factors import check_loss_func, check_mc_samples
+from lowrank_ggn.core.loss_factors import (
+    check_loss_func,
+    check_mc_samples,
+    resolve_loss,
+)
 from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.precision import accumulation_dtype
 from lowrank_ggn.core.spectrum import (
@@ -261,6 +265,7 @@ def ggn_spectrum_dataset(
     base_seed = None
     if mc_samples is not None:  # batch b draws from its own generator (any split)
         base_seed = int(torch.randint(2**62, (1,), generator=generator).item())
+    loss_func = resolve_loss(loss_func)  # one wrapper: its reduction is shared
     with model_preserved(model):
         lins: list[Linearization] = []
         blocks: list[Tensor] = []

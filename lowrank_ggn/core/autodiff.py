@@ -18,6 +18,10 @@ and ``f(θ, x)`` its per-sample restriction:
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
@@ -28,6 +32,29 @@ from lowrank_ggn.core.model import FunctionalModel
 #: Phrases by which ``vmap`` or forward-mode AD say an operator has no rule.
 _NO_RULE = ("batching rule", "vmap", "functorch", "forward ad", "not implemented",
             "does not support")
+
+
+def vmappable(model: torch.nn.Module) -> bool:
+    """Whether ``vmap`` can run ``model``: not with recurrent layers.
+
+    The fused kernels of ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` have no batching
+    rules; those models are evaluated one sample at a time instead.
+    """
+    return not any(isinstance(m, torch.nn.RNNBase) for m in model.modules())
+
+
+@contextmanager
+def quiet_fallbacks() -> Iterator[None]:
+    """Silence torch's "performance drop" notes for ops ``vmap`` loops over itself.
+
+    They are about speed, not correctness (e.g. CPU attention, ``EmbeddingBag``);
+    the results are exact either way.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*performance drop because we have not yet implemented"
+        )
+        yield
 
 
 def no_rule(err: BaseException) -> bool:
@@ -67,8 +94,11 @@ def per_sample_vjps(
         _, fn = vjp(lambda th: fmodel.single(th, x), theta)
         return vmap(fn)(w)[0] if columns else fn(w)[0]
 
+    if not vmappable(fmodel.model):
+        return _looped_vjps(fmodel, inputs, cotangents, columns)
     try:
-        return vmap(sample)(inputs.tensors, cotangents)
+        with quiet_fallbacks():
+            return vmap(sample)(inputs.tensors, cotangents)
     except (RuntimeError, NotImplementedError) as err:
         if not no_rule(err):
             raise
@@ -104,6 +134,22 @@ def one_hot_cotangents(values: Tensor, start: int, batch_size: int) -> Tensor:
     return cot
 
 
+@contextmanager
+def composite_attention() -> Iterator[None]:
+    """Scaled-dot-product attention as composite operations (the math backend).
+
+    The fused CPU kernels have neither forward-mode AD nor double backward; the
+    math backend computes the same function from differentiable primitives.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: nothing to switch
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
 def batch_jvps(
     fmodel: FunctionalModel,
     inputs: Tensor | ModelInputs,
@@ -112,8 +158,10 @@ def batch_jvps(
 ) -> Tensor:
     """``J_θF(X) · t_k`` for flat tangents ``[K, D]``: ``[K, N, *out]``.
 
-    Forward mode (one vmapped JVP per chunk); for models with an operator that has
-    no forward-mode rule, one forward pass with its graph and :func:`graph_jvps`.
+    Forward mode (one vmapped JVP per chunk, attention on its composite backend).
+    For an operator without forward-mode AD, one forward pass with its graph and
+    :func:`graph_jvps`; without double backward either (``nn.EmbeddingBag``),
+    :func:`jacobian_jvps`.
     """
     theta = fmodel.primals()
 
@@ -121,14 +169,73 @@ def batch_jvps(
         return jvp(lambda th: fmodel(th, inputs), (theta,), (fmodel.unflatten(t),))[1]
 
     try:
-        return vmap(push, chunk_size=max(1, chunk))(tangents)
+        with composite_attention():
+            return vmap(push, chunk_size=max(1, chunk))(tangents)
     except (RuntimeError, NotImplementedError) as err:
         if not no_rule(err):
             raise
-        params = [t.detach().requires_grad_(True) for t in theta]
-        with torch.enable_grad():
-            graph = fmodel(params, inputs)
-        return graph_jvps(graph, params, fmodel.unflatten(tangents))
+    params = [t.detach().requires_grad_(True) for t in theta]
+    with torch.enable_grad(), composite_attention():
+        graph = fmodel(params, inputs)
+    return reverse_jvps(graph, params, fmodel.unflatten(tangents), chunk)
+
+
+def reverse_jvps(
+    graph: Tensor, params: list[Tensor], tangents: tuple[Tensor, ...], chunk: int
+) -> Tensor:
+    """``J t_k`` from a graph in reverse mode only.
+
+    :func:`graph_jvps`, else :func:`jacobian_jvps` for operators without double
+    backward.
+    """
+    try:
+        return graph_jvps(graph, params, tangents)
+    except (RuntimeError, NotImplementedError) as err:
+        if not no_rule(err):
+            raise
+    return jacobian_jvps(graph, params, tangents, chunk)
+
+
+def jacobian_jvps(
+    graph: Tensor, params: list[Tensor], tangents: tuple[Tensor, ...], chunk: int
+) -> Tensor:
+    """``J t_k`` from the rows of the batch Jacobian: first derivatives only.
+
+    One backward pass per output entry (``N·O`` for outputs ``[N, *out]``,
+    ``O = Π out``), each row contracted with the tangents at once: the last resort
+    for operators with neither forward-mode AD nor double backward.
+
+    Args:
+        graph: Batch outputs ``[N, *out]`` in the autograd graph of ``params``.
+        params: The parameters.
+        tangents: Per parameter ``[K, *θ_p]``.
+        chunk: Rows per batched backward pass.
+
+    Returns:
+        ``[K, N, *out]``.
+    """
+    M = graph.numel()
+    flat_t = torch.cat([t.flatten(1) for t in tangents], dim=1)  # [K, D]
+    out = graph.new_zeros(M, flat_t.shape[0])
+    for start in range(0, M, max(1, chunk)):
+        stop = min(M, start + max(1, chunk))
+        rows = []
+        for i in range(start, stop):
+            cot = torch.zeros(M, dtype=graph.dtype, device=graph.device)
+            cot[i] = 1.0
+            grads = torch.autograd.grad(
+                graph, params, cot.view_as(graph), retain_graph=True, allow_unused=True
+            )
+            rows.append(
+                torch.cat(
+                    [
+                        (torch.zeros_like(p) if g is None else g).flatten()
+                        for g, p in zip(grads, params)
+                    ]
+                )
+            )
+        out[start:stop] = torch.stack(rows) @ flat_t.T
+    return out.T.reshape(-1, *graph.shape).detach()
 
 
 def graph_jvps(
@@ -178,8 +285,12 @@ def graph_jvps(
 
 __all__ = [
     "batch_jvps",
+    "composite_attention",
     "graph_jvps",
+    "jacobian_jvps",
     "no_rule",
     "one_hot_cotangents",
     "per_sample_vjps",
+    "reverse_jvps",
+    "vmappable",
 ]

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
-from lowrank_ggn.core.autodiff import no_rule
+from lowrank_ggn.core.autodiff import no_rule, quiet_fallbacks, vmappable
 from lowrank_ggn.core.inputs import ModelInputs, as_inputs
 from lowrank_ggn.core.model import FunctionalModel
 from lowrank_ggn.core.tolerances import roundoff_close
@@ -166,8 +166,10 @@ def _probe_per_sample(
         )(probe_inputs.tensors)
 
     try:
-        single_out, fn = vjp(per_sample, theta)
-        return single_out, fn(cotangents)[0]
+        if vmappable(fmodel.model):
+            with quiet_fallbacks():
+                single_out, fn = vjp(per_sample, theta)
+                return single_out, fn(cotangents)[0]
     except (RuntimeError, NotImplementedError) as err:
         if not no_rule(err):
             raise

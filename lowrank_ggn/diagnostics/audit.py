@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
+from lowrank_ggn.core.inputs import as_inputs
 from lowrank_ggn.core.loss_factors import check_targets, sample_weight
 from lowrank_ggn.core.model import FunctionalModel
 from lowrank_ggn.core.paths import (
@@ -216,10 +217,11 @@ def _fmt_rho(rho: float) -> str:
 def audit_structure(
     model: nn.Module,
     loss_func: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
+    inputs: object,
+    targets: object,
     *,
     params: Sequence[Tensor] | None = None,
+    batch_size: int | None = None,
 ) -> StructureReport:
     r"""Report which structures of the loss hold, and which quantities are defined.
 
@@ -227,12 +229,12 @@ def audit_structure(
     model, batch and loss. Active dropout is reported, not raised.
 
     Args:
-        model: Module mapping ``inputs`` ``[N, *in]`` to ``[N, *out]``; never changed.
-        loss_func: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``
-            (reduction ``'mean'`` or ``'sum'``).
-        inputs: The batch.
+        model: Module mapping ``inputs`` to ``[N, *out]``; never changed.
+        loss_func: The loss (see :class:`lowrank_ggn.GGN`).
+        inputs: The batch: a tensor, tuple or dict (:mod:`lowrank_ggn.core.inputs`).
         targets: Its targets.
         params: Parameters of ``model``; default: all that require grad.
+        batch_size: ``N`` when the first input entry is not the batched one.
 
     Returns:
         A :class:`StructureReport`; ``print(report)`` shows the tables.
@@ -255,12 +257,13 @@ def audit_structure(
     """
     check_model(model)
     with model_preserved(model):
-        selected = check_call(model, loss_func, inputs, params, targets)
+        selected = check_call(model, loss_func, inputs, params, targets, batch_size)
+        inputs = as_inputs(inputs, batch_size)
         fmodel = FunctionalModel(model, selected)
         check_params_finite(fmodel.params, fmodel.names)
         with torch.no_grad():
             outputs = fmodel(fmodel.primals(), inputs)
-            check_outputs(outputs, inputs.shape[0])
+            check_outputs(outputs, inputs.size)
             check_targets(loss_func, outputs, targets)
             again = fmodel(fmodel.primals(), inputs)
         dropout = tuple(active_dropout_modules(model))

@@ -267,7 +267,7 @@ class DampedNewton(torch.optim.Optimizer):
             else:  # no resolved eigenvalue (a zero GGN): no direction to project on
                 gammas = gradient.new_zeros(N, 0)
         E = spec.eigenvectors  # [K, D]
-        lambda_rho = sample_weight(self.loss_func, N_S)
+        lambda_rho = sample_weight(lin.loss_func, N_S)
         data = DirectionalData(
             eigenvalues=spec.eigenvalues,
             eigenvectors=E,
@@ -276,7 +276,7 @@ class DampedNewton(torch.optim.Optimizer):
             lambdas=gram_curvatures(
                 spec.eigenvalues, spec.gram_eigenvectors, N_S, lambda_rho
             ),
-            rho=sample_weight(self.loss_func, N),
+            rho=sample_weight(lin.loss_func, N),
             lambda_rho=lambda_rho,
             paired=self.subsampling is None,
             sample_mixing=lin.path.sample_mixing,
@@ -284,12 +284,16 @@ class DampedNewton(torch.optim.Optimizer):
         )
         return gradient, E, data
 
-    def step(self, inputs: Tensor, targets: Tensor) -> StepInfo:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, inputs: object, targets: object, batch_size: int | None = None
+    ) -> StepInfo:
         r"""One damped Newton step on the batch ``(inputs, targets)``.
 
         Args:
-            inputs: ``[N, *in]``.
+            inputs: ``[N, *in]``, or a tuple/dict of entries
+                (:mod:`lowrank_ggn.core.inputs`).
             targets: The targets of the batch.
+            batch_size: ``N`` when the first input entry is not the batched one.
 
         Returns:
             A :class:`StepInfo` of the quantities at the parameters before the step.
@@ -305,6 +309,7 @@ class DampedNewton(torch.optim.Optimizer):
             generator=self.generator,
             subsampling=self.subsampling,
             progress=self.progress,
+            batch_size=batch_size,
         )
         gradient, E, data = self._directions(ggn)
         lin = ggn.linearization
@@ -313,11 +318,12 @@ class DampedNewton(torch.optim.Optimizer):
         coefficients = newton_coefficients(data.slopes, data.eigenvalues, damping)
         newton = coefficients @ E  # [D], Σ_k γ_k/(λ_k + δ_k) e_k
         complement = gradient - data.slopes @ E  # [D], g − Σ_k γ_k e_k
-        loss = float(self.loss_func(lin.outputs, targets))
+        loss = float(lin.loss_func(lin.outputs, targets))
         forward_passes = ggn.forward_passes
         if self.update_buffers:  # the forward pass of a training step, no graph
             with torch.no_grad():
-                self.model(inputs)
+                args, kwargs = lin.inputs.call_args()
+                self.model(*args, **kwargs)
             forward_passes += 1.0
         squared = 0.0
         with torch.no_grad():
