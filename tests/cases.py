@@ -279,6 +279,10 @@ CASES += [
     Case("embedding-bag-ce", lambda: real_models.bag_of_words(46), False),
 ]
 
+#: Cases with an operator that has no double backward (``EmbeddingBag``): their
+#: ``J e_k`` come from the rows of the batch Jacobian, ``N·O`` backward passes.
+JACOBIAN_ROW_CASES = {"embedding-bag-ce"}
+
 CASE_IDS = [c.name for c in CASES]
 MIXING_CASES = [c for c in CASES if c.mixing]
 

@@ -50,10 +50,13 @@ class SampleCounter:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.samples = 0
-        self.handle = model.register_forward_pre_hook(self)
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
 
-    def __call__(self, module, args) -> None:
-        self.samples += samples_in(args[0])
+    def __call__(self, module, args, kwargs) -> None:
+        first = next(
+            t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)
+        )
+        self.samples += samples_in(first)
 
     def remove(self) -> None:
         self.handle.remove()

@@ -24,10 +24,10 @@ from unittest import mock
 
 import pytest
 import torch
-from cases import BN_CASES, CASES, DTYPE
+from cases import BN_CASES, CASES, DTYPE, JACOBIAN_ROW_CASES
 from scipy.stats import binom
 from test_curvature import SampleCounter
-from utils import RTOL, batch_of, report_close
+from utils import RTOL, batch_of, call, report_close
 
 from lowrank_ggn import GGN, SampleMixingWarning
 from lowrank_ggn.core.loss_factors import sample_weight
@@ -120,7 +120,7 @@ def test_step_equals_dense_reference(case, complement_lr):
 
     # γ_nk and λ_nk (λ from the Gram eigenvectors) against brute force
     m2, l2, X2, y2 = case.make()
-    rho = sample_weight(l2, X2.shape[0])
+    rho = sample_weight(l2, batch_of(X2))
     gammas, lambdas = dense_directional_derivatives(
         m2, l2, X2, y2, info.eigenvectors, rho
     )
@@ -129,7 +129,7 @@ def test_step_equals_dense_reference(case, complement_lr):
     report_close(rho * info.lambdas.sum(0), info.eigenvalues, name="ρ Σ λ_nk = λ_k")
     report_close(info.slopes, rho * info.gammas.sum(0), name="γ_k = ρ Σ γ_nk")
     with torch.no_grad():
-        loss_value = float(l2(m2(X2), y2))
+        loss_value = float(l2(call(m2, X2), y2))
     assert info.loss == pytest.approx(loss_value, rel=RTOL)
 
 
@@ -174,7 +174,7 @@ def test_subsampled_and_monte_carlo_curvatures(name):
     info = _quiet_step(opt, X, y)
     assert info.gammas.shape[0] == batch_of(X) and info.lambdas.shape[0] == len(rows)
     m2, l2, X2, y2 = CASE_BY_NAME[name].make()
-    rho = sample_weight(l2, X2.shape[0])
+    rho = sample_weight(l2, batch_of(X2))
     _, lambdas = dense_directional_derivatives(m2, l2, X2, y2, info.eigenvectors, rho)
     report_close(info.lambdas, lambdas[rows], name="sub-sampled λ_nk")
     rho_s = sample_weight(l2, len(rows))
@@ -219,7 +219,7 @@ def test_only_parameters_change_unless_buffers_are_updated(name):
     model, loss, X, y = CASE_BY_NAME[name].make()
     twin = copy.deepcopy(model)
     with torch.no_grad():
-        twin(X)
+        call(twin, X)
     opt = _newton(model, loss, update_buffers=True)
     info = _quiet_step(opt, X, y)
     expected, after = _buffers(twin), _buffers(model)
@@ -280,7 +280,8 @@ def test_a_step_shares_the_spectrum_passes(case, top_k):
     step_samples, step_reverse = _passes(model, lambda: infos.append(opt.step(X, y)))
     assert step_samples == samples, f"{step_samples} vs {samples} samples"
     assert infos[0].forward_passes == pytest.approx(ggn.forward_passes)
-    assert step_reverse == reverse + EXTRA_REVERSE_CALLS
+    if case.name not in JACOBIAN_ROW_CASES:  # J e_k by double backward
+        assert step_reverse == reverse + EXTRA_REVERSE_CALLS
     assert dict(infos[0].engine_report.passes) == dict(ggn.engine_report.passes)
 
 

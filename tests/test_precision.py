@@ -16,6 +16,7 @@ import pytest
 import torch
 from cases import BN_CASES, CASES
 from torch import nn
+from utils import cast
 
 from lowrank_ggn import ggn_spectrum, gram_matrix
 from lowrank_ggn.app.data import digits_batch
@@ -35,7 +36,7 @@ PRECISION_CASES = {c.name: c for c in CASES + BN_CASES}
 
 def _to32(model: nn.Module, X: torch.Tensor, y: torch.Tensor):
     m32 = copy.deepcopy(model).float()
-    X32 = X.float()
+    X32 = cast(X, F32)
     y32 = y.float() if y.is_floating_point() else y
     return m32, X32, y32
 
@@ -44,7 +45,7 @@ def _truth(model, loss, X, y) -> torch.Tensor:
     """Float64 eigenvalues of the GGN of the float32 weights, descending."""
     m64 = copy.deepcopy(model).double()
     y64 = y.double() if y.is_floating_point() else y
-    G = dense_ggn(m64, loss, X.double(), y64)
+    G = dense_ggn(m64, loss, cast(X, F64), y64)
     return torch.linalg.eigvalsh(G).flip(0)
 
 
@@ -188,7 +189,7 @@ def test_trained_zoo_float32_reaches_the_bulk(name):
     m32 = _trained(name)
     X, y = digits_batch(128, 0, F32)
     loss = nn.CrossEntropyLoss()
-    truth = ggn_spectrum(copy.deepcopy(m32).double(), loss, X.double(), y, rtol=0.0)
+    truth = ggn_spectrum(copy.deepcopy(m32).double(), loss, cast(X, F64), y, rtol=0.0)
     truth = truth.eigenvalues
     res = ggn_spectrum(m32, loss, X, y)
     _check_within_bounds(res, truth)

@@ -25,6 +25,13 @@ def take(inputs, index):
     return as_inputs(inputs).select(index).raw
 
 
+def cast(inputs, dtype: torch.dtype):
+    """A case's inputs with every floating entry cast to ``dtype`` (ids stay)."""
+    from lowrank_ggn.core.inputs import as_inputs
+
+    return as_inputs(inputs).to(dtype).raw
+
+
 def call(model: nn.Module, inputs) -> Tensor:
     """``model(X)``, ``model(*X)`` or ``model(**X)``."""
     from lowrank_ggn.core.inputs import as_inputs

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from lowrank_ggn.core.inputs import ModelInputs, as_inputs
-from lowrank_ggn.core.model import FunctionalModel
+from lowrank_ggn.core.model import FunctionalModel, composite_attention
 
 #: Phrases by which ``vmap`` or forward-mode AD say an operator has no rule.
 _NO_RULE = ("batching rule", "vmap", "functorch", "forward ad", "not implemented",
@@ -132,22 +132,6 @@ def one_hot_cotangents(values: Tensor, start: int, batch_size: int) -> Tensor:
     rows = torch.arange(B, device=values.device)
     cot[rows, rows + start] = values
     return cot
-
-
-@contextmanager
-def composite_attention() -> Iterator[None]:
-    """Scaled-dot-product attention as composite operations (the math backend).
-
-    The fused CPU kernels have neither forward-mode AD nor double backward; the
-    math backend computes the same function from differentiable primitives.
-    """
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # older torch: nothing to switch
-        yield
-        return
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
 
 
 def batch_jvps(

@@ -166,6 +166,14 @@ class ModelInputs:
         items = [t.detach().clone() if isinstance(t, Tensor) else t for t in self.items]
         return self._like(items, self.size)
 
+    def to(self, dtype: torch.dtype) -> ModelInputs:
+        """Every floating entry (split or shared) cast to ``dtype``; ids stay."""
+        items = [
+            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in self.items
+        ]
+        return self._like(items, self.size)
+
     def first_float_dtype(self) -> torch.dtype | None:
         """Dtype of the first floating split entry, if any."""
         return next((t.dtype for t in self.tensors if t.is_floating_point()), None)

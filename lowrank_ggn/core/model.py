@@ -14,13 +14,32 @@ concatenates ``θ_p.flatten()`` in the order of ``params``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from lowrank_ggn.core.inputs import ModelInputs, as_inputs
+
+
+@contextmanager
+def composite_attention() -> Iterator[None]:
+    """Scaled-dot-product attention as composite operations (the math backend).
+
+    The fused CPU kernels have neither forward-mode AD, nor double backward, nor
+    ``vmap`` batching rules; the math backend computes the same function from
+    differentiable, batchable primitives. Every evaluation of
+    :class:`FunctionalModel` runs under it.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: nothing to switch
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def samples_in(inputs: Tensor | ModelInputs) -> int:
@@ -119,7 +138,8 @@ class FunctionalModel:
         state.update({n: b.clone() for n, b in self._buffers.items() if b is not None})
         state.update(zip(self.names, theta))
         args, kwargs = inputs.call_args()
-        return functional_call(self.model, state, args, kwargs, tie_weights=True)
+        with composite_attention():
+            return functional_call(self.model, state, args, kwargs, tie_weights=True)
 
     def single(self, theta: Sequence[Tensor], x: ModelInputs) -> Tensor:
         """Evaluate the model on one sample (split entries ``[*in]``): ``[*out]``."""

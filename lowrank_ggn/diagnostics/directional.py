@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vjp, vmap
 
-from lowrank_ggn.core.autodiff import batch_jvps, graph_jvps, no_rule
+from lowrank_ggn.core.autodiff import reverse_jvps
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization
 from lowrank_ggn.core.loss_factors import sample_weight
 from lowrank_ggn.core.spectrum import GGNSpectrum
@@ -129,23 +129,18 @@ def output_jvps(lin: Linearization, directions: Tensor, chunk: int) -> Tensor:
     """``J e_k`` of the batch function for each direction: ``[K, D] -> [K, N, *out]``.
 
     Double backward on the recorded graph; for an operator without a double-backward
-    formula (fused CPU attention, ``nn.EmbeddingBag``), the fallbacks of
-    :func:`lowrank_ggn.core.autodiff.batch_jvps` (one more forward pass).
+    formula (``nn.EmbeddingBag``), the rows of the batch Jacobian from the same graph
+    (:func:`lowrank_ggn.core.autodiff.reverse_jvps`). No forward pass either way.
     """
     if lin.graph is None:
         lin.forward_with_graph()
     tangents = lin.fmodel.unflatten(directions)
-    try:
-        parts = [
-            graph_jvps(
-                lin.graph, lin.fmodel.params, [t[i : i + chunk] for t in tangents]
-            )
-            for i in range(0, directions.shape[0], max(1, chunk))
-        ]
-    except (RuntimeError, NotImplementedError) as err:
-        if not no_rule(err):
-            raise
-        return batch_jvps(lin.fmodel, lin.inputs, directions, chunk)
+    parts = [
+        reverse_jvps(
+            lin.graph, lin.fmodel.params, [t[i : i + chunk] for t in tangents], chunk
+        )
+        for i in range(0, directions.shape[0], max(1, chunk))
+    ]
     return torch.cat(parts) if parts else directions.new_zeros(0, *lin.outputs.shape)
 
 
