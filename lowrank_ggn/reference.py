@@ -7,7 +7,8 @@ without any structural assumption (no per-sample split, no loss factorisation):
     G = J^⊤ H J,\qquad J = \frac{∂ \operatorname{vec} F(X, θ)}{∂ θ} ∈ ℝ^{(N·O) × D},
     \qquad H = ∇²_F L(F, Y) ∈ ℝ^{(N·O) × (N·O)},
 
-where ``O = Π out``. Memory is ``O(N·O·D + D²)``: use small models.
+where ``O = Π out``. Memory is ``O(N·O·D + D²)``: use small models. A tuple of
+targets is passed positionally, ``loss_func(outputs, *targets)``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from torch import Tensor, nn
 from torch.func import hessian, jacrev
 
 from lowrank_ggn.core.budget import check_memory
-from lowrank_ggn.core.loss_factors import SUPPORTED_LOSSES, check_targets
+from lowrank_ggn.core.loss_autodiff import call_loss
+from lowrank_ggn.core.loss_factors import check_targets, has_closed_form
 from lowrank_ggn.core.model import FunctionalModel
 from lowrank_ggn.core.state import model_preserved
 from lowrank_ggn.core.validation import (
@@ -52,9 +54,9 @@ def _scalar_loss(loss_func, outputs: Tensor, targets) -> None:
             f"loss_func must be callable as loss_func(outputs, targets); got "
             f"{type(loss_func).__name__}."
         )
-    if type(loss_func) in SUPPORTED_LOSSES:
+    if has_closed_form(loss_func):  # the same target errors as the engine's
         check_targets(loss_func, outputs, targets)
-    value = loss_func(outputs, targets)
+    value = call_loss(loss_func, outputs, targets)
     if not isinstance(value, Tensor) or value.numel() != 1:
         raise ValueError(
             "loss_func must return a scalar tensor (a batch loss); use "
@@ -82,7 +84,7 @@ def dense_output_hessian(
         outputs.element_size(),
         advice="Use a smaller batch or fewer outputs for the brute-force reference. ",
     )
-    H = hessian(lambda o: loss_func(o.reshape(outputs.shape), targets))(
+    H = hessian(lambda o: call_loss(loss_func, o.reshape(outputs.shape), targets))(
         outputs.detach().flatten()
     )
     return H.reshape(M, M)
@@ -150,7 +152,7 @@ def dense_gradient(
         _scalar_loss(loss_func, dense_outputs(model, inputs, params=params), targets)
         fmodel, flat = _flat_model(model, params, inputs)
         return torch.func.grad(
-            lambda v: loss_func(fmodel(fmodel.unflatten(v), inputs), targets)
+            lambda v: call_loss(loss_func, fmodel(fmodel.unflatten(v), inputs), targets)
         )(flat)
 
 
@@ -173,7 +175,7 @@ def dense_per_component_gradients(
     with model_preserved(model):
         J = dense_jacobian(model, inputs, params=params)  # [N, *out, D]
         outputs = dense_outputs(model, inputs, params=params)
-        g = torch.func.grad(lambda o: loss_func(o, targets))(outputs)  # [N, *out]
+        g = torch.func.grad(lambda o: call_loss(loss_func, o, targets))(outputs)
         N, D = outputs.shape[0], J.shape[-1]
         return torch.einsum("no,nod->nd", g.reshape(N, -1), J.reshape(N, -1, D))
 

@@ -67,12 +67,10 @@ def test_bce_extreme_logits_are_finite():
     "loss, match",
     [
         (nn.CrossEntropyLoss(reduction="none"), "reduction='none'"),
-        (nn.CrossEntropyLoss(label_smoothing=0.1), "label_smoothing"),
-        (nn.CrossEntropyLoss(weight=torch.ones(3, dtype=D)), "weight"),
-        (nn.BCEWithLogitsLoss(pos_weight=torch.ones(3, dtype=D)), "pos_weight"),
         (nn.MSELoss(reduction="none"), "reduction='none'"),
-        (nn.L1Loss(), "L1Loss is not supported"),
-        (nn.NLLLoss(), "NLLLoss is not supported"),
+        (nn.HuberLoss(reduction="none"), "reduction='none'"),
+        (nn.CrossEntropyLoss(weight=torch.ones(3, dtype=D)), "total class weight"),
+        (nn.NLLLoss(weight=torch.ones(3, dtype=D)), "total class weight"),
     ],
 )
 def test_unsupported_losses_raise(loss, match):
@@ -81,11 +79,9 @@ def test_unsupported_losses_raise(loss, match):
         loss_hessian_factors(loss, out, torch.zeros(4, dtype=torch.long))
 
 
-def test_not_a_module_raises():
-    with pytest.raises(TypeError, match="loss_func must be a torch.nn loss module"):
-        loss_hessian_factors(
-            torch.nn.functional.mse_loss, torch.zeros(2, 2), torch.zeros(2, 2)
-        )
+def test_not_callable_raises():
+    with pytest.raises(TypeError, match="loss_func must be callable"):
+        loss_hessian_factors("mse", torch.zeros(2, 2), torch.zeros(2, 2))
 
 
 @pytest.mark.parametrize(

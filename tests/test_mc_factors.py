@@ -58,7 +58,7 @@ def test_mc_gram_is_exact_for_the_drawn_factors(case):
     S = sampled_loss_hessian_factors(loss, out, y, 3, _gen(7))
     assert S.shape == (3, *out.shape)
     V = J.T @ _factor_matrix(S)  # [D, N·M]
-    assert K.shape == (3 * X.shape[0],) * 2
+    assert K.shape == (3 * out.shape[0],) * 2
     report_close(K, V.T @ V, name="MC Gram")
 
 
@@ -94,7 +94,7 @@ def test_mc_trace_is_unbiased(case):
     model, loss, X, y = case.make()
     out, J = _dense_pieces(model, loss, X)
     exact = torch.trace(J.T @ dense_output_hessian(loss, out, y) @ J).item()
-    Jn = J.reshape(X.shape[0], -1, J.shape[-1])  # [N, O, D]
+    Jn = J.reshape(out.shape[0], -1, J.shape[-1])  # [N, O, D]
     traces = torch.stack(
         [
             torch.einsum("nod,mno->mnd", Jn, S.flatten(2)).square().sum()

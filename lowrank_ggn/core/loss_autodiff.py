@@ -1,0 +1,479 @@
+r"""Loss-Hessian square roots by automatic differentiation, for any per-sample loss.
+
+A loss ``loss(outputs, targets) -> scalar`` (a module or a plain callable; a tuple of
+targets is passed as ``loss(outputs, *targets)``) is usable for the GGN when it has
+the per-sample-plus-reduction structure
+
+.. math::
+    L(F) = ρ \sum_{n=1}^N ℓ_n(F_n), \qquad ℓ_n(f) := \text{loss}(f[\text{None}],
+    y_n[\text{None}]),\qquad ρ ∈ \{1/N, 1\},
+
+i.e. ``ℓ_n`` is the loss of sample ``n`` alone (a batch of one) and ``ρ = 1/N``
+(``reduction='mean'``, ``'batchmean'``) or ``ρ = 1`` (``'sum'``). Then ``∇²_F L`` is
+block diagonal with blocks ``H_n = ρ ∇²ℓ_n(F_n)`` (``[O, O]``, ``O = Π out``).
+
+**Structure check** (:func:`check_structure`, once per batch, before any factor):
+with a random tangent ``v`` ``[N, *out]``, the batch loss, its gradient and its
+Hessian-vector product must equal ``ρ`` times the per-sample ones,
+
+.. math::
+    L = ρ \sum_n ℓ_n,\qquad ∇_{F_n} L = ρ ∇ℓ_n,\qquad (∇²_F L\, v)_n = ρ ∇²ℓ_n v_n,
+
+to round-off (:func:`lowrank_ggn.core.tolerances.roundoff_rtol` of the dtype,
+relative to the largest magnitude on either side). The last identity says that
+``∇²_F L`` has no blocks coupling samples (for almost every ``v``). ``ρ`` comes from
+the module's ``reduction`` attribute where there is one, else it is the candidate in
+``{1/N, 1}`` that passes; it is fixed from the first batch that tells the two apart
+(``N > 1`` and a nonzero loss, gradient or curvature).
+
+**Factorisation** (:func:`autodiff_hessian_factors`): ``H_n`` from ``vmap`` over
+samples of ``jacrev(grad(ℓ_n))`` (reverse over reverse; a loop over samples with
+plain autograd where ``vmap`` cannot run the loss, e.g. ``GaussianNLLLoss``'s
+data-dependent check of ``var``), symmetrised, then ``H_n = U_n Λ_n U_nᵀ`` by
+``eigh``. With ``λ_max = max_{n,k} |λ_nk|`` and ``τ = roundoff_rtol``: an eigenvalue
+below ``−τ λ_max`` is refused (the loss is not convex in the outputs, the GGN not
+PSD); the others are clamped at 0, and those at most ``τ λ_max`` are dropped. The
+columns are
+
+.. math::
+    s_{nc} = \sqrt{λ_{nc}}\, u_{nc},\qquad c = 1, …, C,\qquad
+    C = \max(1, \max_n \#\{k : λ_{nk} > τ λ_{\max}\}),
+
+the top-``C`` eigenpairs of each sample (zero columns for samples of lower rank), so
+``Σ_c s_nc s_ncᵀ = H_n`` up to ``τ λ_max``. Cost: ``O(N·O²)`` memory for the Hessian
+blocks (checked against :mod:`lowrank_ggn.core.budget`), ``O(N·O)`` backward passes
+of the loss (vmapped) and ``O(N·O³)`` for ``eigh``: meant for losses with few outputs
+per sample.
+
+**Monte-Carlo factors** (:func:`gaussian_sketch`): ``s̃_nm = S_n z_nm / √M`` with
+``z_nm ~ N(0, I_C)`` independent over ``n`` and ``m``, so that
+``E[Σ_m s̃_nm s̃_nmᵀ] = S_n E[z zᵀ] S_nᵀ = H_n``. Each ``s̃_nm ~ N(0, H_n / M)``
+exactly, whatever eigenbasis and signs ``eigh`` returned.
+
+Reference: Dangel, Tatzel & Hennig, *ViViT: Curvature access through the generalized
+Gauss-Newton's low-rank structure*, TMLR 2022, https://arxiv.org/abs/2106.02624.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, grad_and_value, jacrev, vjp, vmap
+
+from lowrank_ggn.core.autodiff import quiet_fallbacks
+from lowrank_ggn.core.budget import check_memory
+from lowrank_ggn.core.inputs import ModelInputs
+from lowrank_ggn.core.tolerances import roundoff_rtol
+
+#: ``reduction`` attribute of a loss module -> its ``ρ`` kind (``'mean'``: ``1/N``).
+MODULE_REDUCTIONS = {"mean": "mean", "batchmean": "mean", "sum": "sum"}
+
+#: Seed of the random tangent of the structure check (deterministic checks).
+TANGENT_SEED = 0
+
+
+def call_loss(loss: Callable, outputs: Tensor, targets: object) -> Tensor:
+    """``loss(outputs, *targets)`` for a tuple of targets, else ``loss(outputs, targets)``."""
+    if isinstance(targets, tuple) and not isinstance(loss, AutodiffLoss):
+        return loss(outputs, *targets)
+    return loss(outputs, targets)
+
+
+def loss_name(loss: object) -> str:
+    """``HuberLoss(reduction='mean')``, ``<lambda>`` or the function's name."""
+    if isinstance(loss, AutodiffLoss):
+        loss = loss.loss
+    if isinstance(loss, nn.Module):
+        red = getattr(loss, "reduction", None)
+        return type(loss).__name__ + (f"(reduction={red!r})" if red else "")
+    return getattr(loss, "__qualname__", type(loss).__name__)
+
+
+class AutodiffLoss(nn.Module):
+    r"""A loss whose Hessian square roots come from automatic differentiation.
+
+    Wraps any ``loss(outputs, targets) -> scalar`` with the per-sample-plus-reduction
+    structure ``L = ρ Σ_n ℓ_n`` (module docstring). Calling the wrapper calls the
+    loss, unpacking a tuple of targets: ``wrapper(F, (y, var)) = loss(F, y, var)``.
+
+    Attributes:
+        loss: The user's loss, unchanged.
+        reduction: ``'mean'`` (``ρ = 1/N``) or ``'sum'`` (``ρ = 1``): from the
+            module's ``reduction`` (``'batchmean'`` counts as ``'mean'``), else from
+            the first batch that determines it (:func:`check_structure`); until then
+            ``'mean'``, provisionally.
+        reduction_known: Whether :attr:`reduction` is determined.
+
+    Example:
+        >>> import torch
+        >>> loss = AutodiffLoss(lambda out, y: ((out - y) ** 4).sum())
+        >>> out, y = torch.randn(3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64)
+        >>> check_structure(loss, out, y)
+        >>> assert loss.reduction == "sum" and loss.reduction_known
+    """
+
+    def __init__(self, loss: Callable) -> None:
+        super().__init__()
+        if isinstance(loss, AutodiffLoss):
+            loss = loss.loss
+        self.loss = loss
+        reduction = (
+            getattr(loss, "reduction", None) if isinstance(loss, nn.Module) else None
+        )
+        self.reduction = MODULE_REDUCTIONS.get(reduction, "mean")
+        self.reduction_known = reduction in MODULE_REDUCTIONS
+        self._from_module = self.reduction_known
+        self._verified: list | None = None
+
+    def forward(self, outputs: Tensor, targets: object) -> Tensor:
+        """The batch loss ``loss(outputs, *targets)`` (tuple) or ``loss(outputs, targets)``."""
+        return call_loss(self.loss, outputs, targets)
+
+    def extra_repr(self) -> str:
+        """The wrapped function's name (a wrapped module prints as a child)."""
+        return (
+            "" if isinstance(self.loss, nn.Module) else f"loss={loss_name(self.loss)}"
+        )
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_verified"] = None  # weak references do not pickle
+        return state
+
+    # ------------------------------------------------ the last verified batch
+    def _is_verified(self, outputs: Tensor, targets: object) -> bool:
+        tensors = _tensors_of(outputs, targets)
+        seen = self._verified
+        return (
+            seen is not None
+            and len(seen) == len(tensors)
+            and all(
+                ref() is t and version == t._version
+                for (ref, version), t in zip(seen, tensors)
+            )
+        )
+
+    def _mark_verified(self, outputs: Tensor, targets: object) -> None:
+        self._verified = [
+            (weakref.ref(t), t._version) for t in _tensors_of(outputs, targets)
+        ]
+
+
+def _tensors_of(outputs: Tensor, targets: object) -> list[Tensor]:
+    items = targets if isinstance(targets, tuple) else (targets,)
+    return [outputs, *(t for t in items if isinstance(t, Tensor))]
+
+
+def sample_weight_of(reduction: str, batch_size: int) -> float:
+    """``ρ``: ``1/N`` for ``'mean'``, 1 for ``'sum'``."""
+    return 1.0 if reduction == "sum" else 1.0 / batch_size
+
+
+# ------------------------------------------------------------ per-sample calls
+def _targets_view(targets: object, batch_size: int) -> ModelInputs:
+    """Targets as :class:`ModelInputs`: entries with ``N`` rows are per-sample."""
+    return ModelInputs(targets, batch_size, name="targets")
+
+
+def _per_sample(
+    fn: Callable,
+    looped: Callable,
+    outputs: Tensor,
+    extra: tuple[Tensor, ...],
+    view: ModelInputs,
+) -> tuple[Tensor, ...]:
+    """``fn(F_n, *extra_n, y_n)`` for every sample, stacked over ``n``.
+
+    ``fn`` works on one sample without its batch dimension (``vmap`` over samples);
+    where ``vmap`` cannot run the loss, ``looped(F[n:n+1], *extra[n:n+1], y_{n:n+1})``
+    runs one batch of one at a time (plain autograd).
+    """
+
+    def one(f: Tensor, *args: Tensor) -> tuple[Tensor, ...]:
+        k = len(extra)
+        # the sample's targets as a batch of one, shared entries unchanged
+        y = view.with_tensors([t.unsqueeze(0) for t in args[k:]], 1).raw
+        return fn(f, *args[:k], y)
+
+    try:
+        with quiet_fallbacks():
+            return vmap(one)(outputs, *extra, *view.tensors)
+    except Exception:  # no batching rule, or data-dependent control flow
+        pass
+    rows = [
+        looped(
+            outputs[n : n + 1],
+            *(e[n : n + 1] for e in extra),
+            view.select(slice(n, n + 1)).raw,
+        )
+        for n in range(outputs.shape[0])
+    ]
+    return tuple(torch.cat(parts) for parts in zip(*rows))
+
+
+def _value_grad_hvp(
+    loss: Callable, F: Tensor, v: Tensor, y: object
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(L, ∇_F L, ∇²_F L v)`` of ``L = loss(F, y)`` by plain autograd."""
+    with torch.enable_grad():
+        F = F.detach().requires_grad_(True)
+        value = call_loss(loss, F, y)
+        g = None
+        if value.requires_grad:  # else the loss does not depend on the outputs
+            (g,) = torch.autograd.grad(value, F, create_graph=True, allow_unused=True)
+        if g is None:
+            g = torch.zeros_like(F)
+        hv = None
+        if g.requires_grad:
+            (hv,) = torch.autograd.grad(g, F, v, allow_unused=True)
+    hv = torch.zeros_like(F) if hv is None else hv
+    return value.detach().reshape(1), g.detach(), hv.detach()
+
+
+def _hessian_rows(loss: Callable, F: Tensor, y: object) -> Tensor:
+    """``∇²ℓ`` ``[1, O, O]`` of ``ℓ = loss(F, y)`` for a batch of one, by autograd rows."""
+    O = F[0].numel()
+    with torch.enable_grad():
+        F = F.detach().requires_grad_(True)
+        value, g = call_loss(loss, F, y), None
+        if value.requires_grad:
+            (g,) = torch.autograd.grad(value, F, create_graph=True, allow_unused=True)
+        H = F.new_zeros(O, O)
+        if g is not None and g.requires_grad:
+            g = g.flatten()
+            for i in range(O):
+                (row,) = torch.autograd.grad(
+                    g[i], F, retain_graph=True, allow_unused=True
+                )
+                if row is not None:
+                    H[i] = row.flatten()
+    return H.unsqueeze(0)
+
+
+def _rel_err(a: Tensor, b: Tensor) -> float:
+    """``max|a − b| / max(max|a|, max|b|)`` (0 when both vanish)."""
+    scale = max(a.abs().max().item(), b.abs().max().item())
+    err = (a - b).abs().max().item()
+    return 0.0 if err == 0.0 else err / scale
+
+
+# ------------------------------------------------------------ structure check
+def check_structure(loss: AutodiffLoss, outputs: Tensor, targets: object) -> None:
+    """Check ``L = ρ Σ_n ℓ_n`` with a block-diagonal Hessian; fix ``loss.reduction``.
+
+    See the module docstring for the three identities. Runs once per batch: a
+    repeated call with the same (unmodified) tensors returns at once.
+
+    Args:
+        loss: The wrapper.
+        outputs: ``[N, *out]``, finite.
+        targets: A tensor ``[N, …]`` or a tuple of entries (``N`` rows: per-sample).
+
+    Raises:
+        ValueError: If the loss is not a finite scalar, or the identities fail for
+            every admissible ``ρ`` (a loss that couples samples).
+
+    """
+    if loss._is_verified(outputs, targets):
+        return
+    name, N, given = loss_name(loss), outputs.shape[0], outputs
+    outputs = outputs.detach()
+    view = _targets_view(targets, N)
+    with torch.enable_grad():
+        value = call_loss(loss.loss, outputs, targets)
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        shape = (
+            tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        )
+        raise ValueError(
+            f"loss_func {name} must return a scalar tensor (the batch loss); got "
+            f"{shape}. Use reduction='mean' or 'sum'."
+        )
+    gen = torch.Generator().manual_seed(TANGENT_SEED)
+    v = torch.randn(outputs.shape, generator=gen, dtype=outputs.dtype).to(
+        outputs.device
+    )
+    # batch side: L, ∇_F L, ∇²_F L v
+    L, g, hv = _value_grad_hvp(loss.loss, outputs, v, targets)
+
+    def terms(f: Tensor, t: Tensor, y: object) -> tuple[Tensor, Tensor, Tensor]:
+        def ell(x: Tensor) -> Tensor:
+            return call_loss(loss.loss, x.unsqueeze(0), y).reshape(())
+
+        gn, hvp_fn, val = vjp(grad_and_value(ell), f, has_aux=True)
+        (hvn,) = hvp_fn(t)
+        return val, gn, hvn
+
+    # sample side: ℓ_n, ∇ℓ_n, ∇²ℓ_n v_n, each stacked over n
+    ell, g1, hv1 = _per_sample(
+        terms, lambda F, t, y: _value_grad_hvp(loss.loss, F, t, y), outputs, (v,), view
+    )
+    if not (torch.isfinite(L).all() and torch.isfinite(ell).all()):
+        raise ValueError(
+            f"loss_func {name} is not finite at these outputs and targets (batch loss "
+            f"{L.item():.3e}); check the targets and the outputs' range (e.g. "
+            "PoissonNLLLoss(log_input=False) needs positive outputs)."
+        )
+    tol = roundoff_rtol(outputs.dtype)
+    candidates = [loss.reduction] if loss.reduction_known else ["mean", "sum"]
+    errors = {}
+    for reduction in candidates:
+        rho = sample_weight_of(reduction, N)
+        # the sum's round-off scales with Σ|ℓ_n| (terms of either sign)
+        value_scale = max(L.abs().item(), rho * ell.abs().sum().item())
+        value_err = (L - rho * ell.sum()).abs().item()
+        errors[reduction] = (
+            value_err / value_scale if value_err else 0.0,
+            _rel_err(g, rho * g1),
+            _rel_err(hv, rho * hv1),
+        )
+    passed = [r for r, errs in errors.items() if max(errs) <= tol]
+    if not passed:
+        found = "; ".join(
+            f"ρ = {'1/N' if r == 'mean' else '1'}: loss {e[0]:.1e}, gradient "
+            f"{e[1]:.1e}, Hessian-vector product {e[2]:.1e}"
+            for r, e in errors.items()
+        )
+        source = (
+            f" (ρ from its reduction={getattr(loss.loss, 'reduction', None)!r})"
+            if loss._from_module
+            else ""
+        )
+        raise ValueError(
+            f"loss_func {name} is not a per-sample loss plus reduction{source}: the "
+            "batch loss L must equal ρ Σ_n ℓ_n with ℓ_n = loss_func(F_n[None], "
+            "y_n[None]) the loss of sample n alone and ρ = 1/N or 1, with a Hessian "
+            f"that does not couple samples. Relative deviations ({found}) exceed the "
+            f"round-off tolerance {tol:g}. Losses that couple samples (batch "
+            "normalisation inside the loss, functions of sums over the batch, "
+            "CrossEntropyLoss(weight=...) with reduction='mean') have no GGN of the "
+            "form Σ_n J_nᵀ H_n J_n."
+        )
+    if len(passed) == 1 and not loss.reduction_known:
+        loss.reduction, loss.reduction_known = passed[0], True
+    loss._mark_verified(given, targets)
+
+
+# ------------------------------------------------------------ factorisation
+def per_sample_hessians(
+    loss: AutodiffLoss,
+    outputs: Tensor,
+    targets: object,
+    memory_budget: float | None = None,
+) -> Tensor:
+    """``H_n = ρ ∇²ℓ_n(F_n)``, ``[N, O, O]``, symmetrised (``ρ`` from ``loss.reduction``)."""
+    N, O = outputs.shape[0], outputs[0].numel()
+    check_memory(
+        {f"per-sample loss Hessians [N={N}, O={O}, O={O}]": N * O * O},
+        outputs.element_size(),
+        memory_budget,
+        "Autodiff loss factors hold one [O, O] Hessian per sample: use a smaller "
+        "batch or fewer outputs per sample. ",
+    )
+    outputs = outputs.detach()
+    view = _targets_view(targets, N)
+
+    def hess(f: Tensor, y: object) -> tuple[Tensor]:
+        def ell(x: Tensor) -> Tensor:
+            return call_loss(loss.loss, x.unsqueeze(0), y).reshape(())
+
+        return (jacrev(grad(ell))(f).reshape(O, O),)
+
+    def looped(F: Tensor, y: object) -> tuple[Tensor]:
+        return (_hessian_rows(loss.loss, F, y),)
+
+    (H,) = _per_sample(hess, looped, outputs, (), view)
+    H = sample_weight_of(loss.reduction, N) * H
+    return 0.5 * (H + H.transpose(1, 2))
+
+
+def factors_from_hessians(H: Tensor, name: str = "loss_func") -> Tensor:
+    """Columns ``s_nc = √λ_nc u_nc`` of ``H`` ``[N, O, O]``, as ``[C, N, O]``.
+
+    Raises:
+        ValueError: If an eigenvalue lies below ``−τ λ_max`` (not PSD).
+
+    Example:
+        >>> import torch
+        >>> H = torch.diag_embed(torch.tensor([[2.0, 0.0], [1.0, 3.0]], dtype=torch.float64))
+        >>> S = factors_from_hessians(H)
+        >>> assert torch.allclose(torch.einsum("cnk,cnl->nkl", S, S), H)
+    """
+    lam, U = torch.linalg.eigh(H)  # ascending, [N, O], [N, O, O]
+    lam, U = lam.flip(-1), U.flip(-1)  # descending
+    tol = roundoff_rtol(H.dtype)
+    scale = lam.abs().max().item() if lam.numel() else 0.0
+    low = lam[:, -1].min().item() if lam.numel() else 0.0
+    if low < -tol * scale:
+        n = int(lam[:, -1].argmin())
+        raise ValueError(
+            f"{name} has a per-sample Hessian that is not positive semi-definite: "
+            f"sample {n} has eigenvalue {low:.3e} (largest |eigenvalue| {scale:.3e}, "
+            f"round-off tolerance {tol:g}·{scale:.3e}). The GGN needs a loss that is "
+            "convex in the model outputs (at these outputs); move the non-convex part "
+            "into the model, or use a convex loss."
+        )
+    keep = lam > tol * scale  # [N, O]
+    C = max(1, int(keep.sum(-1).max()))
+    root = torch.where(keep, lam, torch.zeros_like(lam)).sqrt()[:, :C]  # [N, C]
+    S = U[:, :, :C] * root.unsqueeze(1)  # [N, O, C]
+    return S.permute(2, 0, 1)
+
+
+def autodiff_hessian_factors(
+    loss: AutodiffLoss,
+    outputs: Tensor,
+    targets: object,
+    memory_budget: float | None = None,
+) -> Tensor:
+    r"""Factors ``S`` ``[C, N, *out]`` with ``Σ_c S[c, n] S[c, n]ᵀ = ρ ∇²ℓ_n``.
+
+    Assumes :func:`check_structure` has passed for these tensors (it fixes ``ρ``).
+    ``C`` is the largest numerical rank of the per-sample Hessians (module
+    docstring), at most ``O``.
+    """
+    H = per_sample_hessians(loss, outputs, targets, memory_budget)
+    S = factors_from_hessians(H, f"loss_func {loss_name(loss)}")
+    return S.reshape(S.shape[0], *outputs.shape)
+
+
+def gaussian_sketch(
+    factors: Tensor, mc_samples: int, generator: torch.Generator | None = None
+) -> Tensor:
+    r"""``S̃[m, n] = Σ_c z_nmc S[c, n] / √M`` with ``z_nm ~ N(0, I_C)``: ``[M, N, *out]``.
+
+    Unbiased: ``E[Σ_m S̃[m, n] S̃[m, n]ᵀ] = Σ_c S[c, n] S[c, n]ᵀ``. Draws come from
+    ``generator`` (on its device, in the factors' dtype, shape ``[M, N, C]``), else
+    from the default generator of the factors' device.
+
+    Example:
+        >>> import torch
+        >>> S = torch.randn(2, 3, 4, dtype=torch.float64)
+        >>> assert gaussian_sketch(S, 5, torch.Generator().manual_seed(0)).shape == (5, 3, 4)
+    """
+    C, N = factors.shape[:2]
+    device = factors.device if generator is None else generator.device
+    z = torch.randn(
+        (mc_samples, N, C), generator=generator, dtype=factors.dtype, device=device
+    ).to(factors.device)
+    # [M, N, C] x [C, N, O] -> [M, N, O]
+    sketch = torch.einsum("mnc,cno->mno", z, factors.reshape(C, N, -1))
+    return (sketch / math.sqrt(mc_samples)).reshape(mc_samples, *factors.shape[1:])
+
+
+__all__ = [
+    "AutodiffLoss",
+    "MODULE_REDUCTIONS",
+    "autodiff_hessian_factors",
+    "call_loss",
+    "check_structure",
+    "factors_from_hessians",
+    "gaussian_sketch",
+    "loss_name",
+    "per_sample_hessians",
+    "sample_weight_of",
+]
