@@ -37,7 +37,7 @@ Any other loss ``loss(outputs, targets) -> scalar`` with this structure (``Huber
 :class:`~lowrank_ggn.core.loss_autodiff.AutodiffLoss`: its structure is checked
 numerically, and its factors are the eigendecomposition square roots of the per-sample
 Hessians from automatic differentiation, with ``C`` their largest rank
-(:mod:`lowrank_ggn.core.loss_autodiff`). The closed forms above are the fast paths.
+(:mod:`lowrank_ggn.core.loss_hessians`). The closed forms above are the fast paths.
 
 Reference: Dangel, Tatzel & Hennig, *ViViT: Curvature access through the generalized
 Gauss-Newton's low-rank structure*, TMLR 2022, https://arxiv.org/abs/2106.02624.
@@ -54,11 +54,10 @@ from lowrank_ggn.core.inputs import ModelInputs
 from lowrank_ggn.core.loss_autodiff import (
     MODULE_REDUCTIONS,
     AutodiffLoss,
-    autodiff_hessian_factors,
     check_structure,
-    gaussian_sketch,
     sample_weight_of,
 )
+from lowrank_ggn.core.loss_hessians import autodiff_hessian_factors, gaussian_sketch
 
 #: Losses with closed-form factors (exact types, default options).
 SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
@@ -377,8 +376,9 @@ def loss_hessian_factors(
 
     Closed forms for ``CrossEntropyLoss``, ``MSELoss`` and ``BCEWithLogitsLoss``
     (module docstring); for any other loss, the eigendecomposition square roots of
-    the per-sample Hessians from automatic differentiation, after the numerical
-    structure check (:mod:`lowrank_ggn.core.loss_autodiff`).
+    the per-sample Hessians from automatic differentiation
+    (:mod:`lowrank_ggn.core.loss_hessians`), after the numerical structure check
+    (:mod:`lowrank_ggn.core.loss_autodiff`).
 
     Args:
         loss_func: A loss ``loss_func(outputs, targets) -> scalar`` with the
