@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import hessian, jacrev
 
 from lowrank_ggn.core.budget import check_memory
+from lowrank_ggn.core.inputs import as_inputs
 from lowrank_ggn.core.loss_autodiff import call_loss
 from lowrank_ggn.core.loss_factors import check_targets, has_closed_form
 from lowrank_ggn.core.model import FunctionalModel
@@ -97,7 +98,7 @@ def dense_outputs(
     with model_preserved(model), torch.no_grad():
         fmodel, _ = _flat_model(model, params, inputs)
         outputs = fmodel(fmodel.primals(), inputs)
-        check_outputs(outputs, inputs.shape[0])
+        check_outputs(outputs, as_inputs(inputs).size)
         return outputs
 
 

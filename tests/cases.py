@@ -268,7 +268,8 @@ CASES: list[Case] = [
 ]
 
 #: Models as people write them (``tests/real_models.py``): tuple and dict inputs,
-#: token ids and masks, LSTM, attention, depthwise and transposed convolutions.
+#: token ids and masks, LSTM, attention, depthwise and transposed convolutions; and
+#: losses without closed-form factors (tuple targets, a plain function).
 CASES += [
     Case("transformer-mask-ce", lambda: real_models.token_transformer(40), False),
     Case("keyword-inputs-ce", lambda: real_models.keyword_model(41), False),
@@ -277,6 +278,10 @@ CASES += [
     Case("depthwise-bn-train-ce", lambda: real_models.depthwise(44, True), True),
     Case("deconv-decoder-mse", lambda: real_models.decoder(45), False),
     Case("embedding-bag-ce", lambda: real_models.bag_of_words(46), False),
+    # losses without a closed form: autodiff factors (tuple targets, a function)
+    Case("mlp-huber", lambda: real_models.huber(47), False),
+    Case("mlp-gaussian-nll", lambda: real_models.gaussian_nll(48), False),
+    Case("mlp-callable-sum", lambda: real_models.callable_loss(49), False),
 ]
 
 #: Cases with an operator that has no double backward (``EmbeddingBag``): their

@@ -163,3 +163,40 @@ def bag_of_words(seed: int, N: int = 5, L: int = 4):
     model, gen = _seeded(seed, BagOfWords)
     tokens = torch.randint(0, 9, (N, L), generator=gen)
     return model, nn.CrossEntropyLoss(), tokens, torch.randint(0, 3, (N,), generator=gen)
+
+
+def _mlp(seed: int, N: int, k_out: int):
+    model, gen = _seeded(
+        seed, lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, k_out))
+    )
+    return model, gen, torch.randn(N, 4, generator=gen, dtype=DTYPE)
+
+
+def huber(seed: int, N: int = 6):
+    """``HuberLoss(delta=0.5)``: some residuals inside the quadratic zone, some out."""
+    model, gen, X = _mlp(seed, N, 3)
+    y = torch.randn(N, 3, generator=gen, dtype=DTYPE)
+    return model, nn.HuberLoss(delta=0.5), X, y
+
+
+def gaussian_nll(seed: int, N: int = 6):
+    """``GaussianNLLLoss`` with per-sample variances: targets ``(y, var)``."""
+    model, gen, X = _mlp(seed, N, 2)
+    y = torch.randn(N, 2, generator=gen, dtype=DTYPE)
+    var = torch.rand(N, 2, generator=gen, dtype=DTYPE) + 0.5
+    return model, nn.GaussianNLLLoss(), X, (y, var)
+
+
+def softplus_sum(out: Tensor, y: Tensor) -> Tensor:
+    """A plain function: ``Σ_n Σ_k softplus(F_nk − y_nk)`` (sum over samples)."""
+    return nn.functional.softplus(out - y).sum()
+
+
+#: what lowrank_ggn must find numerically (a function has no ``reduction``)
+softplus_sum.expected_reduction = "sum"
+
+
+def callable_loss(seed: int, N: int = 5):
+    """A plain Python function as the loss (ρ = 1 found numerically)."""
+    model, gen, X = _mlp(seed, N, 3)
+    return model, softplus_sum, X, torch.randn(N, 3, generator=gen, dtype=DTYPE)

@@ -10,9 +10,11 @@ from utils import (
     assert_spectrum_matches,
     assert_state_equal,
     batch_of,
+    reduction_of,
     report_close,
     state_of,
     take,
+    take_targets,
 )
 
 from lowrank_ggn import GramMemoryError, ggn_spectrum_dataset
@@ -25,7 +27,7 @@ def _batches(case):
     N = batch_of(X)
     k = max(1, N - 1) if N > 1 else 1
     backwards = list(range(N))[::-1][:k]
-    X2, y2 = take(X, backwards), y.flip(0)[:k]
+    X2, y2 = take(X, backwards), take_targets(y, backwards)
     if isinstance(X, torch.Tensor) and X.is_floating_point():  # new values too
         X2 = 0.7 * X2 + 0.1
     return model, loss, [(X, y), (X2, y2)]
@@ -35,7 +37,7 @@ def _dense_dataset_ggn(model, loss, batches):
     sizes = [batch_of(X) for X, _ in batches]
     total = sum(sizes)
     return sum(
-        (n / total if loss.reduction == "mean" else 1.0) * dense_ggn(model, loss, X, y)
+        (n / total if reduction_of(loss) == "mean" else 1.0) * dense_ggn(model, loss, X, y)
         for n, (X, y) in zip(sizes, batches)
     )
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 from cases import CASES, DTYPE, MIXING_CASES
 from test_structure import EXPECTED_MIXING
-from utils import RTOL, assert_state_equal, batch_of, report_close, state_of
+from utils import RTOL, assert_state_equal, batch_of, report_close, rho_of, state_of
 
 from lowrank_ggn import SampleMixingWarning, directional_derivatives, ggn_spectrum
-from lowrank_ggn.core.loss_factors import sample_weight
 from lowrank_ggn.reference import (
     dense_directional_derivatives,
     dense_ggn,
@@ -35,7 +34,7 @@ def _dense(name: str):
     model, loss, X, y = CASE_BY_NAME[name].make()
     G = dense_ggn(model, loss, X, y)
     E = _directions(G.shape[0])
-    rho = sample_weight(loss, batch_of(X))
+    rho = rho_of(loss, batch_of(X))
     gammas, lambdas = dense_directional_derivatives(model, loss, X, y, E, rho)
     return E, rho, gammas, lambdas, G, dense_gradient(model, loss, X, y)
 

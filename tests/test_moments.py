@@ -11,7 +11,14 @@ import torch
 from cases import CASES, DTYPE, MIXING_CASES
 from test_structure import EXPECTED_MIXING, BatchCentering
 from torch import nn
-from utils import RTOL, assert_state_equal, batch_of, report_close, state_of
+from utils import (
+    RTOL,
+    assert_state_equal,
+    batch_of,
+    reduction_of,
+    report_close,
+    state_of,
+)
 
 from lowrank_ggn import SampleMixingWarning, gradient_moments
 from lowrank_ggn.reference import dense_gradient, dense_per_component_gradients
@@ -84,7 +91,7 @@ def test_per_sample_convention_mean_is_the_batch_gradient(case):
     res = _moments(case.name)
     g = dense_gradient(model, loss, X, y)
     N = batch_of(X)
-    if loss.reduction == "mean":
+    if reduction_of(loss) == "mean":
         assert res.rho == 1.0 / N
         report_close(res.mean, g, name="mean of u_n = batch gradient")
     else:

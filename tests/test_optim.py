@@ -27,10 +27,9 @@ import torch
 from cases import BN_CASES, CASES, DTYPE, JACOBIAN_ROW_CASES
 from scipy.stats import binom
 from test_curvature import SampleCounter
-from utils import RTOL, batch_of, call, report_close
+from utils import RTOL, batch_of, call, loss_value, report_close, rho_of
 
 from lowrank_ggn import GGN, SampleMixingWarning
-from lowrank_ggn.core.loss_factors import sample_weight
 from lowrank_ggn.optim import (
     BootstrapDamping,
     ConstantDamping,
@@ -120,7 +119,7 @@ def test_step_equals_dense_reference(case, complement_lr):
 
     # γ_nk and λ_nk (λ from the Gram eigenvectors) against brute force
     m2, l2, X2, y2 = case.make()
-    rho = sample_weight(l2, batch_of(X2))
+    rho = rho_of(l2, batch_of(X2))
     gammas, lambdas = dense_directional_derivatives(
         m2, l2, X2, y2, info.eigenvectors, rho
     )
@@ -129,8 +128,8 @@ def test_step_equals_dense_reference(case, complement_lr):
     report_close(rho * info.lambdas.sum(0), info.eigenvalues, name="ρ Σ λ_nk = λ_k")
     report_close(info.slopes, rho * info.gammas.sum(0), name="γ_k = ρ Σ γ_nk")
     with torch.no_grad():
-        loss_value = float(l2(call(m2, X2), y2))
-    assert info.loss == pytest.approx(loss_value, rel=RTOL)
+        value = float(loss_value(l2, call(m2, X2), y2))
+    assert info.loss == pytest.approx(value, rel=RTOL)
 
 
 def test_parameter_groups_and_subsets():
@@ -174,17 +173,17 @@ def test_subsampled_and_monte_carlo_curvatures(name):
     info = _quiet_step(opt, X, y)
     assert info.gammas.shape[0] == batch_of(X) and info.lambdas.shape[0] == len(rows)
     m2, l2, X2, y2 = CASE_BY_NAME[name].make()
-    rho = sample_weight(l2, batch_of(X2))
+    rho = rho_of(l2, batch_of(X2))
     _, lambdas = dense_directional_derivatives(m2, l2, X2, y2, info.eigenvectors, rho)
     report_close(info.lambdas, lambdas[rows], name="sub-sampled λ_nk")
-    rho_s = sample_weight(l2, len(rows))
+    rho_s = rho_of(l2, len(rows))
     report_close(rho_s * info.lambdas.sum(0), info.eigenvalues, name="ρ_S Σ λ = λ")
 
     model, loss, X, y = CASE_BY_NAME[name].make()
     before = _flat(model)
     opt = _newton(model, loss, mc_samples=2, generator=torch.Generator().manual_seed(0))
     info = _quiet_step(opt, X, y)
-    rho = sample_weight(loss, batch_of(X))
+    rho = rho_of(loss, batch_of(X))
     report_close(rho * info.lambdas.sum(0), info.eigenvalues, name="MC ρ Σ λ = λ")
     report_close(
         _flat(model) - before,

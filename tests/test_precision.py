@@ -37,14 +37,14 @@ PRECISION_CASES = {c.name: c for c in CASES + BN_CASES}
 def _to32(model: nn.Module, X: torch.Tensor, y: torch.Tensor):
     m32 = copy.deepcopy(model).float()
     X32 = cast(X, F32)
-    y32 = y.float() if y.is_floating_point() else y
+    y32 = cast(y, F32)
     return m32, X32, y32
 
 
 def _truth(model, loss, X, y) -> torch.Tensor:
     """Float64 eigenvalues of the GGN of the float32 weights, descending."""
     m64 = copy.deepcopy(model).double()
-    y64 = y.double() if y.is_floating_point() else y
+    y64 = cast(y, F64)
     G = dense_ggn(m64, loss, cast(X, F64), y64)
     return torch.linalg.eigvalsh(G).flip(0)
 

@@ -198,8 +198,8 @@ def test_errors_are_early_and_clear():
     before = state_of(model)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         audit_structure("model", loss, X, y)
-    with pytest.raises(NotImplementedError, match="is not supported"):
-        audit_structure(model, nn.NLLLoss(), X, y)
+    with pytest.raises(NotImplementedError, match="reduction='none' is not supported"):
+        audit_structure(model, nn.CrossEntropyLoss(reduction="none"), X, y)
     with pytest.raises(ValueError, match="at least 2 samples"):
         audit_structure(model, loss, X[:1], y[:1])
     with pytest.raises(ValueError, match="batch size"):

@@ -10,6 +10,7 @@ from utils import (
     assert_spectrum_matches,
     assert_state_equal,
     batch_of,
+    reduction_of,
     report_close,
     state_of,
 )
@@ -39,7 +40,7 @@ def dense_subsampled_ggn(model, loss, X, y, index) -> torch.Tensor:
     )
     H = dense_output_hessian(loss, out, y).reshape(N, n_out, N, n_out)
     H_SS = H[index][:, :, index].reshape(len(index) * n_out, len(index) * n_out)
-    kappa = N / len(index) if loss.reduction == "mean" else 1.0
+    kappa = N / len(index) if reduction_of(loss) == "mean" else 1.0
     G = kappa * J.T @ H_SS @ J
     return 0.5 * (G + G.T)
 

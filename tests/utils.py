@@ -25,10 +25,42 @@ def take(inputs, index):
     return as_inputs(inputs).select(index).raw
 
 
+def reduction_of(loss) -> str:
+    """``'mean'`` or ``'sum'``: ``ρ = 1/N`` or ``1`` in ``L = ρ Σ_n ℓ_n``.
+
+    A loss module's ``reduction`` (``'batchmean'`` is a mean); a plain function of
+    the case list declares what lowrank_ggn must find numerically as
+    ``expected_reduction``.
+    """
+    reduction = getattr(loss, "reduction", None) or loss.expected_reduction
+    return "mean" if reduction == "batchmean" else reduction
+
+
+def rho_of(loss, N: int) -> float:
+    """``ρ`` for a batch of ``N``: ``1/N`` for a mean, 1 for a sum."""
+    return 1.0 / N if reduction_of(loss) == "mean" else 1.0
+
+
+def loss_value(loss, outputs: Tensor, targets) -> Tensor:
+    """``loss(outputs, targets)``, a tuple of targets passed positionally."""
+    return loss(outputs, *targets) if isinstance(targets, tuple) else loss(outputs, targets)
+
+
+def take_targets(targets, index):
+    """The samples ``index`` of a case's targets (a tensor or a tuple)."""
+    from lowrank_ggn.core.inputs import ModelInputs
+
+    if isinstance(targets, Tensor):
+        return targets[torch.as_tensor(index)]
+    return ModelInputs(targets, name="targets").select(index).raw
+
+
 def cast(inputs, dtype: torch.dtype):
-    """A case's inputs with every floating entry cast to ``dtype`` (ids stay)."""
+    """A case's inputs (or targets) with every floating entry cast to ``dtype``."""
     from lowrank_ggn.core.inputs import as_inputs
 
+    if isinstance(inputs, Tensor) and not inputs.is_floating_point():
+        return inputs  # class indices, token ids
     return as_inputs(inputs).to(dtype).raw
 
 

@@ -327,10 +327,12 @@ def linearize(
             again = fmodel(fmodel.primals(), inputs)
     check_deterministic(fmodel, inputs, outputs, again)
     if mc_samples is None:
-        factors = loss_hessian_factors(loss_func, outputs, targets)
+        factors = loss_hessian_factors(
+            loss_func, outputs, targets, memory_budget=memory_budget
+        )
     else:
         factors = sampled_loss_hessian_factors(
-            loss_func, outputs, targets, mc_samples, generator
+            loss_func, outputs, targets, mc_samples, generator, memory_budget=memory_budget
         )
     if index is not None:
         factors = subsample_factors(loss_func, factors, index)

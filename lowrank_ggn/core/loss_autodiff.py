@@ -221,25 +221,21 @@ def _rel_err(a: Tensor, b: Tensor) -> float:
 
 
 # ------------------------------------------------------------ structure check
-def check_structure(loss: AutodiffLoss, outputs: Tensor, targets: object) -> None:
-    """Check ``L = ρ Σ_n ℓ_n`` with a block-diagonal Hessian; fix ``loss.reduction``.
+def structure_deviations(
+    loss: AutodiffLoss, outputs: Tensor, targets: object
+) -> dict[str, tuple[float, float, float]]:
+    """Relative deviations from ``L = ρ Σ_n ℓ_n`` per admissible reduction.
 
-    See the module docstring for the three identities. Runs once per batch: a
-    repeated call with the same (unmodified) tensors returns at once.
-
-    Args:
-        loss: The wrapper.
-        outputs: ``[N, *out]``, finite.
-        targets: A tensor ``[N, …]`` or a tuple of entries (``N`` rows: per-sample).
+    For ``'mean'`` (``ρ = 1/N``) and ``'sum'`` (``ρ = 1``), or only the known one:
+    the batch loss against ``ρ Σ_n ℓ_n``, ``∇_F L`` against ``ρ ∇ℓ_n`` stacked, and
+    ``∇²_F L v`` against ``ρ ∇²ℓ_n v_n`` for a fixed-seed random ``v`` (each
+    relative; round-off size when the structure holds). :func:`check_structure` and
+    :func:`lowrank_ggn.audit_structure` read them.
 
     Raises:
-        ValueError: If the loss is not a finite scalar, or the identities fail for
-            every admissible ``ρ`` (a loss that couples samples).
-
+        ValueError: If the loss is not a finite scalar.
     """
-    if loss._is_verified(outputs, targets):
-        return
-    name, N, given = loss_name(loss), outputs.shape[0], outputs
+    name, N = loss_name(loss), outputs.shape[0]
     outputs = outputs.detach()
     view = _targets_view(targets, N)
     with torch.enable_grad():
@@ -277,7 +273,6 @@ def check_structure(loss: AutodiffLoss, outputs: Tensor, targets: object) -> Non
             f"{L.item():.3e}); check the targets and the outputs' range (e.g. "
             "PoissonNLLLoss(log_input=False) needs positive outputs)."
         )
-    tol = roundoff_rtol(outputs.dtype)
     candidates = [loss.reduction] if loss.reduction_known else ["mean", "sum"]
     errors = {}
     for reduction in candidates:
@@ -290,6 +285,30 @@ def check_structure(loss: AutodiffLoss, outputs: Tensor, targets: object) -> Non
             _rel_err(g, rho * g1),
             _rel_err(hv, rho * hv1),
         )
+    return errors
+
+
+def check_structure(loss: AutodiffLoss, outputs: Tensor, targets: object) -> None:
+    """Check ``L = ρ Σ_n ℓ_n`` with a block-diagonal Hessian; fix ``loss.reduction``.
+
+    See the module docstring for the three identities. Runs once per batch: a
+    repeated call with the same (unmodified) tensors returns at once.
+
+    Args:
+        loss: The wrapper.
+        outputs: ``[N, *out]``, finite.
+        targets: A tensor ``[N, …]`` or a tuple of entries (``N`` rows: per-sample).
+
+    Raises:
+        ValueError: If the loss is not a finite scalar, or the identities fail for
+            every admissible ``ρ`` (a loss that couples samples).
+
+    """
+    if loss._is_verified(outputs, targets):
+        return
+    name, given = loss_name(loss), outputs
+    errors = structure_deviations(loss, outputs, targets)
+    tol = roundoff_rtol(outputs.dtype)
     passed = [r for r, errs in errors.items() if max(errs) <= tol]
     if not passed:
         found = "; ".join(

@@ -16,7 +16,9 @@ With all four, ``J_θF_nᵀ ∂L/∂F_n`` is ρ times the *per-sample gradient*
 ``G = V Vᵀ`` needs 1–3 only. (4) holds if three checks pass: the module scan and the
 input probe of :mod:`lowrank_ggn.diagnostics.probe`, which also name the modules that
 mix samples, and the parameter probe of :func:`lowrank_ggn.core.paths.choose_path`
-(one-sample evaluation reproduces the batch outputs and a random parameter-JVP).
+(one-sample evaluation reproduces the batch outputs and a random vector-Jacobian
+product). (2) and (3) are checked numerically for every loss
+(:func:`lowrank_ggn.core.loss_autodiff.structure_deviations`).
 
 Active dropout (a random loss, which the computations of lowrank_ggn refuse) is
 reported; the structural probes run with dropout in eval mode, as it mixes no samples.
@@ -31,10 +33,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vjp, vmap
 
 from lowrank_ggn.core.inputs import as_inputs
-from lowrank_ggn.core.loss_factors import check_targets, sample_weight
+from lowrank_ggn.core.loss_autodiff import (
+    AutodiffLoss,
+    loss_name,
+    sample_weight_of,
+    structure_deviations,
+)
+from lowrank_ggn.core.loss_factors import check_targets, resolve_loss
 from lowrank_ggn.core.model import FunctionalModel
 from lowrank_ggn.core.paths import (
     EnginePath,
@@ -147,9 +154,15 @@ def _rel_err(a: Tensor, b: Tensor) -> float:
 
 
 def _loss_checks(
-    loss_func: nn.Module, outputs: Tensor, targets: Tensor
-) -> tuple[StructureCheck, StructureCheck, StructureCheck]:
-    """The loss structures, weakest first: split, reduction, SIMD (checked numerically)."""
+    loss_func: nn.Module, outputs: Tensor, targets: object
+) -> tuple[StructureCheck, StructureCheck, StructureCheck, float]:
+    """The loss structures, weakest first: split, reduction, SIMD; and ``ρ``.
+
+    Checked numerically for every loss, closed forms included
+    (:func:`lowrank_ggn.core.loss_autodiff.structure_deviations`): ``ℓ_n`` is the
+    loss of sample ``n`` alone, and the batch loss, its gradient and a random
+    Hessian-vector product must equal ``ρ`` times the per-sample ones.
+    """
     split = StructureCheck(
         "model/loss split",
         True,
@@ -158,53 +171,36 @@ def _loss_checks(
         "the GGN Jᵀ (∇²_F L) J is defined",
     )
     tol = roundoff_rtol(outputs.dtype)
-    rho = sample_weight(loss_func, outputs.shape[0])
-    rho_1 = sample_weight(loss_func, 1)
-    name = _loss_label(loss_func)
-
-    def single(f: Tensor, y: Tensor) -> Tensor:
-        # ℓ_n: the loss of one sample alone, without its reduction factor
-        return loss_func(f.unsqueeze(0), y.unsqueeze(0)) / rho_1
-
-    def batch(f: Tensor) -> Tensor:
-        return loss_func(f, targets)
-
-    ell = vmap(single)(outputs, targets)  # [N]
-    red_err = _rel_err(batch(outputs).reshape(1), (rho * ell.sum()).reshape(1))
-    reduction = StructureCheck(
+    N, name = outputs.shape[0], _loss_label(loss_func)
+    wrapped = loss_func if isinstance(loss_func, AutodiffLoss) else AutodiffLoss(loss_func)
+    errors = structure_deviations(wrapped, outputs, targets)
+    reduction = min(errors, key=lambda r: max(errors[r]))  # the better-fitting ρ
+    value_err, grad_err, hvp_err = errors[reduction]
+    rho = sample_weight_of(reduction, N)
+    known = "by type" if wrapped.reduction_known else "found numerically"
+    reduces = StructureCheck(
         "loss reduces per-sample terms",
-        red_err <= tol,
-        f"by type: {name} is a scaled sum, ρ = {_fmt_rho(rho)}; numerically: the "
+        value_err <= tol,
+        f"{known}: {name} is a scaled sum, ρ = {_fmt_rho(rho)}; numerically: the "
         f"batch loss equals ρ Σ_n ℓ_n with ℓ_n the loss of sample n alone "
-        f"(relative deviation {red_err:.1e})",
+        f"(relative deviation {value_err:.1e})",
         "L = ρ Σ_n ℓ_n: the batch gradient is a sum of N per-component terms",
     )
-    # ∂L/∂F_n from the batch must equal ρ ∂ℓ(F_n, y_n)/∂F_n; an HVP with a tangent on
-    # sample 0 must not reach ∇_{F_n} L for n ≠ 0 (block-diagonal Hessian)
-    g_batch = grad(batch)(outputs)
-    g_single = rho * vmap(grad(single))(outputs, targets)
-    grad_err = _rel_err(g_batch, g_single)
-    tangent = torch.zeros_like(outputs)
-    tangent[0] = 1.0
-    (hvp,) = vjp(grad(batch), outputs)[1](tangent)  # ∇²_F L symmetric: VJP = HVP
-    scale = max(hvp.abs().max().item(), 1e-300)
-    leak = hvp[1:].abs().max().item() / scale if len(hvp) > 1 else 0.0
     simd = StructureCheck(
         "loss is per-sample + reduction",
-        grad_err <= tol and leak <= tol,
-        f"by type: {name} applies ℓ(F_n, y_n) sample-wise; numerically: ∂L/∂F_n = "
-        f"ρ ∂ℓ_n/∂F_n (relative deviation {grad_err:.1e}) and a Hessian-vector "
-        f"product with a tangent on sample 0 leaves the other samples at "
-        f"{leak:.1e} (relative)",
+        grad_err <= tol and hvp_err <= tol,
+        f"numerically: ∂L/∂F_n = ρ ∂ℓ_n/∂F_n (relative deviation {grad_err:.1e}) "
+        f"and a random Hessian-vector product of L equals ρ times the per-sample "
+        f"ones (relative deviation {hvp_err:.1e})",
         "∇²_F L is block diagonal: G = ρ Σ_n J_nᵀ ∇²ℓ_n J_n = V Vᵀ with rank ≤ N·C; "
         "the GGN square-root factorisation is valid",
     )
-    return split, reduction, simd
+    return split, reduces, simd, rho
 
 
-def _loss_label(loss_func: nn.Module) -> str:
-    """E.g. ``CrossEntropyLoss(reduction='mean')``."""
-    return f"{type(loss_func).__name__}(reduction={loss_func.reduction!r})"
+def _loss_label(loss_func: object) -> str:
+    """E.g. ``CrossEntropyLoss(reduction='mean')`` or a function's name."""
+    return loss_name(loss_func)
 
 
 def _fmt_rho(rho: float) -> str:
@@ -264,7 +260,8 @@ def audit_structure(
         with torch.no_grad():
             outputs = fmodel(fmodel.primals(), inputs)
             check_outputs(outputs, inputs.size)
-            check_targets(loss_func, outputs, targets)
+            loss_func = resolve_loss(loss_func)
+            check_targets(loss_func, outputs, targets, structure=False)
             again = fmodel(fmodel.primals(), inputs)
         dropout = tuple(active_dropout_modules(model))
         deterministic = not dropout and torch.equal(again, outputs)
@@ -278,11 +275,11 @@ def audit_structure(
         mixing = scan + tuple(n for n in probe.modules if n not in scan)
         forward = _forward_check(scan, probe, path, mixing)
         independent = forward.holds
-        loss = _loss_checks(loss_func, outputs, targets)
+        *loss, rho_value = _loss_checks(loss_func, outputs, targets)
         checks = (*loss, forward, _determinism_check(dropout, deterministic))
         loss_ok = all(c.holds for c in loss)
         N, C = outputs.shape[0], math.prod(outputs.shape[1:])
-        rho = _fmt_rho(sample_weight(loss_func, outputs.shape[0]))
+        rho = _fmt_rho(rho_value)
         summary = (
             f"Structure audit: N = {N} samples, {C} outputs per sample, "
             f"{_loss_label(loss_func)}, ρ = {rho}, D = {fmodel.num_params} parameters."
