@@ -14,8 +14,10 @@ from lowrank_ggn import optim, reference
 from lowrank_ggn.approx.dataset import DatasetSpectrum, ggn_spectrum_dataset
 from lowrank_ggn.approx.dataset_solvers import GramMemoryError
 from lowrank_ggn.approx.param_groups import per_layer_groups
+from lowrank_ggn.core.loss_autodiff import AutodiffLoss
 from lowrank_ggn.core.loss_factors import (
     loss_hessian_factors,
+    resolve_loss,
     sampled_loss_hessian_factors,
 )
 from lowrank_ggn.core.paths import EnginePath
@@ -44,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GGN",
+    "AutodiffLoss",
     "DatasetSpectrum",
     "DirectionalDerivatives",
     "EnginePath",
@@ -68,5 +71,6 @@ __all__ = [
     "optim",
     "per_layer_groups",
     "reference",
+    "resolve_loss",
     "sampled_loss_hessian_factors",
 ]

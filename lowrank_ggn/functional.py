@@ -7,7 +7,9 @@ quantities of the same batch: it linearises once.
 The options shared by every function (keyword-only, passed to
 :class:`~lowrank_ggn.curvature.GGN`): ``params``, ``mc_samples``, ``generator``,
 ``subsampling``, ``memory_budget``, ``progress``, ``path``, ``engine``,
-``strategy``, ``chunk`` and ``accumulate``. Their meaning is documented there.
+``strategy``, ``chunk``, ``accumulate`` and ``batch_size``. Their meaning is
+documented there, as are the accepted ``inputs`` (a tensor, tuple or dict) and
+losses (any per-sample loss with a mean or sum reduction).
 """
 
 from __future__ import annotations
