@@ -11,9 +11,10 @@ from lowrank_ggn import ggn_spectrum, gram_matrix
 from lowrank_ggn.core.engine import LayerTreatment, Strategy
 from lowrank_ggn.core.engine.accumulate import (
     add_kron_blocks,
-    explicit_rows,
+    input_kernel,
     symmetric_rank_k_update,
 )
+from lowrank_ggn.core.engine.operands import DenseOperand
 from lowrank_ggn.reference import dense_ggn
 
 MIXING, SPLIT = LayerTreatment.MIXING, LayerTreatment.SPLIT
@@ -113,10 +114,10 @@ def test_conv_kronecker_and_explicit_forms_agree():
     A = torch.randn(NS, P, I, generator=gen, dtype=D)
     V = torch.einsum("ncpo,npi->ncoi", g, A).reshape(NS * C, -1)
     gram = torch.zeros(NS * C, NS * C, dtype=D)
-    add_kron_blocks(gram, g, A)
+    add_kron_blocks(gram, g, input_kernel(A, D))
     report_close(gram, V @ V.T, name="Kronecker blocks")
     gram = torch.zeros(NS * C, NS * C, dtype=D)
-    for _, rows in explicit_rows(g, A, budget=10**9):
+    for _, rows in DenseOperand(A[:, None], O).explicit(g, budget=10**9):
         symmetric_rank_k_update(gram, rows)
     report_close(gram, V @ V.T, name="explicit rows")
 
@@ -127,9 +128,11 @@ def test_explicit_channel_chunks_under_small_budget():
     A = torch.randn(2, 4, 5, generator=gen, dtype=D)
     V = torch.einsum("ncpo,npi->ncoi", g, A).reshape(6, -1)
     gram = torch.zeros(6, 6, dtype=D)
-    chunks = list(explicit_rows(g, A, budget=1))  # one output channel per chunk
-    assert [c.stop - c.start for c, _ in chunks] == [1] * 6
-    for _, rows in chunks:
+    # one output channel per chunk
+    chunks = list(DenseOperand(A[:, None], 6).explicit(g, budget=1))
+    assert [c.stop - c.start for c, _ in chunks] == [5] * 6
+    for cols, rows in chunks:
+        report_close(rows, V[:, cols], name="chunk")
         symmetric_rank_k_update(gram, rows)
     report_close(gram, V @ V.T, name="chunked explicit")
 

@@ -1,4 +1,4 @@
-"""The capture stage alone: BatchNorm recomputed with its statistics as graph nodes."""
+"""The capture stage alone: which modules, their calls, BatchNorm statistics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import torch
 from torch import nn
 from utils import report_close
 
-from lowrank_ggn.core.engine.capture import FreezeSwitch, batch_norm_layers, capture
+from lowrank_ggn.core.engine.capture import (
+    FreezeSwitch,
+    batch_norm_layers,
+    capture,
+    captured_layers,
+)
 
 D = torch.float64
 
@@ -58,3 +63,52 @@ def test_capture_leaves_no_hook_behind():
     with capture([], layers, FreezeSwitch()):
         model(torch.randn(5, 3, dtype=D))
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_layer_called_with_keywords_is_captured():
+    """Forward hooks see keyword arguments too (``fc(input=x)``)."""
+
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(input=x)
+
+    model = Keyword().double()
+    (layer,) = captured_layers(model, {id(p) for p in model.parameters()})
+    x = torch.randn(4, 3, dtype=D)
+    with capture([layer], []):
+        model(x)
+    assert layer.prepare()
+    assert torch.equal(layer.operand.A[:, 0, 0], x)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "module, capturable",
+    [
+        (nn.Embedding(5, 2, max_norm=1.0), False),  # renormalises W in place
+        (nn.Embedding(5, 2, scale_grad_by_freq=True), False),
+        (nn.EmbeddingBag(5, 2, mode="max"), False),
+        (nn.EmbeddingBag(5, 2, mode="sum"), True),
+        (nn.LayerNorm(3, elementwise_affine=False), False),  # no parameters
+        (nn.ConvTranspose2d(2, 2, 3, groups=2), True),
+        (nn.Conv3d(2, 2, 1, padding_mode="circular"), True),
+    ],
+)
+def test_which_modules_are_captured(module, capturable):
+    layers = captured_layers(module, {id(p) for p in module.parameters()})
+    assert bool(layers) is capturable
+
+
+def test_attention_out_proj_is_never_called_so_stays_generic():
+    """``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling it."""
+    mha = nn.MultiheadAttention(4, 2, batch_first=True).double()
+    (layer,) = captured_layers(mha, {id(p) for p in mha.parameters()})
+    assert layer.name == "out_proj"
+    x = torch.randn(3, 2, 4, dtype=D)
+    with capture([layer], []):
+        mha(x, x, x)
+    assert not layer.prepare()  # no call recorded: generic

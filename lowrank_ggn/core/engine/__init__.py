@@ -3,6 +3,8 @@
 ========================  ===================================================
 module                    what it does
 ========================  ===================================================
+:mod:`.layers`            which modules are captured; their operands from a call
+:mod:`.operands`          per-layer rows, Gram forms and their costs
 :mod:`.capture`           forward hooks: layer inputs/outputs, BatchNorm statistics
 :mod:`.plan`              the cost model that picks a strategy
 :mod:`.backprop`          backward-pass strategies (frozen, statistics, columns)

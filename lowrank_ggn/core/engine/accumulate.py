@@ -1,32 +1,44 @@
 r"""Pure Gram accumulation: ``𝒢 += V_lᵀ V_l`` for one layer, from its factors.
 
-A captured layer with input ``A_n`` ``[P, I]`` (``P`` weight-sharing positions, unfolded
-for convolutions) and per-column output gradients ``g_i`` ``[P, O]`` that vanish off
-sample ``n(i)`` has rows ``V_i = g_iᵀ A_{n(i)}`` ``[O·I]`` (weight) and ``Σ_p g_i``
-(bias). Every function here takes those tensors and adds into ``gram`` ``[NC, NC]``
-(rows sample-major, ``i = n·C + c``); none calls the model. The products that add
-into ``gram`` run in ``gram``'s dtype (float64 from float32 factors by default; see
-:mod:`lowrank_ggn.core.precision`).
+A captured layer's weight rows are bilinear in two per-sample operands: a layer input
+``A_n`` ``[P, I]`` (``P`` weight-sharing positions) and a column's output-side operand
+``g_i`` ``[P, O]`` that vanishes off sample ``n(i)``; ``V_i = g_iᵀ A_{n(i)}`` (or its
+transpose). Gram entries then need only the *kernel* ``k_{nm} = A_n A_mᵀ`` ``[P, P]``
+(for an embedding, index matches ``[idx_{np} = idx_{mq}]``):
 
-* :func:`add_dense_linear` (``P = 1``): ``(A Aᵀ ⊗ 1_{C×C}) ⊙ (G Gᵀ)``;
-  cost ``N²·I + (NC)²·O``.
-* :func:`add_kron_blocks` (``P > 1``): ``𝒢_{(n,c),(m,d)} = Σ_{pq}(A_nA_mᵀ)_{pq}
-  g_{ncp}·g_{mdq}``; cost ``N²·P²·I + N²·C·P·O·(P + C)``, memory ``N·C·P·O``.
-* :func:`explicit_rows` (``P > 1``): ``V_i`` in output-channel chunks, each added by
-  :func:`symmetric_rank_k_update`; cost ``NC·P·O·I + (NC)²·O·I``.
+.. math::
+    𝒢_{(n,c),(m,d)} = Σ_{p,q} (k_{nm})_{pq}\, ⟨g_{ncp}, g_{mdq}⟩ .
 
-:func:`choose_local_form` picks the cheaper of the last two by these counts.
+Every function here adds into ``gram`` ``[NC, NC]`` (rows sample-major, ``i = n·C +
+c``); none calls the model. The products run in ``gram``'s dtype (float64 from float32
+factors by default; see :mod:`lowrank_ggn.core.precision`).
+
+* :func:`add_kernel_product` (``P = 1``): ``(k ⊗ 1_{C×C}) ⊙ (g gᵀ)``; cost
+  ``N²·I + (NC)²·O``.
+* :func:`add_kron_blocks` (``P > 1``): per sample pair ``Σ_{pq} k_{pq} g_{ncp}·g_{mdq}``;
+  cost ``N²·P²·I + N²·C·P·O·(P + C)``, memory ``N·C·P·O``.
+* explicit rows (:mod:`~lowrank_ggn.core.engine.operands`), each chunk added by
+  :func:`symmetric_rank_k_update`; cost ``NC·P·D_l + (NC)²·D_l / 2``.
+
+:func:`choose_form` picks the cheapest form that fits the memory budget from the
+counts an operand reports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from lowrank_ggn.core.engine.report import LayerTreatment
+
+#: ``kernel(n)`` -> ``Kt`` ``[NS − n, P, P]`` with ``Kt[m, q, p] = k(x_{n,p}, x_{n+m,q})``.
+Kernel = Callable[[int], Tensor]
+
+#: Per form: ``(flops, bytes of work space)``.
+Costs = dict[LayerTreatment, tuple[float, float]]
 
 
 def symmetric_rank_k_update(gram: Tensor, block: Tensor) -> None:
@@ -56,113 +68,138 @@ def symmetric_rank_k_update(gram: Tensor, block: Tensor) -> None:
         gram.addmm_(block, block.T)
 
 
-def weight_rows(g: Tensor, A: Tensor) -> Tensor:
-    """``Σ_n g_{b,n}ᵀ A_n``: weight gradients ``[B, O, I]`` of ``B`` full-batch columns.
+def input_kernel(A: Tensor, dtype: torch.dtype) -> Kernel:
+    """The kernel ``A_n A_mᵀ`` of layer inputs ``A`` ``[NS, P, I]``."""
+    A = A.to(dtype)
+    NS, P = A.shape[:2]
 
-    Args:
-        g: Layer-output gradients ``[B, N, P, O]`` (for convolutions the transposed
-            view of autograd's ``[B, N, O, P]``, which is multiplied as it lies: no
-            copy of the ``B·N·P·O`` gradients).
-        A: Layer inputs ``[N, P, I]``.
+    def kernel(n: int) -> Tensor:
+        # Kt[m, q, p] = (A_n A_mᵀ)[p, q]
+        return (A[n:].reshape((NS - n) * P, -1) @ A[n].T).reshape(NS - n, P, P)
 
-    Per column one batched product ``[N, O, P] @ [N, P, I]`` and a sum over ``N``
-    (a broadcast over ``B`` would copy ``A`` ``B`` times).
+    return kernel
+
+
+def index_kernel(idx: Tensor, valid: Tensor, dtype: torch.dtype) -> Kernel:
+    """Index matches ``[idx_{np} = idx_{mq}]`` of valid positions (``idx``, ``valid`` ``[NS, P]``).
+
+    The kernel of one-hot inputs ``A_{np} = e_{idx_{np}}``, never formed densely.
     """
-    native = g.transpose(2, 3)  # [B, N, O, P]
-    return torch.stack([torch.bmm(native[b], A).sum(0) for b in range(g.shape[0])])
+
+    def kernel(n: int) -> Tensor:
+        match = idx[n:, :, None] == idx[n][None, None, :]  # [M, P_q, P_p]
+        match &= valid[n:, :, None] & valid[n][None, None, :]
+        return match.to(dtype)
+
+    return kernel
 
 
-def add_dense_linear(gram: Tensor, g: Tensor, A: Tensor) -> None:
-    """Plain Linear (``P = 1``): ``𝒢 += (A Aᵀ ⊗ 1) ⊙ (g gᵀ)``.
+def add_kernel_product(gram: Tensor, g: Tensor, K: Tensor) -> None:
+    """One position (``P = 1``): ``𝒢 += (K ⊗ 1_{C×C}) ⊙ (g gᵀ)``.
 
     Args:
         gram: ``[NS·C, NS·C]``.
-        g: Output gradients ``[NS, C, O]``.
-        A: Layer inputs ``[NS, I]``.
+        g: Output-side operands ``[NS, C, O]``.
+        K: Kernel ``[NS, NS]`` (``A Aᵀ`` for inputs ``A`` ``[NS, I]``).
     """
     NS, C, _ = g.shape
-    A = A.to(gram.dtype)
-    Ka = (A @ A.T).repeat_interleave(C, 0).repeat_interleave(C, 1)  # [NC, NC]
+    Ka = K.to(gram.dtype).repeat_interleave(C, 0).repeat_interleave(C, 1)  # [NC, NC]
     flat = g.reshape(NS * C, -1).to(gram.dtype)
     gram.add_(Ka * (flat @ flat.T))
 
 
-def add_kron_blocks(gram: Tensor, g: Tensor, A: Tensor) -> None:
-    """``𝒢[(n,c),(m,d)] += Σ_{pq} (A_n A_mᵀ)_{pq} g_{ncp}·g_{mdq}``, blocks ``m ≥ n``.
+def kron_upper(upper: Tensor, g: Tensor, kernel: Kernel) -> None:
+    """Add ``Σ_{pq} k_{pq} g_{ncp}·g_{mdq}`` into the block upper triangle ``m ≥ n``.
 
-    Per ``n``: ``K_m = A_n A_mᵀ`` ``[P, P]``, ``W_m = K_mᵀ g_n`` ``[P, O·C]`` and
-    ``block_m = W_mᵀ g_m`` ``[C, C]`` (batched over ``m ≥ n``), all as matrix products
-    on one contiguous ``[NS, P, O, C]`` copy of ``g``. Only the block upper triangle is
-    computed; the rest follows by symmetry.
+    Per ``n``: ``W_m = Ktᵀ g_n`` ``[P, O·C]`` and ``block_m = W_mᵀ g_m`` ``[C, C]``
+    (batched over ``m ≥ n``), all as matrix products on one contiguous ``[NS, P, O,
+    C]`` copy of ``g``. :func:`mirror_blocks` completes the matrix.
 
     Args:
-        gram: ``[NS·C, NS·C]``.
-        g: Output gradients ``[NS, C, P, O]``.
-        A: Layer inputs ``[NS, P, I]``.
+        upper: ``[NS·C, NS·C]`` buffer (the Gram's dtype).
+        g: Output-side operands ``[NS, C, P, O]``.
+        kernel: See :data:`Kernel`.
     """
     NS, C, P, O = g.shape
-    upper = torch.zeros_like(gram)
-    A = A.to(gram.dtype)
     g_poc = g.permute(0, 2, 3, 1).to(  # [NS, P, O, C], one copy
-        dtype=gram.dtype, memory_format=torch.contiguous_format
+        dtype=upper.dtype, memory_format=torch.contiguous_format
     )
     for n in range(NS):
         M = NS - n  # samples m = n, …, NS − 1
-        # Kt[m, q, p] = (A_n A_mᵀ)[p, q]
-        Kt = (A[n:].reshape(M * P, -1) @ A[n].T).reshape(M, P, P)
-        W = torch.matmul(Kt, g_poc[n].reshape(P, O * C))  # [M, P_q, O·C]
+        W = torch.matmul(kernel(n), g_poc[n].reshape(P, O * C))  # [M, P_q, O·C]
         # block[m, c, d] = Σ_{q,o} W[m, q, o, c] g[m, d, q, o]
         block = torch.bmm(
             W.reshape(M, P * O, C).transpose(1, 2), g_poc[n:].reshape(M, P * O, C)
         )
-        upper[n * C : (n + 1) * C, n * C :] = block.transpose(0, 1).reshape(C, M * C)
-    # mirror the strictly upper blocks; diagonal blocks are complete
+        upper[n * C : (n + 1) * C, n * C :] += block.transpose(0, 1).reshape(C, M * C)
+
+
+def mirror_blocks(gram: Tensor, upper: Tensor, C: int) -> None:
+    """``gram += upper + (strictly upper blocks of upper)ᵀ`` (``C×C`` diagonal blocks)."""
     strict = upper.clone()
-    for n in range(NS):
-        strict[n * C : (n + 1) * C, n * C : (n + 1) * C] = 0
+    for n in range(0, upper.shape[0], C):
+        strict[n : n + C, n : n + C] = 0
     gram += upper + strict.T
 
 
-def explicit_rows(g: Tensor, A: Tensor, budget: int) -> Iterator[tuple[slice, Tensor]]:
-    """Yield ``(channels, V[:, channels·I])``: explicit weight rows in channel chunks.
+def add_kron_blocks(gram: Tensor, g: Tensor, kernel: Kernel) -> None:
+    """``𝒢[(n,c),(m,d)] += Σ_{pq} k_{pq} g_{ncp}·g_{mdq}`` (see :func:`kron_upper`).
 
     Args:
-        g: Output gradients ``[NS, C, P, O]``.
-        A: Layer inputs ``[NS, P, I]``.
-        budget: Bytes one chunk may take (at least one output channel per chunk).
+        gram: ``[NS·C, NS·C]``.
+        g: Output-side operands ``[NS, C, P, O]``.
+        kernel: See :data:`Kernel`, e.g. :func:`input_kernel`.
 
-    Yields:
-        A slice of output channels ``o`` and the rows ``V_i = g_iᵀ A_{n(i)}``
-        restricted to them, ``[NS·C, |o|·I]`` (weight layout ``[O, I]`` flattened).
+    Example:
+        >>> g, A = torch.randn(3, 2, 4, 5).double(), torch.randn(3, 4, 6).double()
+        >>> V = torch.einsum("ncpo,npi->ncoi", g, A).reshape(6, -1)
+        >>> gram = torch.zeros(6, 6, dtype=torch.float64)
+        >>> add_kron_blocks(gram, g, input_kernel(A, torch.float64))
+        >>> assert torch.allclose(gram, V @ V.T)
     """
-    NS, C, P, O = g.shape
-    I = A.shape[-1]
-    per_channel = NS * C * I * g.element_size()
-    step = max(1, min(O, budget // max(1, 4 * per_channel)))
-    gt = g.permute(0, 1, 3, 2)  # [NS, C, O, P]
-    for o in range(0, O, step):
-        part = gt[:, :, o : o + step].reshape(NS, -1, P)  # [NS, C·o, P]
-        yield slice(o, min(O, o + step)), torch.bmm(part, A).reshape(NS * C, -1)
+    upper = torch.zeros_like(gram)
+    kron_upper(upper, g, kernel)
+    mirror_blocks(gram, upper, g.shape[1])
 
 
-def choose_local_form(
-    NS: int, C: int, P: int, O: int, I: int, itemsize: int, budget: int
-) -> LayerTreatment:
-    """Kronecker sample blocks or explicit rows for a weight-sharing layer, by cost."""
-    NC = NS * C
-    explicit_cost = NC * P * O * I + NC * NC * O * I / 2
-    kron_cost = NS * NS * P * P * I + NS * NS * C * P * O * (P + C)
-    kron_memory = (NS * P * P + NS * C * P * O) * itemsize
-    if kron_cost < explicit_cost and kron_memory <= budget:
-        return LayerTreatment.KRONECKER
-    return LayerTreatment.LOCAL_EXPLICIT
+def kron_costs(
+    NS: int, C: int, P: int, O: int, kernel_flops: float, item: int
+) -> tuple[float, float]:
+    """``(flops, bytes)`` of the Kronecker form for one group of ``O`` channels.
+
+    ``kernel_flops``: the cost of all ``N²`` kernels ``[P, P]`` (``N²·P²·I`` for
+    inputs ``[P, I]``, ``N²·P²`` for index matches).
+    """
+    if P == 1:
+        return kernel_flops + (NS * C) ** 2 * O, 0.0
+    flops = kernel_flops + NS * NS * C * P * O * (P + C)
+    return flops, (NS * P * P + 2 * NS * C * P * O) * item
+
+
+def explicit_cost(NC: int, P: int, width: int, D: int) -> float:
+    """Flops of explicit rows: ``NC·P·width`` to form them, ``(NC)²·D/2`` for ``syrk``."""
+    return NC * P * width + NC * NC * D / 2
+
+
+def choose_form(costs: Costs, budget: int) -> LayerTreatment:
+    """The cheapest form whose work space fits ``budget`` (explicit rows always fit)."""
+    fits = {f: c for f, (c, mem) in costs.items() if mem <= budget}
+    if not fits:
+        return LayerTreatment.LOCAL_EXPLICIT
+    return min(fits, key=fits.get)
 
 
 __all__ = [
-    "weight_rows",
-    "add_dense_linear",
+    "Costs",
+    "Kernel",
+    "add_kernel_product",
     "add_kron_blocks",
-    "choose_local_form",
-    "explicit_rows",
+    "choose_form",
+    "explicit_cost",
+    "index_kernel",
+    "input_kernel",
+    "kron_costs",
+    "kron_upper",
+    "mirror_blocks",
     "symmetric_rank_k_update",
 ]

@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 from lowrank_ggn.core.autodiff import per_sample_vjps
-from lowrank_ggn.core.engine.accumulate import weight_rows
 from lowrank_ggn.core.engine.capture import BNLayer, Layer
 from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.linearization import Linearization
@@ -104,7 +103,9 @@ def frozen_passes(
     live = [t for t in targets if t.requires_grad]  # e.g. a BN below every param
     for c in range(C):
         found = iter(
-            torch.autograd.grad(out, live, full[c], retain_graph=True, allow_unused=True)
+            torch.autograd.grad(
+                out, live, full[c], retain_graph=True, allow_unused=True
+            )
             if live
             else []
         )
@@ -143,8 +144,8 @@ def statistics_directions(
     statistics of layer ``l`` are backpropagated through the true graph below it
     (lower BatchNorm layers included), one direction at a time, to the *outputs* of
     the captured layers and to the other parameters (``others``); a captured layer's
-    rows are then ``Σ_n g_nᵀ A_n`` (weight) and ``Σ_n Σ_p g_np`` (bias), one matrix
-    product for a whole chunk of directions.
+    rows then come from its operand (:meth:`Layer.param_rows`: ``Σ_n g_nᵀ A_n`` for
+    a dense weight, ``Σ_n Σ_p g_np`` for a bias), batched over a chunk of directions.
     """
     K_total = sum(bn.num_statistics for bn in bns)
     rows: dict[int, Tensor] = {}
@@ -179,17 +180,11 @@ def statistics_directions(
                     # the layer feeding the BatchNorm: direction j lives on channel
                     # j mod K of its output, so only that row of its weight is hit
                     ks = torch.arange(start, stop, device=g.device) % K
-                    for p, block in zip(la.params, _channel_rows(la, g, ks)):
-                        store(p, offset + start, block)
-                    continue
-                if la.weight is not None:
-                    store(
-                        la.weight,
-                        offset + start,
-                        weight_rows(g, la.A),
-                    )
-                if la.bias is not None:
-                    store(la.bias, offset + start, g.sum(dim=(1, 2)))
+                    blocks = _channel_rows(la, g, ks)
+                else:
+                    blocks = la.param_rows(g)
+                for p, block in zip(la.params, blocks):
+                    store(p, offset + start, block)
             for p, g in zip(others, grads[len(layers) :]):
                 if g is not None:
                     store(p, offset + start, g)
@@ -200,25 +195,21 @@ def statistics_directions(
 
 
 def _channel_rows(la: Layer, g: Tensor, ks: Tensor) -> list[Tensor]:
-    """Weight/bias rows ``[B, O·I]``/``[B, O]`` of directions on one channel each.
+    """Rows ``[B, numel]`` of directions that each live on one output channel ``ks[b]``.
 
-    ``g`` ``[B, N, P, O]`` vanishes except on channel ``ks[b]`` for direction ``b``:
-    row ``ks[b]`` of the weight gradient is ``Σ_{n,p} g[b, n, p, k] A_{n,p}``.
+    ``g`` ``[B, N, P, O]`` vanishes except on channel ``ks[b]`` for direction ``b``; a
+    dense weight's gradient is then one row, ``Σ_{n,p} g[b, n, p, k] A_{n,p}``.
     """
-    B, N, P, O = g.shape
-    rows = torch.arange(B, device=g.device)
-    native = g.transpose(2, 3)  # [B, N, O, P], as autograd produced it
-    gk = torch.stack([native[b, :, k] for b, k in enumerate(ks.tolist())])  # [B, N, P]
-    blocks = []
-    if la.weight is not None:
-        I = la.A.shape[-1]
-        w = gk.reshape(B, N * P) @ la.A.reshape(N * P, I)  # [B, I]
-        full = w.new_zeros(B, O, I)
-        full[rows, ks] = w
-        blocks.append(full)
+    rows = la.operand.channel_rows(g, ks) if la.weight is not None else None
+    if rows is None:
+        return la.param_rows(g)
+    B = g.shape[0]
+    blocks = [rows]
     if la.bias is not None:
-        full = g.new_zeros(B, O)
-        full[rows, ks] = gk.sum(dim=(1, 2))
+        full = g.new_zeros(B, g.shape[-1])
+        native = g.transpose(2, 3)  # [B, N, O, P], as autograd produced it
+        sums = torch.stack([native[b, :, k].sum() for b, k in enumerate(ks.tolist())])
+        full[torch.arange(B, device=g.device), ks] = sums
         blocks.append(full)
     return blocks
 

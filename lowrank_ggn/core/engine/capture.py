@@ -3,8 +3,9 @@ r"""Capture of layer inputs, outputs and BatchNorm statistics in one forward pas
 Forward hooks on the modules record, during
 :meth:`lowrank_ggn.core.linearization.Linearization.forward_with_graph`:
 
-* for each captured ``Linear``/``Conv2d`` (:class:`Layer`): its input (detached) and
-  its output (in the graph), so that backward passes can ask for output gradients;
+* for each captured layer (:class:`Layer`; which modules:
+  :mod:`~lowrank_ggn.core.engine.layers`): its input (detached) and its output (in
+  the graph), so that backward passes can ask for output gradients;
 * for each BatchNorm that normalises with batch statistics (:class:`BNLayer`,
   :attr:`~lowrank_ggn.core.engine.report.Strategy.BN_SPLIT` only): the module's output is
   recomputed as
@@ -30,9 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn.functional import unfold
 
-from lowrank_ggn.core.engine.accumulate import weight_rows
+from lowrank_ggn.core.engine.layers import Kind, classify, make_operand, output_grad
+from lowrank_ggn.core.engine.operands import Operand
 from lowrank_ggn.core.paths import uses_batch_statistics
 
 
@@ -58,14 +59,19 @@ class FreezeSwitch:
 
 @dataclass
 class Layer:
-    """A captured ``Linear``/``Conv2d`` and the data the backward passes find for it.
+    """A captured module (see :mod:`~lowrank_ggn.core.engine.layers`) and its data.
 
     Attributes:
         name: Qualified module name.
         module: The module.
         weight: Its weight if selected, else ``None``; likewise ``bias``.
-        outputs: Layer outputs in the graph (one per call; captured layers run once).
-        A: Layer input ``[N, P, I]`` (unfolded for convolutions).
+        kind: How its operands are built.
+        on_trust: Captured on the assumption that a custom ``forward`` computes what
+            the base class's does (the self-check decides).
+        calls: Arguments ``(args, kwargs)`` (tensors detached), one per call;
+            ``outputs``: layer outputs in the graph (captured layers run once).
+        operand: The input-side operand (:mod:`~lowrank_ggn.core.engine.operands`),
+            built by :meth:`prepare`.
         grads: Per-column output gradients ``[NC, P, O]`` (local layers).
         explicit: Per-column rows ``[B, D_l]`` per chunk (mixing layers).
         local: Whether output gradients vanish off each column's own sample.
@@ -75,9 +81,11 @@ class Layer:
     module: nn.Module
     weight: Tensor | None
     bias: Tensor | None
-    inputs: list[Tensor] = field(default_factory=list)
+    kind: Kind = Kind.LINEAR
+    on_trust: bool = False
+    calls: list[tuple[tuple, dict]] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
-    A: Tensor | None = None
+    operand: Operand | None = None
     grads: list[Tensor] = field(default_factory=list)
     explicit: list[Tensor] = field(default_factory=list)
     local: bool = True
@@ -93,31 +101,36 @@ class Layer:
             self.grads = [torch.cat(self.grads)]
         return self.grads[0]
 
-    def layer_input(self) -> Tensor:
-        """``A`` ``[N, P, I]``: unfolded for convolutions, positions for Linear."""
-        x, m = self.inputs[0], self.module
-        if isinstance(m, nn.Conv2d):
-            cols = unfold(
-                x, m.kernel_size, m.dilation, m.padding, m.stride
-            )  # [N, I, P]
-            return cols.transpose(1, 2)
-        return x.reshape(x.shape[0], -1, x.shape[-1])
+    def prepare(self) -> bool:
+        """Build :attr:`operand` from the recorded call; ``False`` if unsupported."""
+        if len(self.outputs) != 1:
+            return False
+        args, kwargs = self.calls[0]
+        self.operand = make_operand(
+            self.kind, self.module, args, kwargs, self.outputs[0]
+        )
+        return self.operand is not None
 
     def output_grad(self, g: Tensor) -> Tensor:
         """Output gradient ``[B, N, *out]`` -> ``[B, N, P, O]``."""
-        if isinstance(self.module, nn.Conv2d):
-            return g.flatten(3).transpose(2, 3)
-        return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+        return output_grad(self.module, g)
+
+    def param_rows(self, g: Tensor, operand: Operand | None = None) -> list[Tensor]:
+        """Rows ``[B, numel]`` of the selected parameters for gradients ``[B, N, P, O]``.
+
+        Summed over the ``N`` samples of ``operand`` (default: the whole batch's).
+        """
+        operand = self.operand if operand is None else operand
+        rows = []
+        if self.weight is not None:
+            rows.append(operand.weight_rows(g))
+        if self.bias is not None:
+            rows.append(g.sum(dim=(1, 2)))
+        return rows
 
     def explicit_block(self, g: Tensor) -> Tensor:
-        """Rows ``V_i = Σ_n g_{i,n}ᵀ A_n`` for gradients ``g`` ``[B, N, P, O]``: ``[B, D_l]``."""
-        blocks = []
-        if self.weight is not None:
-            w = weight_rows(g, self.A)
-            blocks.append(w.reshape(g.shape[0], -1))
-        if self.bias is not None:
-            blocks.append(g.sum(dim=(1, 2)))
-        return torch.cat(blocks, dim=1)
+        """Rows ``V_i`` of all selected parameters for gradients ``[B, N, P, O]``: ``[B, D_l]``."""
+        return torch.cat(self.param_rows(g), dim=1)
 
 
 @dataclass
@@ -194,41 +207,51 @@ class BNLayer:
         return rows
 
 
-def capturable(model: nn.Module, selected: set[int]) -> dict[str, nn.Module]:
-    """``Linear``/zero-padded ``Conv2d`` modules with selected, unshared parameters."""
+def capturable(
+    model: nn.Module, selected: set[int], excluded: frozenset[str] = frozenset()
+) -> dict[str, tuple[nn.Module, Kind, bool]]:
+    """Modules the engine captures: ``name -> (module, kind, on_trust)``.
+
+    A module qualifies when :func:`~lowrank_ggn.core.engine.layers.classify` knows it,
+    it holds a selected parameter, none of its parameters is shared with another
+    module, and its name is not ``excluded``.
+    """
     owners: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
     found = {}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            ok = (
-                m.groups == 1
-                and m.padding_mode == "zeros"
-                and not isinstance(m.padding, str)
-            )
-        else:
-            ok = type(m) is nn.Linear
+        kind = classify(m)
         params = list(m.parameters(recurse=False))
-        if not ok or not any(id(p) in selected for p in params):
+        if kind is None or name in excluded:
+            continue
+        if not any(id(p) in selected for p in params):
             continue
         if any(owners[id(p)] > 1 for p in params):
             continue
-        found[name] = m
+        found[name] = (m, *kind)
     return found
 
 
-def captured_layers(model: nn.Module, selected: set[int]) -> list[Layer]:
+def captured_layers(
+    model: nn.Module, selected: set[int], excluded: frozenset[str] = frozenset()
+) -> list[Layer]:
     """A :class:`Layer` record for every :func:`capturable` module (selected params)."""
+
+    def pick(p: Tensor | None) -> Tensor | None:
+        return p if isinstance(p, Tensor) and id(p) in selected else None
+
     return [
         Layer(
             name,
             m,
-            m.weight if id(m.weight) in selected else None,
-            m.bias if m.bias is not None and id(m.bias) in selected else None,
+            pick(getattr(m, "weight", None)),
+            pick(getattr(m, "bias", None)),
+            kind,
+            trust,
         )
-        for name, m in capturable(model, selected).items()
+        for name, (m, kind, trust) in capturable(model, selected, excluded).items()
     ]
 
 
@@ -300,11 +323,15 @@ def capture(
     hooks = []
     for layer in layers:
 
-        def hook(mod, inp, out, layer=layer):
-            layer.inputs.append(inp[0].detach())
+        def hook(mod, args, kwargs, out, layer=layer):
+            def cut(v):
+                return v.detach() if isinstance(v, Tensor) else v
+
+            kept = {k: cut(v) for k, v in kwargs.items()}
+            layer.calls.append((tuple(cut(a) for a in args), kept))
             layer.outputs.append(out)
 
-        hooks.append(layer.module.register_forward_hook(hook))
+        hooks.append(layer.module.register_forward_hook(hook, with_kwargs=True))
     for bn in bns:
 
         def bn_hook(mod, inp, out, bn=bn):
@@ -331,6 +358,7 @@ class ForwardCapture:
         with_bns: Recompute BatchNorm modules with their statistics as graph nodes
             (needed on the full-batch path and for ``bn_split``).
         forced_mixing: Names of layers to treat as sample-mixing.
+        excluded: Names of modules to leave generic.
     """
 
     def __init__(
@@ -339,10 +367,11 @@ class ForwardCapture:
         selected: set[int],
         with_bns: bool,
         forced_mixing: frozenset[str] = frozenset(),
+        excluded: frozenset[str] = frozenset(),
     ) -> None:
         self.model, self.with_bns = model, with_bns
-        self.forced_mixing = forced_mixing
-        self.layers = captured_layers(model, selected)
+        self.forced_mixing, self.excluded = forced_mixing, excluded
+        self.layers = captured_layers(model, selected, excluded)
         for la in self.layers:
             la.local = la.name not in forced_mixing
         self.bns = batch_norm_layers(model, selected) if with_bns else []
@@ -367,11 +396,10 @@ class ForwardCapture:
             for h in hooks:
                 h.remove()
         self.seconds = time.perf_counter() - start
-        # a module called twice shares its weights across calls: leave it generic
-        self.layers = [la for la in self.layers if len(la.outputs) == 1]
+        # a module called twice shares its weights across calls, one never called
+        # has no record, one with unexpected shapes no formula: leave them generic
+        self.layers = [la for la in self.layers if la.prepare()]
         self.bns = [bn for bn in self.bns if bn.calls == 1]
-        for la in self.layers:
-            la.A = la.layer_input()
         self.done = True
 
 

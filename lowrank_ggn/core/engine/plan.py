@@ -16,9 +16,12 @@ streamed      ``2·N·C`` (VJP + JVP)                  ``B·D`` for a block of `
 the fraction of the captured activations computed before it (a statistics direction
 is backpropagated only below its layer), ``D_up`` the parameters that run before the
 last such layer, ``P_l·O_l`` a captured layer's output size per sample. The Gram's own
-accumulation (``(NC)²`` per parameter of explicit layers, ``N²`` terms for
-Kronecker layers) is the same for the first three. The cheapest strategy that fits
-``memory_budget`` wins; ``streamed`` always fits.
+accumulation is the same for the first three; each local layer picks its cheapest
+exact form from its operand's counts (:mod:`~lowrank_ggn.core.engine.operands`:
+Kronecker ``N²·P²·I + N²·C·P·O·(P + C)`` per group, index matches ``N²·P²·L²`` for
+embeddings, or explicit rows ``NC·P·D_l + (NC)²·D_l/2``; elementwise affines are
+always explicit). The cheapest strategy that fits ``memory_budget`` wins;
+``streamed`` always fits.
 """
 
 from __future__ import annotations

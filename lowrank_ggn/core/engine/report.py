@@ -65,9 +65,10 @@ class LayerTreatment(str, enum.Enum):
     """How one layer's contribution ``V_lᵀ V_l`` to the Gram matrix was added.
 
     ``KRONECKER`` and ``LOCAL_EXPLICIT`` are per-sample (the layer's gradients vanish
-    off each column's own sample): Kronecker products of layer inputs and output
-    gradients, or explicit rows ``[NC, D_l]`` in chunks, whichever the cost model
-    favours. ``MIXING`` holds explicit rows of full-batch gradients (``columns``).
+    off each column's own sample): Kronecker products of the input kernel (index
+    matches for embeddings) and output gradients, or explicit rows ``[NC, D_l]`` in
+    chunks, whichever the layer's cost model favours
+    (:mod:`lowrank_ggn.core.engine.operands`). ``MIXING`` holds explicit rows of full-batch gradients (``columns``).
     ``SPLIT`` adds frozen per-sample rows and statistics directions, ``V_{f,l} +
     B_l W`` (``bn_split``). ``GENERIC`` covers parameters of no captured layer.
     """
@@ -97,7 +98,9 @@ class EngineReport:
         solver: The :class:`Solver` that produced the eigenpairs (``None`` for
             :func:`lowrank_ggn.gram_matrix`).
         layers: Qualified module name -> :class:`LayerTreatment`, for captured
-            layers (``Linear``, ``Conv2d``, batch-statistics ``BatchNorm``).
+            layers (:mod:`lowrank_ggn.core.engine.layers`: ``Linear``, convolutions,
+            transposed convolutions, embeddings, normalisation affines) and
+            ``BatchNorm``; qualified parameter name -> ``GENERIC`` for the others.
         passes: Counts of the autodiff work done: ``"forward"`` (graph-building
             forward passes), ``"backward"`` (batch backward passes, each a batched
             call counted per cotangent), ``"statistics"`` (statistics directions,

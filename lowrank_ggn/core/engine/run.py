@@ -6,8 +6,12 @@ model picks a strategy (:mod:`~lowrank_ggn.core.engine.plan`); backward passes f
 column's layer-output gradients (:mod:`~lowrank_ggn.core.engine.backprop`, or the streamed
 products of :mod:`~lowrank_ggn.core.engine.streamed`); a random ``V w`` is checked against
 autograd (:mod:`~lowrank_ggn.core.engine.selfcheck`); each block is added in its cheapest
-exact form (:mod:`~lowrank_ggn.core.engine.accumulate`). Under ``BN_SPLIT`` a block is
-``V_p = V_{f,p} + B_p W`` (frozen per-sample rows plus statistics directions).
+exact form (:mod:`~lowrank_ggn.core.engine.operands`,
+:mod:`~lowrank_ggn.core.engine.accumulate`). Which modules are captured:
+:mod:`~lowrank_ggn.core.engine.layers`; a ``Linear`` subclass with its own
+``forward`` whose self-check fails is left generic and the engine runs again.
+Under ``BN_SPLIT`` a block is ``V_p = V_{f,p} + B_p W`` (frozen per-sample rows plus
+statistics directions).
 
 **Precision.** Backward passes run in the parameters' dtype; the Gram is summed in
 ``acc_dtype`` (float64 from float32 factors by default): every block is cast to it
@@ -53,7 +57,16 @@ class _Engine:
     """One layer-wise Gram computation for a :class:`Linearization`."""
 
     def __init__(
-        self, lin, chunk, budget, groups, forced, forced_mixing, tick, acc_dtype=None
+        self,
+        lin,
+        chunk,
+        budget,
+        groups,
+        forced,
+        forced_mixing,
+        tick,
+        acc_dtype=None,
+        excluded=frozenset(),
     ):
         self.lin, self.chunk, self.budget, self.tick = lin, max(1, chunk), budget, tick
         self.acc = lin.outputs.dtype if acc_dtype is None else acc_dtype
@@ -64,11 +77,19 @@ class _Engine:
         # per-sample path: BatchNorm (then eval-mode) affine rows from frozen passes
         want_bns = has_batch_norm(lin.fmodel.model)
         cap = lin.capture
-        if cap is None or cap.done and (
-            cap.with_bns != want_bns or cap.forced_mixing != forced_mixing
+        if (
+            cap is None
+            or cap.done
+            and (
+                cap.with_bns != want_bns
+                or cap.forced_mixing != forced_mixing
+                or cap.excluded != excluded
+            )
         ):
             selected = {id(p) for p in lin.fmodel.params}
-            cap = ForwardCapture(lin.fmodel.model, selected, want_bns, forced_mixing)
+            cap = ForwardCapture(
+                lin.fmodel.model, selected, want_bns, forced_mixing, excluded
+            )
         lin.capture = None  # one engine run consumes a capture
         self.cap = cap
         self.report = EngineReport(Strategy.COLUMNS)
@@ -83,7 +104,10 @@ class _Engine:
             with cap.recording():
                 out = self.lin.forward_with_graph()
             self.report.count("forward")
-        self.layers, self.bns, self.switch = cap.layers, cap.bns, cap.switch
+        # a layer whose first dimension is not the batch's: no per-sample formula
+        N = self.lin.batch_size
+        self.layers = [la for la in cap.layers if la.outputs[0].shape[0] == N]
+        self.bns, self.switch = cap.bns, cap.switch
         self.order = cap.order
         self.seconds_per_pass = 2 * max(cap.seconds, 1e-4)
         captured = {id(p) for la in self.layers for p in la.params}
@@ -123,8 +147,9 @@ class _Engine:
                 if any(p is q for q in self.non_bn_generic)
             ]
             raise StrategyUnavailable(
-                "strategy='bn_split' needs every parameter in a Linear, Conv2d or "
-                f"BatchNorm module; {', '.join(names[:4])} are not. Use strategy=None."
+                "strategy='bn_split' needs every parameter in a captured layer "
+                "(lowrank_ggn.core.engine.layers) or a BatchNorm module; "
+                f"{', '.join(names[:4])} are not. Use strategy=None."
             )
         plan.check_memory(self.forced, self.budget)
         self.report.reason = f"forced by strategy={self.forced.value!r}"
@@ -242,6 +267,7 @@ class _Engine:
         return [0.5 * (g + g.T) for g in grams]
 
     def _add_local(self, grams: list[Tensor], la: Layer) -> LayerTreatment:
+        """A local layer's ``V_lᵀ V_l`` in the form its operand's cost model favours."""
         lin = self.lin
         g = la.grad_matrix()  # [NC, P, O], parameters' dtype
         NS, C = lin.num_samples, lin.num_columns_per_sample
@@ -250,24 +276,21 @@ class _Engine:
             gb = g.sum(1).to(self.acc)
             grams[self.group_of[id(la.bias)]].addmm_(gb, gb.T)
         if la.weight is None:
-            return LayerTreatment.KRONECKER
+            return LayerTreatment.LOCAL_EXPLICIT
         gram = grams[self.group_of[id(la.weight)]]
-        A_s = la.A[lin.sample_index]  # [NS, P, I]
-        if P == 1:
-            acc.add_dense_linear(gram, g.reshape(NS, C, O), A_s[:, 0])
-            return LayerTreatment.KRONECKER
-        form = acc.choose_local_form(
-            NS, C, P, O, A_s.shape[-1], gram.element_size(), self.budget
-        )
+        operand = la.operand.select(lin.sample_index)
+        g = g.reshape(NS, C, P, O)
+        costs = operand.costs(NS, C, gram.element_size())
+        form = acc.choose_form(costs, self.budget)
         if form is LayerTreatment.KRONECKER:
-            acc.add_kron_blocks(gram, g.reshape(NS, C, P, O), A_s)
+            operand.add_kronecker(gram, g)
         else:
-            for _, rows in acc.explicit_rows(g.reshape(NS, C, P, O), A_s, self.budget):
+            for _, rows in operand.explicit(g, self.budget):
                 acc.symmetric_rank_k_update(gram, rows.to(self.acc))
         return form
 
     def _add_split_layer(self, grams: list[Tensor], la: Layer, f: Factors) -> None:
-        """``V_p = V_{f,p} + (B_p W)ᵀ`` in output-channel chunks, by ``syrk``."""
+        """``V_p = V_{f,p} + (B_p W)ᵀ`` in chunks of explicit rows, by ``syrk``."""
         lin = self.lin
         NS, C = lin.num_samples, lin.num_columns_per_sample
         g = la.grad_matrix()
@@ -275,14 +298,15 @@ class _Engine:
         WT = f.W.T  # [NC, 2K]: column i's statistics coefficients
         if la.weight is not None:
             B = f.B.get(id(la.weight))
-            A_s = la.A[lin.sample_index]
-            I = A_s.shape[-1]
-            # chunks of at most budget/16: the rows plus syrk's work space
-            for chans, rows in acc.explicit_rows(
-                g.reshape(NS, C, P, O), A_s, self.budget // 4
-            ):
-                if B is not None:  # rows += (B_p W)ᵀ for these channels, in place
-                    rows.addmm_(WT, B[:, chans.start * I : chans.stop * I])
+            operand = la.operand.select(lin.sample_index)
+            # chunks of at most budget/16: the rows plus syrk's work space; every
+            # weight entry that B reaches lies in a chunk (complete)
+            chunks = operand.explicit(
+                g.reshape(NS, C, P, O), self.budget // 4, complete=True
+            )
+            for cols, rows in chunks:
+                if B is not None:  # rows += (B_p W)ᵀ for these columns, in place
+                    rows.addmm_(WT, B[:, cols])
                 acc.symmetric_rank_k_update(
                     grams[self.group_of[id(la.weight)]], rows.to(self.acc)
                 )
@@ -360,6 +384,7 @@ def layerwise_gram(
     """
     groups = [list(lin.fmodel.params)] if groups is None else groups
     forced_mixing: frozenset[str] = frozenset()
+    excluded: frozenset[str] = frozenset()
     attempt, fallback = strategy, None
     for _ in range(64):
         engine = _Engine(
@@ -371,6 +396,7 @@ def layerwise_gram(
             forced_mixing,
             tick or _no_tick,
             acc_dtype,
+            excluded,
         )
         engine.report.fallback = fallback
         try:
@@ -386,6 +412,15 @@ def layerwise_gram(
                 raise
             attempt = Strategy.STREAMED
             fallback = "columns exceeded memory_budget; streamed instead"
+            continue
+        trusted = frozenset(la.name for la in engine.layers if la.on_trust)
+        if grams is None and trusted:
+            # a Linear subclass's own forward is not x Wᵀ + b: leave those generic
+            excluded = excluded | trusted
+            fallback = (
+                f"self-check failed with {', '.join(sorted(trusted))} captured on "
+                "trust; generic instead"
+            )
             continue
         if grams is None and strategy is None and chosen is Strategy.BN_SPLIT:
             # samples mix beyond BatchNorm statistics: columns assume nothing

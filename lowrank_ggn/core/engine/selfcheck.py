@@ -60,7 +60,8 @@ class Factors:
 def factor_products(f: Factors, weights: Tensor) -> Tensor:
     """``(V w_k)ᵀ`` for rows ``w_k`` of ``weights`` ``[K, NC]``: ``[K, D]``, no backward pass.
 
-    Local layer: ``V w = Σ_n (Σ_c w_{nc} g_{nc})ᵀ A_n``; explicit rows are multiplied;
+    Local layer: its operand's rows of ``Σ_c w_{nc} g_{nc}`` (``Σ_n (Σ_c w_{nc}
+    g_{nc})ᵀ A_n`` for a dense weight); explicit rows are multiplied;
     under ``BN_SPLIT`` the statistics term ``B_p W w`` is added.
     """
     lin = f.lin
@@ -70,17 +71,13 @@ def factor_products(f: Factors, weights: Tensor) -> Tensor:
         if la.local:
             g = la.grad_matrix()  # [NC, P, O]
             P, O = g.shape[1:]
-            # gw[n, (p, o), k] = Σ_c g[n·C + c, p, o] w[k, n·C + c]: [NS, P·O, K]
-            gw = torch.bmm(
-                g.reshape(NS, C, P * O).transpose(1, 2),
-                weights.reshape(K, NS, C).permute(1, 2, 0),
-            ).reshape(NS * P, O * K)
-            if la.weight is not None:
-                A_s = la.A[lin.sample_index].reshape(NS * P, -1)  # [NS·P, I]
-                w_t = (A_s.T @ gw).reshape(-1, O, K)  # [I, O, K]
-                result[id(la.weight)] = w_t.permute(2, 1, 0).reshape(K, -1)
-            if la.bias is not None:
-                result[id(la.bias)] = gw.sum(0).reshape(O, K).T
+            # gw[k, n] = Σ_c w[k, n·C + c] g[n·C + c]: [K, NS, P, O]
+            gw = torch.einsum(
+                "knc,ncx->knx", weights.reshape(K, NS, C), g.reshape(NS, C, P * O)
+            ).reshape(K, NS, P, O)
+            operand = la.operand.select(lin.sample_index)
+            for p, rows in zip(la.params, la.param_rows(gw, operand)):
+                result[id(p)] = rows
         else:
             flat = weights @ torch.cat(la.explicit)
             for p, part in zip(

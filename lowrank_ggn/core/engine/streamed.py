@@ -7,14 +7,20 @@ For coefficient columns ``U`` ``[NC, B]`` (rows sample-major):
 
 * ``V U`` ``[B, D]``: one full-batch backward pass per column on the graph of one
   captured forward pass, asking for the gradients of captured layer *outputs* only;
-  a ``Linear``/``Conv2d`` weight gradient is then one matrix product with the stored
-  (unfolded) layer input, ``Σ_n g_nᵀ A_n`` (on CPUs far faster than autograd's
-  convolution weight gradients).
+  a captured layer's parameter rows then come from its stored operand, e.g.
+  ``Σ_n g_nᵀ A_n`` with the unfolded input of a convolution (on CPUs far faster than
+  autograd's convolution weight gradients).
 * ``J (V U)`` ``[B, N, *out]``: the model linearised once by ``torch.func.linearize``
-  (one traced forward pass, then only tangent arithmetic per column).
+  (one traced forward pass, then only tangent arithmetic per column; kept only if it
+  agrees with a plain ``jvp``); attention runs its math kernel, which has forward-mode
+  AD. For models with an operator that has none, double backward through the captured
+  graph from the captured layers' outputs down
+  (:func:`lowrank_ggn.core.autodiff.graph_jvps`).
 * the projection onto ``S`` gives ``[B, NC]``.
 
-Exact for any model (BatchNorm in train mode included: both products differentiate
+The layer formulas are checked once against autograd (one backward pass for a random
+cotangent); a parameter also used outside its module sends every parameter through
+autograd. Exact for any model (BatchNorm in train mode included: both products differentiate
 the true batch function). Memory: ``B·D`` plus one column's activations. On CPUs the
 columns of a block run one after another (batched autodiff is slower there); on other
 devices they run batched. :func:`streamed_gram` applies the operator to blocks of the
@@ -25,16 +31,18 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor
 from torch.func import jvp, linearize, vmap
 
-from lowrank_ggn.core.engine.accumulate import weight_rows
+from lowrank_ggn.core.autodiff import graph_jvps, no_rule
 from lowrank_ggn.core.engine.backprop import batched_grad
 from lowrank_ggn.core.engine.capture import Layer, capture, captured_layers
 from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.linearization import Linearization
+from lowrank_ggn.core.tolerances import roundoff_rtol
 
 #: Below this many JVPs, tracing ``torch.func.linearize`` costs more than it saves.
 LINEARIZE_MIN_JVPS = 24
@@ -70,60 +78,161 @@ class GramOperator:
         fm = lin.fmodel
         if captured is None:
             captured = capture_forward(lin, report)
-        self.out, self.layers = captured
+        self.out, layers = captured
+        # layers captured on trust are left to autograd; the others are checked once
+        self.layers = [la for la in layers if not la.on_trust]
         captured = {id(p) for la in self.layers for p in la.params}
         self.generic = [p for p in fm.params if id(p) not in captured]
+        self._verify_layers()
         self._jvp = None
+        self._forward_mode = True
         if expected_jvps >= LINEARIZE_MIN_JVPS:
-            try:
-                with warnings.catch_warnings():  # torch.fx's constant folding
-                    warnings.simplefilter("ignore", UserWarning)
-                    _, self._jvp = linearize(
-                        lambda *theta: fm(theta, lin.inputs), *fm.primals()
-                    )
-                report.count("forward")
-            except Exception:  # noqa: BLE001 - untraceable model: plain jvp below
-                self._jvp = None
+            self._linearize()
+
+    def _verify_layers(self) -> None:
+        """The layer formulas against autograd for one random cotangent.
+
+        A parameter that is also used outside its module (a tied weight) breaks the
+        formulas; then every parameter goes through autograd. One backward pass, not
+        counted in the report (like the other strategies' self-check).
+        """
+        if not self.layers:
+            return
+        fm = self.lin.fmodel
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        w = torch.randn(1, *self.out.shape, generator=gen, dtype=self.out.dtype)
+        w = w.to(self.out.device)
+        params = list(fm.params)
+        grads = batched_grad(
+            self.out, [la.outputs[0] for la in self.layers] + params, w
+        )
+        L = len(self.layers)
+        generic = {id(p): g for p, g in zip(params, grads[L:])}
+        mine = self._assemble(grads[:L], [generic[id(p)] for p in self.generic], 1)
+        direct = fm.flatten(
+            [
+                p.new_zeros(1, *p.shape) if g is None else g
+                for p, g in zip(params, grads[L:])
+            ],
+            batch_dims=1,
+        )
+        scale = max(direct.norm().item(), mine.norm().item(), 1e-30)
+        if (direct - mine).norm() > roundoff_rtol(direct.dtype) * scale:
+            self.layers, self.generic = [], params
+            self.report.fallback = (
+                "a captured layer's parameter is used outside it: autograd for all"
+            )
+
+    def _linearize(self) -> None:
+        """Trace ``torch.func.linearize`` once; keep it if it agrees with ``jvp``.
+
+        Not for recurrent layers: their traced products differ from call to call.
+        """
+        fm, lin = self.lin.fmodel, self.lin
+        if any(isinstance(m, torch.nn.RNNBase) for m in fm.model.modules()):
+            return
+        try:
+            with warnings.catch_warnings(), math_attention():
+                warnings.simplefilter("ignore", UserWarning)  # torch.fx's folding
+                _, traced = linearize(
+                    lambda *theta: fm(theta, lin.inputs), *fm.primals()
+                )
+            self.report.count("forward")
+            gen = torch.Generator(device="cpu").manual_seed(4321)
+            t = [
+                torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+                for p in fm.params
+            ]
+            with math_attention():
+                fast, again = traced(*t), traced(*t)
+            plain = self._plain_jvp(t)
+        except Exception:  # noqa: BLE001 - untraceable model: plain jvp
+            return
+        tol = roundoff_rtol(plain.dtype) * max(plain.norm().item(), 1e-30)
+        if (fast - plain).norm() <= tol and (again - plain).norm() <= tol:
+            self._jvp = traced
+
+    def _plain_jvp(self, tangent: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+        fm, lin = self.lin.fmodel, self.lin
+        return jvp(lambda th: fm(th, lin.inputs), (fm.primals(),), (tuple(tangent),))[1]
+
+    def _assemble(self, layer_grads: list, generic_grads: list, B: int) -> Tensor:
+        """``[B, D]`` from output gradients of the layers and generic gradients."""
+        parts: dict[int, Tensor] = {}
+        for la, g in zip(self.layers, layer_grads):
+            if g is None:
+                g = self.out.new_zeros(B, *la.outputs[0].shape)
+            g = la.output_grad(g)  # [B, N, P, O]
+            for p, rows in zip(la.params, la.param_rows(g)):
+                parts[id(p)] = rows
+        for p, g in zip(self.generic, generic_grads):
+            parts[id(p)] = p.new_zeros(B, *p.shape) if g is None else g
+        return self.lin.fmodel.flatten(
+            [parts[id(p)].reshape(B, -1) for p in self.lin.fmodel.params], batch_dims=1
+        )
 
     def vjp(self, cotangents: Tensor) -> Tensor:
         """``J_θFᵀ W_b`` for cotangents ``[B, N, *out]``: ``[B, D]`` (``params`` order)."""
         targets = [la.outputs[0] for la in self.layers] + self.generic
         grads = batched_grad(self.out, targets, cotangents)
         self.report.count("backward", cotangents.shape[0])
-        parts: dict[int, Tensor] = {}
-        B = cotangents.shape[0]
-        for la, g in zip(self.layers, grads):
-            if g is None:
-                g = cotangents.new_zeros(B, *la.outputs[0].shape)
-            g = la.output_grad(g)  # [B, N, P, O]
-            if la.weight is not None:
-                parts[id(la.weight)] = weight_rows(g, la.A)
-            if la.bias is not None:
-                parts[id(la.bias)] = g.sum(dim=(1, 2))
-        for p, g in zip(self.generic, grads[len(self.layers) :]):
-            parts[id(p)] = p.new_zeros(B, *p.shape) if g is None else g
-        return self.lin.fmodel.flatten(
-            [parts[id(p)].reshape(B, -1) for p in self.lin.fmodel.params], batch_dims=1
-        )
+        L = len(self.layers)
+        return self._assemble(grads[:L], grads[L:], cotangents.shape[0])
 
     def jvp(self, directions: Tensor) -> Tensor:
-        """``J_θF · d_b`` for flat parameter directions ``[B, D]``: ``[B, N, *out]``."""
-        fm, lin = self.lin.fmodel, self.lin
+        """``J_θF · d_b`` for flat parameter directions ``[B, D]``: ``[B, N, *out]``.
+
+        Forward mode (attention by its math kernel, which has forward-mode AD); for
+        an operator without forward-mode AD, double backward through the captured
+        graph from the captured layers' outputs (:meth:`_graph_jvps`).
+        """
+        fm = self.lin.fmodel
         self.report.count("jvp", directions.shape[0])
         tangents = fm.unflatten(directions)
-        if self._jvp is not None:
-            fn = self._jvp
-        else:
-            theta = fm.primals()
+        if self._forward_mode:
+            fn = self._jvp or (lambda *t: self._plain_jvp(t))
+            try:
+                with math_attention():
+                    if directions.device.type == "cpu":
+                        return torch.stack(
+                            [
+                                fn(*(t[b] for t in tangents))
+                                for b in range(directions.shape[0])
+                            ]
+                        )
+                    return vmap(fn)(*tangents)
+            except (RuntimeError, NotImplementedError) as err:
+                if not no_rule(err):
+                    raise
+                self._forward_mode = False
+        return self._graph_jvps(tangents)
 
-            def fn(*tangent: Tensor) -> Tensor:
-                return jvp(lambda th: fm(th, lin.inputs), (theta,), (tangent,))[1]
+    def _graph_jvps(self, tangents: tuple[Tensor, ...]) -> Tensor:
+        r"""``J t`` by double backward from the layer outputs ``y_l`` down.
 
-        if directions.device.type == "cpu":
-            return torch.stack(
-                [fn(*(t[b] for t in tangents)) for b in range(directions.shape[0])]
-            )
-        return vmap(fn)(*tangents)
+        ``J t = Σ_l (∂F/∂y_l) δy_l + Σ_p J_p t_p`` with the layer-output tangents
+        ``δy_l = (∂y_l/∂θ_l) t_l``, the adjoint of the layer's row formula
+        (:meth:`_output_tangents`): the captured layers' own operations (an
+        ``EmbeddingBag``, which has neither forward-mode AD nor double backward)
+        are never differentiated twice.
+        """
+        by_id = {id(p): t for p, t in zip(self.lin.fmodel.params, tangents)}
+        nodes = [la.outputs[0] for la in self.layers] + self.generic
+        tans = [
+            self._output_tangents(la, [by_id[id(p)] for p in la.params])
+            for la in self.layers
+        ] + [by_id[id(p)] for p in self.generic]
+        return graph_jvps(self.out, nodes, tuple(tans))
+
+    def _output_tangents(self, la: Layer, tangents: list[Tensor]) -> Tensor:
+        """``δy = (∂y/∂θ_l) t`` ``[K, *y]``: the adjoint of :meth:`Layer.param_rows`."""
+        y = la.outputs[0]
+        z = y.new_zeros(1, *y.shape, requires_grad=True)
+        with torch.enable_grad():
+            rows = la.param_rows(la.output_grad(z))  # linear in z: [1, numel] each
+        K = tangents[0].shape[0]
+        (dy,) = batched_grad(rows, [z], [t.reshape(K, 1, -1) for t in tangents])
+        return y.new_zeros(K, *y.shape) if dy is None else dy[:, 0]
 
     def apply(self, U: Tensor, masks: list[Tensor] | None = None) -> list[Tensor]:
         """``𝒢_g U`` ``[NC, B]`` for each group mask ``[D]`` (``None``: all of ``θ``)."""
@@ -134,18 +243,30 @@ class GramOperator:
         ]
 
 
+def math_attention() -> AbstractContextManager:
+    """Scaled dot-product attention by its math kernel, which has forward-mode AD.
+
+    The fused CPU kernels have neither forward-mode AD nor double backward.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: no fused kernels to avoid
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def capture_forward(
     lin: Linearization, report: EngineReport
 ) -> tuple[Tensor, list[Layer]]:
-    """One forward pass with the graph, capturing ``Linear``/``Conv2d`` layers."""
+    """One forward pass with the graph, capturing the layers the engine knows."""
     selected = {id(p) for p in lin.fmodel.params}
     layers = captured_layers(lin.fmodel.model, selected)
     with torch.enable_grad(), capture(layers, []):
         out = lin.forward_with_graph()
     report.count("forward")
-    layers = [la for la in layers if len(la.outputs) == 1]
-    for la in layers:
-        la.A = la.layer_input()
+    layers = [
+        la for la in layers if la.prepare() and la.outputs[0].shape[0] == lin.batch_size
+    ]
     return out, layers
 
 
@@ -192,6 +313,7 @@ def streamed_gram(
 
 __all__ = [
     "GramOperator",
+    "math_attention",
     "block_width",
     "capture_forward",
     "project",
