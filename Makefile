@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/lowrank-ggn --out $(OUT)
 
+# one worker per core (pytest-xdist): the smoke runs of benchmarks and figures
+# dominate and run side by side
 test: $(STAMP)
-	$(BIN)/python -m pytest -q lowrank_ggn tests
+	$(BIN)/python -m pytest -q -n auto --dist worksteal lowrank_ggn tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -157,6 +157,28 @@ def test_mixing_without_batchnorm_is_found_numerically(model, expected):
     )
 
 
+def test_a_loss_that_couples_samples_is_reported_not_raised():
+    """The audit reports what a computation would refuse: here the loss structure."""
+    model, _, X, y = _problem(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
+
+    def coupled(out, t):  # cross-entropy times the batch mean of the outputs
+        return nn.functional.cross_entropy(out, t) * out.mean()
+
+    def per_sample_sum(out, t):
+        return nn.functional.cross_entropy(out, t, reduction="sum")
+
+    before = state_of(model)
+    report = audit_structure(model, coupled, X, y)
+    assert_state_equal(before, model)
+    assert not report.check("loss is per-sample + reduction").holds
+    assert report.check("SIMD forward pass").holds
+    with pytest.raises(ValueError, match="is not a per-sample loss plus reduction"):
+        gradient_moments(model, coupled, X, y)
+    ok = audit_structure(model, per_sample_sum, X, y)  # a function: ρ = 1 found
+    assert ok.check("loss is per-sample + reduction").holds
+    assert "ρ = 1," in str(ok) and "found numerically" in str(ok)
+
+
 def test_dropout_is_reported_not_raised():
     model, loss, X, y = _problem(
         nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, 3))
