@@ -15,11 +15,8 @@ from lowrank_ggn.approx.dataset import DatasetSpectrum, ggn_spectrum_dataset
 from lowrank_ggn.approx.dataset_solvers import GramMemoryError
 from lowrank_ggn.approx.param_groups import per_layer_groups
 from lowrank_ggn.core.loss_autodiff import AutodiffLoss
-from lowrank_ggn.core.loss_factors import (
-    loss_hessian_factors,
-    resolve_loss,
-    sampled_loss_hessian_factors,
-)
+from lowrank_ggn.core.loss_factors import loss_hessian_factors, resolve_loss
+from lowrank_ggn.core.loss_sampling import sampled_loss_hessian_factors
 from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.spectrum import GGNSpectrum, NearZeroEigenvalueWarning
 from lowrank_ggn.curvature import GGN

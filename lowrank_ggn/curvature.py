@@ -43,7 +43,7 @@ from lowrank_ggn.core.engine import EngineReport, Solver
 from lowrank_ggn.core.gram import check_engine, gram_from_linearization
 from lowrank_ggn.core.inputs import as_inputs
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
-from lowrank_ggn.core.loss_factors import check_mc_samples
+from lowrank_ggn.core.loss_sampling import check_mc_samples
 from lowrank_ggn.core.paths import EnginePath, check_path
 from lowrank_ggn.core.precision import (
     ErrorModel,
@@ -97,7 +97,7 @@ class GGN:
             ``D`` and the flattening order of every parameter-space vector.
         mc_samples: ``M`` Monte-Carlo factor columns per sample instead of the ``C``
             exact ones: an unbiased estimate of the GGN
-            (:func:`lowrank_ggn.core.loss_factors.sampled_loss_hessian_factors`).
+            (:func:`lowrank_ggn.core.loss_sampling.sampled_loss_hessian_factors`).
         generator: ``torch.Generator`` for the Monte-Carlo draws.
         subsampling: Batch positions whose curvature is kept (forward pass on the
             whole batch; :mod:`lowrank_ggn.approx.subsampling`).

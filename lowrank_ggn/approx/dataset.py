@@ -55,11 +55,8 @@ from lowrank_ggn.approx.dataset_solvers import (
 from lowrank_ggn.approx.distributed import Comm, check_sync_batch_norm
 from lowrank_ggn.core.budget import resolve_memory_budget
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
-from lowrank_ggn.core.loss_factors import (
-    check_loss_func,
-    check_mc_samples,
-    resolve_loss,
-)
+from lowrank_ggn.core.loss_factors import check_loss_func, resolve_loss
+from lowrank_ggn.core.loss_sampling import check_mc_samples
 from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.precision import accumulation_dtype
 from lowrank_ggn.core.spectrum import (

@@ -38,13 +38,15 @@ from lowrank_ggn.core.autodiff import per_sample_vjps
 from lowrank_ggn.core.budget import check_factor_memory
 from lowrank_ggn.core.inputs import ModelInputs, as_inputs
 from lowrank_ggn.core.loss_factors import (
-    check_mc_samples,
-    check_targets,
     loss_hessian_factors,
     num_factor_columns,
     resolve_loss,
+)
+from lowrank_ggn.core.loss_sampling import (
+    check_mc_samples,
     sampled_loss_hessian_factors,
 )
+from lowrank_ggn.core.loss_targets import check_targets
 from lowrank_ggn.core.model import FunctionalModel
 from lowrank_ggn.core.paths import (
     FULL_BATCH,
@@ -269,7 +271,7 @@ def linearize(
             Forcing ``"per_sample"`` on a sample-mixing model gives a wrong GGN; it
             exists to demonstrate exactly that.
         mc_samples: ``M`` Monte-Carlo factor columns per sample instead of the ``C``
-            exact ones (:func:`lowrank_ggn.core.loss_factors.sampled_loss_hessian_factors`).
+            exact ones (:func:`lowrank_ggn.core.loss_sampling.sampled_loss_hessian_factors`).
         generator: ``torch.Generator`` for the Monte-Carlo draws.
         subsampling: Batch positions whose curvature is kept, scaled by ``N/|S|`` for
             ``'mean'`` (:mod:`lowrank_ggn.approx.subsampling`); the forward pass still uses

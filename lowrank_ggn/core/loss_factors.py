@@ -39,6 +39,9 @@ numerically, and its factors are the eigendecomposition square roots of the per-
 Hessians from automatic differentiation, with ``C`` their largest rank
 (:mod:`lowrank_ggn.core.loss_hessians`). The closed forms above are the fast paths.
 
+The targets are checked by :mod:`lowrank_ggn.core.loss_targets`; Monte-Carlo factors
+with ``M`` sampled columns per sample are in :mod:`lowrank_ggn.core.loss_sampling`.
+
 Reference: Dangel, Tatzel & Hennig, *ViViT: Curvature access through the generalized
 Gauss-Newton's low-rank structure*, TMLR 2022, https://arxiv.org/abs/2106.02624.
 """
@@ -50,20 +53,18 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lowrank_ggn.core.inputs import ModelInputs
 from lowrank_ggn.core.loss_autodiff import (
     MODULE_REDUCTIONS,
     AutodiffLoss,
-    check_structure,
     sample_weight_of,
 )
-from lowrank_ggn.core.loss_hessians import autodiff_hessian_factors, gaussian_sketch
+from lowrank_ggn.core.loss_hessians import autodiff_hessian_factors
 
 #: Losses with closed-form factors (exact types, default options).
 SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 
 #: Losses whose class-index targets are checked like cross-entropy's.
-_CLASS_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
+CLASS_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
 
 
 def check_loss_func(loss_func: object) -> None:
@@ -71,7 +72,8 @@ def check_loss_func(loss_func: object) -> None:
 
     Accepts any callable ``loss_func(outputs, targets) -> scalar`` (a loss module or
     a function); whether it has the structure is checked numerically on the first
-    batch (:func:`check_targets`). Refused here, before any forward pass:
+    batch (:func:`~lowrank_ggn.core.loss_targets.check_targets`). Refused here,
+    before any forward pass:
 
     Raises:
         TypeError: If ``loss_func`` is not callable.
@@ -100,7 +102,7 @@ def check_loss_func(loss_func: object) -> None:
             "scalar loss. Use reduction='mean' or 'sum'."
         )
     if (
-        isinstance(loss_func, _CLASS_LOSSES)
+        isinstance(loss_func, CLASS_LOSSES)
         and getattr(loss_func, "weight", None) is not None
         and reduction == "mean"
     ):
@@ -184,7 +186,8 @@ def sample_weight(loss_func: nn.Module, batch_size: int) -> float:
     ViViT's individual gradients); with ``'sum'``, ``L = Σ_n ℓ_n``.
 
     ``loss_func`` is a resolved loss (:func:`resolve_loss`, after
-    :func:`check_targets` on a batch): a plain function has no ``reduction``.
+    :func:`~lowrank_ggn.core.loss_targets.check_targets` on a batch): a plain
+    function has no ``reduction``.
     """
     reduction = getattr(loss_func, "reduction", None)
     if reduction is None:
@@ -194,165 +197,6 @@ def sample_weight(loss_func: nn.Module, batch_size: int) -> float:
             "check_targets(loss_func, outputs, targets)."
         )
     return sample_weight_of(MODULE_REDUCTIONS.get(reduction, reduction), batch_size)
-
-
-def _check_outputs(outputs: Tensor) -> None:
-    """``outputs`` are a finite floating tensor ``[N, *out]`` with ``N ≥ 1``."""
-    if not isinstance(outputs, Tensor) or not outputs.is_floating_point():
-        raise TypeError(
-            "outputs must be a floating-point torch.Tensor [N, *out]; got "
-            f"{getattr(outputs, 'dtype', type(outputs).__name__)}."
-        )
-    if outputs.dim() == 0 or outputs.shape[0] == 0:
-        raise ValueError(
-            f"outputs must hold at least one sample in dim 0; got shape "
-            f"{tuple(outputs.shape)}."
-        )
-    if not torch.isfinite(outputs).all():
-        raise ValueError("outputs contain NaN or Inf; the loss Hessian is undefined.")
-
-
-def _check_target_tensor(
-    target: Tensor, outputs: Tensor, label: str = "targets"
-) -> None:
-    """Device and finiteness of one target tensor."""
-    if target.device != outputs.device:
-        raise ValueError(
-            f"{label} are on {target.device} but the outputs on {outputs.device}; "
-            f"move them with {label}.to({str(outputs.device)!r})."
-        )
-    if target.is_floating_point() and not torch.isfinite(target).all():
-        raise ValueError(
-            f"{label} contain NaN or Inf; clean the batch first (torch.isfinite)."
-        )
-
-
-def _check_batch_size(targets: Tensor, outputs: Tensor) -> None:
-    if targets.shape[:1] != outputs.shape[:1]:
-        raise ValueError(
-            f"targets have batch size {targets.shape[0] if targets.dim() else 'none'} "
-            f"but the model outputs have batch size {outputs.shape[0]}; pass one "
-            "target per input sample."
-        )
-
-
-def _check_class_targets(
-    name: str, ignore_index: int, outputs: Tensor, targets: Tensor
-) -> None:
-    """Cross-entropy targets: class indices ``[N, *pos]`` or probabilities ``[N, K, *pos]``."""
-    if outputs.dim() < 2:
-        raise ValueError(
-            f"{name} needs outputs [N, K, ...] with a class dimension; got model "
-            f"outputs of shape {tuple(outputs.shape)}."
-        )
-    K = outputs.shape[1]
-    if targets.is_floating_point():
-        if targets.shape != outputs.shape:
-            raise ValueError(
-                f"{name} with probability targets needs targets of the output "
-                f"shape {tuple(outputs.shape)}; got {tuple(targets.shape)}."
-            )
-        if (targets < 0).any():
-            raise ValueError(
-                f"{name} probability targets must be non-negative, else the loss "
-                "Hessian is not positive semi-definite; got a negative entry."
-            )
-        return
-    if targets.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
-        raise TypeError(
-            f"{name} targets must be class indices (integer dtype) or class "
-            f"probabilities (floating dtype); got dtype {targets.dtype}."
-        )
-    expected = outputs.shape[:1] + outputs.shape[2:]
-    if targets.shape != expected:
-        raise ValueError(
-            f"{name} class-index targets must have shape {tuple(expected)} for "
-            f"outputs {tuple(outputs.shape)}; got {tuple(targets.shape)}."
-        )
-    if (targets == ignore_index).any():
-        raise NotImplementedError(
-            f"targets contain ignore_index={ignore_index}; ignored "
-            "targets are not supported. Drop those samples from the batch."
-        )
-    lo, hi = int(targets.min()), int(targets.max())
-    if lo < 0 or hi >= K:
-        raise ValueError(
-            f"targets must lie in [0, {K}) for {name} with {K} classes; got "
-            f"values in [{lo}, {hi}]."
-        )
-
-
-def _check_autodiff_targets(
-    loss_func: AutodiffLoss, outputs: Tensor, targets: object
-) -> None:
-    """A tensor ``[N, …]`` or a tuple with a per-sample entry; class checks for CE/NLL."""
-    if isinstance(targets, tuple):
-        for i, t in enumerate(targets):
-            if isinstance(t, Tensor):
-                _check_target_tensor(t, outputs, f"targets[{i}]")
-        ModelInputs(targets, outputs.shape[0], name="targets")  # one entry with N rows
-        return
-    if not isinstance(targets, Tensor):
-        raise TypeError(
-            "targets must be a torch.Tensor, or a tuple passed as "
-            f"loss_func(outputs, *targets); got {type(targets).__name__}."
-        )
-    _check_target_tensor(targets, outputs)
-    _check_batch_size(targets, outputs)
-    inner = loss_func.loss
-    if isinstance(inner, _CLASS_LOSSES) and not (
-        isinstance(inner, nn.NLLLoss) and targets.is_floating_point()
-    ):
-        _check_class_targets(type(inner).__name__, inner.ignore_index, outputs, targets)
-
-
-def check_targets(
-    loss_func: nn.Module, outputs: Tensor, targets: object, structure: bool = True
-) -> None:
-    """Raise if ``targets`` do not fit ``outputs``, or the loss lacks the structure.
-
-    For the closed-form losses: shapes, dtypes and ranges of the targets. For every
-    other loss (resolved into an
-    :class:`~lowrank_ggn.core.loss_autodiff.AutodiffLoss`, whose ``reduction`` this
-    fixes): the targets are a tensor with ``N`` rows or a tuple with such an entry,
-    and the numerical check that ``L = ρ Σ_n ℓ_n`` with a Hessian that does not
-    couple samples (:func:`~lowrank_ggn.core.loss_autodiff.check_structure`).
-
-    Args:
-        loss_func: A loss (see :func:`check_loss_func`), preferably resolved by
-            :func:`resolve_loss` so that the determined ``reduction`` is kept.
-        outputs: Model outputs ``[N, *out]``.
-        targets: Targets for the batch (a tuple: ``loss_func(outputs, *targets)``).
-        structure: Run the numerical structure check (the audit reports it instead).
-
-    Raises:
-        ValueError, TypeError, NotImplementedError: Naming what does not fit.
-
-    """
-    _check_outputs(outputs)
-    if not has_closed_form(loss_func):
-        loss_func = resolve_loss(loss_func)
-        _check_autodiff_targets(loss_func, outputs, targets)
-        if structure:
-            check_structure(loss_func, outputs, targets)
-        return
-    name = type(loss_func).__name__
-    if not isinstance(targets, Tensor):
-        raise TypeError(
-            f"targets must be a torch.Tensor for {name}; got {type(targets).__name__}"
-        )
-    _check_target_tensor(targets, outputs)
-    _check_batch_size(targets, outputs)
-    if isinstance(loss_func, nn.CrossEntropyLoss):
-        _check_class_targets(name, loss_func.ignore_index, outputs, targets)
-        return
-    if targets.shape != outputs.shape:
-        raise ValueError(
-            f"{name} needs targets of the output shape {tuple(outputs.shape)}; got "
-            f"{tuple(targets.shape)}. (Broadcasting is not supported.)"
-        )
-    if not targets.is_floating_point():
-        raise TypeError(f"{name} targets must be floating point; got {targets.dtype}.")
 
 
 def _softmax_sqrt(probs: Tensor) -> Tensor:
@@ -388,8 +232,9 @@ def loss_hessian_factors(
         loss_func: A loss ``loss_func(outputs, targets) -> scalar`` with the
             per-sample-plus-reduction structure (see :func:`resolve_loss`).
         outputs: Model outputs ``[N, *out]``; only their values are used.
-        targets: Targets, checked by :func:`check_targets` (a tuple is passed as
-            ``loss_func(outputs, *targets)``).
+        targets: Targets, checked by
+            :func:`~lowrank_ggn.core.loss_targets.check_targets` (a tuple is passed
+            as ``loss_func(outputs, *targets)``).
         memory_budget: Bytes the autodiff path's per-sample Hessians ``[N, O, O]``
             may take (:mod:`lowrank_ggn.core.budget`); ``None``: environment or
             default.
@@ -411,6 +256,9 @@ def loss_hessian_factors(
         >>> assert torch.allclose(torch.einsum("cnk,cnl->nkl", S, S)[0], 2 * torch.eye(3, dtype=out.dtype))
 
     """
+    # loss_targets builds on this module's registry, so it is imported here
+    from lowrank_ggn.core.loss_targets import check_targets
+
     loss_func = resolve_loss(loss_func)
     check_targets(loss_func, outputs, targets)
     if isinstance(loss_func, AutodiffLoss):
@@ -445,137 +293,3 @@ def loss_hessian_factors(
     # S[c, n, :] = diag[n, c] e_c
     S = eye.unsqueeze(1) * diag.T.unsqueeze(-1)  # [C, N, C]
     return S.reshape(C, N, *out_shape)
-
-
-def check_generator(generator: object) -> None:
-    """``generator`` must be a ``torch.Generator`` or ``None``."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a torch.Generator or None; got {type(generator).__name__}."
-            " Pass e.g. torch.Generator().manual_seed(0)."
-        )
-
-
-def check_mc_samples(mc_samples: int | None, generator: object = None) -> None:
-    """Raise unless ``mc_samples`` is ``None`` or a positive int and ``generator`` fits.
-
-    Raises:
-        ValueError: For ``mc_samples`` that is not a positive int.
-        TypeError: For a ``generator`` that is not a ``torch.Generator``.
-
-    """
-    if mc_samples is not None and (
-        isinstance(mc_samples, bool)
-        or not isinstance(mc_samples, int)
-        or mc_samples < 1
-    ):
-        raise ValueError(
-            f"mc_samples must be a positive int (sampled factor columns per sample) or "
-            f"None for the exact factors; got {mc_samples!r}."
-        )
-    check_generator(generator)
-    if generator is not None and mc_samples is None:
-        raise ValueError(
-            "generator is only used with mc_samples=M (Monte-Carlo factors); pass "
-            "mc_samples or drop generator."
-        )
-
-
-def _uniform(
-    shape: tuple[int, ...], outputs: Tensor, generator: torch.Generator | None
-) -> Tensor:
-    """``U(0, 1)`` draws, made on the generator's device, returned on ``outputs``'."""
-    device = outputs.device if generator is None else generator.device
-    u = torch.rand(shape, generator=generator, dtype=outputs.dtype, device=device)
-    return u.to(outputs.device)
-
-
-def sampled_loss_hessian_factors(
-    loss_func: object,
-    outputs: Tensor,
-    targets: object,
-    mc_samples: int,
-    generator: torch.Generator | None = None,
-    memory_budget: float | None = None,
-) -> Tensor:
-    r"""Monte-Carlo factors ``S̃`` with ``E[Σ_m S̃[m] ⊗ S̃[m]] = ∇²_F L`` per sample.
-
-    Each sample gets ``M = mc_samples`` columns instead of the ``C`` exact ones
-    (reduction factor ``ρ`` and target weight ``w`` included as in
-    :func:`loss_hessian_factors`):
-
-    * cross-entropy: ``s̃_nm = √(ρ w / M) (onehot(ŷ_m) − p)`` with ``ŷ_m ~ Cat(p)``
-      drawn independently at every spatial position, since
-      ``E[(e_ŷ − p)(e_ŷ − p)ᵀ] = diag p − p pᵀ`` and draws at different positions are
-      independent with mean zero;
-    * squared error: ``s̃_nm = √(2ρ / M) z_m`` with Rademacher ``z_m ∈ {±1}^{out}``,
-      since ``E[z zᵀ] = I``;
-    * binary cross-entropy: ``s̃_nm = √(ρ / M) (ŷ_m − σ)`` with
-      ``ŷ_m ~ Bernoulli(σ(F_n))`` per entry, since ``E[(ŷ − σ)²] = σ(1 − σ)``;
-    * any other (autodiff) loss: Gaussian sketches ``s̃_nm = S_n z_nm / √M`` of the
-      exact factors ``S_n`` ``[O, C]`` (:func:`loss_hessian_factors`) with
-      ``z_nm ~ N(0, I_C)``, since ``E[S z zᵀ Sᵀ] = S Sᵀ``; each ``s̃_nm`` is
-      ``N(0, ∇²_{F_n} L / M)`` whatever eigenbasis ``S_n`` holds. The exact
-      per-sample Hessians are still formed: the saving is in the Gram matrix
-      (``N·M`` instead of ``N·C`` columns).
-
-    The estimate ``Σ_m s̃_nm s̃_nmᵀ`` is unbiased for every sample, so the MC GGN
-    ``J_θᵀ S̃ S̃ᵀ J_θ`` is an unbiased estimate of the exact GGN (also under train-mode
-    BatchNorm: ``J`` is exact, only ``H`` is sampled).
-
-    Random numbers: ``U(0, 1)`` draws (closed forms) or ``N(0, 1)`` draws ``[M, N, C]``
-    (autodiff losses) from ``generator`` (on the generator's device, in the outputs'
-    dtype; then moved to the outputs' device), or from the default generator of the
-    outputs' device when ``generator`` is ``None``. The same seed gives the same
-    factors.
-
-    Args:
-        loss_func: A loss, as for :func:`loss_hessian_factors`.
-        outputs: Model outputs ``[N, *out]``; only their values are used.
-        targets: Targets, checked by :func:`check_targets`.
-        mc_samples: ``M ≥ 1``, sampled columns per sample.
-        generator: Source of randomness (see above).
-        memory_budget: As for :func:`loss_hessian_factors`.
-
-    Returns:
-        ``S̃`` of shape ``[M, N, *out]``.
-
-    Example:
-        >>> import torch
-        >>> out = torch.randn(2, 3, dtype=torch.float64)
-        >>> loss = torch.nn.CrossEntropyLoss(reduction="sum")
-        >>> S = sampled_loss_hessian_factors(loss, out, torch.tensor([0, 2]), 4,
-        ...                                  torch.Generator().manual_seed(0))
-        >>> assert S.shape == (4, 2, 3) and torch.allclose(S.sum(-1), torch.zeros(4, 2, dtype=S.dtype))
-
-    """
-    loss_func = resolve_loss(loss_func)
-    check_targets(loss_func, outputs, targets)
-    check_mc_samples(mc_samples, generator)
-    if isinstance(loss_func, AutodiffLoss):
-        exact = autodiff_hessian_factors(loss_func, outputs, targets, memory_budget)
-        return gaussian_sketch(exact, mc_samples, generator)
-    outputs = outputs.detach()
-    rho, M = reduction_factor(loss_func, outputs), mc_samples
-
-    if isinstance(loss_func, nn.CrossEntropyLoss):
-        K = outputs.shape[1]
-        probs = outputs.softmax(dim=1)  # [N, K, *pos]
-        pos_shape = outputs.shape[:1] + outputs.shape[2:]  # [N, *pos]
-        # inverse CDF: ŷ = #{k : cdf_k < u}, clamped against round-off in cdf_K ≈ 1
-        u = _uniform((M, *pos_shape), outputs, generator)  # [M, N, *pos]
-        cdf = probs.cumsum(dim=1)
-        drawn = (cdf.unsqueeze(0) < u.unsqueeze(2)).sum(dim=2).clamp(max=K - 1)
-        onehot = nn.functional.one_hot(drawn, K).movedim(-1, 2).to(outputs.dtype)
-        S = onehot - probs.unsqueeze(0)  # [M, N, K, *pos]
-        weight = targets.sum(1) if targets.is_floating_point() else None
-        if weight is not None:  # [N, *pos] -> [1, N, 1, *pos]
-            S = S * weight.sqrt().unsqueeze(1).unsqueeze(0)
-        return S * math.sqrt(rho / M)
-
-    u = _uniform((M, *outputs.shape), outputs, generator)  # [M, N, *out]
-    if isinstance(loss_func, nn.MSELoss):
-        z = torch.where(u < 0.5, -1.0, 1.0).to(outputs.dtype)
-        return z * math.sqrt(2.0 * rho / M)
-    sigma = outputs.sigmoid()  # BCEWithLogitsLoss
-    return ((u < sigma).to(outputs.dtype) - sigma) * math.sqrt(rho / M)

@@ -11,7 +11,7 @@ functions call them in this order:
    statistics, and the options ``chunk``, ``rtol``, ``top_k``, ``memory_budget``.
 2. **After the forward pass, before any backward pass**: finite outputs of batch size
    ``N`` (:func:`check_outputs`), targets that fit outputs and loss
-   (:func:`lowrank_ggn.core.loss_factors.check_targets`), and the memory budget
+   (:func:`lowrank_ggn.core.loss_targets.check_targets`), and the memory budget
    (:func:`check_memory`), from the sizes that the output shape determines; ``S`` is
    checked before it is formed, ``Vᵀ`` and the Gram matrix before the first backward
    pass.
@@ -169,7 +169,7 @@ def check_targets_early(
     finiteness. A tuple of targets (passed as ``loss(outputs, *targets)``) is checked
     entry by entry and needs one entry with ``N`` rows. Shapes that depend on the
     outputs are checked afterwards by
-    :func:`lowrank_ggn.core.loss_factors.check_targets`.
+    :func:`lowrank_ggn.core.loss_targets.check_targets`.
     """
     N = as_inputs(inputs).size
     if isinstance(targets, tuple):

@@ -41,7 +41,8 @@ from lowrank_ggn.core.loss_autodiff import (
     sample_weight_of,
     structure_deviations,
 )
-from lowrank_ggn.core.loss_factors import check_targets, resolve_loss
+from lowrank_ggn.core.loss_factors import resolve_loss
+from lowrank_ggn.core.loss_targets import check_targets
 from lowrank_ggn.core.model import FunctionalModel
 from lowrank_ggn.core.paths import (
     EnginePath,

@@ -55,7 +55,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lowrank_ggn.core.loss_factors import check_mc_samples, sample_weight
+from lowrank_ggn.core.loss_factors import sample_weight
+from lowrank_ggn.core.loss_sampling import check_mc_samples
 from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.validation import check_options
 from lowrank_ggn.curvature import GGN

@@ -38,7 +38,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from lowrank_ggn.core.loss_factors import check_generator
+from lowrank_ggn.core.loss_sampling import check_generator
 from lowrank_ggn.diagnostics.warnings import SampleMixingWarning
 
 #: ViViT experiments' grid: 200 log-spaced dampings from 1e-4 to 1e2.
