@@ -3,6 +3,7 @@
 =============================  ==================================================
 module                         stage
 =============================  ==================================================
+:mod:`.inputs`                 tensor, tuple or dict inputs; which entries are per-sample
 :mod:`.model`                  the model as a function ``F(θ, X)`` of its parameters
 :mod:`.state`                  the guarantee that the model is never changed
 :mod:`.validation`             argument checks at every public entry
@@ -10,6 +11,10 @@ module                         stage
 :mod:`.tolerances`             every tolerance, named
 :mod:`.autodiff`               per-sample VJPs, one-hot cotangents, batch JVPs
 :mod:`.loss_factors`           ``S_n`` with ``S_n S_nᵀ = ∇²_{F_n} L`` (closed forms)
+:mod:`.loss_autodiff`          any other loss: wrapper and per-sample structure check
+:mod:`.loss_hessians`          per-sample Hessians, ``eigh`` square roots, sketches
+:mod:`.loss_targets`           targets that fit outputs and loss
+:mod:`.loss_sampling`          Monte-Carlo factors
 :mod:`.paths`                  per-sample or full-batch: does the model mix samples?
 :mod:`.linearization`          the forward pass with its graph; ``Jᵀ`` and ``V`` products
 :mod:`.engine`                 the layer-wise Gram engine and its strategies
