@@ -7,12 +7,8 @@ import torch
 from torch import nn
 from utils import report_close
 
-from lowrank_ggn.core.engine.capture import (
-    FreezeSwitch,
-    batch_norm_layers,
-    capture,
-    captured_layers,
-)
+from lowrank_ggn.core.engine.batchnorm import FreezeSwitch, batch_norm_layers
+from lowrank_ggn.core.engine.capture import capture, captured_layers
 
 D = torch.float64
 

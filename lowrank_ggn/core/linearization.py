@@ -302,7 +302,8 @@ def linearize(
         index = check_subsampling(subsampling, inputs.size, inputs.device)
     fmodel = FunctionalModel(model, selected)
     check_params_finite(fmodel.params, fmodel.names)
-    from lowrank_ggn.core.engine.capture import ForwardCapture, has_batch_norm
+    from lowrank_ggn.core.engine.batchnorm import has_batch_norm
+    from lowrank_ggn.core.engine.capture import ForwardCapture
 
     cap = None
     if capture:

@@ -1,16 +1,18 @@
-"""The Gram engine: capture → plan → backpropagate → self-check → accumulate.
+"""The Gram engine: capture → plan → backpropagate → self-check → assemble.
 
 ========================  ===================================================
 module                    what it does
 ========================  ===================================================
 :mod:`.layers`            which modules are captured; their operands from a call
 :mod:`.operands`          per-layer rows, Gram forms and their costs
-:mod:`.capture`           forward hooks: layer inputs/outputs, BatchNorm statistics
+:mod:`.capture`           forward hooks: layer inputs/outputs in one forward pass
+:mod:`.batchnorm`         BatchNorm recomputed, statistics as gated graph nodes
 :mod:`.plan`              the cost model that picks a strategy
 :mod:`.backprop`          backward-pass strategies (frozen, statistics, columns)
 :mod:`.streamed`          the Gram operator from batched VJPs and JVPs
 :mod:`.selfcheck`         ``V w`` from the factors against autograd
 :mod:`.accumulate`        pure Gram accumulation (Kronecker, explicit, syrk)
+:mod:`.assemble`          the Grams from one strategy's factors, block by block
 :mod:`.report`            strategies, treatments and pass counts as data
 :mod:`.run`               the orchestration (:func:`layerwise_gram`)
 ========================  ===================================================

@@ -2,12 +2,12 @@ r"""Backpropagation strategies: how each column's layer-output gradients are fou
 
 Each function runs backward passes on the graph of one captured forward pass (see
 :mod:`lowrank_ggn.core.engine.capture`) and stores what it finds on the layer records;
-the Gram matrix is then assembled by :mod:`lowrank_ggn.core.engine.accumulate`. Shapes:
+the Gram matrix is then assembled by :mod:`lowrank_ggn.core.engine.assemble`. Shapes:
 ``NC = N_S·C`` columns, sample-major; a layer's output gradient is ``[NC, P, O]``.
 
 * :func:`frozen_passes`: ``C`` backward passes of ``S[c]`` (all samples at once).
   Exact per-column gradients when the network is sample-independent, which it is
-  for the per-sample path, and under :class:`~lowrank_ggn.core.engine.capture.FreezeSwitch`
+  for the per-sample path, and under :class:`~lowrank_ggn.core.engine.batchnorm.FreezeSwitch`
   for BatchNorm with its statistics held fixed.
 * :func:`statistics_directions`: ``B = (J_θ m)ᵀ``, one batched backward pass per
   chunk of BatchNorm statistics ``m = (μ_l, r_l)``, from that layer down.
@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from lowrank_ggn.core.autodiff import per_sample_vjps
-from lowrank_ggn.core.engine.capture import BNLayer, Layer
+from lowrank_ggn.core.engine.batchnorm import BNLayer
+from lowrank_ggn.core.engine.capture import Layer
 from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.memory import release_free_memory

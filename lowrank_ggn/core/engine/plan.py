@@ -28,7 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lowrank_ggn.core.engine.capture import BNLayer, Layer
+from lowrank_ggn.core.engine.batchnorm import BNLayer
+from lowrank_ggn.core.engine.capture import Layer
 from lowrank_ggn.core.engine.report import Strategy
 
 

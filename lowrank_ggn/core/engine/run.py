@@ -1,17 +1,23 @@
-r"""The layer-wise Gram engine: capture, plan, backpropagate, check, accumulate.
+r"""The layer-wise Gram engine: capture, plan, backpropagate, check, assemble.
 
 ``𝒢 = Vᵀ V = Σ_p V_pᵀ V_p`` is a sum over parameter blocks. One forward pass
-captures each layer's input and output (:mod:`~lowrank_ggn.core.engine.capture`); the cost
+captures each layer's input and output (:mod:`~lowrank_ggn.core.engine.capture`, BatchNorm
+statistics as graph nodes: :mod:`~lowrank_ggn.core.engine.batchnorm`); the cost
 model picks a strategy (:mod:`~lowrank_ggn.core.engine.plan`); backward passes find each
 column's layer-output gradients (:mod:`~lowrank_ggn.core.engine.backprop`, or the streamed
 products of :mod:`~lowrank_ggn.core.engine.streamed`); a random ``V w`` is checked against
 autograd (:mod:`~lowrank_ggn.core.engine.selfcheck`); each block is added in its cheapest
-exact form (:mod:`~lowrank_ggn.core.engine.operands`,
-:mod:`~lowrank_ggn.core.engine.accumulate`). Which modules are captured:
-:mod:`~lowrank_ggn.core.engine.layers`; a ``Linear`` subclass with its own
-``forward`` whose self-check fails is left generic and the engine runs again.
-Under ``BN_SPLIT`` a block is ``V_p = V_{f,p} + B_p W`` (frozen per-sample rows plus
-statistics directions).
+exact form (:mod:`~lowrank_ggn.core.engine.assemble`, with the forms of
+:mod:`~lowrank_ggn.core.engine.operands` and :mod:`~lowrank_ggn.core.engine.accumulate`).
+Which modules are captured: :mod:`~lowrank_ggn.core.engine.layers`; a ``Linear``
+subclass with its own ``forward`` whose self-check fails is left generic and the
+engine runs again. Under ``BN_SPLIT`` a block is ``V_p = V_{f,p} + B_p W`` (frozen
+per-sample rows plus statistics directions).
+
+This module only orchestrates: it runs the stages in order, and runs them again
+(:func:`layerwise_gram`) with a layer found to mix samples treated as mixing, with
+layers captured on trust left generic after a failed self-check, or with another
+strategy when ``bn_split`` fails its self-check or ``columns`` exceeds the budget.
 
 **Precision.** Backward passes run in the parameters' dtype; the Gram is summed in
 ``acc_dtype`` (float64 from float32 factors by default): every block is cast to it
@@ -25,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lowrank_ggn.core.engine import accumulate as acc
+from lowrank_ggn.core.engine.assemble import assemble_grams
 from lowrank_ggn.core.engine.backprop import (
     AUTOGRAD_OVERHEAD,
     LayerTurnedMixing,
@@ -34,9 +40,10 @@ from lowrank_ggn.core.engine.backprop import (
     per_sample_generic_rows,
     statistics_directions,
 )
-from lowrank_ggn.core.engine.capture import ForwardCapture, Layer, has_batch_norm
+from lowrank_ggn.core.engine.batchnorm import has_batch_norm
+from lowrank_ggn.core.engine.capture import ForwardCapture
 from lowrank_ggn.core.engine.plan import plan_strategy, split_shape
-from lowrank_ggn.core.engine.report import EngineReport, LayerTreatment, Strategy
+from lowrank_ggn.core.engine.report import EngineReport, Strategy
 from lowrank_ggn.core.engine.selfcheck import Factors, self_check
 from lowrank_ggn.core.engine.streamed import streamed_gram
 from lowrank_ggn.core.linearization import Linearization
@@ -71,7 +78,6 @@ class _Engine:
         self.lin, self.chunk, self.budget, self.tick = lin, max(1, chunk), budget, tick
         self.acc = lin.outputs.dtype if acc_dtype is None else acc_dtype
         self.groups = groups
-        self.group_of = {id(p): g for g, members in enumerate(groups) for p in members}
         self.forced = forced
         self.per_sample = lin.path.name == PER_SAMPLE
         # per-sample path: BatchNorm (then eval-mode) affine rows from frozen passes
@@ -223,102 +229,6 @@ class _Engine:
         )
         return Factors(lin, self.layers, generic=self.generic, generic_rows=rows)
 
-    # ------------------------------------------------------------- accumulation
-    def accumulate(self, f: Factors) -> list[Tensor]:
-        """Add every block into one Gram per group."""
-        lin = self.lin
-        NC = lin.num_columns
-        grams = [
-            torch.zeros(NC, NC, dtype=self.acc, device=lin.outputs.device)
-            for _ in self.groups
-        ]
-        layers = self.report.layers
-        for la in f.layers:
-            stats = [f.B.get(id(p)) for p in la.params] if f.W is not None else []
-            if not la.local:
-                block = torch.cat(la.explicit)
-                for p, part in zip(
-                    la.params, block.split([p.numel() for p in la.params], 1)
-                ):
-                    acc.symmetric_rank_k_update(
-                        grams[self.group_of[id(p)]], part.to(self.acc)
-                    )
-                layers[la.name] = LayerTreatment.MIXING
-            elif any(s is not None for s in stats):
-                self._add_split_layer(grams, la, f)
-                layers[la.name] = LayerTreatment.SPLIT
-            else:
-                layers[la.name] = self._add_local(grams, la)
-            la.grads, la.explicit = [], []  # free as we go
-        for bn in f.bns:
-            for p, rows in zip(bn.params, bn.affine_rows()):
-                extra = f.statistics_rows(p)
-                rows = rows if extra is None else rows + extra
-                acc.symmetric_rank_k_update(
-                    grams[self.group_of[id(p)]], rows.to(self.acc)
-                )
-            if bn.params:
-                layers[bn.name] = LayerTreatment.SPLIT
-        for p, rows in zip(f.generic, f.generic_rows):
-            acc.symmetric_rank_k_update(grams[self.group_of[id(p)]], rows.to(self.acc))
-        for name, p in zip(lin.fmodel.names, lin.fmodel.params):
-            if any(p is q for q in f.generic):
-                layers.setdefault(name, LayerTreatment.GENERIC)
-        return [0.5 * (g + g.T) for g in grams]
-
-    def _add_local(self, grams: list[Tensor], la: Layer) -> LayerTreatment:
-        """A local layer's ``V_lᵀ V_l`` in the form its operand's cost model favours."""
-        lin = self.lin
-        g = la.grad_matrix()  # [NC, P, O], parameters' dtype
-        NS, C = lin.num_samples, lin.num_columns_per_sample
-        NC, P, O = g.shape
-        if la.bias is not None:
-            gb = g.sum(1).to(self.acc)
-            grams[self.group_of[id(la.bias)]].addmm_(gb, gb.T)
-        if la.weight is None:
-            return LayerTreatment.LOCAL_EXPLICIT
-        gram = grams[self.group_of[id(la.weight)]]
-        operand = la.operand.select(lin.sample_index)
-        g = g.reshape(NS, C, P, O)
-        costs = operand.costs(NS, C, gram.element_size())
-        form = acc.choose_form(costs, self.budget)
-        if form is LayerTreatment.KRONECKER:
-            operand.add_kronecker(gram, g)
-        else:
-            for _, rows in operand.explicit(g, self.budget):
-                acc.symmetric_rank_k_update(gram, rows.to(self.acc))
-        return form
-
-    def _add_split_layer(self, grams: list[Tensor], la: Layer, f: Factors) -> None:
-        """``V_p = V_{f,p} + (B_p W)ᵀ`` in chunks of explicit rows, by ``syrk``."""
-        lin = self.lin
-        NS, C = lin.num_samples, lin.num_columns_per_sample
-        g = la.grad_matrix()
-        NC, P, O = g.shape
-        WT = f.W.T  # [NC, 2K]: column i's statistics coefficients
-        if la.weight is not None:
-            B = f.B.get(id(la.weight))
-            operand = la.operand.select(lin.sample_index)
-            # chunks of at most budget/16: the rows plus syrk's work space; every
-            # weight entry that B reaches lies in a chunk (complete)
-            chunks = operand.explicit(
-                g.reshape(NS, C, P, O), self.budget // 4, complete=True
-            )
-            for cols, rows in chunks:
-                if B is not None:  # rows += (B_p W)ᵀ for these columns, in place
-                    rows.addmm_(WT, B[:, cols])
-                acc.symmetric_rank_k_update(
-                    grams[self.group_of[id(la.weight)]], rows.to(self.acc)
-                )
-        if la.bias is not None:
-            rows = g.sum(1)
-            extra = f.statistics_rows(la.bias)
-            if extra is not None:
-                rows = rows + extra
-            acc.symmetric_rank_k_update(
-                grams[self.group_of[id(la.bias)]], rows.to(self.acc)
-            )
-
     # ------------------------------------------------------------------- main
     def run(self, out: Tensor, strategy: Strategy) -> list[Tensor] | None:
         """One Gram per group, or ``None`` if the self-check fails."""
@@ -336,7 +246,7 @@ class _Engine:
         f = self.backward(out, strategy)
         if not self_check(f):
             return None
-        return self.accumulate(f)
+        return assemble_grams(f, self.groups, self.acc, self.budget, self.report.layers)
 
     def _masks(self) -> list[Tensor] | None:
         if len(self.groups) == 1:

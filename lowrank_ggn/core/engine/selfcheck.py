@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lowrank_ggn.core.engine.capture import BNLayer, Layer
+from lowrank_ggn.core.engine.batchnorm import BNLayer
+from lowrank_ggn.core.engine.capture import Layer
 from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.tolerances import roundoff_rtol
 

@@ -1,0 +1,167 @@
+r"""Assembly of the Gram matrices from one strategy's factors, block by block.
+
+``𝒢_g = Σ_{p ∈ g} V_pᵀ V_p`` ``[NC, NC]`` for every parameter group ``g`` (rows
+sample-major, ``i = n·C + c``), from what one strategy found
+(:class:`~lowrank_ggn.core.engine.selfcheck.Factors`). Each parameter block is added
+in the form its layer allows, and the layer's
+:class:`~lowrank_ggn.core.engine.report.LayerTreatment` recorded:
+
+* a sample-mixing layer: its explicit rows ``V_l`` ``[NC, D_l]``, split per
+  parameter, each added by ``syrk`` (``MIXING``);
+* a local layer: bias rows ``Σ_P g`` ``[NC, O]`` from the output gradients ``g``
+  ``[NC, P, O]``; the weight in the form its operand's cost model favours within the
+  memory budget, Kronecker or explicit rows (:mod:`~lowrank_ggn.core.engine.operands`,
+  :func:`~lowrank_ggn.core.engine.accumulate.choose_form`);
+* a layer upstream of BatchNorm statistics (``BN_SPLIT``): rows
+  ``V_p = V_{f,p} + (B_p W)ᵀ``, frozen per-sample rows plus statistics directions
+  ``B_p`` ``[2K, numel]`` weighted by ``W`` ``[2K, NC]``
+  (:mod:`~lowrank_ggn.core.engine.batchnorm`), in chunks of explicit rows (``SPLIT``);
+* BatchNorm affine parameters: the frozen rows
+  :meth:`~lowrank_ggn.core.engine.batchnorm.BNLayer.affine_rows` plus ``(B_p W)ᵀ``
+  (``SPLIT``);
+* every other parameter: its generic rows ``[NC, numel]`` (``GENERIC``).
+
+Every block is cast to the Gram's dtype (the accumulation dtype, float64 from float32
+factors by default; :mod:`lowrank_ggn.core.precision`) before its products, and each
+Gram is symmetrised at the end, ``½ (𝒢 + 𝒢ᵀ)``. A layer's factor blocks are freed once
+they are added.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lowrank_ggn.core.engine import accumulate as acc
+from lowrank_ggn.core.engine.capture import Layer
+from lowrank_ggn.core.engine.report import LayerTreatment
+from lowrank_ggn.core.engine.selfcheck import Factors
+
+
+class _GroupGrams:
+    """One zero Gram ``[NC, NC]`` per parameter group, in dtype ``dtype``."""
+
+    def __init__(
+        self,
+        groups: list[list[Tensor]],
+        NC: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.grams = [torch.zeros(NC, NC, dtype=dtype, device=device) for _ in groups]
+        self.group_of = {id(p): g for g, members in enumerate(groups) for p in members}
+
+    def of(self, p: Tensor) -> Tensor:
+        """The Gram of ``p``'s group."""
+        return self.grams[self.group_of[id(p)]]
+
+    def add_rows(self, p: Tensor, rows: Tensor) -> None:
+        """``𝒢_{g(p)} += rows rowsᵀ`` for ``rows`` ``[NC, K]``, in the Gram's dtype."""
+        gram = self.of(p)
+        acc.symmetric_rank_k_update(gram, rows.to(gram.dtype))
+
+
+def assemble_grams(
+    f: Factors,
+    groups: list[list[Tensor]],
+    acc_dtype: torch.dtype,
+    budget: int,
+    treatments: dict[str, LayerTreatment],
+) -> list[Tensor]:
+    """Add every block of ``f`` into one Gram per group (see module docstring).
+
+    Args:
+        f: The factors of one strategy, checked by the self-check.
+        groups: A partition of the parameters; one Gram per group.
+        acc_dtype: dtype the Grams are summed in.
+        budget: Bytes for work space (chunks of explicit rows, Kronecker buffers).
+        treatments: Filled with each layer's treatment, by module or parameter name.
+
+    Returns:
+        One symmetric ``[NC, NC]`` Gram per group, dtype ``acc_dtype``.
+    """
+    lin = f.lin
+    grams = _GroupGrams(groups, lin.num_columns, acc_dtype, lin.outputs.device)
+    for la in f.layers:
+        stats = [f.B.get(id(p)) for p in la.params] if f.W is not None else []
+        if not la.local:
+            block = torch.cat(la.explicit)
+            for p, part in zip(
+                la.params, block.split([p.numel() for p in la.params], 1)
+            ):
+                grams.add_rows(p, part)
+            treatments[la.name] = LayerTreatment.MIXING
+        elif any(s is not None for s in stats):
+            _add_split_layer(grams, la, f, budget)
+            treatments[la.name] = LayerTreatment.SPLIT
+        else:
+            treatments[la.name] = _add_local(grams, la, f, budget)
+        la.grads, la.explicit = [], []  # free as we go
+    for bn in f.bns:
+        for p, rows in zip(bn.params, bn.affine_rows()):
+            extra = f.statistics_rows(p)
+            rows = rows if extra is None else rows + extra
+            grams.add_rows(p, rows)
+        if bn.params:
+            treatments[bn.name] = LayerTreatment.SPLIT
+    for p, rows in zip(f.generic, f.generic_rows):
+        grams.add_rows(p, rows)
+    for name, p in zip(lin.fmodel.names, lin.fmodel.params):
+        if any(p is q for q in f.generic):
+            treatments.setdefault(name, LayerTreatment.GENERIC)
+    return [0.5 * (g + g.T) for g in grams.grams]
+
+
+def _add_local(
+    grams: _GroupGrams, la: Layer, f: Factors, budget: int
+) -> LayerTreatment:
+    """A local layer's ``V_lᵀ V_l`` in the form its operand's cost model favours."""
+    lin = f.lin
+    g = la.grad_matrix()  # [NC, P, O], parameters' dtype
+    NS, C = lin.num_samples, lin.num_columns_per_sample
+    NC, P, O = g.shape
+    if la.bias is not None:
+        gram = grams.of(la.bias)
+        gb = g.sum(1).to(gram.dtype)  # bias rows [NC, O]
+        gram.addmm_(gb, gb.T)
+    if la.weight is None:
+        return LayerTreatment.LOCAL_EXPLICIT
+    gram = grams.of(la.weight)
+    operand = la.operand.select(lin.sample_index)
+    g = g.reshape(NS, C, P, O)
+    costs = operand.costs(NS, C, gram.element_size())
+    form = acc.choose_form(costs, budget)
+    if form is LayerTreatment.KRONECKER:
+        operand.add_kronecker(gram, g)
+    else:
+        for _, rows in operand.explicit(g, budget):
+            grams.add_rows(la.weight, rows)
+    return form
+
+
+def _add_split_layer(grams: _GroupGrams, la: Layer, f: Factors, budget: int) -> None:
+    """``V_p = V_{f,p} + (B_p W)ᵀ`` in chunks of explicit rows, by ``syrk``."""
+    lin = f.lin
+    NS, C = lin.num_samples, lin.num_columns_per_sample
+    g = la.grad_matrix()
+    NC, P, O = g.shape
+    WT = f.W.T  # [NC, 2K]: column i's statistics coefficients
+    if la.weight is not None:
+        B = f.B.get(id(la.weight))
+        operand = la.operand.select(lin.sample_index)
+        # chunks of at most budget/16: the rows plus syrk's work space; every
+        # weight entry that B reaches lies in a chunk (complete)
+        chunks = operand.explicit(g.reshape(NS, C, P, O), budget // 4, complete=True)
+        for cols, rows in chunks:
+            if B is not None:  # rows += (B_p W)ᵀ for these columns, in place
+                rows.addmm_(WT, B[:, cols])
+            grams.add_rows(la.weight, rows)
+    if la.bias is not None:
+        rows = g.sum(1)
+        extra = f.statistics_rows(la.bias)
+        if extra is not None:
+            rows = rows + extra
+        grams.add_rows(la.bias, rows)
+
+
+__all__ = ["assemble_grams"]
