@@ -20,7 +20,10 @@ size is its own:
 
 * ``lowrank_ggn``: this working tree's ``ggn_spectrum(model, loss, inputs, y,
   top_k=10, eigenvectors=True)``, the transformer's inputs as the tuple; recorded: the
-  path, the engine report's strategy, pass counts and per-layer treatments;
+  path, the engine report's strategy, pass counts and per-layer treatments (the
+  Gram summed in float64, the default for float32 models);
+* ``lowrank_ggn_f32``: the same with ``accumulate="native"`` (the Gram summed in
+  float32; the error model's bounds then include float32 sums);
 * ``previous``: the same call on the previous release (git revision ``--previous``,
   default ``6642272``, exported with ``git archive`` and put first on ``sys.path``).
   That release takes a single input tensor, so the transformer runs behind
@@ -90,7 +93,7 @@ from bench_batchnorm import (  # noqa: E402
 from bench_gram import AGREEMENT_RTOL, available, machine  # noqa: E402
 
 MODELS = ("transformer", "mobilenet")
-METHODS = ("lowrank_ggn", "previous", "curvlinops")
+METHODS = ("lowrank_ggn", "lowrank_ggn_f32", "previous", "curvlinops")
 PREVIOUS = "6642272"  # the previous release
 TOP_K = 10
 WARMUP_N = 4
@@ -120,7 +123,7 @@ def math_attention(model_name: str):
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def lowrank(model, loss, X, y) -> tuple[list[float], dict]:
+def lowrank(model, loss, X, y, **options) -> tuple[list[float], dict]:
     """``ggn_spectrum(top_k=10, eigenvectors=True)`` of whichever lowrank_ggn is first
     on ``sys.path``; the top-10 eigenvalues and what the engine did."""
     import torch
@@ -128,7 +131,7 @@ def lowrank(model, loss, X, y) -> tuple[list[float], dict]:
     import lowrank_ggn
 
     res = lowrank_ggn.ggn_spectrum(
-        model, loss, X, y, top_k=TOP_K, eigenvectors=True, progress=False
+        model, loss, X, y, top_k=TOP_K, eigenvectors=True, progress=False, **options
     )
     assert res.eigenvectors.shape[0] == res.eigenvalues.numel()
     assert torch.isfinite(res.eigenvectors).all()
@@ -166,14 +169,17 @@ def run_method(case: Case, N: int, seed: int) -> tuple[list[float], dict, int]:
     """Build the case's model at ``N`` and run its method: eigenvalues, info, ``D``."""
     from models_zoo import build
 
-    packed = case.method != "lowrank_ggn"  # only this release takes tuple inputs
+    # only this release takes tuple inputs
+    packed = not case.method.startswith("lowrank_ggn")
     model, loss, X, y = build(case.model, N, seed, case.quick, packed=packed)
     D = sum(p.numel() for p in model.parameters())
     if case.method == "curvlinops":
         with math_attention(case.model):
             evals, info = curvlinops_eigsh(model, loss, X, y)
         return evals, info, D
-    evals, info = lowrank(model, loss, X, y)
+    # lowrank_ggn_f32: the Gram summed in float32 (accumulate="native")
+    native = {"accumulate": "native"} if case.method == "lowrank_ggn_f32" else {}
+    evals, info = lowrank(model, loss, X, y, **native)
     return evals, info, D
 
 
@@ -216,7 +222,7 @@ def worker(case: Case, threads: int) -> dict:
         rec["sdpa_backend"] = "default"
     rec["inputs"] = (
         "tuple (tokens, mask)"
-        if case.model == "transformer" and case.method == "lowrank_ggn"
+        if case.model == "transformer" and case.method.startswith("lowrank_ggn")
         else "Packed [N, 64] int64"
         if case.model == "transformer"
         else "tensor"
@@ -325,6 +331,10 @@ def analyse(records: list[dict]) -> list[dict]:
                 row[f"speedup_vs_{m}"] = (
                     r["time_s"] / base["time_s"] if ok(r) and ok(base) else None
                 )
+            f32, r = at["lowrank_ggn_f32"], at["curvlinops"]
+            row["f32_speedup_vs_curvlinops"] = (
+                r["time_s"] / f32["time_s"] if ok(r) and ok(f32) else None
+            )
             row["agreement"] = {
                 m: rel_dev(at[m]["top_eigenvalues"], at[ref]["top_eigenvalues"])
                 for m in METHODS
@@ -486,8 +496,9 @@ def markdown(result: dict, tag: str) -> str:
         f"(lowrank_ggn unless it failed); bar {AGREEMENT_RTOL:g} in float32.",
         "",
         "| model | N | t(previous) / t(lowrank_ggn) | t(curvlinops) / t(lowrank_ggn) "
+        "| t(curvlinops) / t(lowrank_ggn_f32) "
         f"| top-10 within {AGREEMENT_RTOL:g}·λ_max |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     for c in comps:
         agree = c["agreement"]
@@ -500,7 +511,8 @@ def markdown(result: dict, tag: str) -> str:
         )
         lines.append(
             f"| {c['model']} | {c['N']} | {fmt(c['speedup_vs_previous'])} | "
-            f"{fmt(c['speedup_vs_curvlinops'])} | {within} |"
+            f"{fmt(c['speedup_vs_curvlinops'])} | "
+            f"{fmt(c.get('f32_speedup_vs_curvlinops'))} | {within} |"
         )
     notes = sorted(
         {r["without_math_backend"] for r in recs if r.get("without_math_backend")}

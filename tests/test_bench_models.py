@@ -34,10 +34,11 @@ def test_bench_models_quick_mode(tmp_path):
     by = {r["method"]: r for r in records}
     assert by["lowrank_ggn"]["inputs"] == "tuple (tokens, mask)"
     assert by["lowrank_ggn"]["path"] == "per_sample"
+    assert by["lowrank_ggn_f32"]["inputs"] == "tuple (tokens, mask)"
     assert by["curvlinops"]["sdpa_backend"] == "math"
     (row,) = result["comparisons"]
     assert row["reference"] == "lowrank_ggn"
-    assert set(row["agreement"]) == {"previous", "curvlinops"}
+    assert set(row["agreement"]) == {"lowrank_ggn_f32", "previous", "curvlinops"}
     assert all(dev <= AGREEMENT_RTOL for dev in row["agreement"].values()), row
     assert [t["met"] for t in result["targets"]] == [None, None]  # no N = 128
     md = (out / "models_quick.md").read_text()
