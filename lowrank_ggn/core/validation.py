@@ -182,33 +182,15 @@ def check_targets_early(
             f"several target arguments); got {type(targets).__name__}. Convert with "
             "torch.as_tensor(targets)."
         )
-    ref = params[0]
-    if targets.device != ref.device:
-        raise ValueError(
-            f"targets are on {targets.device} but the model parameters on "
-            f"{ref.device}; move them with targets.to({str(ref.device)!r})."
-        )
+    if targets.device != params[0].device:  # before the batch size: the likelier fix
+        check_entries(ModelInputs(targets, name="targets"), params[0])
     if targets.dim() == 0 or targets.shape[0] != N:
         got = targets.shape[0] if targets.dim() else "none (a scalar)"
         raise ValueError(
             f"targets have batch size {got} but inputs have {N}; pass one target per "
             "input sample, batch in dim 0."
         )
-    if targets.is_floating_point():
-        _check_float_tensor(targets, "targets", ref)
-
-
-def _check_float_tensor(t: Tensor, name: str, ref: Tensor) -> None:
-    """A floating ``t`` must have the parameters' dtype and be finite."""
-    if t.dtype != ref.dtype:
-        raise ValueError(
-            f"{name} have dtype {t.dtype} but the model parameters {ref.dtype}; "
-            f"convert with {name}.to({ref.dtype})."
-        )
-    if not torch.isfinite(t).all():
-        raise ValueError(
-            f"{name} contain NaN or Inf; clean the batch first (torch.isfinite)."
-        )
+    check_entries(ModelInputs(targets, N, name="targets"), params[0])
 
 
 def check_params_finite(params: Sequence[Tensor], names: Sequence[str]) -> None:
