@@ -95,10 +95,15 @@ def dense_output_hessian(
 def dense_outputs(
     model: nn.Module, inputs: Tensor, *, params: Sequence[Tensor] | None = None
 ) -> Tensor:
-    """``F(X, θ)`` computed without touching the model's buffers."""
-    with model_preserved(model), torch.no_grad():
+    """``F(X, θ)`` computed without touching the model's buffers.
+
+    Through the kernels a differentiated pass takes
+    (:meth:`~lowrank_ggn.core.model.FunctionalModel.evaluate`): attention modules in
+    eval mode compute another function on padded positions without grad.
+    """
+    with model_preserved(model):
         fmodel, _ = _flat_model(model, params, inputs)
-        outputs = fmodel(fmodel.primals(), inputs)
+        outputs = fmodel.evaluate(inputs)
         check_outputs(outputs, as_inputs(inputs).size)
         return outputs
 

@@ -14,7 +14,7 @@ if str(BENCHMARKS) not in sys.path:
 
 from models_zoo import Packed, build  # noqa: E402
 
-METHODS = {"lowrank_ggn", "previous", "curvlinops"}
+METHODS = {"lowrank_ggn", "lowrank_ggn_f32", "previous", "curvlinops"}
 AGREEMENT_RTOL = 1e-4  # float32 top-10, relative to λ_max (the benchmark's own bar)
 
 

@@ -42,6 +42,12 @@ def composite_attention() -> Iterator[None]:
         yield
 
 
+def has_inference_fast_path(model: nn.Module) -> bool:
+    """Whether ``model`` holds a module with a fused inference path (attention)."""
+    fast = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+    return any(isinstance(m, fast) for m in model.modules())
+
+
 def samples_in(inputs: Tensor | ModelInputs) -> int:
     """How many samples a call on ``inputs`` processes, vmapped batches included.
 
@@ -140,6 +146,21 @@ class FunctionalModel:
         args, kwargs = inputs.call_args()
         with composite_attention():
             return functional_call(self.model, state, args, kwargs, tie_weights=True)
+
+    def evaluate(self, inputs: Tensor | ModelInputs) -> Tensor:
+        """``F(θ, X)`` without a graph, through the kernels the recorded pass takes.
+
+        ``nn.MultiheadAttention`` and ``nn.TransformerEncoder(Layer)`` in eval mode
+        switch to fused inference kernels (nested tensors for padding masks, whose
+        padded positions come out as zeros) when no gradient is required: for models
+        with them the pass runs on the live parameters with grad enabled, as the
+        recorded pass does, and its graph is dropped; otherwise under ``no_grad``.
+        """
+        if has_inference_fast_path(self.model):
+            with torch.enable_grad():
+                return self(tuple(self.params), inputs).detach()
+        with torch.no_grad():
+            return self(self.primals(), inputs)
 
     def single(self, theta: Sequence[Tensor], x: ModelInputs) -> Tensor:
         """Evaluate the model on one sample (split entries ``[*in]``): ``[*out]``."""

@@ -136,10 +136,7 @@ def check_deterministic(
     """
     dropout = active_dropout_modules(fmodel.model)
     if again is None and not dropout:
-        # on the live parameters with grad enabled, as the recorded pass ran: some
-        # modules take other kernels without grad (nn.TransformerEncoder's fast path)
-        with torch.enable_grad():
-            again = fmodel(tuple(fmodel.params), inputs).detach()
+        again = fmodel.evaluate(inputs)  # the recorded pass's kernels, no graph kept
     # round-off apart: the captured pass recomputes BatchNorm from its statistics
     if dropout or not roundoff_close(again, outputs):
         where = f" Active dropout: {', '.join(dropout)}." if dropout else ""
