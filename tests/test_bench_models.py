@@ -3,6 +3,7 @@ the functions it claims (timings are not asserted)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -28,17 +29,25 @@ def test_bench_models_quick_mode(tmp_path):
     assert result["quick"] and result["machine"]["torch"]
     records = result["records"]
     assert {r["method"] for r in records} == METHODS
+    # curvlinops is a benchmark-only peer: CI's test environment lacks it
+    peers = importlib.util.find_spec("curvlinops") is not None
     for r in records:
-        assert "error" not in r and "skipped" not in r, r
+        assert "error" not in r, r
+        if r["method"] == "curvlinops" and not peers:
+            assert r["skipped"] == "not installed", r
+            continue
+        assert "skipped" not in r, r
         assert r["model"] == "transformer" and len(r["top_eigenvalues"]) == 10
     by = {r["method"]: r for r in records}
     assert by["lowrank_ggn"]["inputs"] == "tuple (tokens, mask)"
     assert by["lowrank_ggn"]["path"] == "per_sample"
     assert by["lowrank_ggn_f32"]["inputs"] == "tuple (tokens, mask)"
-    assert by["curvlinops"]["sdpa_backend"] == "math"
+    if peers:
+        assert by["curvlinops"]["sdpa_backend"] == "math"
     (row,) = result["comparisons"]
     assert row["reference"] == "lowrank_ggn"
-    assert set(row["agreement"]) == {"lowrank_ggn_f32", "previous", "curvlinops"}
+    measured = METHODS - {"lowrank_ggn"} - (set() if peers else {"curvlinops"})
+    assert set(row["agreement"]) == measured
     assert all(dev <= AGREEMENT_RTOL for dev in row["agreement"].values()), row
     assert [t["met"] for t in result["targets"]] == [None, None]  # no N = 128
     md = (out / "models_quick.md").read_text()
