@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_ggn.approx.subsampling import check_subsampling, subsample_factors
-from lowrank_ggn.core.autodiff import per_sample_vjps
+from lowrank_ggn.core.autodiff import batched_grad, per_sample_vjps
 from lowrank_ggn.core.budget import check_factor_memory
 from lowrank_ggn.core.inputs import ModelInputs, as_inputs
 from lowrank_ggn.core.loss_factors import (
@@ -168,9 +168,8 @@ class Linearization:
     def vjp(self, cotangents: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
         """Full-batch products ``J_θF(X)ᵀ W_k`` for cotangents ``[K, N, *out]``.
 
-        On CPUs one backward pass per cotangent (batched autodiff measured 1.5–2×
-        slower per column there, for convolutional networks and transformers alike);
-        elsewhere one batched pass per chunk.
+        One backward pass per cotangent on CPUs, one batched pass per chunk
+        elsewhere (:func:`~lowrank_ggn.core.autodiff.batched_grad`).
 
         Returns:
             ``[K, D]``, flattened in ``params`` order.
@@ -181,7 +180,7 @@ class Linearization:
         rows = []
         for start in range(0, cotangents.shape[0], max(1, chunk)):
             part = cotangents[start : start + max(1, chunk)]
-            grads = _batched_grad(self.graph, params, part)
+            grads = batched_grad(self.graph, params, part)
             grads = [
                 torch.zeros(part.shape[0], *p.shape, dtype=p.dtype, device=p.device)
                 if g is None
@@ -227,31 +226,6 @@ class Linearization:
     def factors_matrix(self, chunk: int = DEFAULT_CHUNK) -> Tensor:
         """``Vᵀ`` as one ``[N·C, D]`` tensor (memory ``N·C·D``; for small problems)."""
         return torch.cat([block for _, block in self.factor_blocks(chunk)])
-
-
-def _batched_grad(
-    graph: Tensor, params: list[Tensor], cotangents: Tensor
-) -> list[Tensor | None]:
-    """``∂⟨graph, w_k⟩/∂θ`` for cotangents ``[K, *out]``: per parameter ``[K, *θ_p]``."""
-    if cotangents.device.type != "cpu":
-        return list(
-            torch.autograd.grad(
-                graph,
-                params,
-                cotangents,
-                retain_graph=True,
-                is_grads_batched=True,
-                allow_unused=True,
-            )
-        )
-    columns = [
-        torch.autograd.grad(graph, params, w, retain_graph=True, allow_unused=True)
-        for w in cotangents
-    ]
-    return [
-        None if any(g is None for g in per_param) else torch.stack(per_param)
-        for per_param in zip(*columns)
-    ]
 
 
 def linearize(

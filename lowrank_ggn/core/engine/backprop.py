@@ -18,12 +18,12 @@ the Gram matrix is then assembled by :mod:`lowrank_ggn.core.engine.assemble`. Sh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from lowrank_ggn.core.autodiff import per_sample_vjps
+from lowrank_ggn.core.autodiff import batched_grad, per_sample_vjps
 from lowrank_ggn.core.engine.batchnorm import BNLayer
 from lowrank_ggn.core.engine.capture import Layer
 from lowrank_ggn.core.engine.report import EngineReport
@@ -36,45 +36,6 @@ from lowrank_ggn.core.model import FunctionalModel
 AUTOGRAD_OVERHEAD = 6
 
 Tick = Callable[[int], None]
-
-
-def batched_grad(
-    outputs: Tensor | Sequence[Tensor],
-    inputs: Sequence[Tensor],
-    cotangents: Tensor | Sequence[Tensor],
-) -> list[Tensor | None]:
-    """``∂⟨outputs, cot_b⟩/∂inputs`` for a batch of cotangents ``[B, *out]``: ``[B, *in]``.
-
-    On CPUs the ``B`` backward passes run one after another: batched autodiff
-    (``is_grads_batched``) measured 1.5–2× slower per column there for convolutional
-    networks. Elsewhere one batched pass. An input that no output reaches gives
-    ``None``.
-    """
-    outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
-    cots = [cotangents] if isinstance(cotangents, Tensor) else list(cotangents)
-    if not inputs:
-        return []
-    if cots[0].device.type != "cpu":
-        return list(
-            torch.autograd.grad(
-                outs,
-                inputs,
-                cots,
-                retain_graph=True,
-                is_grads_batched=True,
-                allow_unused=True,
-            )
-        )
-    per_column = [
-        torch.autograd.grad(
-            outs, inputs, [c[b] for c in cots], retain_graph=True, allow_unused=True
-        )
-        for b in range(cots[0].shape[0])
-    ]
-    return [
-        None if column[0] is None else torch.stack(column)
-        for column in zip(*per_column)
-    ]
 
 
 class LayerTurnedMixing(Exception):

@@ -31,17 +31,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor
 from torch.func import jvp, linearize, vmap
 
-from lowrank_ggn.core.autodiff import graph_jvps, no_rule
-from lowrank_ggn.core.engine.backprop import batched_grad
+from lowrank_ggn.core.autodiff import batched_grad, graph_jvps, no_rule
 from lowrank_ggn.core.engine.capture import Layer, capture, captured_layers
 from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.linearization import Linearization
+from lowrank_ggn.core.model import composite_attention
 from lowrank_ggn.core.tolerances import roundoff_rtol
 
 #: Below this many JVPs, tracing ``torch.func.linearize`` costs more than it saves.
@@ -132,7 +131,7 @@ class GramOperator:
         if any(isinstance(m, torch.nn.RNNBase) for m in fm.model.modules()):
             return
         try:
-            with warnings.catch_warnings(), math_attention():
+            with warnings.catch_warnings(), composite_attention():
                 warnings.simplefilter("ignore", UserWarning)  # torch.fx's folding
                 _, traced = linearize(
                     lambda *theta: fm(theta, lin.inputs), *fm.primals()
@@ -143,7 +142,7 @@ class GramOperator:
                 torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
                 for p in fm.params
             ]
-            with math_attention():
+            with composite_attention():
                 fast, again = traced(*t), traced(*t)
             plain = self._plain_jvp(t)
         except Exception:  # noqa: BLE001 - untraceable model: plain jvp
@@ -192,7 +191,7 @@ class GramOperator:
         if self._forward_mode:
             fn = self._jvp or (lambda *t: self._plain_jvp(t))
             try:
-                with math_attention():
+                with composite_attention():
                     if directions.device.type == "cpu":
                         return torch.stack(
                             [
@@ -241,18 +240,6 @@ class GramOperator:
             project(self.lin, self.jvp(VU if mask is None else VU * mask)).T
             for mask in masks or [None]
         ]
-
-
-def math_attention() -> AbstractContextManager:
-    """Scaled dot-product attention by its math kernel, which has forward-mode AD.
-
-    The fused CPU kernels have neither forward-mode AD nor double backward.
-    """
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # older torch: no fused kernels to avoid
-        return nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 def capture_forward(
@@ -313,7 +300,6 @@ def streamed_gram(
 
 __all__ = [
     "GramOperator",
-    "math_attention",
     "block_width",
     "capture_forward",
     "project",
