@@ -44,6 +44,7 @@ from lowrank_ggn.core.gram import check_engine, gram_from_linearization
 from lowrank_ggn.core.inputs import as_inputs
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.core.loss_sampling import check_mc_samples
+from lowrank_ggn.core.outputs import OutputSpec, check_output
 from lowrank_ggn.core.paths import EnginePath, check_path
 from lowrank_ggn.core.precision import (
     ErrorModel,
@@ -114,6 +115,10 @@ class GGN:
             (:mod:`lowrank_ggn.core.precision`).
         batch_size: ``N`` when the first entry of tuple/dict ``inputs`` is not the
             batched one (default: its dim 0).
+        output: Which tensor of the model's return value the loss takes: ``None``
+            (a tensor as returned, or the ``"logits"`` / only tensor of a
+            ``ModelOutput``, dict or tuple), a key, an index or a callable
+            (:mod:`lowrank_ggn.core.outputs`).
 
     Example:
         >>> import torch
@@ -156,8 +161,10 @@ class GGN:
         chunk: int = DEFAULT_CHUNK,
         accumulate: str | None = None,
         batch_size: int | None = None,
+        output: OutputSpec = None,
     ) -> None:
         check_options(chunk=chunk, memory_budget=memory_budget)
+        check_output(output)
         check_accumulate(accumulate)
         self._strategy = check_engine(engine, strategy)
         check_mc_samples(mc_samples, generator)
@@ -176,6 +183,7 @@ class GGN:
             subsampling=subsampling,
             memory_budget=memory_budget,
             validated=True,
+            output=output,
         )
         self.memory_budget, self.progress = memory_budget, progress
         self.engine, self.chunk, self.accumulate = engine, chunk, accumulate

@@ -25,6 +25,7 @@ from lowrank_ggn.core.loss_autodiff import call_loss
 from lowrank_ggn.core.loss_factors import has_closed_form
 from lowrank_ggn.core.loss_targets import check_targets
 from lowrank_ggn.core.model import FunctionalModel
+from lowrank_ggn.core.outputs import OutputSpec, check_output
 from lowrank_ggn.core.state import model_preserved
 from lowrank_ggn.core.validation import (
     check_batch_norm_batch_size,
@@ -37,10 +38,14 @@ from lowrank_ggn.core.validation import (
 
 
 def _flat_model(
-    model: nn.Module, params: Sequence[Tensor] | None, inputs: Tensor | None = None
+    model: nn.Module,
+    params: Sequence[Tensor] | None,
+    inputs: Tensor | None = None,
+    output: OutputSpec = None,
 ):
     check_model(model)
-    fmodel = FunctionalModel(model, resolve_params(model, params))
+    check_output(output)
+    fmodel = FunctionalModel(model, resolve_params(model, params), output)
     if inputs is not None:  # the same early errors as the engine's
         check_inputs(inputs, fmodel.params)
         check_batch_norm_batch_size(model, inputs)
@@ -67,11 +72,15 @@ def _scalar_loss(loss_func, outputs: Tensor, targets) -> None:
 
 
 def dense_jacobian(
-    model: nn.Module, inputs: Tensor, *, params: Sequence[Tensor] | None = None
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    params: Sequence[Tensor] | None = None,
+    output: OutputSpec = None,
 ) -> Tensor:
     """``J = ∂ vec F(X, θ) / ∂θ``, ``[N, *out, D]``, of the whole batch."""
     with model_preserved(model):
-        fmodel, flat = _flat_model(model, params, inputs)
+        fmodel, flat = _flat_model(model, params, inputs, output)
         return jacrev(lambda v: fmodel(fmodel.unflatten(v), inputs))(flat)
 
 
@@ -93,7 +102,11 @@ def dense_output_hessian(
 
 
 def dense_outputs(
-    model: nn.Module, inputs: Tensor, *, params: Sequence[Tensor] | None = None
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    params: Sequence[Tensor] | None = None,
+    output: OutputSpec = None,
 ) -> Tensor:
     """``F(X, θ)`` computed without touching the model's buffers.
 
@@ -102,7 +115,7 @@ def dense_outputs(
     eval mode compute another function on padded positions without grad.
     """
     with model_preserved(model):
-        fmodel, _ = _flat_model(model, params, inputs)
+        fmodel, _ = _flat_model(model, params, inputs, output)
         outputs = fmodel.evaluate(inputs)
         check_outputs(outputs, as_inputs(inputs).size)
         return outputs
@@ -115,6 +128,7 @@ def dense_ggn(
     targets: Tensor,
     *,
     params: Sequence[Tensor] | None = None,
+    output: OutputSpec = None,
 ) -> Tensor:
     """The GGN ``Jᵀ H J`` ``[D, D]`` of the batch loss, by brute force.
 
@@ -124,13 +138,15 @@ def dense_ggn(
         inputs: ``[N, *in]``.
         targets: Targets.
         params: Parameters (flattening order); default: all that require grad.
+        output: Which tensor of the model's return value the loss takes
+            (:mod:`lowrank_ggn.core.outputs`); every function here takes it.
 
     Returns:
         ``[D, D]``, symmetric.
 
     """
     with model_preserved(model):
-        outputs = dense_outputs(model, inputs, params=params)
+        outputs = dense_outputs(model, inputs, params=params, output=output)
         _scalar_loss(loss_func, outputs, targets)
         M = outputs.numel()
         D = sum(p.numel() for p in resolve_params(model, params))
@@ -139,11 +155,49 @@ def dense_ggn(
             outputs.element_size(),
             advice="The brute-force reference is for small models and batches. ",
         )
-        J = dense_jacobian(model, inputs, params=params)
+        J = dense_jacobian(model, inputs, params=params, output=output)
         J = J.reshape(outputs.numel(), -1)
         H = dense_output_hessian(loss_func, outputs, targets)
         G = J.T @ H @ J
         return 0.5 * (G + G.T)
+
+
+def dense_ggn_eigenvalues(
+    model: nn.Module,
+    loss_func: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    params: Sequence[Tensor] | None = None,
+    output: OutputSpec = None,
+) -> Tensor:
+    r"""All eigenvalues of ``Jᵀ H J`` that can be nonzero, descending, by brute force.
+
+    Without the ``[D, D]`` matrix, for models too large for :func:`dense_ggn`: with
+    ``H = Q Λ Qᵀ`` (clipped at 0; ``H`` is PSD for the losses the GGN is defined
+    for) and ``R = Q Λ^{1/2}``, ``Jᵀ H J = (Jᵀ R)(Jᵀ R)ᵀ`` has the nonzero
+    eigenvalues of the ``[N·O, N·O]`` matrix ``Rᵀ J Jᵀ R``. Memory: the dense
+    Jacobian ``[N·O, D]``.
+
+    Returns:
+        ``[N·O]``, descending (the trailing ones are zero up to round-off).
+    """
+    with model_preserved(model):
+        outputs = dense_outputs(model, inputs, params=params, output=output)
+        _scalar_loss(loss_func, outputs, targets)
+        M = outputs.numel()
+        D = sum(p.numel() for p in resolve_params(model, params))
+        check_memory(
+            {f"Jacobian [{M}, {D}]": M * D},
+            outputs.element_size(),
+            advice="The brute-force reference is for small batches. ",
+        )
+        J = dense_jacobian(model, inputs, params=params, output=output).reshape(M, -1)
+        H = dense_output_hessian(loss_func, outputs, targets)
+        lam, Q = torch.linalg.eigh(0.5 * (H + H.T))
+        R = Q * lam.clamp(min=0).sqrt()  # [M, M]
+        JR = J.T @ R  # [D, M]
+        return torch.linalg.eigvalsh(JR.T @ JR).flip(0)
 
 
 def dense_gradient(
@@ -153,11 +207,12 @@ def dense_gradient(
     targets: Tensor,
     *,
     params: Sequence[Tensor] | None = None,
+    output: OutputSpec = None,
 ) -> Tensor:
     """``∇_θ L`` ``[D]`` of the batch loss."""
     with model_preserved(model):
-        _scalar_loss(loss_func, dense_outputs(model, inputs, params=params), targets)
-        fmodel, flat = _flat_model(model, params, inputs)
+        _scalar_loss(loss_func, dense_outputs(model, inputs, params=params, output=output), targets)
+        fmodel, flat = _flat_model(model, params, inputs, output)
         return torch.func.grad(
             lambda v: call_loss(loss_func, fmodel(fmodel.unflatten(v), inputs), targets)
         )(flat)
@@ -170,6 +225,7 @@ def dense_per_component_gradients(
     targets: Tensor,
     *,
     params: Sequence[Tensor] | None = None,
+    output: OutputSpec = None,
 ) -> Tensor:
     r"""Rows ``r_n = J_θF_nᵀ ∂L/∂F_n``, ``[N, D]``, by brute force.
 
@@ -180,8 +236,8 @@ def dense_per_component_gradients(
     :func:`dense_gradient`.
     """
     with model_preserved(model):
-        J = dense_jacobian(model, inputs, params=params)  # [N, *out, D]
-        outputs = dense_outputs(model, inputs, params=params)
+        J = dense_jacobian(model, inputs, params=params, output=output)  # [N, *out, D]
+        outputs = dense_outputs(model, inputs, params=params, output=output)
         g = torch.func.grad(lambda o: call_loss(loss_func, o, targets))(outputs)
         N, D = outputs.shape[0], J.shape[-1]
         return torch.einsum("no,nod->nd", g.reshape(N, -1), J.reshape(N, -1, D))
@@ -207,6 +263,7 @@ def dense_directional_derivatives(
     rho: float,
     *,
     params: Sequence[Tensor] | None = None,
+    output: OutputSpec = None,
 ) -> tuple[Tensor, Tensor]:
     r"""``(γ, λ)``, each ``[N, K]``, by brute force, for directions ``[K, D]``.
 
@@ -218,10 +275,10 @@ def dense_directional_derivatives(
     """
     with model_preserved(model):
         R = dense_per_component_gradients(
-            model, loss_func, inputs, targets, params=params
+            model, loss_func, inputs, targets, params=params, output=output
         )
-        J = dense_jacobian(model, inputs, params=params)
-        outputs = dense_outputs(model, inputs, params=params)
+        J = dense_jacobian(model, inputs, params=params, output=output)
+        outputs = dense_outputs(model, inputs, params=params, output=output)
         N = outputs.shape[0]
         Je = J.reshape(N, -1, J.shape[-1]) @ directions.T  # [N, O, K]
         H = dense_loss_hessian_blocks(loss_func, outputs, targets)  # [N, O, O]

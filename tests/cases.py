@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import real_models
 import torch
+import zoo_patterns
 from torch import Tensor, nn
 
 DTYPE = torch.float64
@@ -282,6 +283,21 @@ CASES += [
     Case("mlp-huber", lambda: real_models.huber(47), False),
     Case("mlp-gaussian-nll", lambda: real_models.gaussian_nll(48), False),
     Case("mlp-callable-sum", lambda: real_models.callable_loss(49), False),
+]
+
+#: What timm, transformers and torchvision models do (``tests/zoo_patterns.py``): a
+#: BatchNorm subclass with its own forward (norm + activation), in-place ReLUs after
+#: captured layers, ``addmm`` with a transposed weight, tied embeddings with a
+#: ``ModelOutput``-like return value and a flattening LM loss, a 0-dim parameter.
+CASES += [
+    Case("fused-bn-act-train-ce", lambda: zoo_patterns.fused_bn_act(50), True),
+    Case("fused-bn-act-eval-ce", lambda: zoo_patterns.fused_bn_act(51, False), False),
+    Case("inplace-relu-eval-ce", lambda: zoo_patterns.inplace_relu(52), False),
+    Case("inplace-relu-train-ce", lambda: zoo_patterns.inplace_relu(53, True), True),
+    # seed and size with λ_min/λ_max ≈ 6e-5: eigenvectors of eigenvalues near
+    # 1e-10·λ_max carry errors of eps·λ_max/λ, beyond the shared tolerances
+    Case("tied-conv1d-lm", lambda: zoo_patterns.tied_lm(60, N=2), False),
+    Case("zero-dim-param-ce", lambda: zoo_patterns.zero_dim_param(55), False),
 ]
 
 #: Cases with an operator that has no double backward (``EmbeddingBag``): their

@@ -43,8 +43,9 @@ from lowrank_ggn.reference import dense_ggn, dense_gradient
 
 ALL_CASES = CASES + [c for c in BN_CASES if c not in CASES]
 PROBE = 4  # the path check evaluates at most four samples one at a time
-#: cases with parameters in no captured layer: attention's projections, the LSTM
-GENERIC_CASES = {"transformer-mask-ce", "lstm-lm-ce"}
+#: cases with parameters in no captured layer: attention's projections, the LSTM,
+#: addmm layers and tied embeddings, a 0-dim scale
+GENERIC_CASES = {"transformer-mask-ce", "lstm-lm-ce", "tied-conv1d-lm", "zero-dim-param-ce"}
 
 
 class SampleCounter:

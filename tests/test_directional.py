@@ -116,7 +116,7 @@ def test_a_single_direction_may_be_one_dimensional():
 @pytest.mark.parametrize("case", MIXING_CASES, ids=lambda c: c.name)
 def test_warning_names_the_mixing_modules_once(case):
     model, loss, X, y = case.make()
-    name = EXPECTED_MIXING[case.name][0]
+    name = ", ".join(EXPECTED_MIXING[case.name])
     E = _directions(sum(p.numel() for p in model.parameters()))
     with pytest.warns(
         SampleMixingWarning, match=re.escape(f"module(s) {name} mix")

@@ -118,7 +118,7 @@ def test_forced_full_batch_path_agrees(case):
 @pytest.mark.parametrize("case", MIXING_CASES, ids=lambda c: c.name)
 def test_warning_names_the_mixing_modules_once(case):
     model, loss, X, y = case.make()
-    name = EXPECTED_MIXING[case.name][0]
+    name = ", ".join(EXPECTED_MIXING[case.name])
     with pytest.warns(
         SampleMixingWarning, match=re.escape(f"module(s) {name} mix")
     ) as rec:

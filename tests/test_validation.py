@@ -446,8 +446,8 @@ BAD_INPUTS = [
     (
         "model-returns-tuple",
         _with(model=lambda p: ReturnsTuple()),
-        TE,
-        "must return a single Tensor",
+        VE,
+        "its tensor fields are 0, 1. Pass output=",
         A,
     ),
     (

@@ -65,11 +65,16 @@ def cast(inputs, dtype: torch.dtype):
 
 
 def call(model: nn.Module, inputs) -> Tensor:
-    """``model(X)``, ``model(*X)`` or ``model(**X)``."""
+    """``model(X)``, ``model(*X)`` or ``model(**X)``; the tensor the loss takes.
+
+    Tensors as returned; the ``"logits"`` of a ``ModelOutput``-like return value
+    (``output=None``'s rule, :mod:`lowrank_ggn.core.outputs`).
+    """
     from lowrank_ggn.core.inputs import as_inputs
+    from lowrank_ggn.core.outputs import select_output
 
     args, kwargs = as_inputs(inputs).call_args()
-    return model(*args, **kwargs)
+    return select_output(model(*args, **kwargs))
 
 
 #: Tolerance of float64 results against the dense reference, relative to the

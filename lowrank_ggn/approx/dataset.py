@@ -57,6 +57,7 @@ from lowrank_ggn.core.budget import resolve_memory_budget
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.core.loss_factors import check_loss_func, resolve_loss
 from lowrank_ggn.core.loss_sampling import check_mc_samples
+from lowrank_ggn.core.outputs import OutputSpec, check_output
 from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.precision import accumulation_dtype
 from lowrank_ggn.core.spectrum import (
@@ -164,6 +165,7 @@ def ggn_spectrum_dataset(
     progress: bool | None = None,
     process_group: object | None = None,
     activations: str = "keep",
+    output: OutputSpec = None,
 ) -> DatasetSpectrum:
     r"""Nonzero spectrum of the data-set GGN ``Σ_b w_b G_b`` over many batches.
 
@@ -203,6 +205,8 @@ def ggn_spectrum_dataset(
         activations: ``"keep"`` every batch's forward activations for the Lanczos
             products, or ``"recompute"`` them for every product (memory of one
             batch's activations; one more forward pass per batch and product).
+        output: Which tensor of the model's return value the loss takes
+            (:mod:`lowrank_ggn.core.outputs`).
 
     Returns:
         A :class:`DatasetSpectrum`.
@@ -227,6 +231,7 @@ def ggn_spectrum_dataset(
     check_loss_func(loss_func)
     check_sync_batch_norm(model)
     check_mc_samples(mc_samples, generator)
+    check_output(output)
     check_options(chunk=chunk, rtol=rtol, top_k=top_k, memory_budget=memory_budget)
     if not isinstance(eigenvectors, bool):
         raise TypeError(
@@ -281,6 +286,7 @@ def ggn_spectrum_dataset(
                     mc_samples=mc_samples,
                     generator=_batch_generator(generator, base_seed, first + b),
                     capture=False,
+                    output=output,
                 )
                 local.append((lin.batch_size, lin.num_columns, lin.path))
                 if solver == "lanczos":

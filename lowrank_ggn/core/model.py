@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lowrank_ggn.core.inputs import ModelInputs, as_inputs
+from lowrank_ggn.core.outputs import OutputSpec, select_output
 
 
 @contextmanager
@@ -85,11 +86,16 @@ class FunctionalModel:
         model: The module. It is called, never modified.
         params: The parameters to differentiate, in the order that defines the
             flattening. Each must be a parameter of ``model``.
+        output: Which tensor of the model's return value is ``F``
+            (:mod:`lowrank_ggn.core.outputs`).
 
     """
 
-    def __init__(self, model: nn.Module, params: Sequence[Tensor]) -> None:
+    def __init__(
+        self, model: nn.Module, params: Sequence[Tensor], output: OutputSpec = None
+    ) -> None:
         self.model = model
+        self.output = output
         self.params = list(params)
         name_of = {}
         for name, p in model.named_parameters(remove_duplicate=True):
@@ -109,6 +115,10 @@ class FunctionalModel:
         self.dtype, self.device = ref.dtype, ref.device
         #: Samples processed by all calls so far (a full-batch pass adds ``N``).
         self.samples_processed = 0
+
+    def restricted(self, params: Sequence[Tensor]) -> FunctionalModel:
+        """The same model and output selection as a function of other ``params``."""
+        return FunctionalModel(self.model, params, self.output)
 
     def detached_copy(self) -> FunctionalModel:
         """The same function of frozen copies of every tensor it reads.
@@ -145,7 +155,8 @@ class FunctionalModel:
         state.update(zip(self.names, theta))
         args, kwargs = inputs.call_args()
         with composite_attention():
-            return functional_call(self.model, state, args, kwargs, tie_weights=True)
+            result = functional_call(self.model, state, args, kwargs, tie_weights=True)
+        return select_output(result, self.output)
 
     def evaluate(self, inputs: Tensor | ModelInputs) -> Tensor:
         """``F(θ, X)`` without a graph, through the kernels the recorded pass takes.
@@ -168,10 +179,13 @@ class FunctionalModel:
 
     def flatten(self, tensors: Sequence[Tensor], batch_dims: int = 0) -> Tensor:
         """Concatenate per-parameter tensors into ``[*batch, D]`` in ``params`` order."""
-        return torch.cat([t.flatten(start_dim=batch_dims) for t in tensors], dim=-1)
+        # reshape, not flatten: a 0-dim parameter has no dimension to start from
+        return torch.cat(
+            [t.reshape(*t.shape[:batch_dims], -1) for t in tensors], dim=-1
+        )
 
     def unflatten(self, flat: Tensor) -> tuple[Tensor, ...]:
         """Split ``[*batch, D]`` back into per-parameter tensors ``[*batch, *θ_p.shape]``."""
         batch = flat.shape[:-1]
         chunks = torch.split(flat, self.numels, dim=-1)
-        return tuple(c.reshape(*batch, *s) for c, s in zip(chunks, self.shapes))
+        return tuple(c.reshape((*batch, *s)) for c, s in zip(chunks, self.shapes))

@@ -44,6 +44,7 @@ from lowrank_ggn.core.loss_autodiff import (
 from lowrank_ggn.core.loss_factors import resolve_loss
 from lowrank_ggn.core.loss_targets import check_targets
 from lowrank_ggn.core.model import FunctionalModel
+from lowrank_ggn.core.outputs import OutputSpec, check_output
 from lowrank_ggn.core.paths import (
     EnginePath,
     active_dropout_modules,
@@ -219,6 +220,7 @@ def audit_structure(
     *,
     params: Sequence[Tensor] | None = None,
     batch_size: int | None = None,
+    output: OutputSpec = None,
 ) -> StructureReport:
     r"""Report which structures of the loss hold, and which quantities are defined.
 
@@ -232,6 +234,8 @@ def audit_structure(
         targets: Its targets.
         params: Parameters of ``model``; default: all that require grad.
         batch_size: ``N`` when the first input entry is not the batched one.
+        output: Which tensor of the model's return value the loss takes
+            (:mod:`lowrank_ggn.core.outputs`).
 
     Returns:
         A :class:`StructureReport`; ``print(report)`` shows the tables.
@@ -253,10 +257,11 @@ def audit_structure(
 
     """
     check_model(model)
+    check_output(output)
     with model_preserved(model):
         selected = check_call(model, loss_func, inputs, params, targets, batch_size)
         inputs = as_inputs(inputs, batch_size)
-        fmodel = FunctionalModel(model, selected)
+        fmodel = FunctionalModel(model, selected, output)
         check_params_finite(fmodel.params, fmodel.names)
         outputs = fmodel.evaluate(inputs)
         check_outputs(outputs, inputs.size)

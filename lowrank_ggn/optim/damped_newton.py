@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from lowrank_ggn.core.loss_factors import sample_weight
 from lowrank_ggn.core.loss_sampling import check_mc_samples
+from lowrank_ggn.core.outputs import OutputSpec, check_output
 from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.validation import check_options
 from lowrank_ggn.curvature import GGN
@@ -185,6 +186,8 @@ class DampedNewton(torch.optim.Optimizer):
             (BatchNorm running statistics) update as in a training step.
         progress: Progress bars of the Gram engine on stderr (``None``: for steps
             estimated to take more than 5 s; default: never).
+        output: Which tensor of the model's return value the loss takes
+            (:mod:`lowrank_ggn.core.outputs`).
 
     Example:
         >>> import torch
@@ -214,6 +217,7 @@ class DampedNewton(torch.optim.Optimizer):
         subsampling: Sequence[int] | Tensor | None = None,
         update_buffers: bool = False,
         progress: bool | None = False,
+        output: OutputSpec = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -251,6 +255,8 @@ class DampedNewton(torch.optim.Optimizer):
         self.mc_samples, self.generator = mc_samples, generator
         self.subsampling, self.update_buffers = subsampling, bool(update_buffers)
         self.progress = progress
+        check_output(output)
+        self.output = output
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -311,6 +317,7 @@ class DampedNewton(torch.optim.Optimizer):
             subsampling=self.subsampling,
             progress=self.progress,
             batch_size=batch_size,
+            output=self.output,
         )
         gradient, E, data = self._directions(ggn)
         lin = ggn.linearization

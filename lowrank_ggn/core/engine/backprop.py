@@ -29,7 +29,6 @@ from lowrank_ggn.core.engine.capture import Layer
 from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.memory import release_free_memory
-from lowrank_ggn.core.model import FunctionalModel
 
 #: Rough ratio of all intermediate activations to the captured layer outputs, used to
 #: size the batches of full-batch backward passes.
@@ -59,10 +58,12 @@ def frozen_passes(
     idx = lin.sample_index
     full = lin.outputs.new_zeros(C, *lin.outputs.shape)
     full[:, idx] = lin.factors
+    # gradient edges as recorded: in-place operations on the outputs later apart
     targets = [la.outputs[0] for la in layers] + [bn.output for bn in bns]
+    edges = [la.target for la in layers] + [bn.target for bn in bns]
     per_layer: list[list[Tensor]] = [[] for _ in layers]
     per_bn: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in bns]
-    live = [t for t in targets if t.requires_grad]  # e.g. a BN below every param
+    live = [e for t, e in zip(targets, edges) if t.requires_grad]  # a BN below all
     for c in range(C):
         found = iter(
             torch.autograd.grad(
@@ -111,7 +112,7 @@ def statistics_directions(
     """
     K_total = sum(bn.num_statistics for bn in bns)
     rows: dict[int, Tensor] = {}
-    targets = [la.outputs[0] for la in layers] + list(others)
+    targets = [la.target for la in layers] + list(others)
 
     def store(p: Tensor, lo: int, block: Tensor) -> None:
         if id(p) not in rows:
@@ -193,7 +194,7 @@ def column_passes(
     """
     NC = lin.num_columns
     col_sample = lin.sample_index.repeat_interleave(lin.num_columns_per_sample)
-    targets = [la.outputs[0] for la in layers] + generic
+    targets = [la.target for la in layers] + generic
     generic_rows: list[list[Tensor]] = [[] for _ in generic]
     for start in range(0, NC, chunk):
         stop = min(NC, start + chunk)
@@ -233,7 +234,7 @@ def per_sample_generic_rows(
     """Per-sample VJPs w.r.t. the parameters of no captured layer: ``[NC, numel]``."""
     if not generic:
         return []
-    fm = FunctionalModel(lin.fmodel.model, generic)
+    fm = lin.fmodel.restricted(generic)
     C = lin.num_columns_per_sample
     S = lin.factors.movedim(0, 1)  # [NS, C, *out]
     X = lin.inputs.select(lin.sample_index)
@@ -245,7 +246,7 @@ def per_sample_generic_rows(
             fm, X.select(slice(start, stop)), S[start:stop], columns=True
         )
         for store, r in zip(rows, res):
-            store.append(r.flatten(0, 1).flatten(1))
+            store.append(r.reshape(r.shape[0] * r.shape[1], -1))  # 0-dim params too
     lin.fmodel.samples_processed += fm.samples_processed
     return [torch.cat(r) for r in rows]
 

@@ -1,7 +1,9 @@
 r"""BatchNorm recomputed with its statistics as gated graph nodes.
 
-During the capture's forward pass (:mod:`~lowrank_ggn.core.engine.capture`), a forward
-hook replaces the output of every BatchNorm module (``SyncBatchNorm`` excluded) by
+During the capture's forward pass (:mod:`~lowrank_ggn.core.engine.capture`), the
+``F.batch_norm`` call inside every BatchNorm module (``SyncBatchNorm`` excluded; fused
+subclasses such as timm's ``BatchNormAct2d`` included) returns, once checked against
+the call's true output (:class:`BatchNormCalls`),
 
 .. math::
     y = γ ⊙ (x − μ) ⊙ r + β, \qquad μ = \operatorname{mean}(x), \quad
@@ -18,7 +20,8 @@ block is then ``V_p = V_{f,p} + B_p W``: the frozen rows plus the statistics
 directions ``B_p`` ``[2K, numel]`` weighted by the coefficients
 :meth:`BNLayer.coefficients` ``W`` ``[2K, NC]``.
 
-The recomputed output equals the module's; the module itself is never changed.
+The recomputed output equals the call's to round-off (checked on every capture); the
+module itself is never changed.
 """
 
 from __future__ import annotations
@@ -28,9 +31,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.overrides import TorchFunctionMode
 
 from lowrank_ggn.core.paths import uses_batch_statistics
+from lowrank_ggn.core.tolerances import roundoff_close
 
 
 class FreezeSwitch:
@@ -71,6 +78,9 @@ class BNLayer:
         batch_stats: Whether it normalises with batch statistics (else running
             statistics, constants).
         input: ``x`` in the graph (identifies the layer that feeds it).
+        target: The gradient edge of ``y`` as computed (``None`` if ``y`` needs no
+            gradient): backward passes ask for gradients there, so an in-place
+            activation applied to ``y`` later does not change what they get.
     """
 
     name: str
@@ -86,6 +96,7 @@ class BNLayer:
     calls: int = 0
     batch_stats: bool = True
     input: Tensor | None = None
+    target: GradientEdge | None = None
 
     @property
     def params(self) -> list[Tensor]:
@@ -161,37 +172,115 @@ def batch_norm_layers(model: nn.Module, selected: set[int]) -> list[BNLayer]:
     return found
 
 
-def recompute_batch_norm(bn: BNLayer, x: Tensor, switch: FreezeSwitch) -> Tensor:
+def _bound_batch_norm(args: tuple, kwargs: dict) -> dict:
+    """``F.batch_norm``'s arguments by name (its signature, defaults filled in)."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training")
+    names += ("momentum", "eps")
+    bound = {"weight": None, "bias": None, "training": False, "momentum": 0.1}
+    bound["eps"] = 1e-5
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def recompute_batch_norm(bn: BNLayer, call: dict, switch: FreezeSwitch) -> Tensor:
     """``y = γ (x − μ) r + β`` with ``μ``, ``r`` as gated graph nodes.
 
-    Fills ``bn``'s graph nodes and values; ``x`` ``[N, K, *pos]`` -> ``y`` likewise.
+    ``call``: the arguments of the module's ``F.batch_norm`` call
+    (:func:`_bound_batch_norm`); ``x`` ``[N, K, *pos]`` -> ``y`` likewise. Fills
+    ``bn``'s graph nodes and values.
     """
-    m = bn.module
+    x, w, b, eps = call["input"], call["weight"], call["bias"], call["eps"]
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
-    if not bn.batch_stats:  # running statistics: constants
-        mean = m.running_mean.detach()
-        inv_std = torch.rsqrt(m.running_var.detach() + m.eps)
+    batch_stats = bool(call["training"]) or call["running_mean"] is None
+    if not batch_stats:  # running statistics: constants
+        mean = call["running_mean"].detach()
+        inv_std = torch.rsqrt(call["running_var"].detach() + eps)
     else:
         mean = x.mean(dims)
-        inv_std = torch.rsqrt(x.var(dims, unbiased=False) + m.eps)
+        inv_std = torch.rsqrt(x.var(dims, unbiased=False) + eps)
     if mean.requires_grad:
         mean.register_hook(switch.gate)
         inv_std.register_hook(switch.gate)
     xhat = (x - mean.view(shape)) * inv_std.view(shape)
     y = xhat
-    if m.weight is not None:
-        y = y * m.weight.view(shape) + m.bias.view(shape)
+    if w is not None:
+        y = y * w.view(shape)
+    if b is not None:
+        y = y + b.view(shape)
     bn.mean, bn.inv_std, bn.xhat, bn.output = mean, inv_std, xhat.detach(), y
-    bn.input = x
-    gamma = m.weight.detach() if m.weight is not None else torch.ones_like(mean)
-    bn.gamma = gamma.detach()
+    bn.target = get_gradient_edge(y) if y.requires_grad else None
+    bn.input, bn.batch_stats = x, batch_stats
+    bn.gamma = (w.detach() if w is not None else torch.ones_like(mean)).detach()
     bn.calls += 1
     return y
 
 
+class BatchNormCalls(TorchFunctionMode):
+    r"""Substitutes the recomputation for the ``F.batch_norm`` call of each BatchNorm.
+
+    The substitution happens at the functional call, inside the module's own
+    ``forward``: whatever else that ``forward`` does (timm's ``BatchNormAct2d`` applies
+    its activation and drop-path after the normalisation) stays in the graph. A call
+    belongs to the innermost running BatchNorm module when it passes that module's own
+    affine parameters and running statistics (weight standardisation's
+    ``F.batch_norm`` of a convolution weight does not). The recomputed output is
+    compared with the call's true output before it is used; a mismatch beyond
+    round-off keeps the true output and leaves the layer uncaptured
+    (:attr:`rejected`), so the function the model computes never changes.
+    """
+
+    def __init__(self, bns: list[BNLayer], switch: FreezeSwitch) -> None:
+        super().__init__()
+        self.by_module = {id(bn.module): bn for bn in bns}
+        self.switch = switch
+        self.stack: list[tuple[BNLayer, list[bool]]] = []
+        self.rejected: dict[str, str] = {}
+
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook of a BatchNorm module."""
+        self.stack.append((self.by_module[id(module)], [False]))
+
+    def leave(self, module: nn.Module, args: tuple, out: object) -> None:
+        """Forward hook of a BatchNorm module."""
+        self.stack.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.batch_norm or not self.stack:
+            return func(*args, **kwargs)
+        bn, seen = self.stack[-1]
+        call = _bound_batch_norm(args, kwargs)
+        m = bn.module
+        mine = (
+            not seen[0]
+            and call["weight"] is m.weight
+            and call["bias"] is m.bias
+            and (call["running_mean"] is None or call["running_mean"] is m.running_mean)
+            and isinstance(call["input"], Tensor)
+        )
+        if not mine:
+            return func(*args, **kwargs)
+        seen[0] = True
+        y = recompute_batch_norm(bn, call, self.switch)  # reads running stats first
+        actual = func(*args, **kwargs)  # updates them as the model would
+        if not roundoff_close(y.detach(), actual.detach()):
+            self.rejected[bn.name] = "recomputed normalisation differs from its output"
+            bn.calls = -1  # never captured
+            return actual
+        # the model's own values, the recomputation's graph: later layers see
+        # exactly what they see without the capture (tiny batch variances amplify
+        # round-off downstream), backward passes see the gated statistics
+        y = y + (actual - y).detach()
+        bn.output = y
+        bn.target = get_gradient_edge(y) if y.requires_grad else None
+        return y
+
+
 __all__ = [
     "BNLayer",
+    "BatchNormCalls",
     "FreezeSwitch",
     "batch_norm_layers",
     "has_batch_norm",

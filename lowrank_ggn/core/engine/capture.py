@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from lowrank_ggn.core.engine.batchnorm import (
+    BatchNormCalls,
     BNLayer,
     FreezeSwitch,
     batch_norm_layers,
-    recompute_batch_norm,
 )
 from lowrank_ggn.core.engine.layers import Kind, classify, make_operand, output_grad
 from lowrank_ggn.core.engine.operands import Operand
@@ -47,7 +48,11 @@ class Layer:
         on_trust: Captured on the assumption that a custom ``forward`` computes what
             the base class's does (the self-check decides).
         calls: Arguments ``(args, kwargs)`` (tensors detached), one per call;
-            ``outputs``: layer outputs in the graph (captured layers run once).
+            ``outputs``: layer outputs in the graph (captured layers run once);
+            ``edges``: their gradient edges as computed (``None`` where no
+            gradient flows), where backward passes ask for output gradients, so
+            that an in-place operation on an output later (``ReLU(inplace=True)``)
+            does not change what they get.
         operand: The input-side operand (:mod:`~lowrank_ggn.core.engine.operands`),
             built by :meth:`prepare`.
         grads: Per-column output gradients ``[NC, P, O]`` (local layers).
@@ -63,6 +68,7 @@ class Layer:
     on_trust: bool = False
     calls: list[tuple[tuple, dict]] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
+    edges: list[GradientEdge | None] = field(default_factory=list)
     operand: Operand | None = None
     grads: list[Tensor] = field(default_factory=list)
     explicit: list[Tensor] = field(default_factory=list)
@@ -72,6 +78,13 @@ class Layer:
     def params(self) -> list[Tensor]:
         """The selected parameters, weight first."""
         return [p for p in (self.weight, self.bias) if p is not None]
+
+    @property
+    def target(self) -> GradientEdge | Tensor:
+        """Where a backward pass finds the output gradient: the recorded edge."""
+        return self.edges[0] if self.edges and self.edges[0] is not None else (
+            self.outputs[0]
+        )
 
     def grad_matrix(self) -> Tensor:
         """Output gradients of all columns, ``[NC, P, O]`` (one tensor)."""
@@ -162,8 +175,12 @@ def captured_layers(
 @contextmanager
 def capture(
     layers: list[Layer], bns: list[BNLayer], switch: FreezeSwitch | None = None
-) -> Iterator[None]:
-    """Record layer inputs/outputs (and recompute BatchNorm) during the block."""
+) -> Iterator[BatchNormCalls]:
+    """Record layer inputs/outputs (and recompute BatchNorm) during the block.
+
+    Yields the :class:`~lowrank_ggn.core.engine.batchnorm.BatchNormCalls` mode, whose
+    ``rejected`` names the BatchNorm layers left uncaptured and why.
+    """
     hooks = []
     for layer in layers:
 
@@ -174,16 +191,20 @@ def capture(
             kept = {k: cut(v) for k, v in kwargs.items()}
             layer.calls.append((tuple(cut(a) for a in args), kept))
             layer.outputs.append(out)
+            live = isinstance(out, Tensor) and out.requires_grad
+            layer.edges.append(get_gradient_edge(out) if live else None)
 
         hooks.append(layer.module.register_forward_hook(hook, with_kwargs=True))
+    mode = BatchNormCalls(bns, switch or FreezeSwitch())
     for bn in bns:
-
-        def bn_hook(mod, inp, out, bn=bn):
-            return recompute_batch_norm(bn, inp[0], switch)
-
-        hooks.append(bn.module.register_forward_hook(bn_hook))
+        hooks.append(bn.module.register_forward_pre_hook(mode.enter))
+        hooks.append(bn.module.register_forward_hook(mode.leave, always_call=True))
     try:
-        yield
+        if bns:
+            with mode:
+                yield mode
+        else:
+            yield mode
     finally:
         for h in hooks:
             h.remove()
@@ -223,6 +244,8 @@ class ForwardCapture:
         self.order: dict[int, int] = {}
         self.seconds = 0.0
         self.done = False
+        #: Layers left uncaptured after a failed check of what they compute -> why.
+        self.rejected: dict[str, str] = {}
 
     @contextmanager
     def recording(self) -> Iterator[None]:
@@ -234,8 +257,9 @@ class ForwardCapture:
 
         hooks = [m.register_forward_pre_hook(first_call) for m in self.model.modules()]
         try:
-            with capture(self.layers, self.bns, self.switch):
+            with capture(self.layers, self.bns, self.switch) as mode:
                 yield
+            self.rejected.update(mode.rejected)
         finally:
             for h in hooks:
                 h.remove()

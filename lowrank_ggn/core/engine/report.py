@@ -110,6 +110,9 @@ class EngineReport:
         reason: One sentence on why this strategy was chosen.
         fallback: Set when a faster strategy failed its self-check and this one ran
             instead.
+        reasons: Qualified layer name -> why it was left uncaptured although its
+            type is known (a recomputation that did not match what the model
+            computed); its parameters are then treated like any other.
     """
 
     strategy: Strategy
@@ -119,6 +122,7 @@ class EngineReport:
     estimated_passes: dict[Strategy, float] = field(default_factory=dict)
     reason: str = ""
     fallback: str | None = None
+    reasons: dict[str, str] = field(default_factory=dict)
 
     def count(self, kind: str, n: int = 1) -> None:
         """Add ``n`` to the pass counter ``kind``."""

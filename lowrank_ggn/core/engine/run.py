@@ -114,6 +114,7 @@ class _Engine:
         N = self.lin.batch_size
         self.layers = [la for la in cap.layers if la.outputs[0].shape[0] == N]
         self.bns, self.switch = cap.bns, cap.switch
+        self.report.reasons.update(cap.rejected)
         self.order = cap.order
         self.seconds_per_pass = 2 * max(cap.seconds, 1e-4)
         captured = {id(p) for la in self.layers for p in la.params}

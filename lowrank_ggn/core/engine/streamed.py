@@ -103,7 +103,7 @@ class GramOperator:
         w = w.to(self.out.device)
         params = list(fm.params)
         grads = batched_grad(
-            self.out, [la.outputs[0] for la in self.layers] + params, w
+            self.out, [la.target for la in self.layers] + params, w
         )
         L = len(self.layers)
         generic = {id(p): g for p, g in zip(params, grads[L:])}
@@ -172,7 +172,7 @@ class GramOperator:
 
     def vjp(self, cotangents: Tensor) -> Tensor:
         """``J_θFᵀ W_b`` for cotangents ``[B, N, *out]``: ``[B, D]`` (``params`` order)."""
-        targets = [la.outputs[0] for la in self.layers] + self.generic
+        targets = [la.target for la in self.layers] + self.generic
         grads = batched_grad(self.out, targets, cotangents)
         self.report.count("backward", cotangents.shape[0])
         L = len(self.layers)
@@ -216,7 +216,7 @@ class GramOperator:
         are never differentiated twice.
         """
         by_id = {id(p): t for p, t in zip(self.lin.fmodel.params, tangents)}
-        nodes = [la.outputs[0] for la in self.layers] + self.generic
+        nodes = [la.target for la in self.layers] + self.generic
         tans = [
             self._output_tangents(la, [by_id[id(p)] for p in la.params])
             for la in self.layers
