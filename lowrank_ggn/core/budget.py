@@ -116,7 +116,8 @@ def check_factor_memory(
         {f"loss-Hessian factors S [C={C}, N={N}, O={O}]": C * N * O},
         itemsize,
         memory_budget,
-        "Use a smaller batch, or fewer output positions per sample. ",
+        "Use Monte-Carlo factors (mc_samples=M: M columns per sample), a smaller "
+        "batch, or fewer output positions per sample. ",
     )
 
 

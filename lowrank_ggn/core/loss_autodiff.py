@@ -46,6 +46,7 @@ from torch.func import grad_and_value, vjp, vmap
 
 from lowrank_ggn.core.autodiff import quiet_fallbacks
 from lowrank_ggn.core.inputs import ModelInputs
+from lowrank_ggn.core.loss_positions import position_ce_weights
 from lowrank_ggn.core.tolerances import roundoff_rtol
 
 #: ``reduction`` attribute of a loss module -> its ``ρ`` kind (``'mean'``: ``1/N``).
@@ -107,6 +108,9 @@ class AutodiffLoss(nn.Module):
         self.reduction_known = reduction in MODULE_REDUCTIONS
         self._from_module = self.reduction_known
         self._verified: list | None = None
+        #: Position weights ``w`` ``[N, *pos]`` of the last verified batch when the
+        #: loss is cross-entropy over positions (:mod:`lowrank_ggn.core.loss_positions`).
+        self.positions: Tensor | None = None
 
     def forward(self, outputs: Tensor, targets: object) -> Tensor:
         """The batch loss ``loss(outputs, *targets)`` (tuple) or ``loss(outputs, targets)``."""
@@ -310,6 +314,14 @@ def check_structure(loss: AutodiffLoss, outputs: Tensor, targets: object) -> Non
     errors = structure_deviations(loss, outputs, targets)
     tol = roundoff_rtol(outputs.dtype)
     passed = [r for r, errs in errors.items() if max(errs) <= tol]
+    loss.positions = position_ce_weights(
+        lambda out: call_loss(loss.loss, out, targets), outputs
+    )
+    if not passed and loss.positions is not None:
+        # a sum over positions with weights of the batch (mean over its tokens,
+        # ignored positions): block diagonal all the same; per-sample quantities
+        # take ρ = 1/N (or 1 for a declared 'sum') with ℓ_n its samples' terms / ρ
+        passed = [loss.reduction]
     if not passed:
         found = "; ".join(
             f"ρ = {'1/N' if r == 'mean' else '1'}: loss {e[0]:.1e}, gradient "

@@ -37,7 +37,11 @@ Any other loss ``loss(outputs, targets) -> scalar`` with this structure (``Huber
 :class:`~lowrank_ggn.core.loss_autodiff.AutodiffLoss`: its structure is checked
 numerically, and its factors are the eigendecomposition square roots of the per-sample
 Hessians from automatic differentiation, with ``C`` their largest rank
-(:mod:`lowrank_ggn.core.loss_hessians`). The closed forms above are the fast paths.
+(:mod:`lowrank_ggn.core.loss_hessians`). The closed forms above are the fast paths;
+a loss found to be cross-entropy over positions with classes last (language models:
+``F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1))``, shifted labels,
+``ignore_index``) gets the cross-entropy closed form per position
+(:mod:`lowrank_ggn.core.loss_positions`), never a ``[T·V, T·V]`` Hessian.
 
 The targets are checked by :mod:`lowrank_ggn.core.loss_targets`; Monte-Carlo factors
 with ``M`` sampled columns per sample are in :mod:`lowrank_ggn.core.loss_sampling`.
@@ -59,6 +63,7 @@ from lowrank_ggn.core.loss_autodiff import (
     sample_weight_of,
 )
 from lowrank_ggn.core.loss_hessians import autodiff_hessian_factors
+from lowrank_ggn.core.loss_positions import ce_factors, position_factors
 
 #: Losses with closed-form factors (exact types, default options).
 SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
@@ -199,21 +204,6 @@ def sample_weight(loss_func: nn.Module, batch_size: int) -> float:
     return sample_weight_of(MODULE_REDUCTIONS.get(reduction, reduction), batch_size)
 
 
-def _softmax_sqrt(probs: Tensor) -> Tensor:
-    """``diag √p − p √pᵀ`` along dim 1 of ``probs`` ``[N, K, *pos]``.
-
-    Returns:
-        ``[N, K_row, K_col, *pos]``; column ``k`` is ``√p_k (e_k − p)``.
-
-    """
-    K = probs.shape[1]
-    sqrt_p = probs.sqrt()
-    eye = torch.eye(K, dtype=probs.dtype, device=probs.device)
-    eye = eye.reshape(1, K, K, *([1] * (probs.dim() - 2)))
-    # [N, K_row, 1, *pos] * [N, 1, K_col, *pos]
-    return (eye - probs.unsqueeze(2)) * sqrt_p.unsqueeze(1)
-
-
 def loss_hessian_factors(
     loss_func: object,
     outputs: Tensor,
@@ -262,6 +252,8 @@ def loss_hessian_factors(
     loss_func = resolve_loss(loss_func)
     check_targets(loss_func, outputs, targets)
     if isinstance(loss_func, AutodiffLoss):
+        if loss_func.positions is not None:  # cross-entropy over positions
+            return position_factors(outputs, loss_func.positions)
         return autodiff_hessian_factors(loss_func, outputs, targets, memory_budget)
     outputs = outputs.detach()
     rho = reduction_factor(loss_func, outputs)
@@ -270,18 +262,7 @@ def loss_hessian_factors(
     if isinstance(loss_func, nn.CrossEntropyLoss):
         probs = outputs.softmax(dim=1)  # [N, K, *pos]
         weight = rho * (targets.sum(1) if targets.is_floating_point() else 1.0)
-        root = _softmax_sqrt(probs)  # [N, K_row, K_col, *pos]
-        if isinstance(weight, Tensor):  # [N, *pos]
-            root = root * weight.sqrt().unsqueeze(1).unsqueeze(1)
-        else:
-            root = root * math.sqrt(weight)
-        K, pos = outputs.shape[1], outputs.shape[2:]
-        P = math.prod(pos)
-        root = root.reshape(N, K, K, P)
-        # columns (k, q) act on position q only: S[(k, q), n, :, q'] = δ_{qq'} root[n, :, k, q]
-        eye_p = torch.eye(P, dtype=outputs.dtype, device=outputs.device)
-        S = torch.einsum("nrkq,qs->kqnrs", root, eye_p)
-        return S.reshape(K * P, N, K, *pos)
+        return ce_factors(probs, weight)
 
     C = math.prod(out_shape)
     if isinstance(loss_func, nn.MSELoss):

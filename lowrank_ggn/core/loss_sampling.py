@@ -38,6 +38,10 @@ from torch import Tensor, nn
 from lowrank_ggn.core.loss_autodiff import AutodiffLoss
 from lowrank_ggn.core.loss_factors import reduction_factor, resolve_loss
 from lowrank_ggn.core.loss_hessians import autodiff_hessian_factors, gaussian_sketch
+from lowrank_ggn.core.loss_positions import (
+    ce_sampled_factors,
+    sampled_position_factors,
+)
 from lowrank_ggn.core.loss_targets import check_targets
 
 
@@ -106,6 +110,9 @@ def sampled_loss_hessian_factors(
       since ``E[z zᵀ] = I``;
     * binary cross-entropy: ``s̃_nm = √(ρ / M) (ŷ_m − σ)`` with
       ``ŷ_m ~ Bernoulli(σ(F_n))`` per entry, since ``E[(ŷ − σ)²] = σ(1 − σ)``;
+    * cross-entropy over positions, classes last (a recognised autodiff loss,
+      :mod:`lowrank_ggn.core.loss_positions`): as cross-entropy, with the position
+      weights ``w_{nt}`` in place of ``ρ w``;
     * any other (autodiff) loss: Gaussian sketches ``s̃_nm = S_n z_nm / √M`` of the
       exact factors ``S_n`` ``[O, C]``
       (:func:`~lowrank_ggn.core.loss_factors.loss_hessian_factors`) with
@@ -150,25 +157,19 @@ def sampled_loss_hessian_factors(
     check_targets(loss_func, outputs, targets)
     check_mc_samples(mc_samples, generator)
     if isinstance(loss_func, AutodiffLoss):
+        if loss_func.positions is not None:  # cross-entropy over positions
+            u = _uniform((mc_samples, *outputs.shape[:-1]), outputs, generator)
+            return sampled_position_factors(outputs, loss_func.positions, u)
         exact = autodiff_hessian_factors(loss_func, outputs, targets, memory_budget)
         return gaussian_sketch(exact, mc_samples, generator)
     outputs = outputs.detach()
     rho, M = reduction_factor(loss_func, outputs), mc_samples
 
     if isinstance(loss_func, nn.CrossEntropyLoss):
-        K = outputs.shape[1]
         probs = outputs.softmax(dim=1)  # [N, K, *pos]
-        pos_shape = outputs.shape[:1] + outputs.shape[2:]  # [N, *pos]
-        # inverse CDF: ŷ = #{k : cdf_k < u}, clamped against round-off in cdf_K ≈ 1
-        u = _uniform((M, *pos_shape), outputs, generator)  # [M, N, *pos]
-        cdf = probs.cumsum(dim=1)
-        drawn = (cdf.unsqueeze(0) < u.unsqueeze(2)).sum(dim=2).clamp(max=K - 1)
-        onehot = nn.functional.one_hot(drawn, K).movedim(-1, 2).to(outputs.dtype)
-        S = onehot - probs.unsqueeze(0)  # [M, N, K, *pos]
-        weight = targets.sum(1) if targets.is_floating_point() else None
-        if weight is not None:  # [N, *pos] -> [1, N, 1, *pos]
-            S = S * weight.sqrt().unsqueeze(1).unsqueeze(0)
-        return S * math.sqrt(rho / M)
+        u = _uniform((M, *probs.shape[:1], *probs.shape[2:]), outputs, generator)
+        weight = targets.sum(1) if targets.is_floating_point() else 1.0
+        return ce_sampled_factors(probs, rho * weight, u)
 
     u = _uniform((M, *outputs.shape), outputs, generator)  # [M, N, *out]
     if isinstance(loss_func, nn.MSELoss):
