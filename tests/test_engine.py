@@ -51,8 +51,12 @@ def test_layers_downstream_of_batchnorm_are_local(name, upstream, downstream, st
     assert all(report.layers[n].local for n in downstream), report
 
 
-def test_weight_used_outside_its_layer_falls_back_to_generic():
-    """A parent reuses ``fc.weight`` directly: per-layer formulas would miss that use."""
+def test_weight_used_outside_its_layer_leaves_that_layer_generic():
+    """A parent reuses ``fc.weight`` directly: per-layer formulas would miss that use.
+
+    The capture counts the calls that read each parameter and leaves ``fc`` generic,
+    with the reason in the report; every other layer stays on the fast path.
+    """
 
     class Tied(torch.nn.Module):
         def __init__(self):
@@ -68,8 +72,11 @@ def test_weight_used_outside_its_layer_falls_back_to_generic():
     model, loss = Tied().double(), torch.nn.CrossEntropyLoss()
     X, y = torch.randn(4, 3, dtype=D), torch.tensor([0, 1, 1, 0])
     res = ggn_spectrum(model, loss, X, y)
-    assert res.engine_report.strategy is Strategy.GENERIC
-    assert "failed its self-check" in res.engine_report.fallback
+    report = res.engine_report
+    assert report.strategy is Strategy.PER_SAMPLE and report.fallback is None
+    assert report.layers["fc.weight"] is LayerTreatment.GENERIC
+    assert report.layers["out"] is LayerTreatment.KRONECKER
+    assert "several call sites" in report.reasons["fc"]
     assert_spectrum_matches(res.eigenvalues, dense_ggn(model, loss, X, y))
 
 

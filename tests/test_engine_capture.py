@@ -77,7 +77,7 @@ def test_layer_called_with_keywords_is_captured():
     x = torch.randn(4, 3, dtype=D)
     with capture([layer], []):
         model(x)
-    assert layer.prepare()
+    assert layer.prepare(4)
     assert torch.equal(layer.operand.A[:, 0, 0], x)
     assert all(not m._forward_hooks for m in model.modules())
 
@@ -107,4 +107,4 @@ def test_attention_out_proj_is_never_called_so_stays_generic():
     x = torch.randn(3, 2, 4, dtype=D)
     with capture([layer], []):
         mha(x, x, x)
-    assert not layer.prepare()  # no call recorded: generic
+    assert not layer.prepare(3)  # no call recorded: generic

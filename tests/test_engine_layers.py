@@ -241,7 +241,7 @@ def _operand_case(name: str):
     (layer,) = captured_layers(module, {id(p) for p in module.parameters()})
     with capture([layer], []):
         y = module(X)
-    assert layer.prepare()
+    assert layer.prepare(4)
     C = 2
     g = torch.randn(4, C, *y.shape[1:], generator=gen, dtype=D)  # [NS, C, *out]
     rows = []

@@ -309,7 +309,7 @@ def linearize(
     if capture:
         with_bns = path == FULL_BATCH or has_batch_norm(model)
         cap = ForwardCapture(model, {id(p) for p in fmodel.params}, with_bns)
-    with torch.enable_grad(), cap.recording() if cap else nullcontext():
+    with torch.enable_grad(), cap.recording(inputs.size) if cap else nullcontext():
         graph = fmodel(tuple(fmodel.params), inputs)
     check_outputs(graph, inputs.size)
     outputs = graph.detach()

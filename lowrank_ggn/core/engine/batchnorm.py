@@ -31,10 +31,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
-from torch.overrides import TorchFunctionMode
 
 from lowrank_ggn.core.paths import uses_batch_statistics
 from lowrank_ggn.core.tolerances import roundoff_close
@@ -217,8 +215,11 @@ def recompute_batch_norm(bn: BNLayer, call: dict, switch: FreezeSwitch) -> Tenso
     return y
 
 
-class BatchNormCalls(TorchFunctionMode):
+class BatchNormCalls:
     r"""Substitutes the recomputation for the ``F.batch_norm`` call of each BatchNorm.
+
+    Called by the capture's function mode
+    (:class:`~lowrank_ggn.core.engine.calls.ForwardCalls`) for every ``F.batch_norm``.
 
     The substitution happens at the functional call, inside the module's own
     ``forward``: whatever else that ``forward`` does (timm's ``BatchNormAct2d`` applies
@@ -232,7 +233,6 @@ class BatchNormCalls(TorchFunctionMode):
     """
 
     def __init__(self, bns: list[BNLayer], switch: FreezeSwitch) -> None:
-        super().__init__()
         self.by_module = {id(bn.module): bn for bn in bns}
         self.switch = switch
         self.stack: list[tuple[BNLayer, list[bool]]] = []
@@ -246,9 +246,9 @@ class BatchNormCalls(TorchFunctionMode):
         """Forward hook of a BatchNorm module."""
         self.stack.pop()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.batch_norm or not self.stack:
+    def handle(self, func, args: tuple, kwargs: dict) -> Tensor:
+        """``F.batch_norm(*args, **kwargs)``, or its checked recomputation."""
+        if not self.stack:
             return func(*args, **kwargs)
         bn, seen = self.stack[-1]
         call = _bound_batch_norm(args, kwargs)

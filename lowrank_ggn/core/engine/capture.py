@@ -32,7 +32,14 @@ from lowrank_ggn.core.engine.batchnorm import (
     FreezeSwitch,
     batch_norm_layers,
 )
-from lowrank_ggn.core.engine.layers import Kind, classify, make_operand, output_grad
+from lowrank_ggn.core.engine.calls import ForwardCalls, FunctionalLinears, LinearCall
+from lowrank_ggn.core.engine.layers import (
+    Kind,
+    classify,
+    linear_call_operand,
+    make_operand,
+    output_grad,
+)
 from lowrank_ggn.core.engine.operands import Operand
 
 
@@ -58,6 +65,10 @@ class Layer:
         grads: Per-column output gradients ``[NC, P, O]`` (local layers).
         explicit: Per-column rows ``[B, D_l]`` per chunk (mixing layers).
         local: Whether output gradients vanish off each column's own sample.
+        functional: Recorded from a linear call, not a module hook
+            (:mod:`~lowrank_ggn.core.engine.calls`); ``io_layout``: its weight is
+            stored ``[I, O]`` (``addmm``).
+        batch: ``N``, the batch the operand was built for.
     """
 
     name: str
@@ -73,6 +84,9 @@ class Layer:
     grads: list[Tensor] = field(default_factory=list)
     explicit: list[Tensor] = field(default_factory=list)
     local: bool = True
+    functional: bool = False
+    io_layout: bool = False
+    batch: int = 0
 
     @property
     def params(self) -> list[Tensor]:
@@ -92,18 +106,28 @@ class Layer:
             self.grads = [torch.cat(self.grads)]
         return self.grads[0]
 
-    def prepare(self) -> bool:
-        """Build :attr:`operand` from the recorded call; ``False`` if unsupported."""
+    def prepare(self, batch_size: int) -> bool:
+        """Build :attr:`operand` from the recorded call; ``False`` if unsupported.
+
+        Unsupported: a module called more or less than once, arguments without a
+        formula, outputs whose leading dimension is not the batch (a functional
+        linear call's rows may hold the positions too, sample-major).
+        """
         if len(self.outputs) != 1:
             return False
         args, kwargs = self.calls[0]
-        self.operand = make_operand(
-            self.kind, self.module, args, kwargs, self.outputs[0]
-        )
+        y = self.outputs[0]
+        self.batch = batch_size
+        if self.functional:
+            self.operand = linear_call_operand(args[0], y, batch_size, self.io_layout)
+        elif isinstance(y, Tensor) and y.dim() and y.shape[0] == batch_size:
+            self.operand = make_operand(self.kind, self.module, args, kwargs, y)
         return self.operand is not None
 
     def output_grad(self, g: Tensor) -> Tensor:
-        """Output gradient ``[B, N, *out]`` -> ``[B, N, P, O]``."""
+        """Output gradient ``[B, N, *out]`` (functional: ``[B, N·P, O]``) -> ``[B, N, P, O]``."""
+        if self.functional:
+            return g.reshape(g.shape[0], self.batch, -1, g.shape[-1])
         return output_grad(self.module, g)
 
     def param_rows(self, g: Tensor, operand: Operand | None = None) -> list[Tensor]:
@@ -174,12 +198,18 @@ def captured_layers(
 
 @contextmanager
 def capture(
-    layers: list[Layer], bns: list[BNLayer], switch: FreezeSwitch | None = None
-) -> Iterator[BatchNormCalls]:
+    layers: list[Layer],
+    bns: list[BNLayer],
+    switch: FreezeSwitch | None = None,
+    linears: FunctionalLinears | None = None,
+    tracked: set[int] | None = None,
+) -> Iterator[ForwardCalls | None]:
     """Record layer inputs/outputs (and recompute BatchNorm) during the block.
 
-    Yields the :class:`~lowrank_ggn.core.engine.batchnorm.BatchNormCalls` mode, whose
-    ``rejected`` names the BatchNorm layers left uncaptured and why.
+    Module hooks record the ``layers``; the function mode
+    (:class:`~lowrank_ggn.core.engine.calls.ForwardCalls`) substitutes BatchNorm's
+    checked recomputation, records the ``linears`` and counts the uses of the
+    ``tracked`` parameters. Yields the mode (``None`` if it has nothing to do).
     """
     hooks = []
     for layer in layers:
@@ -195,16 +225,18 @@ def capture(
             layer.edges.append(get_gradient_edge(out) if live else None)
 
         hooks.append(layer.module.register_forward_hook(hook, with_kwargs=True))
-    mode = BatchNormCalls(bns, switch or FreezeSwitch())
+    bn_calls = BatchNormCalls(bns, switch or FreezeSwitch()) if bns else None
     for bn in bns:
-        hooks.append(bn.module.register_forward_pre_hook(mode.enter))
-        hooks.append(bn.module.register_forward_hook(mode.leave, always_call=True))
+        hooks.append(bn.module.register_forward_pre_hook(bn_calls.enter))
+        hooks.append(bn.module.register_forward_hook(bn_calls.leave, always_call=True))
+    active = bns or linears is not None or tracked
+    mode = ForwardCalls(bn_calls, linears, tracked or set()) if active else None
     try:
-        if bns:
+        if mode is None:
+            yield None
+        else:
             with mode:
                 yield mode
-        else:
-            yield mode
     finally:
         for h in hooks:
             h.remove()
@@ -235,10 +267,9 @@ class ForwardCapture:
         excluded: frozenset[str] = frozenset(),
     ) -> None:
         self.model, self.with_bns = model, with_bns
+        self.selected = selected
         self.forced_mixing, self.excluded = forced_mixing, excluded
         self.layers = captured_layers(model, selected, excluded)
-        for la in self.layers:
-            la.local = la.name not in forced_mixing
         self.bns = batch_norm_layers(model, selected) if with_bns else []
         self.switch = FreezeSwitch()
         self.order: dict[int, int] = {}
@@ -248,27 +279,68 @@ class ForwardCapture:
         self.rejected: dict[str, str] = {}
 
     @contextmanager
-    def recording(self) -> Iterator[None]:
-        """Capture during the block (one forward pass of the whole batch)."""
+    def recording(self, batch_size: int) -> Iterator[None]:
+        """Capture during the block (one forward pass of ``batch_size`` samples)."""
         start = time.perf_counter()
 
         def first_call(mod, inp) -> None:
             self.order.setdefault(id(mod), len(self.order))
 
         hooks = [m.register_forward_pre_hook(first_call) for m in self.model.modules()]
+        linears = FunctionalLinears(self.selected)
         try:
-            with capture(self.layers, self.bns, self.switch) as mode:
+            with capture(
+                self.layers, self.bns, self.switch, linears, self.selected
+            ) as mode:
                 yield
-            self.rejected.update(mode.rejected)
         finally:
             for h in hooks:
                 h.remove()
         self.seconds = time.perf_counter() - start
+        if mode.bns is not None:
+            self.rejected.update(mode.bns.rejected)
         # a module called twice shares its weights across calls, one never called
         # has no record, one with unexpected shapes no formula: leave them generic
-        self.layers = [la for la in self.layers if la.prepare()]
+        self.layers = [la for la in self.layers if la.prepare(batch_size)]
+        for la in self.layers:  # a parameter read elsewhere too (tied): generic
+            if any(mode.uses[id(p)] > 1 for p in la.params):
+                self.rejected[la.name] = "a parameter is used at several call sites"
+        self.layers = [la for la in self.layers if la.name not in self.rejected]
+        self.layers += self._functional_layers(linears.calls, mode.uses, batch_size)
+        for la in self.layers:
+            la.local = la.name not in self.forced_mixing
+            self.order.setdefault(id(la.module), len(self.order))
         self.bns = [bn for bn in self.bns if bn.calls == 1]
         self.done = True
+
+    def _functional_layers(
+        self, calls: list[LinearCall], uses: dict[int, int], batch_size: int
+    ) -> list[Layer]:
+        """Layers for the recorded linear calls no module hook captured."""
+        taken = {id(p) for la in self.layers for p in la.params}
+        taken |= {id(p) for bn in self.bns for p in bn.params}
+        names, owners = {}, {}
+        for mod_name, m in self.model.named_modules():
+            for p_name, p in m.named_parameters(recurse=False):
+                names.setdefault(id(p), f"{mod_name}.{p_name}" if mod_name else p_name)
+                owners.setdefault(id(p), m)
+        found = []
+        for c in calls:
+            W, b = c.weight, c.bias
+            if id(W) in taken or uses.get(id(W), 0) != 1:
+                continue
+            name = names[id(W)].removesuffix(".weight")
+            if name in self.excluded:
+                continue
+            if b is not None and (id(b) in taken or uses.get(id(b), 0) != 1):
+                b = None
+            la = Layer(name, owners[id(W)], W, b, Kind.LINEAR, on_trust=True)
+            la.functional, la.io_layout = True, c.io_layout
+            la.calls, la.outputs, la.edges = [((c.input,), {})], [c.output], [c.edge]
+            if la.prepare(batch_size):
+                found.append(la)
+                taken |= {id(p) for p in la.params}
+        return found
 
 
 __all__ = [

@@ -237,6 +237,20 @@ def _bag_operand(
     return _index_operand(m, idx, coef)
 
 
+def linear_call_operand(
+    x: Tensor, y: Tensor, batch_size: int, io_layout: bool
+) -> DenseOperand | None:
+    """The operand of a recorded ``F.linear``/``addmm`` call (``[I, O]`` weights: transposed).
+
+    ``x`` ``[R, …, I]`` with ``R·…`` a multiple of ``N``: the leading entries are the
+    samples' positions, sample-major (the engine's self-check verifies it).
+    """
+    if x.dim() < 2 or y.shape[:-1] != x.shape[:-1] or x.shape[:-1].numel() % batch_size:
+        return None
+    A = x.reshape(batch_size, 1, -1, x.shape[-1]).contiguous()  # [N, 1, P, I]
+    return DenseOperand(A, y.shape[-1], transposed=io_layout)
+
+
 def make_operand(
     kind: Kind, m: nn.Module, args: tuple, kwargs: dict, y: Tensor
 ) -> Operand | None:
@@ -287,6 +301,7 @@ __all__ = [
     "Kind",
     "channels_first",
     "classify",
+    "linear_call_operand",
     "make_operand",
     "output_grad",
     "unfold_nd",

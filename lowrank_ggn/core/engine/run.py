@@ -107,12 +107,10 @@ class _Engine:
         if cap.done and self.lin.graph is not None:
             out = self.lin.graph
         else:
-            with cap.recording():
+            with cap.recording(self.lin.batch_size):
                 out = self.lin.forward_with_graph()
             self.report.count("forward")
-        # a layer whose first dimension is not the batch's: no per-sample formula
-        N = self.lin.batch_size
-        self.layers = [la for la in cap.layers if la.outputs[0].shape[0] == N]
+        self.layers = cap.layers
         self.bns, self.switch = cap.bns, cap.switch
         self.report.reasons.update(cap.rejected)
         self.order = cap.order
@@ -231,8 +229,10 @@ class _Engine:
         return Factors(lin, self.layers, generic=self.generic, generic_rows=rows)
 
     # ------------------------------------------------------------------- main
-    def run(self, out: Tensor, strategy: Strategy) -> list[Tensor] | None:
-        """One Gram per group, or ``None`` if the self-check fails."""
+    def run(
+        self, out: Tensor, strategy: Strategy
+    ) -> tuple[list[Tensor] | None, set[int]]:
+        """One Gram per group, or ``None`` and the mismatching parameters' ``id``."""
         self.report.strategy = strategy
         if strategy is Strategy.STREAMED:
             return streamed_gram(
@@ -243,11 +243,13 @@ class _Engine:
                 self.tick,
                 (out, self.layers),
                 self.acc,
-            )
+            ), set()
         f = self.backward(out, strategy)
-        if not self_check(f):
-            return None
-        return assemble_grams(f, self.groups, self.acc, self.budget, self.report.layers)
+        bad = self_check(f)
+        if bad:
+            return None, bad
+        grams = assemble_grams(f, self.groups, self.acc, self.budget, self.report.layers)
+        return grams, set()
 
     def _masks(self) -> list[Tensor] | None:
         if len(self.groups) == 1:
@@ -314,7 +316,7 @@ def layerwise_gram(
             with torch.enable_grad():
                 out = engine.forward()
                 chosen = engine.plan()
-                grams = engine.run(out, chosen)
+                grams, bad = engine.run(out, chosen)
         except LayerTurnedMixing as err:
             forced_mixing = forced_mixing | {str(err)}
             continue
@@ -324,9 +326,15 @@ def layerwise_gram(
             attempt = Strategy.STREAMED
             fallback = "columns exceeded memory_budget; streamed instead"
             continue
-        trusted = frozenset(la.name for la in engine.layers if la.on_trust)
+        trusted = frozenset(
+            la.name
+            for la in engine.layers
+            if la.on_trust and any(id(p) in bad for p in la.params)
+        )
         if grams is None and trusted:
-            # a Linear subclass's own forward is not x Wᵀ + b: leave those generic
+            # a layer captured on trust (a Linear subclass's own forward, a recorded
+            # linear call) whose rows differ from autograd's: leave exactly those
+            # generic
             excluded = excluded | trusted
             fallback = (
                 f"self-check failed with {', '.join(sorted(trusted))} captured on "
