@@ -5,15 +5,24 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 OUT    ?= results
+ZOO      = timm==1.0.31 transformers==5.23.0 torchvision==0.29.1
+ZOO_DEPS = "huggingface_hub>=1.31,<3" "tokenizers>=0.23.1,<0.24" "safetensors>=0.8" \
+	"regex>=2025.10.22" pyyaml typer
 
 .PHONY: run test lint bench figures clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU build; nothing later may upgrade it
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# the model zoos for tests/test_zoo.py: their own dependencies first (none
+	# needs torch), then timm, transformers and torchvision without theirs, so
+	# that the CPU torch stays (torchvision's C ops do not load on it: the tests
+	# import it through tests/zoo_imports.py)
+	$(BIN)/python -m pip install --quiet $(ZOO_DEPS)
+	$(BIN)/python -m pip install --quiet --no-deps $(ZOO)
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -144,8 +144,8 @@ def lowrank(model, loss, X, y, **options) -> tuple[list[float], dict]:
     return [float(v) for v in res.eigenvalues[:TOP_K]], info
 
 
-def curvlinops_eigsh(model, loss, X, y) -> tuple[list[float], dict]:
-    """curvlinops' GGN operator and ``eigsh(k=10, which="LA")``; products counted."""
+def curvlinops_eigsh(model, loss, X, y, k: int = TOP_K) -> tuple[list[float], dict]:
+    """curvlinops' GGN operator and ``eigsh(k, which="LA")``; products counted."""
     from curvlinops import GGNLinearOperator
     from scipy.sparse.linalg import LinearOperator, eigsh
 
@@ -161,7 +161,7 @@ def curvlinops_eigsh(model, loss, X, y) -> tuple[list[float], dict]:
         return op @ v
 
     counted = LinearOperator(op.shape, matvec=matvec, matmat=matvec, dtype=op.dtype)
-    evals, _ = eigsh(counted, k=TOP_K, which="LA")
+    evals, _ = eigsh(counted, k=k, which="LA")
     return sorted((float(v) for v in evals), reverse=True), {"products": products}
 
 

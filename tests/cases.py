@@ -288,7 +288,8 @@ CASES += [
 #: What timm, transformers and torchvision models do (``tests/zoo_patterns.py``): a
 #: BatchNorm subclass with its own forward (norm + activation), in-place ReLUs after
 #: captured layers, ``addmm`` with a transposed weight, tied embeddings with a
-#: ``ModelOutput``-like return value and a flattening LM loss, a 0-dim parameter.
+#: ``ModelOutput``-like return value and a flattening LM loss, a 0-dim parameter,
+#: normalisations and broadcast parameters applied by functional calls.
 CASES += [
     Case("fused-bn-act-train-ce", lambda: zoo_patterns.fused_bn_act(50), True),
     Case("fused-bn-act-eval-ce", lambda: zoo_patterns.fused_bn_act(51, False), False),
@@ -298,6 +299,7 @@ CASES += [
     # 1e-10·λ_max carry errors of eps·λ_max/λ, beyond the shared tolerances
     Case("tied-conv1d-lm", lambda: zoo_patterns.tied_lm(60, N=2), False),
     Case("zero-dim-param-ce", lambda: zoo_patterns.zero_dim_param(55), False),
+    Case("convnextish-ce", lambda: zoo_patterns.convnextish(56), False),
 ]
 
 #: Cases with an operator that has no double backward (``EmbeddingBag``): their

@@ -142,14 +142,17 @@ def test_mixing_beyond_batchnorm_falls_back_from_split_to_columns():
 
 
 class Scale(torch.nn.Module):
-    """``x ⊙ s`` with a bare parameter ``s``: no captured layer holds it."""
+    """``x ⊙ exp(s)`` with a bare parameter ``s``: no captured call reads it.
+
+    (``x ⊙ s`` itself is captured: an elementwise affine with a broadcast parameter.)
+    """
 
     def __init__(self, k: int) -> None:
         super().__init__()
         self.s = torch.nn.Parameter(torch.linspace(0.5, 1.5, k))
 
     def forward(self, x):
-        return x * self.s
+        return x * self.s.exp()
 
 
 def test_columns_over_budget_falls_back_to_streamed():

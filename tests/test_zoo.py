@@ -89,6 +89,9 @@ ZOO = {
     "timm-mobilenetv3": (_timm("mobilenetv3_small_050"), set()),
     "timm-resnet": (_timm("test_resnet"), set()),
     "timm-convnext": (_timm("test_convnext"), set()),
+    # at 32×32 the position table is resampled (a function of it) and the class
+    # token is expanded and concatenated: both need per-sample VJPs
+    "timm-vit": (_timm("test_vit"), {"cls_token", "pos_embed"}),
     # the position table is indexed by [1, T] positions, shared by the batch
     "hf-bert": (_bert, {"bert.embeddings.position_embeddings.weight"}),
     # the token table is tied to the output projection

@@ -15,7 +15,10 @@ For the shared case list (``tests/cases.py``); each builder takes a seed and ret
   (tied input/output embeddings), with a ``ModelOutput``-like return value;
 * a flattening language-model loss,
   ``F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))``;
-* a 0-dim parameter (CLIP's ``logit_scale``, NFNet's ``skipinit_gain``).
+* a 0-dim parameter (CLIP's ``logit_scale``, NFNet's ``skipinit_gain``);
+* :class:`ConvNeXtish`: timm's ``LayerNorm2d`` (``F.layer_norm`` between permutes),
+  a layer scale ``x * gamma.reshape(1, -1, 1, 1)``, a learned position table added
+  by broadcasting, and a T5-style RMS norm ``weight * x / rms(x)``.
 """
 
 from __future__ import annotations
@@ -162,6 +165,47 @@ class ScaledHead(nn.Module):
         return self.head(torch.tanh(self.body(x))) * self.logit_scale.exp()
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over channels of ``[N, C, H, W]`` (timm's): permute, normalise, back."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class T5Norm(nn.Module):
+    """RMS norm without mean subtraction, scale only (T5's ``T5LayerNorm``)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d) + 0.1 * torch.randn(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + 1e-6))
+
+
+class ConvNeXtish(nn.Module):
+    """Stem, LayerNorm2d, depthwise conv with layer scale, position table, T5 norm."""
+
+    def __init__(self, c: int = 3, size: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, c, 3, padding=1)
+        self.norm = LayerNorm2d(c)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.gamma = nn.Parameter(0.5 + torch.rand(c))
+        self.pos = nn.Parameter(0.1 * torch.randn(1, c, size, size))
+        self.t5 = T5Norm(c * size * size)
+        self.head = nn.Linear(c * size * size, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm(self.stem(x))
+        x = x + self.dw(x) * self.gamma.reshape(1, -1, 1, 1)
+        x = x + self.pos
+        return self.head(self.t5(x.flatten(1)))
+
+
 def _seeded(seed: int, build) -> tuple[nn.Module, torch.Generator]:
     torch.manual_seed(seed)
     return build().to(DTYPE), torch.Generator().manual_seed(seed + 1)
@@ -191,6 +235,12 @@ def tied_lm(seed: int, N: int = 3, T: int = 4):
     model, gen = _seeded(seed, TiedLM)
     tokens = torch.randint(0, 7, (N, T + 1), generator=gen)
     return model, flat_lm_loss, tokens[:, :-1], tokens[:, 1:]
+
+
+def convnextish(seed: int, N: int = 5):
+    model, gen = _seeded(seed, ConvNeXtish)
+    X = torch.randn(N, 2, 4, 4, generator=gen, dtype=DTYPE)
+    return model, nn.CrossEntropyLoss(), X, torch.randint(0, 3, (N,), generator=gen)
 
 
 def zero_dim_param(seed: int, N: int = 5):

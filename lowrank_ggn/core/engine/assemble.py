@@ -107,7 +107,9 @@ def assemble_grams(
     for p, rows in zip(f.generic, f.generic_rows):
         grams.add_rows(p, rows)
     for name, p in zip(lin.fmodel.names, lin.fmodel.params):
-        if any(p is q for q in f.generic):
+        if id(p) in f.owners:
+            treatments[f.owners[id(p)]] = LayerTreatment.MIXING
+        elif any(p is q for q in f.generic):
             treatments.setdefault(name, LayerTreatment.GENERIC)
     return [0.5 * (g + g.T) for g in grams.grams]
 

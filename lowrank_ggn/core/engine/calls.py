@@ -66,15 +66,85 @@ class LinearCall:
     edge: GradientEdge | None
 
 
-class FunctionalLinears:
-    """Records linear calls whose weight is one of the parameters ``selected``."""
+@dataclass
+class ScaleCall:
+    """One recorded elementwise affine call: ``y = x̂ ⊙ γ + β`` with broadcast ``γ, β``.
+
+    Attributes:
+        weight: ``γ`` (a parameter) or ``None``; ``bias``: ``β`` or ``None``.
+        shape: The parameters' shape as broadcast against ``y`` (same number of
+            dimensions, size 1 where broadcast, the batch dimension included).
+        xhat: The tensor ``γ`` multiplies (``None`` without ``γ``), detached,
+            broadcastable to ``y``: the other factor of a product, or a
+            normalisation's normalised input.
+        output: ``y`` in the graph; ``edge``: its gradient edge as computed.
+    """
+
+    weight: Tensor | None
+    bias: Tensor | None
+    shape: tuple[int, ...]
+    xhat: Tensor | None
+    output: Tensor
+    edge: GradientEdge | None
+
+
+#: Calls that give a view of a parameter with its elements in order.
+VIEWS = (Tensor.reshape, Tensor.view, Tensor.unsqueeze, torch.reshape, torch.unsqueeze)
+#: Products and sums with a broadcast parameter.
+PRODUCTS = (torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__)
+SUMS = (torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__)
+#: Normalisations with an elementwise affine.
+NORMS = tuple(
+    f for f in (F.layer_norm, F.group_norm, getattr(F, "rms_norm", None)) if f
+)
+#: The linear functions :class:`FunctionalCalls` records.
+LINEAR_FUNCTIONS = (F.linear, torch.addmm)
+
+
+class FunctionalCalls:
+    """Records linear and elementwise affine calls of the parameters ``selected``.
+
+    Attributes:
+        linear: The :class:`LinearCall` records; ``scale``: the :class:`ScaleCall`
+            records.
+        views: ``id(view) -> (parameter, view)`` for views of a parameter with its
+            elements in order (``gamma.reshape(1, -1, 1, 1)``).
+    """
 
     def __init__(self, selected: set[int]) -> None:
         self.selected = selected
-        self.calls: list[LinearCall] = []
+        self.linear: list[LinearCall] = []
+        self.scale: list[ScaleCall] = []
+        self.views: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def handle(self, func, args: tuple, kwargs: dict, out: object) -> None:
-        """Record ``out = func(*args, **kwargs)`` if it is a linear map of a parameter."""
+    def root(self, t: object) -> Tensor | None:
+        """The parameter ``t`` is (or is an in-order view of), else ``None``."""
+        if not isinstance(t, Tensor):
+            return None
+        if id(t) in self.selected:
+            return t
+        found = self.views.get(id(t))
+        return found[0] if found is not None and found[1] is t else None
+
+    def handle(self, func, args: tuple, kwargs: dict, out: object) -> bool:
+        """Record ``out = func(*args, **kwargs)``; ``True`` if it is a parameter view."""
+        if not isinstance(out, Tensor):
+            return False
+        if func in VIEWS and args and self.root(args[0]) is not None:
+            p = self.root(args[0])
+            if out.numel() == p.numel() and out.requires_grad:
+                self.views[id(out)] = (p, out)
+                return True
+            return False
+        if func in LINEAR_FUNCTIONS:
+            self._linear(func, args, kwargs, out)
+        elif func in NORMS:
+            self._norm(func, args, kwargs, out)
+        elif func in PRODUCTS or func in SUMS:
+            self._broadcast(func, args, kwargs, out)
+        return False
+
+    def _linear(self, func, args: tuple, kwargs: dict, out: Tensor) -> None:
         if func is F.linear:
             call = dict(zip(("input", "weight", "bias"), args), **kwargs)
             x, W, b, io = call.get("input"), call.get("weight"), call.get("bias"), False
@@ -85,37 +155,92 @@ class FunctionalLinears:
             x, W, b, io = call.get("mat1"), call.get("mat2"), call.get("input"), True
         if not (isinstance(W, Tensor) and id(W) in self.selected and W.dim() == 2):
             return
-        if not isinstance(x, Tensor) or not isinstance(out, Tensor):
+        if not isinstance(x, Tensor):
             return
         bias = b if isinstance(b, Tensor) and id(b) in self.selected else None
         if bias is not None and bias.shape != out.shape[-1:]:
             bias = None
         edge = get_gradient_edge(out) if out.requires_grad else None
-        self.calls.append(LinearCall(W, bias, io, x.detach(), out, edge))
+        self.linear.append(LinearCall(W, bias, io, x.detach(), out, edge))
 
+    def _norm(self, func, args: tuple, kwargs: dict, out: Tensor) -> None:
+        if func is F.group_norm:
+            names = ("input", "num_groups", "weight", "bias", "eps")
+        else:  # layer_norm / rms_norm: (input, normalized_shape, weight, [bias,] eps)
+            names = ("input", "normalized_shape", "weight")
+            names += ("bias", "eps") if func is F.layer_norm else ("eps",)
+        call = dict(zip(names, args), **kwargs)
+        x, w, b = call.get("input"), call.get("weight"), call.get("bias")
+        w = w if isinstance(w, Tensor) and id(w) in self.selected else None
+        b = b if isinstance(b, Tensor) and id(b) in self.selected else None
+        if (w is None and b is None) or not isinstance(x, Tensor) or x.dim() < 2:
+            return
+        rms = func is getattr(F, "rms_norm", None)
+        eps = call.get("eps", None if rms else 1e-5)
+        with torch.no_grad():
+            if func is F.group_norm:
+                xhat = func(x, call["num_groups"], None, None, eps)
+                shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+            else:
+                normalized = tuple(call["normalized_shape"])
+                if func is F.layer_norm:
+                    xhat = func(x, normalized, None, None, eps)
+                else:
+                    xhat = func(x, normalized, None, eps)
+                shape = (1,) * (x.dim() - len(normalized)) + normalized
+        edge = get_gradient_edge(out) if out.requires_grad else None
+        self.scale.append(
+            ScaleCall(w, b, shape, xhat if w is not None else None, out, edge)
+        )
 
-#: The linear functions :class:`FunctionalLinears` records.
-LINEAR_FUNCTIONS = (F.linear, torch.addmm)
+    def _broadcast(self, func, args: tuple, kwargs: dict, out: Tensor) -> None:
+        if len(args) != 2 or kwargs.get("alpha", 1) != 1:
+            return
+        a, c = args
+        pa, pc = self.root(a), self.root(c)
+        if (pa is None) == (pc is None):  # no parameter, or two
+            return
+        view, other = (a, c) if pa is not None else (c, a)
+        p = pa if pa is not None else pc
+        if out.dim() == 0 or view.dim() > out.dim():
+            return
+        shape = (1,) * (out.dim() - view.dim()) + tuple(view.shape)
+        if shape[0] != 1 or any(s not in (1, o) for s, o in zip(shape, out.shape)):
+            return
+        product = func in PRODUCTS
+        if product and not isinstance(other, Tensor):
+            other = torch.as_tensor(other, dtype=out.dtype, device=out.device)
+        edge = get_gradient_edge(out) if out.requires_grad else None
+        if product:
+            xhat = other.detach()
+            self.scale.append(ScaleCall(p, None, shape, xhat, out, edge))
+        else:
+            self.scale.append(ScaleCall(None, p, shape, None, out, edge))
 
 
 class ForwardCalls(TorchFunctionMode):
-    """The capture's function mode: BatchNorm substitution, linear calls, uses.
+    """The capture's function mode: BatchNorm substitution, recorded calls, uses.
 
     Attributes:
         uses: ``id(p) -> `` how many differentiable calls read the parameter ``p``
-            (one of ``tracked``) directly: more than one means tied weights or a
-            layer run several times, whose rows need the cross terms of the uses.
+            (one of ``tracked``) directly or through an in-order view: more than one
+            means tied weights or a layer run several times, whose rows need the
+            cross terms of the uses.
+        lowest: The least precise floating dtype of any differentiable result (a
+            float32 cast inside a float64 model: EvoNorm, T5's RMSNorm); the model
+            is exact only to its round-off, which the self-check then allows.
     """
 
     def __init__(
         self,
         bns: BatchNormCalls | None,
-        linears: FunctionalLinears | None,
+        recorder: FunctionalCalls | None,
         tracked: set[int],
     ) -> None:
         super().__init__()
-        self.bns, self.linears, self.tracked = bns, linears, tracked
+        self.bns, self.recorder, self.tracked = bns, recorder, tracked
         self.uses: Counter[int] = Counter()
+        self.lowest: torch.dtype | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -123,15 +248,39 @@ class ForwardCalls(TorchFunctionMode):
             out = self.bns.handle(func, args, kwargs)
         else:
             out = func(*args, **kwargs)
-            if self.linears is not None and func in LINEAR_FUNCTIONS:
-                self.linears.handle(func, args, kwargs, out)
+            if self.recorder is not None and self.recorder.handle(
+                func, args, kwargs, out
+            ):
+                return out  # a view of a parameter: its uses count
         outs = out if isinstance(out, (list, tuple)) else (out,)
-        if any(isinstance(o, Tensor) and o.requires_grad for o in outs):  # not metadata
+        live = [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
+        for o in live:
+            if o.is_floating_point() and (
+                self.lowest is None
+                or torch.finfo(o.dtype).eps > torch.finfo(self.lowest).eps
+            ):
+                self.lowest = o.dtype
+        if live:  # not metadata
             for a in (*args, *kwargs.values()):
                 for t in a if isinstance(a, (list, tuple)) else (a,):
-                    if isinstance(t, Tensor) and id(t) in self.tracked:
-                        self.uses[id(t)] += 1
+                    p = self._root(t)
+                    if p is not None:
+                        self.uses[id(p)] += 1
         return out
 
+    def _root(self, t: object) -> Tensor | None:
+        if not isinstance(t, Tensor):
+            return None
+        if id(t) in self.tracked:
+            return t
+        return self.recorder.root(t) if self.recorder is not None else None
 
-__all__ = ["LINEAR_FUNCTIONS", "ForwardCalls", "FunctionalLinears", "LinearCall"]
+
+__all__ = [
+    "LINEAR_FUNCTIONS",
+    "NORMS",
+    "ForwardCalls",
+    "FunctionalCalls",
+    "LinearCall",
+    "ScaleCall",
+]

@@ -32,13 +32,14 @@ from lowrank_ggn.core.engine.batchnorm import (
     FreezeSwitch,
     batch_norm_layers,
 )
-from lowrank_ggn.core.engine.calls import ForwardCalls, FunctionalLinears, LinearCall
+from lowrank_ggn.core.engine.calls import ForwardCalls, FunctionalCalls
 from lowrank_ggn.core.engine.layers import (
     Kind,
     classify,
     linear_call_operand,
     make_operand,
     output_grad,
+    scale_call_operand,
 )
 from lowrank_ggn.core.engine.operands import Operand
 
@@ -65,9 +66,11 @@ class Layer:
         grads: Per-column output gradients ``[NC, P, O]`` (local layers).
         explicit: Per-column rows ``[B, D_l]`` per chunk (mixing layers).
         local: Whether output gradients vanish off each column's own sample.
-        functional: Recorded from a linear call, not a module hook
-            (:mod:`~lowrank_ggn.core.engine.calls`); ``io_layout``: its weight is
-            stored ``[I, O]`` (``addmm``).
+        functional: Recorded from a call, not a module hook
+            (:mod:`~lowrank_ggn.core.engine.calls`): a linear map (``kind`` LINEAR;
+            ``io_layout``: its weight is stored ``[I, O]``, ``addmm``), or an
+            elementwise affine with broadcast parameters (``kind`` NORM; ``perm``
+            orders the output's dimensions broadcast ones first).
         batch: ``N``, the batch the operand was built for.
     """
 
@@ -86,6 +89,7 @@ class Layer:
     local: bool = True
     functional: bool = False
     io_layout: bool = False
+    perm: tuple[int, ...] = ()
     batch: int = 0
 
     @property
@@ -118,16 +122,26 @@ class Layer:
         args, kwargs = self.calls[0]
         y = self.outputs[0]
         self.batch = batch_size
-        if self.functional:
-            self.operand = linear_call_operand(args[0], y, batch_size, self.io_layout)
+        if self.functional and self.kind is Kind.LINEAR:
+            call = args[0]  # a LinearCall
+            self.io_layout = call.io_layout
+            self.operand = linear_call_operand(call.input, y, batch_size, call.io_layout)
+        elif self.functional:
+            call = args[0]  # a ScaleCall
+            found = scale_call_operand(call.xhat, call.shape, y, batch_size)
+            if found is not None:
+                self.operand, self.perm = found
         elif isinstance(y, Tensor) and y.dim() and y.shape[0] == batch_size:
             self.operand = make_operand(self.kind, self.module, args, kwargs, y)
         return self.operand is not None
 
     def output_grad(self, g: Tensor) -> Tensor:
         """Output gradient ``[B, N, *out]`` (functional: ``[B, N·P, O]``) -> ``[B, N, P, O]``."""
-        if self.functional:
+        if self.functional and self.kind is Kind.LINEAR:
             return g.reshape(g.shape[0], self.batch, -1, g.shape[-1])
+        if self.functional:  # broadcast dimensions, then the parameter's
+            moved = g.permute(0, *(d + 1 for d in self.perm))
+            return moved.reshape(g.shape[0], self.batch, -1, self.operand.width)
         return output_grad(self.module, g)
 
     def param_rows(self, g: Tensor, operand: Operand | None = None) -> list[Tensor]:
@@ -201,14 +215,15 @@ def capture(
     layers: list[Layer],
     bns: list[BNLayer],
     switch: FreezeSwitch | None = None,
-    linears: FunctionalLinears | None = None,
+    recorder: FunctionalCalls | None = None,
     tracked: set[int] | None = None,
 ) -> Iterator[ForwardCalls | None]:
     """Record layer inputs/outputs (and recompute BatchNorm) during the block.
 
     Module hooks record the ``layers``; the function mode
     (:class:`~lowrank_ggn.core.engine.calls.ForwardCalls`) substitutes BatchNorm's
-    checked recomputation, records the ``linears`` and counts the uses of the
+    checked recomputation, records linear and elementwise calls (``recorder``) and
+    counts the uses of the
     ``tracked`` parameters. Yields the mode (``None`` if it has nothing to do).
     """
     hooks = []
@@ -229,8 +244,8 @@ def capture(
     for bn in bns:
         hooks.append(bn.module.register_forward_pre_hook(bn_calls.enter))
         hooks.append(bn.module.register_forward_hook(bn_calls.leave, always_call=True))
-    active = bns or linears is not None or tracked
-    mode = ForwardCalls(bn_calls, linears, tracked or set()) if active else None
+    active = bns or recorder is not None or tracked
+    mode = ForwardCalls(bn_calls, recorder, tracked or set()) if active else None
     try:
         if mode is None:
             yield None
@@ -277,6 +292,8 @@ class ForwardCapture:
         self.done = False
         #: Layers left uncaptured after a failed check of what they compute -> why.
         self.rejected: dict[str, str] = {}
+        #: The least precise floating dtype the forward pass computed in.
+        self.precision: torch.dtype | None = None
 
     @contextmanager
     def recording(self, batch_size: int) -> Iterator[None]:
@@ -287,10 +304,10 @@ class ForwardCapture:
             self.order.setdefault(id(mod), len(self.order))
 
         hooks = [m.register_forward_pre_hook(first_call) for m in self.model.modules()]
-        linears = FunctionalLinears(self.selected)
+        recorder = FunctionalCalls(self.selected)
         try:
             with capture(
-                self.layers, self.bns, self.switch, linears, self.selected
+                self.layers, self.bns, self.switch, recorder, self.selected
             ) as mode:
                 yield
         finally:
@@ -299,6 +316,7 @@ class ForwardCapture:
         self.seconds = time.perf_counter() - start
         if mode.bns is not None:
             self.rejected.update(mode.bns.rejected)
+        self.precision = mode.lowest
         # a module called twice shares its weights across calls, one never called
         # has no record, one with unexpected shapes no formula: leave them generic
         self.layers = [la for la in self.layers if la.prepare(batch_size)]
@@ -306,7 +324,7 @@ class ForwardCapture:
             if any(mode.uses[id(p)] > 1 for p in la.params):
                 self.rejected[la.name] = "a parameter is used at several call sites"
         self.layers = [la for la in self.layers if la.name not in self.rejected]
-        self.layers += self._functional_layers(linears.calls, mode.uses, batch_size)
+        self.layers += self._functional_layers(recorder, mode.uses, batch_size)
         for la in self.layers:
             la.local = la.name not in self.forced_mixing
             self.order.setdefault(id(la.module), len(self.order))
@@ -314,9 +332,12 @@ class ForwardCapture:
         self.done = True
 
     def _functional_layers(
-        self, calls: list[LinearCall], uses: dict[int, int], batch_size: int
+        self, recorder: FunctionalCalls, uses: dict[int, int], batch_size: int
     ) -> list[Layer]:
-        """Layers for the recorded linear calls no module hook captured."""
+        """Layers for the recorded calls whose parameters no module hook captured.
+
+        Each parameter must be read by exactly this one call (:attr:`ForwardCalls.uses`).
+        """
         taken = {id(p) for la in self.layers for p in la.params}
         taken |= {id(p) for bn in self.bns for p in bn.params}
         names, owners = {}, {}
@@ -324,21 +345,31 @@ class ForwardCapture:
             for p_name, p in m.named_parameters(recurse=False):
                 names.setdefault(id(p), f"{mod_name}.{p_name}" if mod_name else p_name)
                 owners.setdefault(id(p), m)
+        used = {la.name for la in self.layers}
+
+        def free(p: Tensor | None) -> Tensor | None:
+            ok = p is not None and id(p) not in taken and uses.get(id(p), 0) == 1
+            return p if ok else None
+
         found = []
-        for c in calls:
-            W, b = c.weight, c.bias
-            if id(W) in taken or uses.get(id(W), 0) != 1:
+        records = [(c, Kind.LINEAR) for c in recorder.linear]
+        records += [(c, Kind.NORM) for c in recorder.scale]
+        for c, kind in records:
+            w, b = free(c.weight), free(c.bias)
+            if kind is Kind.LINEAR and w is None or w is None and b is None:
                 continue
-            name = names[id(W)].removesuffix(".weight")
+            first = w if w is not None else b
+            name = names[id(first)].removesuffix(".weight").removesuffix(".bias")
+            if name in used:
+                name = names[id(first)]
             if name in self.excluded:
                 continue
-            if b is not None and (id(b) in taken or uses.get(id(b), 0) != 1):
-                b = None
-            la = Layer(name, owners[id(W)], W, b, Kind.LINEAR, on_trust=True)
-            la.functional, la.io_layout = True, c.io_layout
-            la.calls, la.outputs, la.edges = [((c.input,), {})], [c.output], [c.edge]
+            la = Layer(name, owners[id(first)], w, b, kind, on_trust=True)
+            la.functional, la.calls = True, [((c,), {})]
+            la.outputs, la.edges = [c.output], [c.edge]
             if la.prepare(batch_size):
                 found.append(la)
+                used.add(name)
                 taken |= {id(p) for p in la.params}
         return found
 

@@ -251,6 +251,32 @@ def linear_call_operand(
     return DenseOperand(A, y.shape[-1], transposed=io_layout)
 
 
+def scale_call_operand(
+    xhat: Tensor | None, shape: tuple[int, ...], y: Tensor, batch_size: int
+) -> tuple[ElementwiseOperand, tuple[int, ...]] | None:
+    """The operand of a recorded elementwise affine ``y = x̂ ⊙ γ + β``, and its layout.
+
+    ``shape``: ``γ``/``β`` broadcast against ``y`` ``[N, *out]``. The output's
+    dimensions are ordered broadcast ones first (``perm``), so that ``x̂`` becomes
+    ``[N, P, O]`` with ``O`` the parameter's entries in order.
+    """
+    if y.dim() != len(shape) or y.dim() < 1 or y.shape[0] != batch_size:
+        return None
+    if shape[0] != 1 or any(s not in (1, o) for s, o in zip(shape, y.shape)):
+        return None
+    spread = [d for d in range(1, y.dim()) if shape[d] == 1]
+    kept = [d for d in range(1, y.dim()) if shape[d] != 1]
+    perm = (0, *spread, *kept)
+    O = math.prod(shape)
+    if xhat is None:  # a bias alone: the operand only carries the layout
+        return ElementwiseOperand(y.new_zeros(batch_size, 1, O)), perm
+    try:
+        full = xhat.expand(y.shape)
+    except RuntimeError:
+        return None
+    return ElementwiseOperand(full.permute(perm).reshape(batch_size, -1, O)), perm
+
+
 def make_operand(
     kind: Kind, m: nn.Module, args: tuple, kwargs: dict, y: Tensor
 ) -> Operand | None:
@@ -302,6 +328,7 @@ __all__ = [
     "channels_first",
     "classify",
     "linear_call_operand",
+    "scale_call_operand",
     "make_operand",
     "output_grad",
     "unfold_nd",

@@ -314,6 +314,11 @@ class ElementwiseOperand:
 
     xhat: Tensor
 
+    @property
+    def width(self) -> int:
+        """``O``, the parameter's entries."""
+        return self.xhat.shape[-1]
+
     def select(self, idx: Tensor) -> ElementwiseOperand:
         """The operand of the samples ``idx``."""
         return ElementwiseOperand(self.xhat[idx])

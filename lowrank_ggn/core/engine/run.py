@@ -226,7 +226,10 @@ class _Engine:
             report,
             self.tick,
         )
-        return Factors(lin, self.layers, generic=self.generic, generic_rows=rows)
+        owners = {id(p): bn.name for bn in self.bns for p in bn.params}
+        return Factors(
+            lin, self.layers, generic=self.generic, generic_rows=rows, owners=owners
+        )
 
     # ------------------------------------------------------------------- main
     def run(
@@ -245,7 +248,7 @@ class _Engine:
                 self.acc,
             ), set()
         f = self.backward(out, strategy)
-        bad = self_check(f)
+        bad = self_check(f, self.cap.precision)
         if bad:
             return None, bad
         grams = assemble_grams(f, self.groups, self.acc, self.budget, self.report.layers)
@@ -299,6 +302,7 @@ def layerwise_gram(
     forced_mixing: frozenset[str] = frozenset()
     excluded: frozenset[str] = frozenset()
     attempt, fallback = strategy, None
+    reasons: dict[str, str] = {}
     for _ in range(64):
         engine = _Engine(
             lin,
@@ -312,6 +316,7 @@ def layerwise_gram(
             excluded,
         )
         engine.report.fallback = fallback
+        engine.report.reasons.update(reasons)
         try:
             with torch.enable_grad():
                 out = engine.forward()
@@ -336,9 +341,11 @@ def layerwise_gram(
             # linear call) whose rows differ from autograd's: leave exactly those
             # generic
             excluded = excluded | trusted
-            fallback = (
-                f"self-check failed with {', '.join(sorted(trusted))} captured on "
-                "trust; generic instead"
+            reasons.update(
+                dict.fromkeys(
+                    trusted,
+                    "captured on trust; its rows differ from autograd's (self-check)",
+                )
             )
             continue
         if grams is None and strategy is None and chosen is Strategy.BN_SPLIT:

@@ -35,6 +35,9 @@ class Factors:
         W: ``[2K, NC]`` statistics coefficients (``BN_SPLIT``), else ``None``.
         B: ``id(p) -> [2K, numel]`` statistics directions (``BN_SPLIT``).
         generic: Parameters of no captured layer, with rows ``[NC, numel]``.
+        owners: ``id(p) -> `` layer name for generic rows that are a named layer's
+            full-batch rows (BatchNorm affines under ``COLUMNS``): reported as
+            ``MIXING`` under that name.
     """
 
     lin: Linearization
@@ -44,6 +47,7 @@ class Factors:
     B: dict[int, Tensor] = field(default_factory=dict)
     generic: list[Tensor] = field(default_factory=list)
     generic_rows: list[Tensor] = field(default_factory=list)
+    owners: dict[int, str] = field(default_factory=dict)
 
     def statistics_rows(self, p: Tensor) -> Tensor | None:
         """``(B_p W)ᵀ`` ``[NC, numel]``: the statistics part of ``p``'s rows, or ``None``."""
@@ -99,8 +103,11 @@ def factor_products(f: Factors, weights: Tensor) -> Tensor:
     )
 
 
-def self_check(f: Factors) -> set[int]:
+def self_check(f: Factors, precision: torch.dtype | None = None) -> set[int]:
     """``V w`` from the factors against a direct full-batch VJP, for a random ``w``.
+
+    To the round-off of ``precision``, the least precise dtype the forward pass
+    computed in, if lower than the outputs' (a float32 cast inside a float64 model).
 
     Returns:
         The ``id`` of the parameters whose block differs (empty if ``V w`` agrees to
@@ -113,7 +120,7 @@ def self_check(f: Factors) -> set[int]:
     w = torch.randn(1, lin.num_columns, generator=gen, dtype=dtype).to(device)
     direct = lin.apply_factors(w)[0]
     mine = factor_products(f, w)[0]
-    tol = roundoff_rtol(dtype)
+    tol = max(roundoff_rtol(dtype), roundoff_rtol(precision or dtype))
     # relative to the whole vector: a parameter with zero gradient (a bias before
     # BatchNorm) has only round-off, which must not count as a mismatch
     scale = max(direct.norm().item(), mine.norm().item(), 1e-30)

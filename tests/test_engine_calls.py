@@ -1,0 +1,160 @@
+"""The capture's function mode: functional calls captured, checked, or left generic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import zoo_patterns
+from torch import nn
+from utils import RTOL, assert_state_equal, report_close, state_of
+
+from lowrank_ggn import ggn_spectrum
+from lowrank_ggn.core.engine import LayerTreatment, Strategy
+from lowrank_ggn.reference import dense_ggn, dense_ggn_eigenvalues
+
+D = torch.float64
+GENERIC = LayerTreatment.GENERIC
+
+
+def _check(model, loss, X, y, generic=(), strategy=None):
+    """Exact against the dense GGN, state unchanged; the generic names as given."""
+    before = state_of(model)
+    res = ggn_spectrum(model, loss, X, y, strategy=strategy)
+    assert_state_equal(before, model)
+    report = res.engine_report
+    assert report.fallback is None and report.strategy is not Strategy.GENERIC
+    found = {n for n, t in report.layers.items() if t is GENERIC}
+    assert found == set(generic), report
+    G = dense_ggn(model, loss, X, y)
+    expected = torch.linalg.eigvalsh(G).flip(0)[: res.eigenvalues.numel()]
+    report_close(res.eigenvalues, expected, name="eigenvalues")
+    return report
+
+
+class FunctionalNet(nn.Module):
+    """Parameters used through ``F.linear``, ``addmm``, ``F.group_norm`` by a parent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 4) * 0.5)
+        self.b1 = nn.Parameter(torch.randn(6) * 0.1)
+        self.gn_w = nn.Parameter(1 + 0.1 * torch.randn(6))
+        self.gn_b = nn.Parameter(0.1 * torch.randn(6))
+        self.w2 = nn.Parameter(torch.randn(6, 3) * 0.5)  # stored [in, out]
+        self.b2 = nn.Parameter(torch.randn(3) * 0.1)
+
+    def forward(self, x):
+        h = F.linear(x, self.w1, self.b1)  # [N, T, 6]
+        h = F.group_norm(h.transpose(1, 2), 2, self.gn_w, self.gn_b).transpose(1, 2)
+        h = torch.tanh(h)
+        out = torch.addmm(self.b2, h.reshape(-1, 6), self.w2)
+        return out.view(x.shape[0], -1).sum(-1, keepdim=True) * torch.ones(
+            1, 3
+        ) + out.view(x.shape[0], -1, 3).mean(1)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_functional_calls_are_captured(batch_norm):
+    torch.manual_seed(0)
+    body = FunctionalNet()
+    model = nn.Sequential(body, nn.BatchNorm1d(3)) if batch_norm else body
+    model = model.to(D)
+    X, y = torch.randn(5, 4, 4, dtype=D), torch.tensor([0, 1, 2, 0, 1])
+    report = _check(model, nn.CrossEntropyLoss(), X, y)
+    prefix = "0." if batch_norm else ""
+    for name in ("w1", "w2", "gn_w"):
+        assert report.layers[prefix + name] is not GENERIC
+
+
+class SequenceFirst(nn.Module):
+    """``F.linear`` on ``[T, N, I]``: its rows are not sample-major."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4) * 0.5)
+        self.head = nn.Linear(3 * 5, 3)
+
+    def forward(self, x):  # x [N, T=5, 4]
+        h = F.linear(x.transpose(0, 1), self.w)  # [T, N, 3]
+        return self.head(torch.tanh(h).transpose(0, 1).reshape(x.shape[0], -1))
+
+
+def test_a_call_whose_rows_differ_from_autograd_goes_generic_alone():
+    """The self-check names the mismatching parameter: only that call is generic."""
+    torch.manual_seed(1)
+    model = SequenceFirst().to(D)
+    X, y = torch.randn(5, 5, 4, dtype=D), torch.tensor([0, 1, 2, 0, 1])
+    report = _check(model, nn.CrossEntropyLoss(), X, y, generic={"w"})
+    assert report.layers["head"] is LayerTreatment.KRONECKER
+
+
+class Float32Inside(nn.Module):
+    """A float64 model that normalises in float32 (T5/Llama RMSNorm, EvoNorm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        rms = h.float().pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt().to(h.dtype)
+        return self.head(torch.tanh(self.weight * (h * rms)))
+
+
+#: Agreement of a model that computes in float32 inside: float32 round-off.
+RTOL_FLOAT32_INSIDE = 1e-5
+
+
+def test_float32_inside_a_float64_model_stays_on_the_fast_path():
+    torch.manual_seed(2)
+    model = Float32Inside().to(D)
+    X, y = torch.randn(6, 4, dtype=D), torch.tensor([0, 1, 2, 0, 1, 2])
+    res = ggn_spectrum(model, nn.CrossEntropyLoss(), X, y)
+    report = res.engine_report
+    assert report.fallback is None and report.strategy is Strategy.PER_SAMPLE
+    assert not any(t is GENERIC for t in report.layers.values()), report
+    exact = dense_ggn_eigenvalues(model, nn.CrossEntropyLoss(), X, y)
+    k = res.eigenvalues.numel()
+    err = (res.eigenvalues - exact[:k]).abs().max() / exact[0]
+    assert err <= RTOL_FLOAT32_INSIDE, f"{err:.2e}"
+
+
+def test_broadcast_parameters_and_norms_train_mode_bn():
+    """Layer scale, LayerNorm2d, position table, T5 norm with train-mode BN before."""
+    model, loss, X, y = zoo_patterns.convnextish(7)
+    model.norm = nn.Sequential(nn.BatchNorm2d(3), model.norm).to(D)
+    report = _check(model, loss, X, y)
+    for name in ("gamma", "pos", "t5", "norm.1"):
+        assert report.layers[name] is not GENERIC, report
+
+
+def test_parameter_read_twice_is_never_captured():
+    """``x * s + s``: two calls read ``s``; its rows need both, so it is generic."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.s = nn.Parameter(torch.rand(3) + 0.5)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h * self.s + self.s
+
+    torch.manual_seed(3)
+    model = Twice().to(D)
+    X, y = torch.randn(5, 4, dtype=D), torch.tensor([0, 1, 2, 0, 1])
+    _check(model, nn.CrossEntropyLoss(), X, y, generic={"s"})
+
+
+def test_ratio_of_a_forced_strategy_is_exact_with_functional_layers():
+    """bn_split through functional layers below a train-mode BatchNorm."""
+    model, loss, X, y = zoo_patterns.convnextish(8)
+    model.stem = nn.Sequential(model.stem, nn.BatchNorm2d(3)).to(D)
+    for strategy in ("bn_split", "columns"):
+        report = _check(model, loss, X, y, strategy=strategy)
+        assert report.strategy.value == strategy
+    assert RTOL > 0
