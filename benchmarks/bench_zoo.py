@@ -284,7 +284,9 @@ def run_case(case: Case, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", json.dumps(dataclasses.asdict(case))]
     cmd += ["--threads", str(args.threads)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(
+            cmd, check=False, capture_output=True, text=True, timeout=args.timeout
+        )
     except subprocess.TimeoutExpired:
         print(f"timed out after {args.timeout} s")
         return {**fields, "error": f"timed out after {args.timeout} s"}
