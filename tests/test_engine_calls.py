@@ -131,8 +131,8 @@ def test_broadcast_parameters_and_norms_train_mode_bn():
         assert report.layers[name] is not GENERIC, report
 
 
-def test_parameter_read_twice_is_never_captured():
-    """``x * s + s``: two calls read ``s``; its rows need both, so it is generic."""
+def test_parameter_also_read_by_an_uncaptured_call_is_generic():
+    """``x * s + exp(s)``: the second read is no captured call, so ``s`` is generic."""
 
     class Twice(nn.Module):
         def __init__(self) -> None:
@@ -142,12 +142,49 @@ def test_parameter_read_twice_is_never_captured():
 
         def forward(self, x):
             h = self.fc(x)
-            return h * self.s + self.s
+            return h * self.s + self.s.exp()
 
     torch.manual_seed(3)
     model = Twice().to(D)
     X, y = torch.randn(5, 4, dtype=D), torch.tensor([0, 1, 2, 0, 1])
-    _check(model, nn.CrossEntropyLoss(), X, y, generic={"s"})
+    report = _check(model, nn.CrossEntropyLoss(), X, y, generic={"s"})
+    assert "also read outside" in report.reasons["s"]
+
+
+class Reused(nn.Module):
+    """One ``Linear`` run at every depth (ALBERT), and a scale read twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.block = nn.Linear(5, 5)
+        self.s = nn.Parameter(torch.rand(5) + 0.5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for _ in range(3):
+            h = torch.tanh(self.block(h)) * self.s + self.s
+        return self.out(h)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_reused_layers_and_tied_embeddings_are_shared(batch_norm):
+    """Every read captured: rows summed over the uses, exact, no generic rows."""
+    torch.manual_seed(4)
+    model = Reused()
+    if batch_norm:
+        model.inp = nn.Sequential(model.inp, nn.BatchNorm1d(5))
+    model = model.to(D)
+    X, y = torch.randn(6, 4, dtype=D), torch.tensor([0, 1, 2, 0, 1, 2])
+    report = _check(model, nn.CrossEntropyLoss(), X, y)
+    shared = {n for n, t in report.layers.items() if t is LayerTreatment.SHARED}
+    assert {"block", "block#1", "block#2", "s"} <= shared, report
+    # tied input and output embeddings, on both paths
+    lm, loss, tokens, labels = zoo_patterns.tied_lm(60, N=2)
+    report = _check(lm, loss, tokens, labels, generic={"wpe.weight"})
+    assert report.layers["wte"] is LayerTreatment.SHARED
+    assert report.layers["lm_head"] is LayerTreatment.SHARED
 
 
 def test_ratio_of_a_forced_strategy_is_exact_with_functional_layers():

@@ -19,6 +19,9 @@ in the form its layer allows, and the layer's
 * BatchNorm affine parameters: the frozen rows
   :meth:`~lowrank_ggn.core.engine.batchnorm.BNLayer.affine_rows` plus ``(B_p W)ᵀ``
   (``SPLIT``);
+* a parameter read by several captured calls (tied weights, a reused layer): the
+  explicit rows of every use summed, plus its statistics rows, then one ``syrk``
+  (``SHARED``);
 * every other parameter: its generic rows ``[NC, numel]`` (``GENERIC``).
 
 Every block is cast to the Gram's dtype (the accumulation dtype, float64 from float32
@@ -82,9 +85,18 @@ def assemble_grams(
     """
     lin = f.lin
     grams = _GroupGrams(groups, lin.num_columns, acc_dtype, lin.outputs.device)
+    shared = _SharedRows(lin.fmodel.params, lin.num_columns, budget)
     for la in f.layers:
         stats = [f.B.get(id(p)) for p in la.params] if f.W is not None else []
-        if not la.local:
+        if la.shared:
+            for p, rows in zip(la.params, layer_rows(la, f, budget)):
+                if id(p) in la.shared:
+                    shared.add(p, rows)
+                    continue
+                extra = f.statistics_rows(p)
+                grams.add_rows(p, rows if extra is None else rows + extra)
+            treatments[la.name] = LayerTreatment.SHARED
+        elif not la.local:
             block = torch.cat(la.explicit)
             for p, part in zip(
                 la.params, block.split([p.numel() for p in la.params], 1)
@@ -97,6 +109,9 @@ def assemble_grams(
         else:
             treatments[la.name] = _add_local(grams, la, f, budget)
         la.grads, la.explicit = [], []  # free as we go
+    for p, rows in shared.items():  # Σ over uses, then once the statistics part
+        extra = f.statistics_rows(p)
+        grams.add_rows(p, rows if extra is None else rows + extra)
     for bn in f.bns:
         for p, rows in zip(bn.params, bn.affine_rows()):
             extra = f.statistics_rows(p)
@@ -112,6 +127,59 @@ def assemble_grams(
         elif any(p is q for q in f.generic):
             treatments.setdefault(name, LayerTreatment.GENERIC)
     return [0.5 * (g + g.T) for g in grams.grams]
+
+
+class _SharedRows:
+    """Rows ``[NC, numel]`` of parameters read by several captured calls, summed."""
+
+    def __init__(self, params: list[Tensor], NC: int, budget: int) -> None:
+        self.by_id = {id(p): p for p in params}
+        self.rows: dict[int, Tensor] = {}
+        self.NC, self.budget = NC, budget
+
+    def add(self, p: Tensor, rows: Tensor) -> None:
+        """Add one use's rows of ``p``."""
+        if id(p) in self.rows:
+            self.rows[id(p)] += rows
+            return
+        held = sum(r.numel() * r.element_size() for r in self.rows.values())
+        if held + rows.numel() * rows.element_size() > self.budget:
+            raise MemoryError(
+                f"the rows of the shared parameters ([N·C={self.NC}, numel] each) "
+                "exceed memory_budget; raise memory_budget or reduce the batch."
+            )
+        self.rows[id(p)] = rows.clone()
+
+    def items(self) -> list[tuple[Tensor, Tensor]]:
+        """``(parameter, summed rows)``."""
+        return [(self.by_id[i], r) for i, r in self.rows.items()]
+
+
+def layer_rows(la: Layer, f: Factors, budget: int) -> list[Tensor]:
+    """Explicit rows ``[NC, numel]`` of each of the layer's parameters (no statistics).
+
+    Mixing layers: their explicit blocks. Local layers: the operand's explicit rows
+    of every column, chunk by chunk (``complete``: every weight entry a statistics
+    direction may reach), and the bias rows ``Σ_P g``.
+    """
+    if not la.local:
+        block = torch.cat(la.explicit)
+        return list(block.split([p.numel() for p in la.params], 1))
+    lin = f.lin
+    NS, C = lin.num_samples, lin.num_columns_per_sample
+    g = la.grad_matrix()  # [NC, P, O]
+    NC, P, O = g.shape
+    out = []
+    if la.weight is not None:
+        rows = g.new_zeros(NC, la.weight.numel())
+        operand = la.operand.select(lin.sample_index)
+        chunks = operand.explicit(g.reshape(NS, C, P, O), budget // 4, complete=True)
+        for cols, part in chunks:
+            rows[:, cols] = part
+        out.append(rows)
+    if la.bias is not None:
+        out.append(g.sum(1))
+    return out
 
 
 def _add_local(

@@ -117,7 +117,8 @@ def statistics_directions(
     def store(p: Tensor, lo: int, block: Tensor) -> None:
         if id(p) not in rows:
             rows[id(p)] = p.new_zeros(K_total, p.numel())
-        rows[id(p)][lo : lo + block.shape[0]] = block.reshape(block.shape[0], -1)
+        # added: a parameter read by several captured calls gets a block from each
+        rows[id(p)][lo : lo + block.shape[0]] += block.reshape(block.shape[0], -1)
 
     offset = 0
     for bn, acts in zip(bns, activations_below):

@@ -65,6 +65,11 @@ class LinearCall:
     output: Tensor
     edge: GradientEdge | None
 
+    @property
+    def params(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(weight, bias)``."""
+        return self.weight, self.bias
+
 
 @dataclass
 class ScaleCall:
@@ -86,6 +91,11 @@ class ScaleCall:
     xhat: Tensor | None
     output: Tensor
     edge: GradientEdge | None
+
+    @property
+    def params(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(weight, bias)``."""
+        return self.weight, self.bias
 
 
 #: Calls that give a view of a parameter with its elements in order.

@@ -18,6 +18,7 @@ Hooks are removed when the forward pass ends; the module itself is never changed
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,6 +73,9 @@ class Layer:
             elementwise affine with broadcast parameters (``kind`` NORM; ``perm``
             orders the output's dimensions broadcast ones first).
         batch: ``N``, the batch the operand was built for.
+        shared: ``id`` of its parameters that other captured calls read too (tied
+            weights, a layer run several times): their rows are summed over the
+            uses before the Gram (:mod:`~lowrank_ggn.core.engine.assemble`).
     """
 
     name: str
@@ -91,6 +95,7 @@ class Layer:
     io_layout: bool = False
     perm: tuple[int, ...] = ()
     batch: int = 0
+    shared: frozenset[int] = frozenset()
 
     @property
     def params(self) -> list[Tensor]:
@@ -163,9 +168,15 @@ class Layer:
 
 
 def capturable(
-    model: nn.Module, selected: set[int], excluded: frozenset[str] = frozenset()
+    model: nn.Module,
+    selected: set[int],
+    excluded: frozenset[str] = frozenset(),
+    allow_shared: bool = False,
 ) -> dict[str, tuple[nn.Module, Kind, bool]]:
     """Modules the engine captures: ``name -> (module, kind, on_trust)``.
+
+    ``allow_shared``: keep modules that share a parameter with another module (the
+    capture then checks that every use of it is captured: tied weights).
 
     A module qualifies when :func:`~lowrank_ggn.core.engine.layers.classify` knows it,
     it holds a selected parameter, none of its parameters is shared with another
@@ -183,14 +194,17 @@ def capturable(
             continue
         if not any(id(p) in selected for p in params):
             continue
-        if any(owners[id(p)] > 1 for p in params):
+        if not allow_shared and any(owners[id(p)] > 1 for p in params):
             continue
         found[name] = (m, *kind)
     return found
 
 
 def captured_layers(
-    model: nn.Module, selected: set[int], excluded: frozenset[str] = frozenset()
+    model: nn.Module,
+    selected: set[int],
+    excluded: frozenset[str] = frozenset(),
+    allow_shared: bool = False,
 ) -> list[Layer]:
     """A :class:`Layer` record for every :func:`capturable` module (selected params)."""
 
@@ -206,7 +220,9 @@ def captured_layers(
             kind,
             trust,
         )
-        for name, (m, kind, trust) in capturable(model, selected, excluded).items()
+        for name, (m, kind, trust) in capturable(
+            model, selected, excluded, allow_shared
+        ).items()
     ]
 
 
@@ -284,7 +300,7 @@ class ForwardCapture:
         self.model, self.with_bns = model, with_bns
         self.selected = selected
         self.forced_mixing, self.excluded = forced_mixing, excluded
-        self.layers = captured_layers(model, selected, excluded)
+        self.layers = captured_layers(model, selected, excluded, allow_shared=True)
         self.bns = batch_norm_layers(model, selected) if with_bns else []
         self.switch = FreezeSwitch()
         self.order: dict[int, int] = {}
@@ -320,49 +336,51 @@ class ForwardCapture:
         # a module called twice shares its weights across calls, one never called
         # has no record, one with unexpected shapes no formula: leave them generic
         self.layers = [la for la in self.layers if la.prepare(batch_size)]
-        for la in self.layers:  # a parameter read elsewhere too (tied): generic
-            if any(mode.uses[id(p)] > 1 for p in la.params):
-                self.rejected[la.name] = "a parameter is used at several call sites"
+        self.layers += self._functional_layers(recorder, batch_size)
+        # every differentiable read of a parameter must be a captured call: one
+        # (its layer's) or several (tied, reused: shared rows, summed over uses)
+        sites = Counter(id(p) for la in self.layers for p in la.params)
+        for la in self.layers:
+            if any(mode.uses[id(p)] != sites[id(p)] for p in la.params):
+                self.rejected[la.name] = "a parameter is also read outside it"
         self.layers = [la for la in self.layers if la.name not in self.rejected]
-        self.layers += self._functional_layers(recorder, mode.uses, batch_size)
+        sites = Counter(id(p) for la in self.layers for p in la.params)
         for la in self.layers:
             la.local = la.name not in self.forced_mixing
+            la.shared = frozenset(id(p) for p in la.params if sites[id(p)] > 1)
             self.order.setdefault(id(la.module), len(self.order))
         self.bns = [bn for bn in self.bns if bn.calls == 1]
         self.done = True
 
     def _functional_layers(
-        self, recorder: FunctionalCalls, uses: dict[int, int], batch_size: int
+        self, recorder: FunctionalCalls, batch_size: int
     ) -> list[Layer]:
-        """Layers for the recorded calls whose parameters no module hook captured.
-
-        Each parameter must be read by exactly this one call (:attr:`ForwardCalls.uses`).
-        """
-        taken = {id(p) for la in self.layers for p in la.params}
-        taken |= {id(p) for bn in self.bns for p in bn.params}
+        """Layers for the recorded calls that are not a captured module's own call."""
+        own = {id(la.outputs[0]) for la in self.layers}
+        bn_params = {id(p) for bn in self.bns for p in bn.params}
         names, owners = {}, {}
         for mod_name, m in self.model.named_modules():
             for p_name, p in m.named_parameters(recurse=False):
                 names.setdefault(id(p), f"{mod_name}.{p_name}" if mod_name else p_name)
                 owners.setdefault(id(p), m)
         used = {la.name for la in self.layers}
-
-        def free(p: Tensor | None) -> Tensor | None:
-            ok = p is not None and id(p) not in taken and uses.get(id(p), 0) == 1
-            return p if ok else None
-
         found = []
         records = [(c, Kind.LINEAR) for c in recorder.linear]
         records += [(c, Kind.NORM) for c in recorder.scale]
         for c, kind in records:
-            w, b = free(c.weight), free(c.bias)
+            if id(c.output) in own:
+                continue
+            w, b = (None if p is None or id(p) in bn_params else p for p in c.params)
             if kind is Kind.LINEAR and w is None or w is None and b is None:
                 continue
             first = w if w is not None else b
             name = names[id(first)].removesuffix(".weight").removesuffix(".bias")
-            if name in used:
-                name = names[id(first)]
-            if name in self.excluded:
+            for k in range(len(found) + len(used) + 1):  # a call site per name
+                candidate = name if k == 0 else f"{name}#{k}"
+                if candidate not in used:
+                    name = candidate
+                    break
+            if name.split("#")[0] in self.excluded or name in self.excluded:
                 continue
             la = Layer(name, owners[id(first)], w, b, kind, on_trust=True)
             la.functional, la.calls = True, [((c,), {})]
@@ -370,7 +388,6 @@ class ForwardCapture:
             if la.prepare(batch_size):
                 found.append(la)
                 used.add(name)
-                taken |= {id(p) for p in la.params}
         return found
 
 

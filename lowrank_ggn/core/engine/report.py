@@ -70,13 +70,16 @@ class LayerTreatment(str, enum.Enum):
     chunks, whichever the layer's cost model favours
     (:mod:`lowrank_ggn.core.engine.operands`). ``MIXING`` holds explicit rows of full-batch gradients (``columns``).
     ``SPLIT`` adds frozen per-sample rows and statistics directions, ``V_{f,l} +
-    B_l W`` (``bn_split``). ``GENERIC`` covers parameters of no captured layer.
+    B_l W`` (``bn_split``). ``SHARED``: a layer with a parameter that other captured
+    calls read too (tied weights, a reused layer): explicit rows of each use, summed
+    before the Gram. ``GENERIC`` covers parameters of no captured layer.
     """
 
     KRONECKER = "kronecker"
     LOCAL_EXPLICIT = "local_explicit"
     MIXING = "mixing"
     SPLIT = "split"
+    SHARED = "shared"
     GENERIC = "generic"
 
     @property

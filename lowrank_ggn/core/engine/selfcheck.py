@@ -81,14 +81,12 @@ def factor_products(f: Factors, weights: Tensor) -> Tensor:
                 "knc,ncx->knx", weights.reshape(K, NS, C), g.reshape(NS, C, P * O)
             ).reshape(K, NS, P, O)
             operand = la.operand.select(lin.sample_index)
-            for p, rows in zip(la.params, la.param_rows(gw, operand)):
-                result[id(p)] = rows
+            parts = la.param_rows(gw, operand)
         else:
             flat = weights @ torch.cat(la.explicit)
-            for p, part in zip(
-                la.params, flat.split([p.numel() for p in la.params], 1)
-            ):
-                result[id(p)] = part
+            parts = flat.split([p.numel() for p in la.params], 1)
+        for p, rows in zip(la.params, parts):  # shared parameters: sum over uses
+            result[id(p)] = rows if id(p) not in result else result[id(p)] + rows
     for bn in f.bns:
         for p, rows in zip(bn.params, bn.affine_rows()):
             result[id(p)] = weights @ rows

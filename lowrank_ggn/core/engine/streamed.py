@@ -79,7 +79,7 @@ class GramOperator:
             captured = capture_forward(lin, report)
         self.out, layers = captured
         # layers captured on trust are left to autograd; the others are checked once
-        self.layers = [la for la in layers if not la.on_trust]
+        self.layers = [la for la in layers if not la.on_trust and not la.shared]
         captured = {id(p) for la in self.layers for p in la.params}
         self.generic = [p for p in fm.params if id(p) not in captured]
         self._verify_layers()
