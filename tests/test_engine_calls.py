@@ -195,3 +195,57 @@ def test_ratio_of_a_forced_strategy_is_exact_with_functional_layers():
         report = _check(model, loss, X, y, strategy=strategy)
         assert report.strategy.value == strategy
     assert RTOL > 0
+
+
+class FlatTokensBN(nn.Module):
+    """BatchNorm over tokens flattened into the batch dimension (LeViT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4 * 5, 3)
+
+    def forward(self, x):  # [N, T=5, 3]
+        h = self.fc(x)
+        h = self.bn(h.flatten(0, 1)).reshape(h.shape)
+        return self.head(torch.tanh(h).flatten(1))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_batchnorm_on_flattened_tokens_is_left_to_autograd_alone(train):
+    torch.manual_seed(5)
+    model = FlatTokensBN().to(D).train(train)
+    model.bn.running_mean.normal_(0, 0.3)
+    X, y = torch.randn(4, 5, 3, dtype=D), torch.tensor([0, 1, 2, 0])
+    res = ggn_spectrum(model, nn.CrossEntropyLoss(), X, y)
+    report = res.engine_report
+    assert report.fallback is None and report.strategy is not Strategy.GENERIC
+    assert "not the batch" in report.reasons["bn"]
+    assert report.layers["head"] is not GENERIC
+    exact = dense_ggn_eigenvalues(model, nn.CrossEntropyLoss(), X, y)
+    report_close(res.eigenvalues, exact[: res.eigenvalues.numel()], name="eigenvalues")
+
+
+class PositionsOfLengthN(nn.Module):
+    """A position table indexed by ``arange(T)`` with ``T = N``: not a batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Linear(3, 4)
+        self.pos = nn.Embedding(4, 4)
+        self.head = nn.Linear(4 * 4, 3)
+
+    def forward(self, x):  # [N, T, 3]
+        h = self.tok(x) + self.pos(torch.arange(x.shape[1]))
+        return self.head(torch.tanh(h).flatten(1))
+
+
+def test_layer_whose_formula_fails_goes_generic_alone():
+    """``pos`` looks batched when ``T = N``; the self-check sends it alone to autograd."""
+    torch.manual_seed(6)
+    model = PositionsOfLengthN().to(D)
+    X, y = torch.randn(4, 4, 3, dtype=D), torch.tensor([0, 1, 2, 0])
+    report = _check(model, nn.CrossEntropyLoss(), X, y, generic={"pos.weight"})
+    assert "differ from autograd" in report.reasons["pos"]
+    assert report.layers["tok"] is not GENERIC

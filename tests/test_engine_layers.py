@@ -316,7 +316,7 @@ def test_linear_subclass_with_its_own_forward_is_checked():
     assert report.strategy is Strategy.PER_SAMPLE
     assert report.layers["0.weight"] is LayerTreatment.GENERIC, report
     assert report.layers["2"] in CAPTURED
-    assert "captured on trust" in report.reasons["0"] and report.fallback is None
+    assert "differ from autograd" in report.reasons["0"] and report.fallback is None
 
 
 def test_layer_whose_first_dimension_is_not_the_batch_stays_generic():

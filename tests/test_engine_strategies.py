@@ -219,7 +219,7 @@ def test_auto_solver_picks_lanczos_only_when_cheaper():
 def test_plan_prefers_split_then_columns_then_streamed():
     """The cost model in isolation: counts and budgets decide."""
     from lowrank_ggn.core.engine.batchnorm import BNLayer
-    from lowrank_ggn.core.engine.capture import Layer
+    from lowrank_ggn.core.engine.layer import Layer
 
     lin_layer = torch.nn.Linear(4, 4)
     la = Layer(

@@ -5,7 +5,9 @@ module                    what it does
 ========================  ===================================================
 :mod:`.layers`            which modules are captured; their operands from a call
 :mod:`.operands`          per-layer rows, Gram forms and their costs
-:mod:`.capture`           forward hooks: layer inputs/outputs in one forward pass
+:mod:`.layer`             one captured layer: call, output, operand, rows
+:mod:`.calls`             the function mode: BatchNorm, recorded calls, reads
+:mod:`.capture`           hooks + mode: the engine's layers from one forward pass
 :mod:`.batchnorm`         BatchNorm recomputed, statistics as gated graph nodes
 :mod:`.plan`              the cost model that picks a strategy
 :mod:`.backprop`          backward-pass strategies (frozen, statistics, columns)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from lowrank_ggn.core.engine import accumulate as acc
-from lowrank_ggn.core.engine.capture import Layer
+from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.report import LayerTreatment
 from lowrank_ggn.core.engine.selfcheck import Factors
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lowrank_ggn.core.autodiff import batched_grad, per_sample_vjps
 from lowrank_ggn.core.engine.batchnorm import BNLayer
-from lowrank_ggn.core.engine.capture import Layer
+from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.memory import release_free_memory

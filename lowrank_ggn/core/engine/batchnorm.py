@@ -228,13 +228,16 @@ class BatchNormCalls:
     affine parameters and running statistics (weight standardisation's
     ``F.batch_norm`` of a convolution weight does not). The recomputed output is
     compared with the call's true output before it is used; a mismatch beyond
-    round-off keeps the true output and leaves the layer uncaptured
-    (:attr:`rejected`), so the function the model computes never changes.
+    round-off, or an input whose first dimension is not the batch of ``batch_size``
+    samples, keeps the true output and leaves the layer uncaptured (:attr:`rejected`),
+    so the function the model computes never changes.
     """
 
-    def __init__(self, bns: list[BNLayer], switch: FreezeSwitch) -> None:
+    def __init__(
+        self, bns: list[BNLayer], switch: FreezeSwitch, batch_size: int | None = None
+    ) -> None:
         self.by_module = {id(bn.module): bn for bn in bns}
-        self.switch = switch
+        self.switch, self.batch_size = switch, batch_size
         self.stack: list[tuple[BNLayer, list[bool]]] = []
         self.rejected: dict[str, str] = {}
 
@@ -263,6 +266,12 @@ class BatchNormCalls:
         if not mine:
             return func(*args, **kwargs)
         seen[0] = True
+        N = self.batch_size
+        if N is not None and (call["input"].dim() < 2 or call["input"].shape[0] != N):
+            # tokens flattened into the batch dimension (LeViT): no per-sample rows
+            self.rejected[bn.name] = "its input's first dimension is not the batch"
+            bn.calls = -1
+            return func(*args, **kwargs)
         y = recompute_batch_norm(bn, call, self.switch)  # reads running stats first
         actual = func(*args, **kwargs)  # updates them as the model would
         if not roundoff_close(y.detach(), actual.detach()):

@@ -1,18 +1,19 @@
 r"""Capture of layer inputs and outputs in one forward pass.
 
-Forward hooks on the modules record, during
-:meth:`lowrank_ggn.core.linearization.Linearization.forward_with_graph`:
+During :meth:`lowrank_ggn.core.linearization.Linearization.forward_with_graph`:
 
-* for each captured layer (:class:`Layer`; which modules:
-  :mod:`~lowrank_ggn.core.engine.layers`): its input (detached) and its output (in
-  the graph), so that backward passes can ask for output gradients;
-* for each BatchNorm (:class:`~lowrank_ggn.core.engine.batchnorm.BNLayer`): its
-  output, recomputed with the statistics ``μ``, ``r`` as graph nodes gated by a
-  :class:`~lowrank_ggn.core.engine.batchnorm.FreezeSwitch`
-  (:mod:`~lowrank_ggn.core.engine.batchnorm`).
+* forward hooks on the captured modules (which: :mod:`~lowrank_ggn.core.engine.layers`)
+  record each one's input (detached), output (in the graph) and the output's gradient
+  edge (:class:`~lowrank_ggn.core.engine.layer.Layer`);
+* the function mode of :mod:`~lowrank_ggn.core.engine.calls` substitutes each
+  BatchNorm's ``F.batch_norm`` by its recomputation with the statistics ``μ``, ``r``
+  as graph nodes gated by a :class:`~lowrank_ggn.core.engine.batchnorm.FreezeSwitch`
+  (:mod:`~lowrank_ggn.core.engine.batchnorm`), records the linear and elementwise
+  calls no module hook sees, and counts every parameter's reads.
 
-:class:`ForwardCapture` bundles both with the order in which modules first ran.
-Hooks are removed when the forward pass ends; the module itself is never changed.
+:class:`ForwardCapture` turns that into the engine's layers: a parameter is captured
+only where every read of it is a captured call (several: ``shared`` rows). Hooks and
+the mode end with the forward pass; the module itself is never changed.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import get_gradient_edge
 
 from lowrank_ggn.core.engine.batchnorm import (
     BatchNormCalls,
@@ -34,137 +34,8 @@ from lowrank_ggn.core.engine.batchnorm import (
     batch_norm_layers,
 )
 from lowrank_ggn.core.engine.calls import ForwardCalls, FunctionalCalls
-from lowrank_ggn.core.engine.layers import (
-    Kind,
-    classify,
-    linear_call_operand,
-    make_operand,
-    output_grad,
-    scale_call_operand,
-)
-from lowrank_ggn.core.engine.operands import Operand
-
-
-@dataclass
-class Layer:
-    """A captured module (see :mod:`~lowrank_ggn.core.engine.layers`) and its data.
-
-    Attributes:
-        name: Qualified module name.
-        module: The module.
-        weight: Its weight if selected, else ``None``; likewise ``bias``.
-        kind: How its operands are built.
-        on_trust: Captured on the assumption that a custom ``forward`` computes what
-            the base class's does (the self-check decides).
-        calls: Arguments ``(args, kwargs)`` (tensors detached), one per call;
-            ``outputs``: layer outputs in the graph (captured layers run once);
-            ``edges``: their gradient edges as computed (``None`` where no
-            gradient flows), where backward passes ask for output gradients, so
-            that an in-place operation on an output later (``ReLU(inplace=True)``)
-            does not change what they get.
-        operand: The input-side operand (:mod:`~lowrank_ggn.core.engine.operands`),
-            built by :meth:`prepare`.
-        grads: Per-column output gradients ``[NC, P, O]`` (local layers).
-        explicit: Per-column rows ``[B, D_l]`` per chunk (mixing layers).
-        local: Whether output gradients vanish off each column's own sample.
-        functional: Recorded from a call, not a module hook
-            (:mod:`~lowrank_ggn.core.engine.calls`): a linear map (``kind`` LINEAR;
-            ``io_layout``: its weight is stored ``[I, O]``, ``addmm``), or an
-            elementwise affine with broadcast parameters (``kind`` NORM; ``perm``
-            orders the output's dimensions broadcast ones first).
-        batch: ``N``, the batch the operand was built for.
-        shared: ``id`` of its parameters that other captured calls read too (tied
-            weights, a layer run several times): their rows are summed over the
-            uses before the Gram (:mod:`~lowrank_ggn.core.engine.assemble`).
-    """
-
-    name: str
-    module: nn.Module
-    weight: Tensor | None
-    bias: Tensor | None
-    kind: Kind = Kind.LINEAR
-    on_trust: bool = False
-    calls: list[tuple[tuple, dict]] = field(default_factory=list)
-    outputs: list[Tensor] = field(default_factory=list)
-    edges: list[GradientEdge | None] = field(default_factory=list)
-    operand: Operand | None = None
-    grads: list[Tensor] = field(default_factory=list)
-    explicit: list[Tensor] = field(default_factory=list)
-    local: bool = True
-    functional: bool = False
-    io_layout: bool = False
-    perm: tuple[int, ...] = ()
-    batch: int = 0
-    shared: frozenset[int] = frozenset()
-
-    @property
-    def params(self) -> list[Tensor]:
-        """The selected parameters, weight first."""
-        return [p for p in (self.weight, self.bias) if p is not None]
-
-    @property
-    def target(self) -> GradientEdge | Tensor:
-        """Where a backward pass finds the output gradient: the recorded edge."""
-        return self.edges[0] if self.edges and self.edges[0] is not None else (
-            self.outputs[0]
-        )
-
-    def grad_matrix(self) -> Tensor:
-        """Output gradients of all columns, ``[NC, P, O]`` (one tensor)."""
-        if len(self.grads) > 1:
-            self.grads = [torch.cat(self.grads)]
-        return self.grads[0]
-
-    def prepare(self, batch_size: int) -> bool:
-        """Build :attr:`operand` from the recorded call; ``False`` if unsupported.
-
-        Unsupported: a module called more or less than once, arguments without a
-        formula, outputs whose leading dimension is not the batch (a functional
-        linear call's rows may hold the positions too, sample-major).
-        """
-        if len(self.outputs) != 1:
-            return False
-        args, kwargs = self.calls[0]
-        y = self.outputs[0]
-        self.batch = batch_size
-        if self.functional and self.kind is Kind.LINEAR:
-            call = args[0]  # a LinearCall
-            self.io_layout = call.io_layout
-            self.operand = linear_call_operand(call.input, y, batch_size, call.io_layout)
-        elif self.functional:
-            call = args[0]  # a ScaleCall
-            found = scale_call_operand(call.xhat, call.shape, y, batch_size)
-            if found is not None:
-                self.operand, self.perm = found
-        elif isinstance(y, Tensor) and y.dim() and y.shape[0] == batch_size:
-            self.operand = make_operand(self.kind, self.module, args, kwargs, y)
-        return self.operand is not None
-
-    def output_grad(self, g: Tensor) -> Tensor:
-        """Output gradient ``[B, N, *out]`` (functional: ``[B, N·P, O]``) -> ``[B, N, P, O]``."""
-        if self.functional and self.kind is Kind.LINEAR:
-            return g.reshape(g.shape[0], self.batch, -1, g.shape[-1])
-        if self.functional:  # broadcast dimensions, then the parameter's
-            moved = g.permute(0, *(d + 1 for d in self.perm))
-            return moved.reshape(g.shape[0], self.batch, -1, self.operand.width)
-        return output_grad(self.module, g)
-
-    def param_rows(self, g: Tensor, operand: Operand | None = None) -> list[Tensor]:
-        """Rows ``[B, numel]`` of the selected parameters for gradients ``[B, N, P, O]``.
-
-        Summed over the ``N`` samples of ``operand`` (default: the whole batch's).
-        """
-        operand = self.operand if operand is None else operand
-        rows = []
-        if self.weight is not None:
-            rows.append(operand.weight_rows(g))
-        if self.bias is not None:
-            rows.append(g.sum(dim=(1, 2)))
-        return rows
-
-    def explicit_block(self, g: Tensor) -> Tensor:
-        """Rows ``V_i`` of all selected parameters for gradients ``[B, N, P, O]``: ``[B, D_l]``."""
-        return torch.cat(self.param_rows(g), dim=1)
+from lowrank_ggn.core.engine.layer import Layer
+from lowrank_ggn.core.engine.layers import Kind, classify
 
 
 def capturable(
@@ -175,12 +46,10 @@ def capturable(
 ) -> dict[str, tuple[nn.Module, Kind, bool]]:
     """Modules the engine captures: ``name -> (module, kind, on_trust)``.
 
-    ``allow_shared``: keep modules that share a parameter with another module (the
-    capture then checks that every use of it is captured: tied weights).
-
     A module qualifies when :func:`~lowrank_ggn.core.engine.layers.classify` knows it,
-    it holds a selected parameter, none of its parameters is shared with another
-    module, and its name is not ``excluded``.
+    it holds a selected parameter, its name is not ``excluded``, and none of its
+    parameters is shared with another module unless ``allow_shared`` (the capture then
+    checks that every use of it is captured: tied weights).
     """
     owners: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
@@ -233,14 +102,15 @@ def capture(
     switch: FreezeSwitch | None = None,
     recorder: FunctionalCalls | None = None,
     tracked: set[int] | None = None,
+    batch_size: int | None = None,
 ) -> Iterator[ForwardCalls | None]:
     """Record layer inputs/outputs (and recompute BatchNorm) during the block.
 
     Module hooks record the ``layers``; the function mode
     (:class:`~lowrank_ggn.core.engine.calls.ForwardCalls`) substitutes BatchNorm's
     checked recomputation, records linear and elementwise calls (``recorder``) and
-    counts the uses of the
-    ``tracked`` parameters. Yields the mode (``None`` if it has nothing to do).
+    counts the uses of the ``tracked`` parameters. Yields the mode (``None`` if it has
+    nothing to do).
     """
     hooks = []
     for layer in layers:
@@ -256,7 +126,9 @@ def capture(
             layer.edges.append(get_gradient_edge(out) if live else None)
 
         hooks.append(layer.module.register_forward_hook(hook, with_kwargs=True))
-    bn_calls = BatchNormCalls(bns, switch or FreezeSwitch()) if bns else None
+    bn_calls = (
+        BatchNormCalls(bns, switch or FreezeSwitch(), batch_size) if bns else None
+    )
     for bn in bns:
         hooks.append(bn.module.register_forward_pre_hook(bn_calls.enter))
         hooks.append(bn.module.register_forward_hook(bn_calls.leave, always_call=True))
@@ -323,7 +195,7 @@ class ForwardCapture:
         recorder = FunctionalCalls(self.selected)
         try:
             with capture(
-                self.layers, self.bns, self.switch, recorder, self.selected
+                self.layers, self.bns, self.switch, recorder, self.selected, batch_size
             ) as mode:
                 yield
         finally:
@@ -374,13 +246,14 @@ class ForwardCapture:
             if kind is Kind.LINEAR and w is None or w is None and b is None:
                 continue
             first = w if w is not None else b
-            name = names[id(first)].removesuffix(".weight").removesuffix(".bias")
-            for k in range(len(found) + len(used) + 1):  # a call site per name
-                candidate = name if k == 0 else f"{name}#{k}"
-                if candidate not in used:
-                    name = candidate
-                    break
-            if name.split("#")[0] in self.excluded or name in self.excluded:
+            base = names[id(first)].removesuffix(".weight").removesuffix(".bias")
+            # one name per call site: a layer run k times gives base, base#1, …
+            name = next(
+                n
+                for k in range(len(used) + 1)
+                if (n := f"{base}#{k}" if k else base) not in used
+            )
+            if base in self.excluded or name in self.excluded:
                 continue
             la = Layer(name, owners[id(first)], w, b, kind, on_trust=True)
             la.functional, la.calls = True, [((c,), {})]
@@ -393,7 +266,6 @@ class ForwardCapture:
 
 __all__ = [
     "ForwardCapture",
-    "Layer",
     "capturable",
     "capture",
     "captured_layers",

@@ -242,10 +242,13 @@ def linear_call_operand(
 ) -> DenseOperand | None:
     """The operand of a recorded ``F.linear``/``addmm`` call (``[I, O]`` weights: transposed).
 
-    ``x`` ``[R, …, I]`` with ``R·…`` a multiple of ``N``: the leading entries are the
-    samples' positions, sample-major (the engine's self-check verifies it).
+    ``x`` ``[N, *, I]``, or ``[R, I]`` with ``R`` a multiple of ``N`` (``addmm`` on
+    flattened positions): the rows are taken as the samples' positions, sample-major
+    (the engine's self-check verifies it); ``[T, N, I]`` (sequence-first) is refused.
     """
     if x.dim() < 2 or y.shape[:-1] != x.shape[:-1] or x.shape[:-1].numel() % batch_size:
+        return None
+    if x.dim() > 2 and x.shape[0] != batch_size:
         return None
     A = x.reshape(batch_size, 1, -1, x.shape[-1]).contiguous()  # [N, 1, P, I]
     return DenseOperand(A, y.shape[-1], transposed=io_layout)

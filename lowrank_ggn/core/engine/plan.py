@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lowrank_ggn.core.engine.batchnorm import BNLayer
-from lowrank_ggn.core.engine.capture import Layer
+from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.report import Strategy
 
 

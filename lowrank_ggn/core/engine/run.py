@@ -331,20 +331,22 @@ def layerwise_gram(
             attempt = Strategy.STREAMED
             fallback = "columns exceeded memory_budget; streamed instead"
             continue
-        trusted = frozenset(
+        # the layers whose rows differ from autograd's: those captured on trust (a
+        # Linear subclass's own forward, a recorded call) and, where the factors
+        # are per layer (no statistics directions), any layer whose formula does
+        # not hold (a table indexed by a tensor whose first dimension happens to
+        # be N): leave exactly those generic and run again
+        local_factors = chosen in (Strategy.PER_SAMPLE, Strategy.COLUMNS)
+        suspects = frozenset(
             la.name
             for la in engine.layers
-            if la.on_trust and any(id(p) in bad for p in la.params)
+            if (la.on_trust or local_factors) and any(id(p) in bad for p in la.params)
         )
-        if grams is None and trusted:
-            # a layer captured on trust (a Linear subclass's own forward, a recorded
-            # linear call) whose rows differ from autograd's: leave exactly those
-            # generic
-            excluded = excluded | trusted
+        if grams is None and suspects:
+            excluded = excluded | suspects
             reasons.update(
                 dict.fromkeys(
-                    trusted,
-                    "captured on trust; its rows differ from autograd's (self-check)",
+                    suspects, "its rows differ from autograd's (self-check)"
                 )
             )
             continue

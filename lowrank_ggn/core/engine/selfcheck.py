@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lowrank_ggn.core.engine.batchnorm import BNLayer
-from lowrank_ggn.core.engine.capture import Layer
+from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.tolerances import roundoff_rtol
 

@@ -37,7 +37,8 @@ from torch import Tensor
 from torch.func import jvp, linearize, vmap
 
 from lowrank_ggn.core.autodiff import batched_grad, graph_jvps, no_rule
-from lowrank_ggn.core.engine.capture import Layer, capture, captured_layers
+from lowrank_ggn.core.engine.capture import capture, captured_layers
+from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.model import composite_attention
