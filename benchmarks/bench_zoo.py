@@ -161,6 +161,8 @@ def build(case: Case):
 
     torch.manual_seed(0)
     options: dict = {}
+    if case.method == "generic":  # explicit Vᵀ from N·C full-batch VJPs
+        options["engine"] = "generic"
     if case.mc_samples:
         options["mc_samples"] = case.mc_samples
         options["generator"] = torch.Generator().manual_seed(1)
@@ -265,6 +267,7 @@ def cases(part: str, args) -> list[Case]:
         N = 2 if q else 8
         return [
             Case(part, "lowrank_ggn", "gpt2", N, mc_samples=8, quick=q),
+            Case(part, "generic", "gpt2", N, mc_samples=8, quick=q),
             Case(part, "previous", "gpt2", N, mc_samples=8, quick=q, pythonpath=prev),
         ]
     N = 2 if q else 4
@@ -306,7 +309,8 @@ def run_case(case: Case, args) -> dict:
 def ratios(records: list[dict]) -> list[dict]:
     """``t(peer) / t(lowrank_ggn)`` and top-k agreement per part with a peer."""
     out = []
-    for part, peer in (("resnet18", "curvlinops"), ("gpt2", "previous")):
+    pairs = (("resnet18", "curvlinops"), ("gpt2", "previous"), ("gpt2", "generic"))
+    for part, peer in pairs:
         mine = next(
             (
                 r
