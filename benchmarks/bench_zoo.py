@@ -12,8 +12,8 @@ Parts (float32, random weights from a fixed seed, 2 threads unless ``--threads``
   eigenpairs, lowrank_ggn against curvlinops' ``GGNLinearOperator`` + ``eigsh(k=5)``.
 * ``gpt2``: ``GPT2LMHeadModel`` (2 layers, d = 64, 4 heads, T = 32, V = 1,000, N = 8)
   with the causal-LM loss written as Hugging Face writes it (shifted labels,
-  ``F.cross_entropy`` on the flattened positions), ``mc_samples=8`` (64 columns; the
-  exact factors would be ``N·T·V = 256,000`` columns): lowrank_ggn against the
+  ``F.cross_entropy`` on the flattened positions), ``mc_samples`` 8 and 128 (64 and
+  1,024 columns; the exact factors would be ``N·(T − 1)·V = 248,000`` columns): lowrank_ggn against the
   previous release (``--previous``, default ``86567df``), which needs a wrapper for
   the ``ModelOutput`` and the closed-form loss on ``[N, V, T − 1]`` shifted logits
   (the same function; it cannot factor the flattening callable without a
@@ -265,10 +265,14 @@ def cases(part: str, args) -> list[Case]:
         ]
     if part == "gpt2":
         N = 2 if q else 8
-        return [
-            Case(part, "lowrank_ggn", "gpt2", N, mc_samples=8, quick=q),
-            Case(part, "generic", "gpt2", N, mc_samples=8, quick=q),
-            Case(part, "previous", "gpt2", N, mc_samples=8, quick=q, pythonpath=prev),
+        return [  # 64 and 1,024 Gram columns
+            Case(part, method, "gpt2", N, mc_samples=M, quick=q, pythonpath=path)
+            for M in ((8,) if q else (8, 128))
+            for method, path in (
+                ("lowrank_ggn", None),
+                ("generic", None),
+                ("previous", prev),
+            )
         ]
     N = 2 if q else 4
     return [
@@ -307,29 +311,38 @@ def run_case(case: Case, args) -> dict:
 
 
 def ratios(records: list[dict]) -> list[dict]:
-    """``t(peer) / t(lowrank_ggn)`` and top-k agreement per part with a peer."""
-    out = []
+    """``t(peer) / t(lowrank_ggn)`` and top-k agreement, per part, peer and ``M``."""
+    done = [r for r in records if "time_s" in r]
     pairs = (("resnet18", "curvlinops"), ("gpt2", "previous"), ("gpt2", "generic"))
+    out = []
     for part, peer in pairs:
-        mine = next(
-            (
-                r
-                for r in records
-                if r.get("part") == part
-                and r.get("method") == "lowrank_ggn"
-                and "time_s" in r
-            ),
-            None,
-        )
-        other = next((r for r in records if r.get("part") == part
-                      and r.get("method") == peer and "time_s" in r), None)  # fmt: skip
-        if mine is None or other is None:
-            continue
-        a, b = mine["top_eigenvalues"], other["top_eigenvalues"]
-        k = min(len(a), len(b))
-        dev = max(abs(x - y) for x, y in zip(a[:k], b[:k])) / max(abs(a[0]), 1e-30)
-        out.append({"part": part, "peer": peer, "speedup": other["time_s"] / mine["time_s"],
-                    "top_k_rel_dev": dev})  # fmt: skip
+        for mine in (
+            r for r in done if r["part"] == part and r["method"] == "lowrank_ggn"
+        ):
+            other = next(
+                (
+                    r
+                    for r in done
+                    if r["part"] == part
+                    and r["method"] == peer
+                    and r.get("mc_samples") == mine.get("mc_samples")
+                ),
+                None,
+            )
+            if other is None:
+                continue
+            a, b = mine["top_eigenvalues"], other["top_eigenvalues"]
+            k = min(len(a), len(b))
+            dev = max(abs(x - y) for x, y in zip(a[:k], b[:k])) / max(abs(a[0]), 1e-30)
+            out.append(
+                {
+                    "part": part,
+                    "peer": peer,
+                    "mc_samples": mine.get("mc_samples"),
+                    "speedup": other["time_s"] / mine["time_s"],
+                    "top_k_rel_dev": dev,
+                }
+            )
     return out
 
 

@@ -249,3 +249,34 @@ def test_layer_whose_formula_fails_goes_generic_alone():
     report = _check(model, nn.CrossEntropyLoss(), X, y, generic={"pos.weight"})
     assert "differ from autograd" in report.reasons["pos"]
     assert report.layers["tok"] is not GENERIC
+
+
+class Checkpointed(nn.Module):
+    """Blocks under ``torch.utils.checkpoint`` (both variants), BatchNorm inside."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.block1 = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh())
+        self.block2 = nn.Sequential(nn.Linear(5, 5), nn.Tanh())
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(self.block1, x, use_reentrant=self.reentrant)
+        h = checkpoint(self.block2, h, use_reentrant=self.reentrant)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_is_exact_on_the_fast_path(reentrant):
+    torch.manual_seed(7)
+    model = Checkpointed(reentrant).to(D)
+    X, y = torch.randn(6, 4, dtype=D), torch.tensor([0, 1, 2, 0, 1, 2])
+    report = _check(model, nn.CrossEntropyLoss(), X, y)
+    assert report.strategy is Strategy.BN_SPLIT or report.strategy is Strategy.COLUMNS
+    # the patch is undone: checkpointing recomputes again after the call
+    import torch.utils.checkpoint as ckpt
+
+    assert ckpt.CheckpointFunction.__name__ == "CheckpointFunction"

@@ -123,3 +123,29 @@ def test_zoo_model_is_exact_on_the_fast_path(name, train):
     assert top <= ZOO_RTOL * scale, f"top-{k} off by {top / scale:.2e}·λ_max"
     trace = abs(res.eigenvalues.sum().item() - exact.sum().item())
     assert trace <= ZOO_RTOL * scale, f"trace off by {trace / scale:.2e}·λ_max"
+
+
+@pytest.mark.parametrize("name", ["timm-vit", "hf-bert"])
+def test_gradient_checkpointing_as_the_libraries_enable_it(name):
+    """timm's ``set_grad_checkpointing``, Hugging Face's activation checkpointing."""
+    build, allowed_generic = ZOO[name]
+    torch.manual_seed(0)
+    model, loss, X, y = build()
+    if name.startswith("timm"):
+        model.set_grad_checkpointing(True)
+    else:  # transformers 5 renames it; the old name warns
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)()
+    model.train()
+    before = state_of(model)
+    res = ggn_spectrum(model, loss, X, y)
+    assert_state_equal(before, model)
+    assert res.engine_report.fallback is None
+    # the reference on the same weights without checkpointing (Hugging Face's
+    # enable_input_require_grads hook cannot run under torch.func's jacrev)
+    torch.manual_seed(0)
+    plain = build()[0].train()
+    exact = dense_ggn_eigenvalues(plain, loss, X, y)
+    k = min(10, res.eigenvalues.numel())
+    top = (res.eigenvalues[:k] - exact[:k]).abs().max().item()
+    assert top <= ZOO_RTOL * exact[0].item()

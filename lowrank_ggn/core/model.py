@@ -2,8 +2,9 @@ r"""A model seen as a pure function of the selected parameters.
 
 :class:`FunctionalModel` wraps an ``nn.Module`` and a list of its parameters
 ``θ = (θ_1, …, θ_P)`` into the function ``F(θ, X)`` that ``torch.func`` can
-differentiate. Each call runs :func:`torch.func.functional_call` on fresh clones of
-the module's buffers, so BatchNorm in train mode updates its running statistics on
+differentiate. Each call runs :func:`torch.func.functional_call` (attention on its
+composite backend, gradient checkpointing plain: :func:`plain_checkpoints`) on fresh
+clones of the module's buffers, so BatchNorm in train mode updates its running statistics on
 throw-away copies and the module itself is never written to. Parameters outside the
 selection enter as detached constants.
 
@@ -41,6 +42,39 @@ def composite_attention() -> Iterator[None]:
         return
     with sdpa_kernel(SDPBackend.MATH):
         yield
+
+
+@contextmanager
+def plain_checkpoints() -> Iterator[None]:
+    """Gradient checkpointing runs its function plainly (activations kept).
+
+    ``torch.utils.checkpoint`` (timm's ``set_grad_checkpointing``, Hugging Face's
+    ``gradient_checkpointing_enable``) recomputes a segment's forward pass during the
+    backward pass and requires the recomputation to reproduce the saved tensors; the
+    engine's backward passes run outside the forward's settings (the capture's
+    function mode, the math attention backend), so the recomputation would differ.
+    Inside this block both variants (``use_reentrant`` true or false) call the
+    function directly, which computes the same function; lowrank_ggn keeps the
+    activations for its ``C`` backward passes anyway. The switch is process-wide for
+    the duration of the block.
+    """
+    import torch.utils.checkpoint as ckpt
+
+    def direct(fn, preserve, *args, **kwargs):  # the generator's protocol
+        yield
+
+    class Direct:
+        @staticmethod
+        def apply(fn, preserve, *args):
+            return fn(*args)
+
+    saved = ckpt._checkpoint_without_reentrant_generator, ckpt.CheckpointFunction
+    ckpt._checkpoint_without_reentrant_generator = direct
+    ckpt.CheckpointFunction = Direct
+    try:
+        yield
+    finally:
+        ckpt._checkpoint_without_reentrant_generator, ckpt.CheckpointFunction = saved
 
 
 def has_inference_fast_path(model: nn.Module) -> bool:
@@ -154,7 +188,7 @@ class FunctionalModel:
         state.update({n: b.clone() for n, b in self._buffers.items() if b is not None})
         state.update(zip(self.names, theta))
         args, kwargs = inputs.call_args()
-        with composite_attention():
+        with composite_attention(), plain_checkpoints():
             result = functional_call(self.model, state, args, kwargs, tie_weights=True)
         return select_output(result, self.output)
 
