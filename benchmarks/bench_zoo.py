@@ -369,11 +369,15 @@ def markdown(result: dict) -> str:
             f"{r['peak_rss_bytes'] / 2**30:.2f} | {r.get('strategy', '')} | "
             f"{len(r.get('generic', []))} | {r.get('num_eigenvalues', len(r['top_eigenvalues']))} |"
         )
-    lines += ["", "| part | peer | t(peer) / t(lowrank_ggn) | top-k deviation / λ_max |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| part | peer | M | t(peer) / t(lowrank_ggn) | top-k deviation / λ_max |",
+        "|---|---|---|---|---|",
+    ]
     for c in result["ratios"]:
         lines.append(
-            f"| {c['part']} | {c['peer']} | {c['speedup']:.2f} | {c['top_k_rel_dev']:.1e} |"
+            f"| {c['part']} | {c['peer']} | {c.get('mc_samples') or ''} | "
+            f"{c['speedup']:.2f} | {c['top_k_rel_dev']:.1e} |"
         )
     return "\n".join(lines) + "\n"
 
