@@ -146,20 +146,31 @@ def dense_ggn(
 
     """
     with model_preserved(model):
-        outputs = dense_outputs(model, inputs, params=params, output=output)
-        _scalar_loss(loss_func, outputs, targets)
-        M = outputs.numel()
-        D = sum(p.numel() for p in resolve_params(model, params))
-        check_memory(
-            {f"Jacobian [{M}, {D}]": M * D, f"GGN [{D}, {D}]": D * D},
-            outputs.element_size(),
-            advice="The brute-force reference is for small models and batches. ",
+        J, H = _jacobian_and_hessian(
+            model, loss_func, inputs, targets, params, output, with_ggn=True
         )
-        J = dense_jacobian(model, inputs, params=params, output=output)
-        J = J.reshape(outputs.numel(), -1)
-        H = dense_output_hessian(loss_func, outputs, targets)
         G = J.T @ H @ J
         return 0.5 * (G + G.T)
+
+
+def _jacobian_and_hessian(
+    model, loss_func, inputs, targets, params, output, with_ggn: bool
+) -> tuple[Tensor, Tensor]:
+    """``J`` ``[N·O, D]`` and ``H`` ``[N·O, N·O]``, memory checked (and the GGN's)."""
+    outputs = dense_outputs(model, inputs, params=params, output=output)
+    _scalar_loss(loss_func, outputs, targets)
+    M = outputs.numel()
+    D = sum(p.numel() for p in resolve_params(model, params))
+    needs = {f"Jacobian [{M}, {D}]": M * D}
+    if with_ggn:
+        needs[f"GGN [{D}, {D}]"] = D * D
+    check_memory(
+        needs,
+        outputs.element_size(),
+        advice="The brute-force reference is for small models and batches. ",
+    )
+    J = dense_jacobian(model, inputs, params=params, output=output).reshape(M, -1)
+    return J, dense_output_hessian(loss_func, outputs, targets)
 
 
 def dense_ggn_eigenvalues(
@@ -183,17 +194,9 @@ def dense_ggn_eigenvalues(
         ``[N·O]``, descending (the trailing ones are zero up to round-off).
     """
     with model_preserved(model):
-        outputs = dense_outputs(model, inputs, params=params, output=output)
-        _scalar_loss(loss_func, outputs, targets)
-        M = outputs.numel()
-        D = sum(p.numel() for p in resolve_params(model, params))
-        check_memory(
-            {f"Jacobian [{M}, {D}]": M * D},
-            outputs.element_size(),
-            advice="The brute-force reference is for small batches. ",
+        J, H = _jacobian_and_hessian(
+            model, loss_func, inputs, targets, params, output, with_ggn=False
         )
-        J = dense_jacobian(model, inputs, params=params, output=output).reshape(M, -1)
-        H = dense_output_hessian(loss_func, outputs, targets)
         lam, Q = torch.linalg.eigh(0.5 * (H + H.T))
         R = Q * lam.clamp(min=0).sqrt()  # [M, M]
         JR = J.T @ R  # [D, M]
