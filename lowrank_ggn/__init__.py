@@ -19,6 +19,7 @@ from lowrank_ggn.core.loss_factors import loss_hessian_factors, resolve_loss
 from lowrank_ggn.core.loss_sampling import sampled_loss_hessian_factors
 from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.spectrum import GGNSpectrum, NearZeroEigenvalueWarning
+from lowrank_ggn.core.state import AutocastDisabledWarning
 from lowrank_ggn.curvature import GGN
 from lowrank_ggn.diagnostics.audit import (
     StructureCheck,
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GGN",
+    "AutocastDisabledWarning",
     "AutodiffLoss",
     "DatasetSpectrum",
     "DirectionalDerivatives",

@@ -237,3 +237,22 @@ def test_zero_directions_and_parameters_above_batch_norm_only():
     D = sum(p.numel() for p in head)
     dd = _quiet(ggn.directional_derivatives, torch.zeros(0, D, dtype=X.dtype))
     assert dd.gammas.shape == (batch_of(X), 0) and dd.lambdas.shape == (batch_of(X), 0)
+
+
+@pytest.mark.parametrize("how", ["data-add", "data-assign", "vector-to-parameters"])
+def test_writes_that_bypass_autograd_are_refused(how):
+    """Value changes without a version bump: no stale spectrum, no mixed moments."""
+    model, loss, X, y = CASES[0].make()
+    ggn = GGN(model, loss, X, y)
+    ggn.spectrum()
+    p = next(model.parameters())
+    if how == "data-add":
+        p.data.add_(0.1)
+    elif how == "data-assign":
+        p.data = p.data + 0.1
+    else:
+        flat = torch.nn.utils.parameters_to_vector(model.parameters())
+        torch.nn.utils.vector_to_parameters(flat * 1.01, model.parameters())
+    for call in (ggn.spectrum, ggn.moments):
+        with pytest.raises(RuntimeError, match="changed since this GGN was created"):
+            call()

@@ -559,6 +559,28 @@ def test_bad_policy_output_is_refused_before_the_parameters_change(policy, match
 
 
 @pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("lr", math.nan, ValueError),
+        ("lr", -0.5, ValueError),
+        ("complement_lr", math.inf, ValueError),
+        ("lr", "fast", TypeError),
+    ],
+)
+def test_param_group_rates_set_later_are_checked_at_each_step(name, value, error):
+    """A scheduler or a hand edit after construction: refused, nothing changes."""
+    model, loss, X, y = CASES[0].make()
+    before = _flat(model)
+    opt = DampedNewton(
+        model.parameters(), model=model, loss_func=loss, top_k=2, damping=1.0
+    )
+    opt.param_groups[0][name] = value
+    with pytest.raises(error, match=rf"param_groups\[0\]: {name} must be"):
+        opt.step(X, y)
+    assert torch.equal(_flat(model), before)
+
+
+@pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
         (dict(grid=torch.tensor([-1.0, 1.0])), ValueError, "≥ 0"),

@@ -187,3 +187,44 @@ def test_bad_eigenvectors_argument_raises(bad):
         ValueError, match="eigenvectors must be True/False or a positive int"
     ):
         ggn_spectrum(model, loss, X, y, eigenvectors=bad)
+
+
+class _NaNBackward(torch.autograd.Function):
+    """Identity whose backward pass returns NaN: finite outputs, NaN factors below."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def test_non_finite_factors_are_named_not_a_linalg_error():
+    """A NaN reaching the factors: a clear error naming the first layer."""
+
+    class NaNBelowHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+            self.head = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.head(_NaNBackward.apply(torch.tanh(self.fc(x))))
+
+    torch.manual_seed(0)
+    model = NaNBelowHead().double()
+    X, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    with pytest.raises(ValueError, match="non-finite values .* at layer 'fc'"):
+        ggn_spectrum(model, torch.nn.CrossEntropyLoss(), X, y)
+
+
+def test_overflowing_gram_is_a_clear_error():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    ).double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match="non-finite entries"):
+        ggn_spectrum(model, torch.nn.CrossEntropyLoss(), X * 1e200, y)

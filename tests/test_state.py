@@ -250,3 +250,22 @@ def test_user_graph_still_backpropagates(name, call):
         assert torch.equal(p.grad, q.grad)
     for a, b in zip(model.buffers(), expected_model.buffers()):
         assert torch.equal(a, b)
+
+
+def test_autocast_is_switched_off_with_a_warning():
+    """Inside ``torch.autocast`` the float32 spectrum, not an empty bfloat16 one."""
+    import lowrank_ggn as lg
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    )
+    X, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    loss = torch.nn.CrossEntropyLoss()
+    plain = lg.ggn_spectrum(model, loss, X, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.warns(lg.AutocastDisabledWarning, match="autocast is active"):
+            res = lg.ggn_spectrum(model, loss, X, y)
+        assert torch.is_autocast_enabled("cpu")  # the caller's region is intact
+    assert res.eigenvalues.dtype == torch.float32
+    assert torch.equal(res.eigenvalues, plain.eigenvalues)

@@ -224,6 +224,13 @@ def gram_eigh(gram: Tensor, model: ErrorModel | None = None) -> GramEigenpairs:
     """
     if model is None:
         model = ErrorModel.of(gram.dtype, gram.dtype, gram.shape[0])
+    if not torch.isfinite(gram).all():
+        raise ValueError(
+            "the Gram matrix has non-finite entries (NaN or Inf): products of the "
+            "layer inputs or factors overflow (inputs of very large scale), or the "
+            "model's gradients are NaN/Inf for this batch. Rescale the inputs, or try "
+            "engine='generic' (explicit rows, no products of inputs)."
+        )
     evals, evecs = torch.linalg.eigh(gram)
     evals, evecs = evals.flip(0), evecs.flip(1)
     diag = gram.diagonal()

@@ -16,6 +16,8 @@ counter a custom ``forward`` increments) are not tracked.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -130,9 +132,19 @@ class ModelSnapshot:
                         s.grad.data.copy_(s.grad_values)
 
 
+class AutocastDisabledWarning(UserWarning):
+    """lowrank_ggn switched an active ``torch.autocast`` off for its computation."""
+
+
 @contextmanager
 def model_preserved(model: nn.Module) -> Iterator[None]:
     """Context in which ``model`` may be used freely; its state is restored on exit.
+
+    Every lowrank_ggn entry point runs inside it. ``torch.autocast`` on the
+    parameters' device is switched off inside, with an
+    :class:`AutocastDisabledWarning` if it was on: lowrank_ggn computes in the
+    parameters' dtype (the GGN of autocast's lower-precision casts resolves no
+    eigenvalue).
 
     Args:
         model: The module whose state must survive the block, also if it raises.
@@ -147,20 +159,53 @@ def model_preserved(model: nn.Module) -> Iterator[None]:
 
     """
     snapshot = ModelSnapshot(model)
+    first = next(iter(model.parameters()), None)
+    device = first.device.type if first is not None else "cpu"
+    if torch.is_autocast_enabled(device):
+        warnings.warn(
+            AutocastDisabledWarning(
+                f"torch.autocast is active on {device}: lowrank_ggn evaluates the "
+                "model in its parameters' dtype with autocast switched off. Call it "
+                "outside the autocast region to silence this warning."
+            ),
+            stacklevel=3,
+        )
     try:
-        yield
+        with torch.autocast(device, enabled=False):
+            yield
     finally:
         snapshot.restore()
 
 
 def fingerprint(model: nn.Module) -> tuple:
-    """Identity and autograd version of every parameter and buffer of ``model``.
+    """Identity, storage, version and a value digest of every parameter and buffer.
 
-    In-place changes (an optimizer step, a train-mode forward pass updating BatchNorm
-    statistics) bump a tensor's version; replacing one changes its identity.
+    In-place changes through autograd (an optimizer step, a train-mode forward pass
+    updating BatchNorm statistics) bump a tensor's version; writes that bypass it
+    (``p.data.add_(…)``, ``p.data = …``, ``vector_to_parameters``) change its storage
+    or values: the digest is the sum and the position-weighted sum of its entries in
+    float64 (one pass over the parameters and buffers; any real update changes it).
     """
     tensors = [*model.parameters(), *model.buffers()]
-    return tuple((id(t), t._version) for t in tensors)
+    digests = []
+    with torch.no_grad():
+        for t in tensors:
+            x = t.detach().reshape(-1).double()
+            if x.numel() == 0 or not (x.is_floating_point() or x.is_complex()):
+                digests.append(x.new_zeros(2))
+                continue
+            weights = torch.arange(1, x.numel() + 1, dtype=x.dtype, device=x.device)
+            digests.append(torch.stack([x.sum(), (x * weights).sum()]))
+    values = torch.stack(digests).cpu().tolist() if digests else []
+    return tuple(
+        # NaN != NaN: compare non-finite digests by their text
+        (id(t), t._version, t.data_ptr(), tuple(t.shape), tuple(map(_comparable, v)))
+        for t, v in zip(tensors, values)
+    )
+
+
+def _comparable(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)
 
 
 def refuse_changed(model: nn.Module, before: tuple, owner: str) -> None:

@@ -304,7 +304,18 @@ class DampedNewton(torch.optim.Optimizer):
 
         Returns:
             A :class:`StepInfo` of the quantities at the parameters before the step.
+
+        Raises:
+            ValueError, TypeError: A param group's ``lr`` or ``complement_lr`` (set
+                after construction, by hand or by a scheduler) is not a finite
+                float ≥ 0; checked before any work, nothing changes.
         """
+        for i, group in enumerate(self.param_groups):
+            for name in ("lr", "complement_lr"):
+                try:
+                    _check_rate(name, group[name])
+                except (TypeError, ValueError) as err:
+                    raise type(err)(f"param_groups[{i}]: {err}") from None
         params = self._params()
         ggn = GGN(
             self.model,

@@ -87,6 +87,7 @@ def assemble_grams(
     grams = _GroupGrams(groups, lin.num_columns, acc_dtype, lin.outputs.device)
     shared = _SharedRows(lin.fmodel.params, lin.num_columns, budget)
     for la in f.layers:
+        _check_finite(la)
         stats = [f.B.get(id(p)) for p in la.params] if f.W is not None else []
         if la.shared:
             for p, rows in zip(la.params, layer_rows(la, f, budget)):
@@ -127,6 +128,18 @@ def assemble_grams(
         elif any(p is q for q in f.generic):
             treatments.setdefault(name, LayerTreatment.GENERIC)
     return [0.5 * (g + g.T) for g in grams.grams]
+
+
+def _check_finite(la: Layer) -> None:
+    """Raise a ``ValueError`` naming the layer if its factor blocks hold NaN or Inf."""
+    for block in la.grads + la.explicit:
+        if not torch.isfinite(block).all():
+            raise ValueError(
+                f"non-finite values (NaN or Inf) in the backpropagated factors at "
+                f"layer {la.name!r}, the first captured layer where they appear: the "
+                "model's output gradients overflow or are NaN for this batch. Check "
+                "the inputs' scale and the model's numerics there."
+            )
 
 
 class _SharedRows:
