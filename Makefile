@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/lowrank-ggn --out $(OUT)
+	$(BIN)/lowrank-ggn --out $(OUT) --overwrite
 
 # one worker per core (pytest-xdist): the smoke runs of benchmarks and figures
 # dominate and run side by side

@@ -143,6 +143,12 @@ def test_setup_entry_point(tmp_path):
         (["--setup", "cli_setup_tiny:make", "--train-steps", "3"], "train your model"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--model", "vgg"], "invalid choice"),
+        (["--batch-size", "100000"], "--batch-size must be <= 1797"),
+        (["--device", "bogus"], "--device 'bogus' is not usable here"),
+        (["--device", "cuda:7"], "--device 'cuda:7' is not usable here"),
+        (["--subsampling", "4", "--subsampling", "0,1"], "more than once"),
+        (["--subsampling", "a,b"], "comma-separated list"),
+        (["--subsampling", "500"], "must lie in [1, 64]"),
     ],
 )
 def test_bad_options_exit_with_a_message(argv, match, capsys):
@@ -336,3 +342,34 @@ def test_approximation_options_are_wired_as_keyword_arguments(tmp_path, monkeypa
     for name in ("approximation.png", "per_layer.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "eigenvalues are estimates" in capsys.readouterr().out
+
+
+def test_output_folder_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    """A non-empty folder, a file: usage errors (exit 2) before any computation."""
+    import lowrank_ggn.app.cli as cli
+
+    def no_work(args):
+        raise AssertionError("computed before the output folder was checked")
+
+    monkeypatch.setattr(cli, "_run", no_work)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "notes.txt").write_text("mine")
+    (tmp_path / "file").write_text("x")
+    for out, match in ((tmp_path / "old", "not empty"), (tmp_path / "file", "is a file")):
+        with pytest.raises(SystemExit) as info:
+            main(["--out", str(out)])
+        assert info.value.code == 2
+        assert match in capsys.readouterr().err
+
+
+def test_overwrite_replaces_an_earlier_run_and_keeps_other_files(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "approximation.png").write_bytes(b"stale")  # an earlier run's extra figure
+    (out / "notes.txt").write_text("mine")
+    argv = ["--model", "mlp", "--train-steps", "0", "--batch-size", "8", "--top-k", "2"]
+    assert main([*argv, "--out", str(out), "--overwrite"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "approximation.png" not in names and "notes.txt" in names
+    assert {"spectrum.json", "spectrum.png", "top_eigenvectors.pt"} <= names
+    assert not [p for p in tmp_path.iterdir() if "staging" in p.name]  # cleaned up

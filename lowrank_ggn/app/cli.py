@@ -37,9 +37,10 @@ import torch
 
 from lowrank_ggn import __version__
 from lowrank_ggn.app.analysis import analyse
+from lowrank_ggn.app.data import DIGITS
 from lowrank_ggn.app.models import ZOO
-from lowrank_ggn.app.problems import setup_problem, zoo_problem
-from lowrank_ggn.app.report import format_report, write_outputs
+from lowrank_ggn.app.problems import setup_problem, subsampling_indices, zoo_problem
+from lowrank_ggn.app.report import format_report, output_problem, write_outputs
 from lowrank_ggn.app.training import (
     DEFAULT_TRAIN_STEPS,
     LEARNING_RATE,
@@ -55,7 +56,8 @@ MINIMUM = {"batch_size": 1, "top_k": 1, "mc_samples": 1, "train_steps": 0}
 EPILOG = r"""
 examples:
   lowrank-ggn                                  # default: cnn and cnn-bn, N=64, float64
-  lowrank-ggn --out results                    # output folder (created)
+  lowrank-ggn --out results                    # output folder (created, must be empty)
+  lowrank-ggn --out results --overwrite        # replace an earlier run's results
   lowrank-ggn --model resnet-bn mlp --batch-size 32 --top-k 10
   lowrank-ggn --loss mse --train-steps 0       # MSE on one-hot labels, at initialisation
   lowrank-ggn --mc-samples 2 --seed 3          # Monte-Carlo GGN (2 sampled columns per sample)
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--subsampling",
+        action="append",
         default=None,
         metavar="K|I,J,...",
         help="curvature from a subset of the batch (the forward pass, BN statistics "
@@ -193,8 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path("results"),
         metavar="DIR",
-        help="output folder for spectrum.json, figures and eigenvectors "
-        "(default results; e.g. --out /tmp/run1)",
+        help="output folder for spectrum.json, figures and eigenvectors, created if "
+        "missing; must be empty unless --overwrite (default results; e.g. --out "
+        "/tmp/run1)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --out (its stale files are "
+        "removed; other files are kept; e.g. --out results --overwrite)",
     )
     return parser
 
@@ -228,6 +238,30 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             )
         if ":" not in args.setup:
             parser.error(f"--setup must be MODULE:FUNCTION; got {args.setup!r}.")
+    if args.subsampling is not None:
+        if len(args.subsampling) > 1:
+            parser.error("--subsampling was given more than once; pass it once.")
+        args.subsampling = args.subsampling[0]
+        try:  # the syntax now; positions against the batch size of --setup later
+            subsampling_indices(args.subsampling, args.batch_size, args.seed)
+        except SystemExit as err:
+            if args.setup is None:
+                parser.error(str(err).removeprefix("lowrank-ggn: "))
+    if args.setup is None and args.batch_size > DIGITS:
+        parser.error(
+            f"--batch-size must be <= {DIGITS} (the digits data set); "
+            f"got {args.batch_size}."
+        )
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            parser.error(f"--device {args.device!r} is not usable here: {reason}")
+    problem = output_problem(args.out, args.overwrite)
+    if problem:
+        parser.error(problem)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,7 +312,7 @@ def _run(args: argparse.Namespace) -> int:
         "models": {p.name: analyse(p, args) for p in problems},
     }
     report["seconds_total"] = time.perf_counter() - t_start
-    written = write_outputs(report, args.out)
+    written = write_outputs(report, args.out, args.overwrite)
     print(format_report(report))
     print("wrote         " + ", ".join(str(p) for p in written))
     return 0

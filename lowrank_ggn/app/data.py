@@ -16,6 +16,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+#: Samples in scikit-learn's 8×8 digits: the largest ``--batch-size`` of the zoo.
+DIGITS = 1797
+
 
 def load_digits(
     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
