@@ -59,7 +59,12 @@ from lowrank_ggn.core.spectrum import (
     gram_eigh,
     spectrum_result,
 )
-from lowrank_ggn.core.state import fingerprint, model_preserved, refuse_changed
+from lowrank_ggn.core.state import (
+    fingerprint,
+    model_preserved,
+    refuse_changed,
+    restored_fingerprint,
+)
 from lowrank_ggn.core.validation import check_call, check_options
 from lowrank_ggn.diagnostics.audit import StructureReport, audit_structure
 from lowrank_ggn.diagnostics.directional import (
@@ -195,8 +200,11 @@ class GGN:
     @contextmanager
     def _observing(self) -> Iterator[None]:  # refuse a changed model; never change it
         refuse_changed(self.model, self._versions, "GGN")
-        with model_preserved(self.model):
-            yield
+        try:
+            with model_preserved(self.model):
+                yield
+        finally:  # the restore may bump versions; the values are the checked ones
+            self._versions = restored_fingerprint(self.model, self._versions)
 
     @property
     def linearization(self) -> Linearization:

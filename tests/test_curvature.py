@@ -256,3 +256,20 @@ def test_writes_that_bypass_autograd_are_refused(how):
     for call in (ggn.spectrum, ggn.moments):
         with pytest.raises(RuntimeError, match="changed since this GGN was created"):
             call()
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_parametrized_spectral_norm_is_not_refused(train):
+    """Its power iteration writes buffers that every call restores: not a change."""
+    torch.manual_seed(0)
+    sn = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(4, 5))
+    model = torch.nn.Sequential(sn, torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    model.train(train)
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    loss = torch.nn.CrossEntropyLoss()
+    ggn = GGN(model, loss, X, y)
+    spec = ggn.spectrum()
+    ggn.moments()  # a second method call on the same object
+    G = dense_ggn(model, loss, X, y)
+    expected = torch.linalg.eigvalsh(G).flip(0)[: spec.eigenvalues.numel()]
+    report_close(spec.eigenvalues, expected, name="eigenvalues")

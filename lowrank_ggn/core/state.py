@@ -208,6 +208,21 @@ def _comparable(x: float) -> float | str:
     return x if math.isfinite(x) else str(x)
 
 
+def restored_fingerprint(model: nn.Module, before: tuple) -> tuple:
+    """``before`` with the versions and storages as they are after a restore.
+
+    :func:`model_preserved` writes the snapshot's values back (bumping versions, as a
+    train-mode forward pass of a parametrised ``spectral_norm`` makes it do): the
+    values equal those ``before`` describes, so its digests are kept and no pass over
+    the parameters is needed.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    return tuple(
+        (id(t), t._version, t.data_ptr(), tuple(t.shape), old[4])
+        for t, old in zip(tensors, before)
+    )
+
+
 def refuse_changed(model: nn.Module, before: tuple, owner: str) -> None:
     """Raise if ``model`` changed since ``before = fingerprint(model)`` was taken."""
     if fingerprint(model) != before:
