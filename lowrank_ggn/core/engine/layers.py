@@ -22,10 +22,14 @@ module                   input-side operand                                     
 Subclasses are captured when they inherit the forward computation. A ``Linear``
 subclass with its own ``forward`` (attention's ``out_proj`` is plain) is captured on
 trust: the engine's self-check detects a wrong assumption and the engine then runs
-again without it. Anything else (``nn.MultiheadAttention``'s ``in_proj_weight``,
-embeddings with ``max_norm``/``scale_grad_by_freq``/``sparse``, ``EmbeddingBag`` in
-``mode='max'``, ``InstanceNorm``, ``Bilinear``, recurrent layers, bare parameters)
-stays generic.
+again without it. Calls that no module hook sees (``F.linear``/``addmm`` with a
+parameter weight, normalisations with the model's affine, products and sums with a
+broadcast parameter: :mod:`~lowrank_ggn.core.engine.calls`) get their operands from
+:func:`linear_call_operand` and :func:`scale_call_operand`. Anything else
+(``nn.MultiheadAttention``'s projections, embeddings with
+``max_norm``/``scale_grad_by_freq``/``sparse``, ``EmbeddingBag`` in ``mode='max'``,
+``InstanceNorm``, ``Bilinear``, recurrent layers, parameters used through other
+functions) stays generic.
 """
 
 from __future__ import annotations
