@@ -78,21 +78,23 @@ class DenseOperand:
     def weight_rows(self, g: Tensor) -> Tensor:
         """``Σ_n`` weight gradients of ``B`` columns ``g`` ``[B, N, P, O]``: ``[B, D]``.
 
-        Per column one batched product over ``N·G`` and a sum over ``N`` (a broadcast
-        over ``B`` would copy ``A`` ``B`` times).
+        Per column one product per group with the samples and positions as the inner
+        dimension, ``[O_g, N·P] @ [N·P, I_g]``: the sum over ``N`` happens inside the
+        GEMM, never as ``N`` per-sample gradients (a broadcast over ``B`` would copy
+        ``A`` ``B`` times).
         """
         N, G, P, Ig = self.A.shape
-        A = self.A.reshape(N * G, P, Ig)
+        A = self.A.transpose(0, 1).reshape(G, N * P, Ig)  # a view when G = 1
         rows = []
         for b in range(g.shape[0]):
             U = self.grads(g[b], 0, G).reshape(N, P, G, self.width)
-            if self.transposed:  # [N·G, I_g, P] @ [N·G, P, O_g]
-                right = U.transpose(1, 2).reshape(N * G, P, self.width)
+            if self.transposed:  # [G, I_g, N·P] @ [G, N·P, O_g]
+                right = U.permute(2, 0, 1, 3).reshape(G, N * P, self.width)
                 w = torch.bmm(A.transpose(1, 2), right)
-            else:  # [N·G, O_g, P] @ [N·G, P, I_g]; a view of autograd's layout
-                left = U.permute(0, 2, 3, 1).reshape(N * G, self.width, P)
+            else:  # [G, O_g, N·P] @ [G, N·P, I_g]
+                left = U.permute(2, 3, 0, 1).reshape(G, self.width, N * P)
                 w = torch.bmm(left, A)
-            rows.append(w.reshape(N, -1).sum(0))
+            rows.append(w.reshape(-1))
         return torch.stack(rows)
 
     def channel_rows(self, g: Tensor, ks: Tensor) -> Tensor | None:
