@@ -280,3 +280,27 @@ def test_gradient_checkpointing_is_exact_on_the_fast_path(reentrant):
     import torch.utils.checkpoint as ckpt
 
     assert ckpt.CheckpointFunction.__name__ == "CheckpointFunction"
+
+
+@pytest.mark.parametrize("filled", [True, False], ids=["stale-cache", "empty-cache"])
+def test_parameter_caches_are_neither_read_stale_nor_left_changed(filled):
+    """LeViT's attention-bias cache: filled by the user's own no_grad pass, or empty."""
+    torch.manual_seed(8)
+    model = zoo_patterns.CachedBias().to(D).eval()
+    X, y = torch.randn(5, 3, dtype=D), torch.tensor([0, 1, 2, 0, 1])
+    if filled:
+        with torch.no_grad():
+            model(X)  # the user's eval pass caches a tensor without a graph
+    cache = model.attention_bias_cache
+    content = dict(cache)
+    import copy
+
+    twin = copy.deepcopy(model).train()  # no cache: the same function from the table
+    twin.attention_bias_cache = {}
+    res = ggn_spectrum(model, nn.CrossEntropyLoss(), X, y)
+    G = dense_ggn(twin, nn.CrossEntropyLoss(), X, y)
+    expected = torch.linalg.eigvalsh(G).flip(0)[: res.eigenvalues.numel()]
+    report_close(res.eigenvalues, expected, name="eigenvalues")
+    assert model.attention_bias_cache is cache and cache.keys() == content.keys()
+    assert all(v is content[k] for k, v in cache.items())
+    assert not any(v.requires_grad for v in cache.values())

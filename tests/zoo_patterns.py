@@ -251,3 +251,25 @@ def zero_dim_param(seed: int, N: int = 5):
 
 #: what lowrank_ggn must find numerically (a function has no ``reduction``)
 flat_lm_loss.expected_reduction = "mean"
+
+
+class CachedBias(nn.Module):
+    """An attention-bias table cached in eval mode (timm's LeViT ``Attention``)."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, d)
+        self.attention_biases = nn.Parameter(0.3 * torch.randn(d))
+        self.attention_bias_cache: dict[str, Tensor] = {}
+        self.head = nn.Linear(d, 3)
+
+    def biases(self, device: torch.device) -> Tensor:
+        if self.training:
+            return self.attention_biases * 2.0
+        key = str(device)
+        if key not in self.attention_bias_cache:
+            self.attention_bias_cache[key] = self.attention_biases * 2.0
+        return self.attention_bias_cache[key]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.proj(x) + self.biases(x.device)))

@@ -77,6 +77,34 @@ def plain_checkpoints() -> Iterator[None]:
         ckpt._checkpoint_without_reentrant_generator, ckpt.CheckpointFunction = saved
 
 
+@contextmanager
+def fresh_caches(model: nn.Module) -> Iterator[None]:
+    """Every dict attribute named ``*cache*`` of a module is empty inside the block.
+
+    Models cache tensors derived from their parameters (timm's LeViT family:
+    ``attention_bias_cache`` in eval mode). A cache filled by the user's own pass
+    holds a tensor without the parameter's graph (its curvature would read as zero),
+    and one filled by lowrank_ggn's pass would leave a graph-attached tensor in the
+    model. Inside the block each such dict is replaced by an empty one, so the
+    forward pass computes from the parameters; the user's dict (the same object,
+    unchanged) is put back on exit.
+    """
+    saved = []
+    for m in model.modules():
+        for name, value in list(vars(m).items()):
+            if isinstance(value, dict) and "cache" in name.lower() and not (
+                name.startswith("_")
+            ):
+                if all(isinstance(v, Tensor) for v in value.values()):
+                    saved.append((m, name, value))
+                    setattr(m, name, {})
+    try:
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+
+
 def has_inference_fast_path(model: nn.Module) -> bool:
     """Whether ``model`` holds a module with a fused inference path (attention)."""
     fast = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
@@ -188,7 +216,7 @@ class FunctionalModel:
         state.update({n: b.clone() for n, b in self._buffers.items() if b is not None})
         state.update(zip(self.names, theta))
         args, kwargs = inputs.call_args()
-        with composite_attention(), plain_checkpoints():
+        with composite_attention(), plain_checkpoints(), fresh_caches(self.model):
             result = functional_call(self.model, state, args, kwargs, tie_weights=True)
         return select_output(result, self.output)
 
