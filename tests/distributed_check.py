@@ -110,7 +110,13 @@ def run_problem(name: str, group) -> dict:
     return out
 
 
-def worker(rank: int, port: int, out: str, fail: bool) -> None:
+def _broken_batches(X, y):
+    """A batch iterator that fails on this rank (``--fail-iter``)."""
+    yield X, y
+    raise ValueError("broken batch iterator")
+
+
+def worker(rank: int, port: int, out: str, fail: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -129,14 +135,18 @@ def worker(rank: int, port: int, out: str, fail: bool) -> None:
             model = mlp().double()
             data = batches((4,), [4, 4], seed=1)
             X, y = data[rank]
-            if rank == 1:
+            items = [(X, y)]
+            if rank == 1 and fail == "--fail":
                 y = y.clone()
                 y[0] = 7  # out of range for 3 classes
+                items = [(X, y)]
+            elif rank == 1:  # --fail-iter: the rank's own iterator raises
+                items = _broken_batches(X, y)
             try:
                 ggn_spectrum_dataset(
                     model,
                     nn.CrossEntropyLoss(),
-                    [(X, y)],
+                    items,
                     process_group=dist.group.WORLD,
                 )
                 record["raised"] = None
@@ -159,5 +169,6 @@ def free_port() -> int:
 
 
 if __name__ == "__main__":
-    out_dir, fail = sys.argv[1], "--fail" in sys.argv
+    out_dir = sys.argv[1]
+    fail = next((a for a in sys.argv[2:] if a.startswith("--fail")), "")
     mp.spawn(worker, args=(free_port(), out_dir, fail), nprocs=WORLD, join=True)

@@ -66,6 +66,15 @@ def test_a_failing_rank_raises_on_every_rank(tmp_path):
     assert "rank 1" in raised[0] and "RankFailed" in raised[0]  # the other: named
 
 
+def test_a_failing_batch_iterator_raises_on_every_rank(tmp_path):
+    """The iterator runs inside the agreement: rank 0 does not wait for rank 1."""
+    records = _run(tmp_path, "--fail-iter")
+    raised = [r.get("raised") for r in records]
+    assert all(raised), records
+    assert "broken batch iterator" in raised[1]
+    assert "rank 1" in raised[0] and "RankFailed" in raised[0]
+
+
 def test_sync_batch_norm_is_refused_clearly():
     model = nn.Sequential(nn.Linear(3, 4), nn.SyncBatchNorm(4), nn.Linear(4, 2))
     X, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])

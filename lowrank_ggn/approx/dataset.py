@@ -259,8 +259,13 @@ def ggn_spectrum_dataset(
             "pass [(inputs, targets)]."
         )
     comm = Comm(process_group)
-    if comm.distributed:
-        batches = list(batches)  # every rank's count first: global batch indices
+    if comm.distributed:  # every rank's count first: global batch indices
+        failure = None
+        try:  # inside the agreement: a rank's failing iterator stops every rank
+            batches = list(batches)
+        except Exception as err:  # noqa: BLE001 - re-raised by comm.agree
+            failure, batches = err, []
+        comm.agree(failure)
     first = (
         sum(comm.gather_objects(len(batches))[: comm.rank]) if comm.distributed else 0
     )
