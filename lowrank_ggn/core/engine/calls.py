@@ -2,35 +2,40 @@ r"""What the forward pass really calls: one function mode for the capture.
 
 Module hooks see modules as their classes describe them; a ``TorchFunctionMode`` sees
 the functional calls the forward pass makes, whichever module makes them. During the
-capture's forward pass (:mod:`~lowrank_ggn.core.engine.capture`) :class:`ForwardCalls`
+capture's forward pass (:mod:`~lowrank_ggn.core.engine.capture`), :class:`ForwardCalls`
 
 * hands every ``F.batch_norm`` to the BatchNorm handler
   (:class:`~lowrank_ggn.core.engine.batchnorm.BatchNormCalls`), which substitutes its
   checked recomputation inside the module's own ``forward`` (fused norm + activation
   modules keep their activation);
-* records every linear map of a selected parameter that no module hook captures
-  (:class:`FunctionalLinears`):
+* records, through :class:`FunctionalCalls`, the calls of selected parameters whose
+  rows have a closed form:
 
-  ======================  =========================  ==================================
-  call                    weight layout              who makes it
-  ======================  =========================  ==================================
-  ``F.linear(x, W, b)``   ``W`` ``[O, I]``           custom modules, ``Linear``
-                                                     subclasses with their own forward
-  ``torch.addmm(b, x, W)``  ``W`` ``[I, O]``         Hugging Face's ``Conv1D`` (GPT-2)
-  ======================  =========================  ==================================
+  ==========================  ==============================  ==========================
+  call                        parameters                      who makes it
+  ==========================  ==============================  ==========================
+  ``F.linear(x, W, b)``       ``W`` ``[O, I]``, ``b``         custom modules, ``Linear``
+                                                              subclasses
+  ``torch.addmm(b, x, W)``    ``W`` ``[I, O]``, ``b``         Hugging Face's ``Conv1D``
+  ``F.layer_norm`` …          the affine ``γ``, ``β``          timm's ``LayerNorm2d``
+  ``x * p``, ``x + p``        ``p`` broadcast (or a view)     layer scale, RMS norms,
+                                                              position tables
+  ==========================  ==============================  ==========================
 
-  ``y = x Wᵀ + b`` (or ``x W + b``) over any leading positions: the same operand as an
-  ``nn.Linear`` (:class:`~lowrank_ggn.core.engine.operands.DenseOperand`, ``[I, O]``
-  as its transposed layout). ``addmm`` flattens the positions into its rows
-  (``[N·P, I]``): they are taken as sample-major. A parameter called more than once
-  (tied weights, a layer reused at every depth: :attr:`ForwardCalls.uses`) is not
-  captured, by a module hook or here: its rows need the cross terms of its uses, and
-  it stays generic. Every recorded call is captured on
-  trust: the engine's self-check compares the rows with autograd, parameter by
-  parameter, and leaves exactly the mismatching ones generic.
+  A linear call is the operand of an ``nn.Linear``
+  (:class:`~lowrank_ggn.core.engine.operands.DenseOperand`, ``[I, O]`` as its
+  transposed layout); ``addmm`` flattens the positions into its rows (``[N·P, I]``),
+  taken as sample-major. An elementwise call is an
+  :class:`~lowrank_ggn.core.engine.operands.ElementwiseOperand`;
+* counts every differentiable read of each parameter (:attr:`ForwardCalls.uses`): the
+  capture keeps a parameter only where every read is a captured call (several reads:
+  tied weights, a reused layer, whose rows are summed over the reads).
 
-The mode only observes: every call returns what the model computes (the BatchNorm
-substitution carries the model's own values).
+Every recorded call is captured on trust: the engine's self-check compares the rows
+with autograd, parameter by parameter, and leaves exactly the mismatching ones
+generic. The mode only observes: every call returns what the model computes (the
+BatchNorm substitution carries the model's own values). Calls made inside another
+function the mode sees (``F.multi_head_attention_forward``) are not seen.
 """
 
 from __future__ import annotations

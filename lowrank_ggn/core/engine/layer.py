@@ -50,7 +50,7 @@ class Layer:
         local: Whether output gradients vanish off each column's own sample.
         functional: Recorded from a call, not a module hook
             (:mod:`~lowrank_ggn.core.engine.calls`): a linear map (``kind`` LINEAR;
-            ``io_layout``: its weight is stored ``[I, O]``, ``addmm``), or an
+            an ``addmm`` weight stored ``[I, O]`` as the transposed layout), or an
             elementwise affine with broadcast parameters (``kind`` NORM; ``perm``
             orders the output's dimensions broadcast ones first).
         batch: ``N``, the batch the operand was built for.
@@ -73,7 +73,6 @@ class Layer:
     explicit: list[Tensor] = field(default_factory=list)
     local: bool = True
     functional: bool = False
-    io_layout: bool = False
     perm: tuple[int, ...] = ()
     batch: int = 0
     shared: frozenset[int] = frozenset()
@@ -112,7 +111,6 @@ class Layer:
         self.batch = batch_size
         if self.functional and self.kind is Kind.LINEAR:
             call = args[0]  # a LinearCall
-            self.io_layout = call.io_layout
             self.operand = linear_call_operand(
                 call.input, y, batch_size, call.io_layout
             )
