@@ -135,12 +135,20 @@ def worker(rank: int, port: int, out: str, fail: str) -> None:
             model = mlp().double()
             data = batches((4,), [4, 4], seed=1)
             X, y = data[rank]
-            items = [(X, y)]
+            items, options = [(X, y)], {}
+            if rank == 1 and fail == "--fail-params":  # another architecture
+                model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+                model = model.double()
+            elif rank == 1 and fail == "--fail-values":  # the same, other values
+                with torch.no_grad():
+                    next(model.parameters()).add_(1e-3)
+            elif rank == 1 and fail == "--fail-options":  # another solver: would hang
+                options = {"solver": "lanczos", "top_k": 2}
             if rank == 1 and fail == "--fail":
                 y = y.clone()
                 y[0] = 7  # out of range for 3 classes
                 items = [(X, y)]
-            elif rank == 1:  # --fail-iter: the rank's own iterator raises
+            elif rank == 1 and fail == "--fail-iter":  # the rank's own iterator raises
                 items = _broken_batches(X, y)
             try:
                 ggn_spectrum_dataset(
@@ -148,6 +156,7 @@ def worker(rank: int, port: int, out: str, fail: str) -> None:
                     nn.CrossEntropyLoss(),
                     items,
                     process_group=dist.group.WORLD,
+                    **options,
                 )
                 record["raised"] = None
             except Exception as err:  # noqa: BLE001 - recorded for the test

@@ -75,6 +75,22 @@ def test_a_failing_batch_iterator_raises_on_every_rank(tmp_path):
     assert "rank 1" in raised[0] and "RankFailed" in raised[0]
 
 
+@pytest.mark.parametrize(
+    ("flag", "topic"),
+    [
+        ("--fail-params", "its parameters"),
+        ("--fail-values", "its values"),
+        ("--fail-options", "its options"),
+    ],
+)
+def test_ranks_that_disagree_raise_on_every_rank_before_any_data(tmp_path, flag, topic):
+    """Another model, other parameter values or other options on rank 1."""
+    records = _run(tmp_path, flag)
+    for record in records:
+        raised = record.get("raised") or ""
+        assert "RankFailed" in raised and "rank 1" in raised and topic in raised, record
+
+
 def test_sync_batch_norm_is_refused_clearly():
     model = nn.Sequential(nn.Linear(3, 4), nn.SyncBatchNorm(4), nn.Linear(4, 2))
     X, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])

@@ -64,7 +64,7 @@ from lowrank_ggn.core.spectrum import (
     default_rtol,
     drop_unresolved,
 )
-from lowrank_ggn.core.state import model_preserved
+from lowrank_ggn.core.state import fingerprint, model_preserved
 from lowrank_ggn.core.validation import check_model, check_options
 
 #: With ``progress=None``, a progress bar is shown for at least this many batches.
@@ -258,7 +258,35 @@ def ggn_spectrum_dataset(
             "batches must be an iterable of (inputs, targets) pairs; for one batch "
             "pass [(inputs, targets)]."
         )
+    if params is not None and not isinstance(params, (Tensor, dict, list, tuple)):
+        params = list(params)  # read twice below (a generator only once)
     comm = Comm(process_group)
+    comm.handshake(  # before any data collective: the same call on every rank
+        {
+            "parameters": [
+                (n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()
+            ],
+            "values": [entry[4] for entry in fingerprint(model)],
+            "options": {
+                "params": None if params is None else repr(
+                    [tuple(getattr(p, "shape", ())) for p in params]
+                    if isinstance(params, (list, tuple))
+                    else type(params).__name__
+                ),
+                "top_k": top_k,
+                "eigenvectors": eigenvectors,
+                "rtol": rtol,
+                "chunk": chunk,
+                "path": path,
+                "mc_samples": mc_samples,
+                "solver": solver,
+                "memory_budget": budget,
+                "activations": activations,
+                "output": repr(output),
+            },
+            "loss": (type(loss_func).__name__, getattr(loss_func, "reduction", None)),
+        }
+    )
     if comm.distributed:  # every rank's count first: global batch indices
         failure = None
         try:  # inside the agreement: a rank's failing iterator stops every rank

@@ -78,6 +78,28 @@ class Comm:
                 f"{text}"
             )
 
+    def handshake(self, description: dict) -> None:
+        """Raise :class:`RankFailed` on every rank unless all ranks describe the same call.
+
+        ``description`` maps a topic (parameters, values, options, loss) to plain
+        data; every rank compares every rank's with rank 0's, so all raise alike, with
+        the first rank and topic that differ, before any data collective.
+        """
+        if not self.distributed:
+            return
+        every = self.gather_objects(description)
+        for rank, other in enumerate(every):
+            for topic, mine in every[0].items():
+                theirs = other.get(topic)
+                if theirs != mine:
+                    raise RankFailed(
+                        f"rank {rank} of the process group differs from rank 0 in "
+                        f"its {topic}: {_first_difference(mine, theirs)}. Every rank "
+                        "must call ggn_spectrum_dataset with the same model (names, "
+                        "shapes, dtypes and values of its parameters and buffers), "
+                        "loss and options."
+                    )
+
     def all_reduce_(self, tensor: Tensor) -> Tensor:
         """Sum ``tensor`` over the ranks, in place."""
         if self.distributed:
@@ -99,6 +121,20 @@ class Comm:
         out = list(objects)
         self.dist.broadcast_object_list(out, src=self._global(src), group=self.group)
         return out
+
+
+def _first_difference(a: object, b: object) -> str:
+    """The first entry where two descriptions differ, as text."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return f"entry {i}: {x!r} on rank 0, {y!r} here"
+        return f"{len(a)} entries on rank 0, {len(b)} here"
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k) != b.get(k):
+                return f"{k}: {a.get(k)!r} on rank 0, {b.get(k)!r} here"
+    return f"{a!r} on rank 0, {b!r} here"
 
 
 def check_sync_batch_norm(model: torch.nn.Module) -> None:
