@@ -147,6 +147,15 @@ def _projected_columns(batches: Iterable, lin: Linearization) -> int | None:
         return None
 
 
+def _stable_name(obj: object) -> object:
+    """What a handshake compares of a callable: the same text on every rank."""
+    if obj is None or isinstance(obj, (str, int)):
+        return obj
+    if isinstance(obj, nn.Module):
+        return type(obj).__name__
+    return getattr(obj, "__qualname__", type(obj).__name__)
+
+
 def ggn_spectrum_dataset(
     model: nn.Module,
     loss_func: nn.Module,
@@ -282,9 +291,9 @@ def ggn_spectrum_dataset(
                 "solver": solver,
                 "memory_budget": budget,
                 "activations": activations,
-                "output": repr(output),
+                "output": _stable_name(output),
             },
-            "loss": (type(loss_func).__name__, getattr(loss_func, "reduction", None)),
+            "loss": (_stable_name(loss_func), getattr(loss_func, "reduction", None)),
         }
     )
     if comm.distributed:  # every rank's count first: global batch indices
