@@ -196,14 +196,18 @@ class GGN:
         self._gram: Tensor | None = None
         self._eigh: GramEigenpairs | None = None
         self._versions = fingerprint(model)
+        self._observers = 0  # open _observing blocks (nested in one method call)
 
     @contextmanager
     def _observing(self) -> Iterator[None]:  # refuse a changed model; never change it
-        refuse_changed(self.model, self._versions, "GGN")
+        if not self._observers:  # the outermost block of a method call checks
+            refuse_changed(self.model, self._versions, "GGN")  # one pass over D
+        self._observers += 1
         try:
             with model_preserved(self.model):
                 yield
         finally:  # the restore may bump versions; the values are the checked ones
+            self._observers -= 1
             self._versions = restored_fingerprint(self.model, self._versions)
 
     @property

@@ -208,9 +208,8 @@ def recompute_batch_norm(bn: BNLayer, call: dict, switch: FreezeSwitch) -> Tenso
     if b is not None:
         y = y + b.view(shape)
     bn.mean, bn.inv_std, bn.xhat, bn.output = mean, inv_std, xhat.detach(), y
-    bn.target = get_gradient_edge(y) if y.requires_grad else None
     bn.input, bn.batch_stats = x, batch_stats
-    bn.gamma = (w.detach() if w is not None else torch.ones_like(mean)).detach()
+    bn.gamma = w.detach() if w is not None else torch.ones_like(mean).detach()
     bn.calls += 1
     return y
 
