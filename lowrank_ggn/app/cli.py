@@ -15,6 +15,9 @@ concise report and writes into the output folder
   index, the models side by side in each panel;
 * ``top_eigenvectors.pt``: ``{model: [k, D]}`` top eigenvectors (``torch.load``).
 
+Each of these is a link into the run's own folder under ``.lowrank-ggn/``, switched
+with one atomic step (:mod:`lowrank_ggn.app.results_folder`): whenever a run stops,
+the folder shows the earlier run's results or the new run's, never a mix.
 
 The code is split by concept: :mod:`lowrank_ggn.app.training` (the SGD training loop),
 :mod:`lowrank_ggn.app.problems` (zoo or ``--setup`` problems, sub-sampling positions,
@@ -203,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the results of an earlier run in --out (its stale files are "
-        "removed; other files are kept; e.g. --out results --overwrite)",
+        help="replace the results of an earlier run in --out in one atomic switch "
+        "(an interrupted run leaves the earlier results; files other than results "
+        "are kept; e.g. --out results --overwrite)",
     )
     return parser
 
@@ -312,7 +316,7 @@ def _run(args: argparse.Namespace) -> int:
         "models": {p.name: analyse(p, args) for p in problems},
     }
     report["seconds_total"] = time.perf_counter() - t_start
-    written = write_outputs(report, args.out, args.overwrite)
+    written = write_outputs(report, args.out)
     print(format_report(report))
     print("wrote         " + ", ".join(str(p) for p in written))
     return 0

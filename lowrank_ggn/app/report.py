@@ -8,9 +8,6 @@ JSON) and ``"seconds_total"``.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ from typing import Any
 import torch
 
 from lowrank_ggn.app.models import NUM_CLASSES
+from lowrank_ggn.app.results_folder import folder_problem, publish
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -126,7 +124,8 @@ def _label(name: str, e: dict[str, Any]) -> str:
     return name
 
 
-#: Every file a run writes (the figures as .png and .pdf): what --overwrite replaces.
+#: Every file a run may write (the figures as .png and .pdf): an earlier run's files
+#: with these names are replaced, the ones a run does not write are removed.
 OUTPUTS = (
     "spectrum.json",
     "top_eigenvectors.pt",
@@ -137,45 +136,20 @@ OUTPUTS = (
 
 def output_problem(out: Path, overwrite: bool) -> str | None:
     """Why ``out`` cannot take this run's results (checked before any work), or ``None``."""
-    if out.exists() and not out.is_dir():
-        return f"--out {str(out)!r} is a file; pass a folder."
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        return (
-            f"--out {str(out)!r} is not empty; pass --overwrite to replace an earlier "
-            "run's results there, or choose another folder."
-        )
-    parent = out if out.is_dir() else next(p for p in out.parents if p.exists())
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return (
-            f"--out {str(out)!r} cannot be written: no permission in {str(parent)!r}."
-        )
-    return None
+    return folder_problem(out, overwrite, OUTPUTS)
 
 
-def write_outputs(
-    report: dict[str, Any], out: Path, overwrite: bool = False
-) -> list[Path]:
+def write_outputs(report: dict[str, Any], out: Path) -> list[Path]:
     """``spectrum.json``, ``spectrum.png``/``.pdf``, ``top_eigenvectors.pt`` (+ extras).
 
-    Every file is written into a staging folder beside ``out`` and then renamed into
-    ``out`` (atomic per file); with ``overwrite`` an earlier run's files that this
-    run does not write are removed, so the folder never mixes two runs' results.
+    The files go into a run folder of their own inside ``out`` and appear in ``out``
+    with one atomic switch (:func:`lowrank_ggn.app.results_folder.publish`): an
+    interrupted run leaves the earlier run's results or this run's, never a mix, and
+    files other than results are kept.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
-        staged = _write_files(report, staging)
-        written = []
-        for path in staged:
-            os.replace(path, out / path.name)
-            written.append(out / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    if overwrite:
-        for name in OUTPUTS:
-            if out / name not in written:
-                (out / name).unlink(missing_ok=True)
-    return written
+    return publish(
+        out, lambda folder: _write_files(report, folder), report["settings"], OUTPUTS
+    )
 
 
 def _write_files(report: dict[str, Any], out: Path) -> list[Path]:
