@@ -1,11 +1,18 @@
 """Two gloo processes against one: the data-set GGN under torch.distributed (float64).
 
 Run by ``tests/test_distributed.py`` as a script (``python distributed_check.py OUT
-[--fail]``): it spawns two ranks on 127.0.0.1, each passes its own batches to
+[--MODE]``): it starts two ranks on 127.0.0.1 (separate processes, joined one by one,
+so that a rank that dies leaves the other running), each passes its own batches to
 ``ggn_spectrum_dataset(..., process_group=WORLD)``, and rank 0 compares the result
 with the single-process call over all batches. Every rank writes
 ``OUT/rank<r>.json``: the largest relative deviations per problem, or the exception
-it raised (``--fail``: rank 1 gets a batch with an out-of-range target).
+it raised (``--fail``: rank 1 gets a batch with an out-of-range target; ``--fail-*``
+see ``worker``), the seconds until it raised and the group's default timeout. The
+faults that no agreement can report pass ``timeout=CALL_TIMEOUT_S``: ``--die``, rank 1
+calls ``os._exit(1)`` in its batch iterator after the handshake; ``--die-solver``, in
+its tenth forward pass (in a Lanczos product); ``--hang``, rank 1 stalls in its iterator
+until rank 0 has written its record, then exits. A rank that dies writes
+``{"died": where}`` first.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import json
 import os
 import socket
 import sys
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +34,9 @@ from torch import nn
 F64 = torch.float64
 WORLD = 2
 TIMEOUT = timedelta(seconds=60)
+#: ``timeout=`` of the calls with a rank that dies or hangs (seconds).
+CALL_TIMEOUT_S = 10.0
+DIE_AT_FORWARD = 10  # --die-solver: the forward pass in which rank 1 exits
 
 
 def mlp() -> nn.Module:
@@ -116,9 +127,44 @@ def _broken_batches(X, y):
     raise ValueError("broken batch iterator")
 
 
+def _die(out: str, where: str) -> None:
+    """Record where this rank dies, then end the process at once (no clean-up)."""
+    Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps({"died": where}))
+    os._exit(1)
+
+
+def _dying_batches(X, y, out: str):
+    """A batch iterator whose rank dies after the handshake (``--die``)."""
+    yield X, y
+    _die(out, "batch iterator")
+
+
+def _hanging_batches(X, y, out: str):
+    """A batch iterator that stalls until rank 0 has raised, then dies (``--hang``)."""
+    yield X, y
+    deadline = time.monotonic() + 120
+    while not Path(out, "rank0.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _die(out, "batch iterator, after stalling")
+
+
+def _die_in_forward(model: nn.Module, out: str) -> None:
+    """Make this rank die in its ``DIE_AT_FORWARD``-th forward pass (``--die-solver``)."""
+    calls = [0]
+
+    def hook(module, args):
+        calls[0] += 1
+        if calls[0] == DIE_AT_FORWARD:
+            _die(out, f"forward pass {calls[0]}")
+
+    model.register_forward_pre_hook(hook)
+
+
 def worker(rank: int, port: int, out: str, fail: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    import lowrank_ggn  # noqa: F401 - imported before the rendezvous: ranks in step
+
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -130,6 +176,9 @@ def worker(rank: int, port: int, out: str, fail: str) -> None:
     try:
         if fail:
             from lowrank_ggn import ggn_spectrum_dataset
+            from lowrank_ggn.approx.distributed import Comm
+
+            record["default_timeout"] = Comm(dist.group.WORLD).timeout
 
             torch.manual_seed(0)
             model = mlp().double()
@@ -150,6 +199,17 @@ def worker(rank: int, port: int, out: str, fail: str) -> None:
                 items = [(X, y)]
             elif rank == 1 and fail == "--fail-iter":  # the rank's own iterator raises
                 items = _broken_batches(X, y)
+            if fail in ("--die", "--die-solver", "--hang"):  # no agreement reports it
+                options = {"timeout": CALL_TIMEOUT_S}
+            if fail == "--die-solver":  # every rank, for the same options
+                options.update(solver="lanczos", top_k=2, activations="recompute")
+            if rank == 1 and fail == "--die":
+                items = _dying_batches(X, y, out)
+            elif rank == 1 and fail == "--die-solver":
+                _die_in_forward(model, out)
+            elif rank == 1 and fail == "--hang":
+                items = _hanging_batches(X, y, out)
+            start = time.monotonic()
             try:
                 ggn_spectrum_dataset(
                     model,
@@ -161,6 +221,7 @@ def worker(rank: int, port: int, out: str, fail: str) -> None:
                 record["raised"] = None
             except Exception as err:  # noqa: BLE001 - recorded for the test
                 record["raised"] = f"{type(err).__name__}: {err}"
+            record["seconds"] = time.monotonic() - start
         else:
             for name in PROBLEMS:
                 record[name] = run_problem(name, dist.group.WORLD)
@@ -179,5 +240,15 @@ def free_port() -> int:
 
 if __name__ == "__main__":
     out_dir = sys.argv[1]
-    fail = next((a for a in sys.argv[2:] if a.startswith("--fail")), "")
-    mp.spawn(worker, args=(free_port(), out_dir, fail), nprocs=WORLD, join=True)
+    mode = next((a for a in sys.argv[2:] if a.startswith("--")), "")
+    # not mp.spawn: it terminates every rank as soon as one exits with an error
+    context = mp.get_context("spawn")
+    port = free_port()
+    ranks = [
+        context.Process(target=worker, args=(rank, port, out_dir, mode))
+        for rank in range(WORLD)
+    ]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join()

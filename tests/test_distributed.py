@@ -4,7 +4,8 @@
 problems: an MLP and a train-mode BatchNorm CNN with batches split unevenly across
 the ranks, dense and Lanczos (``activations="recompute"`` too), Monte-Carlo factors
 from a seeded generator, and eigenvectors. A rank that fails must make every rank
-raise, within the timeout.
+raise; a rank that dies (``os._exit``) or hangs must make the survivor raise
+``RankFailed`` within the call's ``timeout``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_check import CALL_TIMEOUT_S, TIMEOUT
 from torch import nn
 
 from lowrank_ggn import ggn_spectrum_dataset
@@ -23,18 +25,24 @@ from lowrank_ggn import ggn_spectrum_dataset
 SCRIPT = Path(__file__).resolve().parent / "distributed_check.py"
 DENSE_RTOL = 1e-9
 LANCZOS_RTOL = 1e-6
+#: What a survivor may take beyond ``CALL_TIMEOUT_S``: the call's own local work and
+#: a loaded machine (measured on 2 cores: 0.1 s after a crash in the iterator, 2.6 s
+#: after one in a Lanczos product, 10.0 s for a rank that hangs).
+SLACK_S = 5.0
+#: A fault run (two processes started, each importing torch) ends within this.
+FAULT_RUN_S = 90
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed not built in"
 )
 
 
-def _run(tmp_path: Path, *flags: str) -> list[dict]:
+def _run(tmp_path: Path, *flags: str, timeout: float = 240) -> list[dict]:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path), *flags],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
         check=False,
     )
     records = []
@@ -64,6 +72,63 @@ def test_a_failing_rank_raises_on_every_rank(tmp_path):
     assert all(raised), records
     assert "targets" in raised[1]  # the failing rank: its own error
     assert "rank 1" in raised[0] and "RankFailed" in raised[0]  # the other: named
+    for record in records:  # timeout=None: the group's own
+        assert record["default_timeout"] == TIMEOUT.total_seconds(), record
+
+
+@pytest.mark.parametrize(
+    ("flag", "where", "waiting_in"),
+    [
+        ("--die", "batch iterator", "the agreement after reading the batches"),
+        ("--die-solver", "forward pass", "an all-reduce"),
+    ],
+)
+def test_a_rank_that_dies_makes_the_survivor_raise_within_the_timeout(
+    tmp_path, flag, where, waiting_in
+):
+    """Rank 1 calls ``os._exit(1)`` after the handshake: no agreement can report it."""
+    records = _run(tmp_path, flag, timeout=FAULT_RUN_S)
+    assert where in records[1].get("died", ""), records[1]
+    survivor = records[0]
+    raised = survivor.get("raised") or ""
+    assert raised.startswith("RankFailed: rank 1 "), survivor
+    assert waiting_in in raised and "check its log" in raised, survivor
+    assert survivor["seconds"] < CALL_TIMEOUT_S + SLACK_S, survivor
+
+
+def test_a_rank_that_hangs_makes_the_other_raise_after_the_timeout(tmp_path):
+    """Rank 1 stalls in its iterator: rank 0 waits ``timeout`` seconds, no longer."""
+    records = _run(tmp_path, "--hang", timeout=FAULT_RUN_S)
+    survivor = records[0]
+    raised = survivor.get("raised") or ""
+    assert raised.startswith("RankFailed: rank 1 "), survivor
+    assert f"timeout={CALL_TIMEOUT_S:g} s" in raised, survivor
+    assert "did not answer" in raised and "larger timeout=" in raised, survivor
+    assert CALL_TIMEOUT_S <= survivor["seconds"] < CALL_TIMEOUT_S + SLACK_S, survivor
+
+
+def _unread_batches():
+    raise AssertionError("the batches were read before the timeout was checked")
+    yield  # a generator
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [
+        (0, ValueError),
+        (-1.0, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        ("10", TypeError),
+        (True, TypeError),
+    ],
+)
+def test_timeout_is_checked_before_any_work(timeout, error):
+    """Also for one process: a script tried on one rank fails alike on many."""
+    with pytest.raises(error, match="timeout must be a"):
+        ggn_spectrum_dataset(
+            nn.Linear(3, 2), nn.CrossEntropyLoss(), _unread_batches(), timeout=timeout
+        )
 
 
 def test_a_failing_batch_iterator_raises_on_every_rank(tmp_path):

@@ -175,6 +175,7 @@ def ggn_spectrum_dataset(
     process_group: object | None = None,
     activations: str = "keep",
     output: OutputSpec = None,
+    timeout: float | None = None,
 ) -> DatasetSpectrum:
     r"""Nonzero spectrum of the data-set GGN ``Σ_b w_b G_b`` over many batches.
 
@@ -216,12 +217,17 @@ def ggn_spectrum_dataset(
             batch's activations; one more forward pass per batch and product).
         output: Which tensor of the model's return value the loss takes
             (:mod:`lowrank_ggn.core.outputs`).
+        timeout: Seconds any one collective wait may last before :class:`RankFailed`
+            names the rank that did not answer (``None``: the process group's own
+            timeout, 30 min for gloo unless set; :mod:`lowrank_ggn.approx.distributed`).
+            It must exceed the longest one rank lags behind another (its extra batches).
 
     Returns:
         A :class:`DatasetSpectrum`.
 
     Raises:
         GramMemoryError: When the dense solver would exceed ``memory_budget``.
+        RankFailed: When another rank fails, disagrees, dies or does not answer.
 
     Example:
         >>> import torch
@@ -269,7 +275,7 @@ def ggn_spectrum_dataset(
         )
     if params is not None and not isinstance(params, (Tensor, dict, list, tuple)):
         params = list(params)  # read twice below (a generator only once)
-    comm = Comm(process_group)
+    comm = Comm(process_group, timeout)
     comm.handshake(  # before any data collective: the same call on every rank
         {
             "parameters": [
@@ -302,7 +308,7 @@ def ggn_spectrum_dataset(
             batches = list(batches)
         except Exception as err:  # noqa: BLE001 - re-raised by comm.agree
             failure, batches = err, []
-        comm.agree(failure)
+        comm.agree(failure, "the agreement after reading the batches")
     first = (
         sum(comm.gather_objects(len(batches))[: comm.rank]) if comm.distributed else 0
     )
@@ -352,7 +358,7 @@ def ggn_spectrum_dataset(
                 )
         except Exception as err:  # noqa: BLE001 - raised on every rank by agree
             error = err
-        comm.agree(error)
+        comm.agree(error, "the agreement after every batch's factors")
         everyone = comm.gather_objects(local)
         flat = [entry for rank in everyone for entry in rank]
         sizes = [n for n, _, _ in flat]
