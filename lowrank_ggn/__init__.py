@@ -14,6 +14,7 @@ from lowrank_ggn import optim, reference
 from lowrank_ggn.approx.dataset import DatasetSpectrum, ggn_spectrum_dataset
 from lowrank_ggn.approx.dataset_solvers import GramMemoryError
 from lowrank_ggn.approx.param_groups import per_layer_groups
+from lowrank_ggn.core.budget import MemoryBudgetExceeded, MemoryBudgetWarning
 from lowrank_ggn.core.loss_autodiff import AutodiffLoss
 from lowrank_ggn.core.loss_factors import loss_hessian_factors, resolve_loss
 from lowrank_ggn.core.loss_sampling import sampled_loss_hessian_factors
@@ -52,6 +53,8 @@ __all__ = [
     "GGNSpectrum",
     "GradientMoments",
     "GramMemoryError",
+    "MemoryBudgetExceeded",
+    "MemoryBudgetWarning",
     "NearZeroEigenvalueWarning",
     "SampleMixingWarning",
     "StructureCheck",

@@ -17,7 +17,8 @@ runs the model twice on the whole batch: once with the graph, recorded for the G
 engine, and once as the determinism check; the path check evaluates four probe
 samples one at a time and backpropagates once through the recorded graph. ``GGN(...)``, ``.spectrum(top_k=k, eigenvectors=True)``, ``.moments()`` and
 ``.directional_derivatives(eigenvectors)`` then take at most three forward passes
-of the batch in all (:attr:`GGN.forward_passes` counts them); four on the
+of the batch in all, plus the memory budget's probe of ``min(N, 4)`` samples
+(:mod:`lowrank_ggn.core.footprint`; :attr:`GGN.forward_passes` counts them); four on the
 per-sample path when parameters outside ``Linear``/``Conv2d``/BatchNorm layers need
 per-sample VJPs.
 
@@ -38,12 +39,16 @@ from torch import Tensor, nn
 
 from lowrank_ggn.approx.param_groups import groups_within
 from lowrank_ggn.approx.subsampling import check_subsampling
-from lowrank_ggn.core.budget import check_linearization_memory
+from lowrank_ggn.core.budget import check_linearization_memory, resolve_memory_budget
 from lowrank_ggn.core.engine import EngineReport, Solver
+from lowrank_ggn.core.engine.batchnorm import has_batch_norm
+from lowrank_ggn.core.footprint import CallBudget, PeakMonitor, gram_parts
 from lowrank_ggn.core.gram import check_engine, gram_from_linearization
 from lowrank_ggn.core.inputs import as_inputs
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
+from lowrank_ggn.core.loss_factors import num_factor_columns, resolve_loss
 from lowrank_ggn.core.loss_sampling import check_mc_samples
+from lowrank_ggn.core.model import FunctionalModel
 from lowrank_ggn.core.outputs import OutputSpec, check_output
 from lowrank_ggn.core.paths import EnginePath, check_path
 from lowrank_ggn.core.precision import (
@@ -142,7 +147,7 @@ class GGN:
         ...     mom = ggn.moments()
         ...     dd = ggn.directional_derivatives(spec)
         >>> assert torch.allclose(dd.curvatures, spec.eigenvalues)
-        >>> ggn.forward_passes <= 3
+        >>> ggn.forward_passes <= 3 + 4 / len(X)  # and the memory probe
         True
 
     """
@@ -197,18 +202,52 @@ class GGN:
         self._eigh: GramEigenpairs | None = None
         self._versions = fingerprint(model)
         self._observers = 0  # open _observing blocks (nested in one method call)
+        self._budget = CallBudget(
+            resolve_memory_budget(memory_budget),
+            lambda: FunctionalModel(model, self.params, output),
+            inputs,
+            lambda shape: mc_samples or num_factor_columns(resolve_loss(loss_func), shape),
+            None if subsampling is None else len(subsampling),
+            path == "full_batch" or has_batch_norm(model),
+        )
+        self._work = self._budget.budget  # bytes the engine may use (after check)
 
     @contextmanager
     def _observing(self) -> Iterator[None]:  # refuse a changed model; never change it
-        if not self._observers:  # the outermost block of a method call checks
+        outermost = not self._observers
+        if outermost:  # the outermost block of a method call checks
             refuse_changed(self.model, self._versions, "GGN")  # one pass over D
+        report = self.engine_report
         self._observers += 1
         try:
-            with model_preserved(self.model):
+            with model_preserved(self.model), PeakMonitor() as peak:
                 yield
         finally:  # the restore may bump versions; the values are the checked ones
             self._observers -= 1
             self._versions = restored_fingerprint(self.model, self._versions)
+        new = self.engine_report
+        if outermost and new is not None and new is not report:
+            new.memory_peak = peak.peak  # the call that produced the report
+            if self._budget.last is not None:
+                new.memory_estimate = dict(self._budget.last.parts)
+                new.memory_budget = self._budget.budget
+
+    def _fit(self, streamed: bool = True, **parts) -> None:
+        """Refuse before any forward pass of the batch unless the call fits the budget.
+
+        ``parts``: :func:`~lowrank_ggn.core.footprint.gram_parts`' keywords (the
+        method's Gram matrices, ``eigh``, eigenvectors); the engine then gets the
+        bytes left (:mod:`lowrank_ggn.core.footprint`).
+        """
+        if not self._budget.bounded or self._observers > 1:
+            return  # nested in a method that checked its own (larger) parts
+        acc = accumulation_dtype(self._budget_dtype(), self.accumulate).itemsize
+        generic = self.engine == "generic"
+        spec = gram_parts(self._budget.shape, acc_item=acc, generic=generic, **parts)
+        self._work = self._budget.check(spec, streamed and not generic)
+
+    def _budget_dtype(self) -> torch.dtype:
+        return self.params[0].dtype if self.params else torch.get_default_dtype()
 
     @property
     def linearization(self) -> Linearization:
@@ -236,8 +275,12 @@ class GGN:
 
     @property
     def forward_passes(self) -> float:
-        """Forward passes of the model so far, in full-batch equivalents (0 before)."""
-        return 0.0 if self._lin is None else self._lin.forward_passes
+        """Forward passes of the model so far, in full-batch equivalents (0 before).
+
+        Includes the memory budget's probe of ``min(N, 4)`` samples.
+        """
+        probe = self._budget.probe_passes
+        return probe if self._lin is None else self._lin.forward_passes + probe
 
     def _gram_memory(self, lin: Linearization, num_grams: int) -> None:
         acc = accumulation_dtype(lin.outputs.dtype, self.accumulate).itemsize
@@ -250,7 +293,7 @@ class GGN:
             lin,
             self.chunk,
             self.engine,
-            self.memory_budget,
+            self._work,
             groups,
             self._strategy,
             self.progress,
@@ -266,6 +309,7 @@ class GGN:
         """
         with self._observing():
             if self._gram is None:
+                self._fit(grams=1)
                 self._gram = self._grams(None)[0]
             return self._gram
 
@@ -281,6 +325,7 @@ class GGN:
         """
         with self._observing():
             groups, _ = groups_within(self.model, self.params, param_groups)
+            self._fit(grams=len(groups))
             return self._grams(groups)[: len(param_groups)]
 
     def _pairs(self, lin: Linearization) -> GramEigenpairs:
@@ -318,6 +363,11 @@ class GGN:
         check_options(rtol=rtol, top_k=top_k)
         chosen = check_solver(solver, top_k, None, self.engine)
         with self._observing():
+            vectors = _count(eigenvectors, top_k)
+            if chosen is Solver.LANCZOS:
+                self._fit(grams=0, eigenvectors=vectors)
+            elif self._eigh is None:
+                self._fit(grams=1, eigh=True, eigenvectors=vectors)
             lin = self.linearization
             if chosen is Solver.AUTO:
                 chosen = choose_solver(lin, top_k)
@@ -328,9 +378,7 @@ class GGN:
             )
             if chosen is Solver.LANCZOS:
                 self._gram_memory(lin, 0)
-                pairs = lanczos_pairs(
-                    lin, top_k, rtol, model, self.memory_budget, self.progress
-                )
+                pairs = lanczos_pairs(lin, top_k, rtol, model, self._work, self.progress)
             else:
                 pairs = self._pairs(lin).select(rtol, top_k)
             return spectrum_result(lin, pairs, eigenvectors, self.chunk)
@@ -350,8 +398,10 @@ class GGN:
         check_eigenvectors(eigenvectors)
         check_options(rtol=rtol, top_k=top_k)
         with self._observing():
-            lin = self.linearization
             groups, positions = groups_within(self.model, self.params, param_groups)
+            vectors = _count(eigenvectors, top_k)
+            self._fit(grams=len(groups), eigh=True, eigenvectors=vectors)
+            lin = self.linearization
             grams = self._grams(groups)
             lin.engine_report.solver = Solver.DENSE
             model = ErrorModel.of(
@@ -425,6 +475,13 @@ class GGN:
             self.targets,
             params=self._linearize_args["params"],
         )
+
+
+def _count(eigenvectors: bool | int, top_k: int | None) -> int:
+    """How many eigenvectors a spectrum call returns at most (``2**40``: all)."""
+    if eigenvectors is True:
+        return top_k or 2**40
+    return int(eigenvectors)
 
 
 __all__ = ["GGN"]

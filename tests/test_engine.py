@@ -8,6 +8,7 @@ from cases import CASES
 from utils import assert_spectrum_matches, report_close
 
 from lowrank_ggn import ggn_spectrum, gram_matrix
+from lowrank_ggn.core.budget import MemoryBudgetExceeded
 from lowrank_ggn.core.engine import LayerTreatment, Strategy
 from lowrank_ggn.core.engine.accumulate import (
     add_kron_blocks,
@@ -15,6 +16,8 @@ from lowrank_ggn.core.engine.accumulate import (
     symmetric_rank_k_update,
 )
 from lowrank_ggn.core.engine.operands import DenseOperand
+from lowrank_ggn.core.engine.run import layerwise_gram
+from lowrank_ggn.core.linearization import linearize
 from lowrank_ggn.reference import dense_ggn
 
 MIXING, SPLIT = LayerTreatment.MIXING, LayerTreatment.SPLIT
@@ -145,13 +148,15 @@ def test_explicit_channel_chunks_under_small_budget():
 
 
 def test_memory_budget_is_enforced_with_a_clear_error():
-    """Too small for the Gram: refused up front; too small for the blocks: the engine."""
+    """Too small for the call: refused up front; too small for the blocks: the engine."""
     model, loss, X, y = next(c for c in CASES if c.name == "bn2d-train-ce").make()
-    with pytest.raises(ValueError, match="exceeds the memory budget"):
+    with pytest.raises(MemoryBudgetExceeded, match="more than memory_budget"):
         gram_matrix(model, loss, X, y, memory_budget=1000)
-    # Gram (15² · 8 B) and S fit in 4000 B, the mixing conv's explicit blocks do not
-    with pytest.raises(MemoryError, match="memory_budget=.* GiB"):
-        gram_matrix(model, loss, X, y, memory_budget=4000, strategy="columns")
+    # the engine's work budget: Gram and S fit, the mixing conv's explicit blocks
+    # do not
+    lin = linearize(model, loss, X, y)
+    with pytest.raises(MemoryBudgetExceeded, match="memory_budget=.* GiB"):
+        layerwise_gram(lin, memory_budget=4000, strategy=Strategy.COLUMNS)
 
 
 def test_unknown_engine_raises():

@@ -18,6 +18,7 @@ from utils import (
 )
 
 from lowrank_ggn import GGN, ggn_spectrum, gram_matrix
+from lowrank_ggn.core.budget import MemoryBudgetExceeded
 from lowrank_ggn.core.engine import (
     LayerTreatment,
     Solver,
@@ -25,6 +26,8 @@ from lowrank_ggn.core.engine import (
     StrategyUnavailable,
 )
 from lowrank_ggn.core.engine.plan import plan_strategy
+from lowrank_ggn.core.engine.run import layerwise_gram
+from lowrank_ggn.core.linearization import linearize
 from lowrank_ggn.reference import dense_ggn
 
 STRATEGIES = [None, "bn_split", "columns", "streamed"]
@@ -166,9 +169,13 @@ def test_columns_over_budget_falls_back_to_streamed():
     ).double()
     loss = torch.nn.CrossEntropyLoss()
     X, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
-    budget = 18 * 18 * 8 + 3 * 6 * 3 * 8 + 800  # Gram + S fit; explicit blocks do not
-    res = ggn_spectrum(model, loss, X, y, memory_budget=budget)
-    assert res.engine_report.strategy is Strategy.STREAMED, res.engine_report
+    # the engine's work budget (what the call's fixed parts leave): the Gram and S
+    # fit, columns' explicit blocks do not
+    lin = linearize(model, loss, X, y)
+    grams, report = layerwise_gram(lin, memory_budget=18 * 18 * 8 + 432 + 800)
+    assert report.strategy is Strategy.STREAMED, report
+    res = torch.linalg.eigvalsh(grams[0]).flip(0)[: 3 * 6]
+    res = type("R", (), {"eigenvalues": res[res > 1e-10 * res[0]]})
     assert_spectrum_matches(res.eigenvalues, dense_ggn(model, loss, X, y))
 
 
@@ -242,12 +249,19 @@ def test_forced_strategy_that_cannot_fit_is_refused_before_backward_passes():
     """bn_split holds 2K × D_up statistics rows; a budget below that is refused."""
     model, loss, X, y = next(c for c in CASES if c.name == "bn2d-train-ce").make()
     before = state_of(model)
-    budget = 15 * 15 * 8 + 3 * 5 * 3 * 8 + 64  # Gram and S fit, the factors do not
-    with pytest.raises(MemoryError, match="strategy='bn_split' needs about"):
+    # the engine's work budget: Gram and S fit, bn_split's factors do not
+    budget = 15 * 15 * 8 + 3 * 5 * 3 * 8 + 64
+    with pytest.raises(MemoryBudgetExceeded, match="strategy='bn_split' needs about"):
+        layerwise_gram(
+            linearize(model, loss, X, y),
+            memory_budget=budget,
+            strategy=Strategy.BN_SPLIT,
+        )
+    assert_state_equal(before, model)
+    # from the public call: refused up front, before the batch's forward pass
+    with pytest.raises(MemoryBudgetExceeded, match="more than memory_budget"):
         ggn_spectrum(model, loss, X, y, strategy="bn_split", memory_budget=budget)
     assert_state_equal(before, model)
-    res = ggn_spectrum(model, loss, X, y, memory_budget=budget)
-    assert res.engine_report.strategy is Strategy.STREAMED
 
 
 @pytest.mark.parametrize("solver", ["dense", "lanczos"])

@@ -43,7 +43,11 @@ def rho_of(loss, N: int) -> float:
 
 def loss_value(loss, outputs: Tensor, targets) -> Tensor:
     """``loss(outputs, targets)``, a tuple of targets passed positionally."""
-    return loss(outputs, *targets) if isinstance(targets, tuple) else loss(outputs, targets)
+    return (
+        loss(outputs, *targets)
+        if isinstance(targets, tuple)
+        else loss(outputs, targets)
+    )
 
 
 def take_targets(targets, index):
@@ -174,3 +178,18 @@ def run_quick_benchmark(script: str, tmp_path: Path, *args: str) -> Path:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
+
+
+def budget_above_fixed(model, loss, X, y, extra: int, **options) -> int:
+    """A ``memory_budget`` that fits a dense spectrum call's fixed parts and the
+    ``streamed`` minimum (:mod:`lowrank_ggn.core.footprint`) plus ``extra`` bytes:
+    what the engine's strategy then gets for its own blocks.
+    """
+    from lowrank_ggn import GGN
+    from lowrank_ggn.core.footprint import streamed_minimum
+
+    ggn = GGN(model, loss, X, y, memory_budget=2**40, **options)
+    with ggn._observing():
+        ggn._fit(grams=1, eigh=True)
+    minimum = sum(b for b, _ in streamed_minimum(ggn._budget.shape).values())
+    return int(ggn._budget.last.total + minimum + extra)

@@ -27,13 +27,14 @@ from scipy.sparse.linalg import eigsh
 from torch import Tensor, nn
 
 from lowrank_ggn.approx.distributed import Comm
+from lowrank_ggn.core.budget import MemoryBudgetExceeded
 from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.precision import ErrorModel, accumulation_dtype
 from lowrank_ggn.core.spectrum import GramEigenpairs, gram_eigh, ritz_pairs
 from lowrank_ggn.operators import TorchLinearOperator, factors_transpose_apply
 
 
-class GramMemoryError(MemoryError):
+class GramMemoryError(MemoryBudgetExceeded):
     """The data-set Gram matrix would exceed the memory budget of the dense solver."""
 
 

@@ -23,6 +23,21 @@ DEFAULT_MEMORY_BUDGET = 4 * 2**30
 #: Environment variable that overrides :data:`DEFAULT_MEMORY_BUDGET` (bytes).
 MEMORY_BUDGET_ENV = "LOWRANK_GGN_MEMORY_BUDGET"
 
+
+
+class MemoryBudgetExceeded(MemoryError, ValueError):
+    """A call would hold more than ``memory_budget`` bytes; raised before it does.
+
+    A ``MemoryError`` (what it is) and a ``ValueError`` (what budget refusals were
+    before, so existing ``except ValueError`` blocks keep working). Fallbacks inside
+    the package catch only this type, never a real out-of-memory ``MemoryError``.
+    """
+
+
+class MemoryBudgetWarning(UserWarning):
+    """The budget forced a strategy much slower than the one that does not fit."""
+
+
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -62,7 +77,8 @@ def resolve_memory_budget(memory_budget: float | None = None) -> float:
     return float(memory_budget)
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
+    """``n`` bytes in words (``'1.50 GiB'``)."""
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.2f} {unit}"
@@ -95,10 +111,10 @@ def check_memory(
     total = sum(sizes.values()) * itemsize
     if total <= budget:
         return
-    parts = ", ".join(f"{k}: {_fmt_bytes(v * itemsize)}" for k, v in sizes.items())
-    raise ValueError(
-        f"this request needs about {_fmt_bytes(total)} ({parts}), which exceeds the "
-        f"memory budget of {_fmt_bytes(budget)}. {advice}Or raise the budget with "
+    parts = ", ".join(f"{k}: {fmt_bytes(v * itemsize)}" for k, v in sizes.items())
+    raise MemoryBudgetExceeded(
+        f"this request needs about {fmt_bytes(total)} ({parts}), which exceeds the "
+        f"memory budget of {fmt_bytes(budget)}. {advice}Or raise the budget with "
         f"memory_budget=<bytes> or the environment variable {MEMORY_BUDGET_ENV}."
     )
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lowrank_ggn.core.budget import MemoryBudgetExceeded
 from lowrank_ggn.core.engine import accumulate as acc
 from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.report import LayerTreatment
@@ -157,7 +158,7 @@ class _SharedRows:
             return
         held = sum(r.numel() * r.element_size() for r in self.rows.values())
         if held + rows.numel() * rows.element_size() > self.budget:
-            raise MemoryError(
+            raise MemoryBudgetExceeded(
                 f"the rows of the shared parameters ([N·C={self.NC}, numel] each) "
                 "exceed memory_budget; raise memory_budget or reduce the batch."
             )

@@ -26,11 +26,16 @@ always explicit). The cheapest strategy that fits ``memory_budget`` wins;
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
+from lowrank_ggn.core.budget import MemoryBudgetExceeded, MemoryBudgetWarning, fmt_bytes
 from lowrank_ggn.core.engine.batchnorm import BNLayer
 from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.report import Strategy
+
+#: A strategy's blocks may take this share of the budget; chunk buffers get the rest.
+FIT = 0.75
 
 
 @dataclass
@@ -47,7 +52,7 @@ class Plan:
         need = self.memory.get(strategy, 0.0)
         if need > budget:
             fits = [s.value for s, m in self.memory.items() if m <= budget]
-            raise MemoryError(
+            raise MemoryBudgetExceeded(
                 f"strategy={strategy.value!r} needs about {need / 2**30:.2f} GiB for its "
                 f"factors, more than memory_budget={budget / 2**30:.2f} GiB; use "
                 f"strategy=None (the cost model picks one that fits: {fits}), or raise "
@@ -91,14 +96,28 @@ def plan_strategy(
     budget: int,
 ) -> Plan:
     """Choose a strategy by the cost model in the module docstring."""
+    # per column, the layer-output gradients that local layers keep, plus one
+    # layer's rearranged copy while its block is assembled
+    sizes = [la.outputs[0][0].numel() for la in layers]
+    local = NC * (sum(sizes) + max(sizes, default=0)) * item
     if per_sample:
-        return Plan(
-            Strategy.PER_SAMPLE,
-            {Strategy.PER_SAMPLE: float(C)},
-            "sample-independent model: C backward passes",
+        # plus the per-sample rows of parameters in no captured layer
+        need = local + NC * generic_numel * item
+        if need <= FIT * budget:
+            return Plan(
+                Strategy.PER_SAMPLE,
+                {Strategy.PER_SAMPLE: float(C)},
+                "sample-independent model: C backward passes",
+                {Strategy.PER_SAMPLE: need, Strategy.STREAMED: 0.0},
+            )
+        plan = Plan(
+            Strategy.STREAMED,
+            {Strategy.PER_SAMPLE: float(C), Strategy.STREAMED: 2.0 * NC},
+            "only streamed VJP/JVP blocks fit the memory budget",
+            {Strategy.PER_SAMPLE: need, Strategy.STREAMED: 0.0},
         )
-    # per column, the layer-output gradients that local layers keep
-    local = NC * sum(la.outputs[0][0].numel() for la in layers) * item
+        _warn_slower(plan, budget)
+        return plan
     total_acts = sum(la.outputs[0].numel() for la in layers) + sum(
         b.output.numel() for b in bns
     )
@@ -118,7 +137,7 @@ def plan_strategy(
     memory[Strategy.COLUMNS] = local + NC * (d_up + generic_numel) * item
     estimates[Strategy.STREAMED] = 2.0 * NC
     memory[Strategy.STREAMED] = 0.0
-    fits = [s for s in estimates if memory[s] <= budget / 2]
+    fits = [s for s in estimates if memory[s] <= FIT * budget]
     best = min(fits, key=lambda s: estimates[s])
     why = {
         Strategy.BN_SPLIT: "BatchNorm mixes samples only through its statistics: "
@@ -128,7 +147,33 @@ def plan_strategy(
     }[best]
     if best is Strategy.STREAMED and len(fits) > 1:
         why = "streamed VJP/JVP blocks are the cheapest"
-    return Plan(best, estimates, why, memory)
+    plan = Plan(best, estimates, why, memory)
+    _warn_slower(plan, budget)
+    return plan
+
+
+#: The budget's choice may be this much slower than the best strategy before a warning.
+SLOWER = 4.0
+
+
+def _warn_slower(plan: Plan, budget: int) -> None:
+    """Warn when the budget forced a strategy ``SLOWER`` times the unconstrained best."""
+    best = min(plan.estimates, key=plan.estimates.__getitem__)
+    chosen = plan.estimates[plan.strategy]
+    if chosen <= SLOWER * plan.estimates[best]:
+        return
+    warnings.warn(
+        MemoryBudgetWarning(
+            f"the memory budget forces strategy={plan.strategy.value!r} (about "
+            f"{chosen:.0f} full-batch passes) instead of {best.value!r} (about "
+            f"{plan.estimates[best]:.0f} passes, which would hold "
+            f"{fmt_bytes(plan.memory.get(best, 0.0))} for its blocks; "
+            f"{fmt_bytes(FIT * budget)} are left for them). Raise memory_budget, or "
+            "reduce the batch (subsampling), the factor columns (mc_samples) or "
+            "the parameters (params) to keep the faster one."
+        ),
+        stacklevel=2,
+    )
 
 
 __all__ = ["Plan", "plan_strategy", "split_shape"]

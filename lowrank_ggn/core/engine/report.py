@@ -116,6 +116,13 @@ class EngineReport:
         reasons: Qualified layer name -> why it was left uncaptured although its
             type is known (a recomputation that did not match what the model
             computed); its parameters are then treated like any other.
+        memory_budget: The ``memory_budget`` in bytes the call was held to.
+        memory_estimate: Part -> bytes of the call's estimated peak above the
+            process's memory at its start (:mod:`lowrank_ggn.core.footprint`); the
+            strategy's own blocks fit in what is left.
+        memory_peak: The measured peak resident memory above the start of the
+            method call that built this report, in bytes (``None``: not measured,
+            e.g. not on Linux).
     """
 
     strategy: Strategy
@@ -126,6 +133,9 @@ class EngineReport:
     reason: str = ""
     fallback: str | None = None
     reasons: dict[str, str] = field(default_factory=dict)
+    memory_budget: float | None = None
+    memory_estimate: dict[str, float] = field(default_factory=dict)
+    memory_peak: float | None = None
 
     def count(self, kind: str, n: int = 1) -> None:
         """Add ``n`` to the pass counter ``kind``."""

@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lowrank_ggn.core.budget import MemoryBudgetExceeded
 from lowrank_ggn.core.engine.assemble import assemble_grams
 from lowrank_ggn.core.engine.backprop import (
     AUTOGRAD_OVERHEAD,
@@ -181,7 +182,7 @@ class _Engine:
             for t in la.explicit + la.grads
         )
         if held > self.budget:
-            raise MemoryError(
+            raise MemoryBudgetExceeded(
                 f"the layer-wise Gram engine needs more than memory_budget="
                 f"{self.budget / 2**30:.2f} GiB for the factor blocks of "
                 f"N·C={self.lin.num_columns} columns; raise memory_budget, or reduce "
@@ -251,7 +252,9 @@ class _Engine:
         bad = self_check(f, self.cap.precision)
         if bad:
             return None, bad
-        grams = assemble_grams(f, self.groups, self.acc, self.budget, self.report.layers)
+        # the assembly's chunks get what the strategy's factors leave of the budget
+        left = max(self.budget - _held(f), self.budget // 16)
+        grams = assemble_grams(f, self.groups, self.acc, left, self.report.layers)
         return grams, set()
 
     def _masks(self) -> list[Tensor] | None:
@@ -267,6 +270,21 @@ class _Engine:
                 ).detach()
             )
         return masks
+
+
+def _held(f: Factors) -> int:
+    """Bytes of the factors a strategy holds while the Gram is assembled.
+
+    Plus the largest layer's output gradients once more: the assembly rearranges
+    one layer's at a time.
+    """
+    tensors = [t for la in f.layers for t in la.grads + la.explicit]
+    tensors += list(f.generic_rows) + list(f.B.values())
+    tensors += [] if f.W is None else [f.W]
+    copy = max(
+        (t.numel() * t.element_size() for la in f.layers for t in la.grads), default=0
+    )
+    return copy + sum(t.numel() * t.element_size() for t in tensors)
 
 
 def layerwise_gram(
@@ -325,7 +343,7 @@ def layerwise_gram(
         except LayerTurnedMixing as err:
             forced_mixing = forced_mixing | {str(err)}
             continue
-        except MemoryError:
+        except MemoryBudgetExceeded:
             if strategy is not None or attempt is not None:
                 raise
             attempt = Strategy.STREAMED
@@ -345,9 +363,7 @@ def layerwise_gram(
         if grams is None and suspects:
             excluded = excluded | suspects
             reasons.update(
-                dict.fromkeys(
-                    suspects, "its rows differ from autograd's (self-check)"
-                )
+                dict.fromkeys(suspects, "its rows differ from autograd's (self-check)")
             )
             continue
         if grams is None and strategy is None and chosen is Strategy.BN_SPLIT:

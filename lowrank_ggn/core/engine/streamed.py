@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.func import jvp, linearize, vmap
 
 from lowrank_ggn.core.autodiff import batched_grad, graph_jvps, no_rule
+from lowrank_ggn.core.engine.backprop import AUTOGRAD_OVERHEAD
 from lowrank_ggn.core.engine.capture import capture, captured_layers
 from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.report import EngineReport
@@ -79,6 +80,7 @@ class GramOperator:
         if captured is None:
             captured = capture_forward(lin, report)
         self.out, layers = captured
+        self.layers_seen = [la for la in layers if la.outputs]
         # layers captured on trust are left to autograd; the others are checked once
         self.layers = [la for la in layers if not la.on_trust and not la.shared]
         captured = {id(p) for la in self.layers for p in la.params}
@@ -258,11 +260,19 @@ def capture_forward(
     return out, layers
 
 
-def block_width(lin: Linearization, budget: int, groups: int = 1) -> int:
-    """Columns per VJP/JVP block: ``[B, D]`` directions plus ``B`` activation copies."""
+def block_width(
+    lin: Linearization, budget: int, groups: int = 1, activations: int = 0
+) -> int:
+    """Columns per VJP/JVP block: ``[B, D]`` directions plus ``B`` activation copies.
+
+    ``activations``: entries of the captured layers' outputs (0: unknown, then the
+    inputs' size stands in); a batched product holds ``AUTOGRAD_OVERHEAD`` times
+    them per column.
+    """
     item = lin.outputs.element_size()
     D = lin.fmodel.num_params
-    per_column = item * (3 * D + 8 * lin.inputs.numel() * max(1, groups) + 1)
+    acts = max(activations + lin.outputs.numel(), 8 * lin.inputs.numel())
+    per_column = item * (3 * D + AUTOGRAD_OVERHEAD * acts * max(1, groups) + 1)
     return int(max(1, min(lin.num_columns, (budget // 4) // per_column)))
 
 
@@ -287,7 +297,8 @@ def streamed_gram(
     op = GramOperator(lin, report, NC * len(masks or [None]), captured)
     acc = dtype if acc_dtype is None else acc_dtype
     grams = [torch.zeros(NC, NC, dtype=acc, device=device) for _ in masks or [None]]
-    width = block_width(lin, budget, len(masks or [None]))
+    acts = sum(la.outputs[0].numel() for la in op.layers_seen)
+    width = block_width(lin, budget, len(masks or [None]), acts)
     for start in range(0, NC, width):
         stop = min(NC, start + width)
         E = torch.zeros(NC, stop - start, dtype=dtype, device=device)

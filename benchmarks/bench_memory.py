@@ -1,0 +1,221 @@
+r"""Does ``memory_budget`` bound the process? Peak resident memory against the budget.
+
+For an MLP, a CNN (DeepOBS 3c3d), the same CNN with BatchNorm in train mode and a
+transformer encoder (``models_zoo.transformer``), at ``N ∈ {32, 128}`` and budgets of
+64 MiB, 256 MiB and 1 GiB, each ``(model, N)`` in a fresh subprocess:
+
+1. warm up: the same call on a batch of 4 (imports, library work space, thread pools);
+2. per budget: collect garbage, hand free heap back to the OS, reset the kernel's
+   peak mark (``/proc/self/clear_refs``), read the resident set size (the baseline),
+   call ``ggn_spectrum(model, loss, X, y, top_k=10, memory_budget=B)`` and read the
+   peak (``VmHWM``). Recorded: peak − baseline, the strategy, seconds, the engine's
+   own estimate and measured peak (``EngineReport.memory_estimate/memory_peak``),
+   or the refusal, and the largest batch any forward pass saw before it (a refusal
+   must come before the batch's forward pass: only the 4-sample probe ran).
+
+The bound holds when ``peak − baseline ≤ B + SLACK`` or the call was refused before
+its forward pass. ``SLACK`` (module constant) covers what no estimate sees: the
+allocator's free heap not yet handed back and library work space.
+
+    python benchmarks/bench_memory.py [--quick] [--out DIR]
+
+Results: ``results/memory_<device>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+MiB = 2**20
+#: Allowed excess of the measured peak over the budget: 64 MiB plus 10 %.
+SLACK_FIXED, SLACK_SHARE = 64 * MiB, 0.10
+MODELS = ("mlp", "cnn", "cnn-bn", "transformer")
+FULL = {"N": (32, 128), "budgets": (64 * MiB, 256 * MiB, 1024 * MiB)}
+QUICK = {"N": (32,), "budgets": (64 * MiB, 256 * MiB)}
+
+
+def slack(budget: float) -> float:
+    """Bytes a measured peak may exceed ``budget`` by."""
+    return SLACK_FIXED + SLACK_SHARE * budget
+
+
+def build(name: str, N: int):
+    """Model (float32), loss, inputs and targets of ``name`` for ``N`` samples."""
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(HERE))
+    torch.manual_seed(0)
+    if name in ("cnn", "cnn-bn"):
+        import bench_gram
+
+        return bench_gram.build("3c3d" if name == "cnn" else "3c3d-bn", N, "cpu")
+    if name == "transformer":
+        import models_zoo
+
+        return models_zoo.build("transformer", N)
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(3072, 512),
+        nn.ReLU(),
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.Linear(512, 10),
+    )
+    gen = torch.Generator().manual_seed(N)
+    X = torch.randn(N, 3, 32, 32, generator=gen)
+    return model, nn.CrossEntropyLoss(), X, torch.randint(0, 10, (N,), generator=gen)
+
+
+def _status(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) * 1024
+
+
+def _reset_peak() -> None:
+    from lowrank_ggn.core.memory import release_free_memory
+
+    gc.collect()
+    release_free_memory()
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def worker(name: str, N: int, budgets: list[int]) -> list[dict]:
+    """Measure one model at one batch size for every budget (in this process)."""
+    import torch
+
+    from lowrank_ggn import ggn_spectrum
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    model, loss, X, y = build(name, 4)
+    ggn_spectrum(model, loss, X, y, top_k=4)  # warm-up
+    model, loss, X, y = build(name, N)
+    seen = [0]
+
+    def largest(mod, args, kwargs):
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, torch.Tensor) and a.dim():
+                seen[0] = max(seen[0], a.shape[0])
+
+    model.register_forward_pre_hook(largest, with_kwargs=True)
+    rows = []
+    for budget in budgets:
+        _reset_peak()
+        seen[0] = 0
+        base = _status("VmRSS")
+        start = time.perf_counter()
+        row = {"model": name, "N": N, "budget": budget}
+        try:
+            s = ggn_spectrum(model, loss, X, y, top_k=10, memory_budget=budget)
+            rep = s.engine_report
+            row.update(
+                strategy=rep.strategy.value,
+                estimate=sum(rep.memory_estimate.values()),
+                reported_peak=rep.memory_peak,
+                lambda_max=float(s.eigenvalues[0]),
+            )
+        except MemoryError as err:
+            row.update(refused=str(err).split(". ")[0], largest_batch_seen=seen[0])
+        row["seconds"] = time.perf_counter() - start
+        row["peak"] = _status("VmHWM") - base
+        row["within"] = bool(
+            row["peak"] <= budget + slack(budget)
+            or ("refused" in row and row["largest_batch_seen"] < N)
+        )
+        rows.append(row)
+    return rows
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": __import__("os").cpu_count(),
+        "torch": torch.__version__,
+        "threads": 1,
+        "python": platform.python_version(),
+    }
+
+
+def drive(quick: bool, models: tuple[str, ...]) -> dict:
+    """Every ``(model, N)`` in its own subprocess."""
+    spec = QUICK if quick else FULL
+    rows: list[dict] = []
+    for name in models:
+        for N in spec["N"]:
+            cmd = [sys.executable, __file__, "--worker", name, str(N)]
+            cmd += [str(b) for b in spec["budgets"]]
+            proc = subprocess.run(
+                cmd, check=False, capture_output=True, text=True, timeout=1800
+            )
+            if proc.returncode:
+                rows.append({"model": name, "N": N, "error": proc.stderr[-400:]})
+                continue
+            rows += json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"machine": machine(), "slack": [SLACK_FIXED, SLACK_SHARE], "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        "# Peak resident memory against memory_budget",
+        "",
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, 1 thread, float32, "
+        "`ggn_spectrum(top_k=10)`. Peak − baseline is `VmHWM` after the call minus "
+        "`VmRSS` before it (peak mark reset). Bound: peak − baseline ≤ budget + "
+        f"{SLACK_FIXED // MiB} MiB + {SLACK_SHARE:.0%}, or refused before the batch's "
+        "forward pass.",
+        "",
+        "| model | N | budget | outcome | peak − baseline | estimate | time | bound |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['N']} | | error | | | | no |")
+            continue
+        outcome = (
+            r.get("strategy") or f"refused (forward saw ≤ {r['largest_batch_seen']})"
+        )
+        est = f"{r['estimate'] / MiB:.0f} MiB" if "estimate" in r else ""
+        lines.append(
+            f"| {r['model']} | {r['N']} | {r['budget'] // MiB} MiB | {outcome} | "
+            f"{r['peak'] / MiB:.0f} MiB | {est} | {r['seconds']:.1f} s | "
+            f"{'yes' if r['within'] else 'NO'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--worker", nargs="+")
+    args = parser.parse_args(argv)
+    if args.worker:
+        name, N, *budgets = args.worker
+        print(json.dumps(worker(name, int(N), [int(b) for b in budgets])))
+        return 0
+    result = drive(args.quick, tuple(args.models))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "memory_cpu.json").write_text(json.dumps(result, indent=1))
+    (args.out / "memory_cpu.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0 if all(r.get("within") for r in result["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
