@@ -220,11 +220,42 @@ def test_non_finite_factors_are_named_not_a_linalg_error():
         ggn_spectrum(model, torch.nn.CrossEntropyLoss(), X, y)
 
 
-def test_overflowing_gram_is_a_clear_error():
+@pytest.mark.parametrize("conv", [False, True])
+def test_large_inputs_are_scaled_before_squaring(conv):
+    """Inputs of 1e200 into a saturated tanh: the rows are finite, so is the Gram.
+
+    ``A Aᵀ`` alone overflows (1e400) while ``g gᵀ`` is 0; the layer-wise engine
+    balances the two sides by a power of two and agrees with the generic engine.
+    """
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
-    ).double()
+    if conv:
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(2, 3, 3),
+            torch.nn.Tanh(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(48, 3),
+        ).double()
+        X = torch.randn(6, 2, 6, 6, dtype=torch.float64)
+    else:
+        model = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        ).double()
+        X = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    loss = torch.nn.CrossEntropyLoss()
+    fast = ggn_spectrum(model, loss, X * 1e200, y)
+    slow = ggn_spectrum(model, loss, X * 1e200, y, engine="generic")
+    assert fast.eigenvalues.isfinite().all()
+    assert_spectrum_matches(fast.eigenvalues, dense_ggn(model, loss, X * 1e200, y))
+    report_close(fast.eigenvalues, slow.eigenvalues, name="layer-wise vs generic")
+
+
+def test_overflowing_gram_is_a_clear_error():
+    """Rows of 1e200 (outputs of order 1): the Gram itself is 1e400, a clear error."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    with torch.no_grad():
+        model.weight.mul_(1e-200)
     X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     with pytest.raises(ValueError, match="non-finite entries"):
         ggn_spectrum(model, torch.nn.CrossEntropyLoss(), X * 1e200, y)

@@ -26,6 +26,7 @@ counts an operand reports.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -66,6 +67,27 @@ def symmetric_rank_k_update(gram: Tensor, block: Tensor) -> None:
         gram += upper + upper.triu(1).T
     else:
         gram.addmm_(block, block.T)
+
+
+def balanced(A: Tensor, g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """Scale before squaring: ``(A·s, g/s)`` for a power of two ``s`` where needed.
+
+    A Kronecker block multiplies ``A Aᵀ`` by ``g gᵀ``; each square can overflow (or
+    underflow) ``dtype`` where the rows ``g ⊗ a`` and the Gram do not (inputs of
+    1e200 into a saturated ``tanh``: ``∞ · 0``). The rows are unchanged by
+    ``A → A·s, g → g/s``; ``s`` evens the two sides' largest magnitudes, and only
+    when a side's square would come within ``2^16`` of ``dtype``'s range (else ``A, g``
+    unchanged, no copy). ``None`` when a side is all zero (the block vanishes).
+    """
+    a, b = A.abs().amax().item(), g.abs().amax().item()
+    if a == 0.0 or b == 0.0:
+        return None
+    fin = torch.finfo(dtype)  # safe range for squares: half the exponent range
+    hi, lo = math.sqrt(fin.max) / 256, math.sqrt(fin.tiny) * 256
+    if lo < a < hi and lo < b < hi:
+        return A, g
+    e = round((math.log2(a) - math.log2(b)) / 2)
+    return torch.ldexp(A, A.new_tensor(-e)), torch.ldexp(g, g.new_tensor(e))
 
 
 def input_kernel(A: Tensor, dtype: torch.dtype) -> Kernel:

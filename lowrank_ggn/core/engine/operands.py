@@ -134,11 +134,15 @@ class DenseOperand:
     def add_kronecker(self, gram: Tensor, g: Tensor) -> None:
         """``𝒢 += Σ_j`` Kronecker blocks of group ``j``, for ``g`` ``[NS, C, P, O]``."""
         NS, C = g.shape[:2]
+        balanced = acc.balanced(self.A, g, gram.dtype)  # scale before squaring
+        if balanced is None:  # a zero side: every block is zero
+            return
+        A, g = balanced
         upper = None
         for j in range(self.groups):
             gj, Aj = (
                 self.grads(g, j, j + 1),
-                self.A[:, j],
+                A[:, j],
             )  # [NS, C, P, O_g], [NS, P, I_g]
             if Aj.shape[1] == 1:
                 A1 = Aj[:, 0].to(gram.dtype)
