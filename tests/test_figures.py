@@ -97,14 +97,28 @@ def test_topk_runtime_quick(tmp_path):
 
 
 def test_batch_size_limits_quick(tmp_path):
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("the peak memory mark can be reset on Linux only")
     result = run_quick("batch_size_limits", tmp_path)
+    budget = result["settings"]["budget_bytes"]
     rows = {(r["model"], r["variant"], r["method"]): r for r in result["rows"]}
     lowrank = [r for r in result["rows"] if r["method"] != "vivit"]
     assert lowrank
-    for r in lowrank:
-        # the package admits the limit and refuses one more sample
+    for r in result["rows"]:  # lowrank_ggn and vivit bisected alike
+        # the limit runs within the budget (measured); one step more does not
         assert r["confirmed"], r
-        assert r["run_at_limit"]["num_eigenvalues"] > 0
+        at, above = r["run_at_limit"], r["run_above_limit"]
+        assert at["N"] == r["limit_N"] and at["outcome"] == "fits"
+        assert 0 <= at["peak_bytes"] <= budget
+        assert at["num_eigenvalues"] > 0
+        assert above["N"] == r["limit_N"] + r["resolution"]
+        assert above["outcome"] in ("refused", "over budget"), above
+        if above["outcome"] == "over budget":
+            assert above["peak_bytes"] > budget
+    for r in lowrank:
+        assert r["run_at_limit"]["estimate_bytes"] > 0
+        if r["method"] != "auto":
+            assert r["run_at_limit"]["strategy_run"] == r["method"]
     for model in ("cnn", "cnn-bn (train mode)"):
         exact = [
             r["limit_N"]
@@ -118,6 +132,12 @@ def test_batch_size_limits_quick(tmp_path):
         ]
         # M = 1 column per sample instead of C = 10: a larger batch fits
         assert min(mc) > max(exact)
+    assert len(result["package_limits"]) == 4
+    for a in result["package_limits"]:
+        # the package's own limit runs, one sample more is refused
+        assert a["confirmed"], a
+        assert a["run_at_limit"]["outcome"] != "refused"
+        assert a["run_above_limit"]["N"] == a["package_largest_N"] + 1
     if not has("vivit", "backpack"):
         assert result["vivit"].startswith("skipped")
 

@@ -2,37 +2,48 @@
 
 ViViT's Figure 2a (Dangel, Tatzel & Hennig, TMLR 2022, https://arxiv.org/abs/2106.02624)
 on the zoo's digits ``cnn`` and ``cnn-bn`` (BatchNorm in train mode), float32,
-cross-entropy, ``C = 10``, a fixed budget ``B``. For each of lowrank_ggn's strategies
-(``strategy=None`` lets the cost model choose) and for the exact spectrum
-(``N·C`` Gram columns) and the Monte-Carlo one (``mc_samples=1``: ``N`` columns):
+cross-entropy, ``C = 10``, a fixed budget ``B`` (64 MiB). For the exact spectrum
+(``N·C`` Gram columns) and the Monte-Carlo one (``mc_samples=1``: ``N`` columns), all
+eigenvalues and one eigenvector, each method gets the same test and the same search:
 
-1. **Probe**: the largest ``N`` that the package's memory estimate admits, found by
-   bisection on :func:`package_estimate`, which restates the checks that
-   ``ggn_spectrum(memory_budget=B)`` makes before its backward passes (documented in
-   ``lowrank_ggn.core.budget.check_linearization_memory`` and the cost model of
-   ``lowrank_ggn.core.engine.plan``): the Gram matrix ``(N·C)²`` and the loss-Hessian
-   factors ``S`` within ``B``, and a forced strategy's factor blocks within ``B``
-   (per-sample layer-output gradients ``N·C·Σ_l P_l·O_l``, plus ``2K·D_up`` for
-   ``bn_split`` or ``N·C·D_up`` for ``columns``; none for ``per_sample`` and
-   ``streamed``). The estimate is free: no model call.
-2. **Confirm**, each in a fresh subprocess: the real call at the limit runs
-   (``ggn_spectrum(..., strategy=s, memory_budget=B)``, eigenvalues only) and its peak
-   resident memory above the start is measured (Linux ``ru_maxrss`` after resetting
-   the peak mark); one more sample is refused by the package.
+* **lowrank_ggn**, for each strategy (``auto``: ``strategy=None`` lets the cost model
+  choose; and every forced strategy that applies):
+  ``ggn_spectrum(..., eigenvectors=1, memory_budget=B)``;
+* **vivit** (``vivit-for-pytorch``, where installed; it has no budget):
+  ``EighComputation``, all eigenvalues, one eigenvector.
 
-ViViT (``vivit-for-pytorch``, where installed) has no budget: its limit is found by
-bisection on the measured peak of real runs (``EighComputation``, all eigenvalues,
-one eigenvector), in subprocesses. Batches beyond the 1,797 digits are drawn with
-replacement (memory does not depend on the values).
+A batch size ``N`` *fits* when the real call, in a fresh subprocess, succeeds (the
+package does not refuse it with ``MemoryBudgetExceeded``) **and** its measured peak
+resident memory above its start is at most ``B``: after a warm-up call on 4 other
+samples, freed heap is handed back and the kernel's peak mark reset
+(``/proc/self/clear_refs``), then the peak of the call is read (``ru_maxrss``) minus
+the resident set before it (:func:`_common.peak_rss_of`). The bar is the largest
+fitting ``N`` on a grid of ``step`` (4 exact, 32 MC), found coarse to fine: from a
+hint (the same method's limit on the other model, else the previous method's), the
+search extrapolates from the measured peaks until one ``N`` fits and one does not, then
+bisects; every subprocess result is kept. Recorded per bar: the run at the limit (peak,
+the package's own estimate ``sum(engine_report.memory_estimate)``, the strategy it
+took, seconds) and the run one step above (refused, or over budget with its peak).
+
+Per model and variant, the package's own admission limit is recorded too: the
+largest batch its refusal names (``The budget fits a batch of at most … samples``),
+checked by a refused call one sample above it, and the measured peak of a call at it.
+Batches beyond the 1,797 digits are drawn with replacement (memory does not depend on
+the values).
 
     python experiments/batch_size_limits/run.py [--quick] [--out PATH]
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
+import re
 import subprocess
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,17 +63,19 @@ from _common import (  # noqa: E402
 SEED = 0
 MiB = 2**20
 FULL = {
-    "budget_bytes": 16 * MiB,
+    "budget_bytes": 64 * MiB,
     "dtype": "float32",
-    "vivit_step": {"exact": 4, "mc": 32},
+    "step": {"exact": 4, "mc": 32},
+    "hint": {"exact": 96, "mc": 768},
     "all_strategies": True,
     "subprocess": True,
 }
-#: quick: one strategy per model, runs in this process (no clean memory peak)
+#: quick: one strategy per model, measured in this process (no clean memory peak)
 QUICK = {
-    "budget_bytes": MiB // 2,
+    "budget_bytes": 8 * MiB,
     "dtype": "float32",
-    "vivit_step": {"exact": 8, "mc": 64},
+    "step": {"exact": 4, "mc": 32},
+    "hint": {"exact": 16, "mc": 128},
     "all_strategies": False,
     "subprocess": False,
 }
@@ -72,135 +85,118 @@ MODELS = [
     ("cnn-bn (train mode)", "cnn-bn", ["auto", "bn_split", "columns", "streamed"]),
 ]
 C = 10
-
-
-def model_shape(name: str) -> dict:
-    """Per-sample output sizes of captured layers, BN channels, ``D_up`` and ``D``."""
-    from lowrank_ggn.app.models import build_model
-
-    model = build_model(name, SEED)
-    outs, order = [], []
-
-    def record(module: nn.Module, args, output) -> None:
-        outs.append(output[0].numel())  # per sample
-        order.append(module)
-
-    hooks = [
-        m.register_forward_hook(record)
-        for m in model.modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d, nn.BatchNorm2d))
-    ]
-    model(digits_inputs(2, SEED, torch.float32)[0])
-    for h in hooks:
-        h.remove()
-    bns = [m for m in order if isinstance(m, nn.BatchNorm2d)]
-    last = max((order.index(b) for b in bns), default=-1)
-    d_up = sum(p.numel() for m in order[:last] for p in m.parameters())
-    return {
-        "layer_outputs": sum(
-            o for m, o in zip(order, outs) if not isinstance(m, nn.BatchNorm2d)
-        ),
-        "statistics": sum(2 * b.num_features for b in bns),
-        "d_up": d_up,
-        "num_params": sum(p.numel() for p in model.parameters()),
-    }
-
-
-#: Bytes per Gram entry: float32 models have their Gram summed in float64.
-GRAM_ITEMSIZE = 8
-
-
-def package_estimate(
-    shape: dict, N: int, cols: int, strategy: str, item: int = 4
-) -> dict:
-    """Bytes of each check ``ggn_spectrum(memory_budget=B)`` makes (see module doc)."""
-    NC = N * cols
-    out = {"gram_and_factors": NC * NC * GRAM_ITEMSIZE + cols * N * C * item}
-    local = NC * shape["layer_outputs"] * item
-    if strategy == "bn_split":
-        out["strategy_factors"] = local + shape["statistics"] * shape["d_up"] * item
-    elif strategy == "columns":
-        out["strategy_factors"] = local + NC * shape["d_up"] * item
-    return out
-
-
-def admitted(shape: dict, N: int, cols: int, strategy: str, budget: int) -> bool:
-    return all(v <= budget for v in package_estimate(shape, N, cols, strategy).values())
-
-
-def largest(fits, lo: int = 2, hi: int = 2**20) -> int:
-    """Largest ``N ≥ lo`` with ``fits(N)`` (monotone), by bisection."""
-    if not fits(lo):
-        return 0
-    while lo < hi - 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+COLUMNS = {"exact": C, "mc": 1}
+#: the package's refusal names the largest batch that fits its estimate
+_FITS = re.compile(r"fits a batch of at most (\d+) samples")
 
 
 # ------------------------------------------------------------------------- workers
+def _lowrank_kwargs(case: dict) -> dict:
+    kwargs = {"memory_budget": case["budget"], "progress": False, "eigenvectors": 1}
+    if case["method"] != "auto":
+        kwargs["strategy"] = case["method"]
+    if case["variant"] == "mc":
+        kwargs["mc_samples"] = 1
+        kwargs["generator"] = torch.Generator().manual_seed(SEED)
+    return kwargs
+
+
+def _measured_lowrank(model, loss, N: int, kwargs: dict, budget: int) -> dict:
+    """One measured ``ggn_spectrum`` call on ``N`` digits (after the warm-up)."""
+    from lowrank_ggn import MemoryBudgetExceeded, MemoryBudgetWarning, ggn_spectrum
+
+    X, y = digits_inputs(N, SEED, torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MemoryBudgetWarning)
+        try:
+            (res, sec), peak = peak_rss_of(
+                lambda: timed(ggn_spectrum, model, loss, X, y, **kwargs)
+            )
+        except MemoryBudgetExceeded as err:
+            return {"N": N, "outcome": "refused", "error": str(err)}
+    rep = res.engine_report
+    return {
+        "N": N,
+        "outcome": _outcome(peak, budget),
+        "peak_bytes": peak,
+        "estimate_bytes": sum(rep.memory_estimate.values()),
+        "memory_estimate": dict(rep.memory_estimate),
+        "reported_peak_bytes": rep.memory_peak,
+        "strategy_run": str(rep.strategy.value),
+        "fallback": rep.fallback,
+        "seconds": sec,
+        "num_eigenvalues": res.rank,
+        "warnings": [
+            str(w.message)[:300]
+            for w in caught
+            if issubclass(w.category, MemoryBudgetWarning)
+        ],
+    }
+
+
+def _outcome(peak: int | None, budget: int) -> str:
+    if peak is None:
+        return "not measured"  # the peak mark cannot be reset (not Linux)
+    return "fits" if peak <= budget else "over budget"
+
+
 def worker(case: dict) -> dict:
-    """One measured call in this (fresh) process."""
-    from lowrank_ggn import ggn_spectrum
+    """One measured call in this (fresh) process; or the package's admission limit."""
+    from lowrank_ggn import MemoryBudgetExceeded, ggn_spectrum
     from lowrank_ggn.app.models import build_model
 
     model = build_model(case["model"], SEED, torch.float32)
-    X, y = digits_inputs(case["N"], SEED, torch.float32)
     loss = nn.CrossEntropyLoss()
     mc = case["variant"] == "mc"
+    warm = digits_inputs(4, SEED + 1, torch.float32)
     if case["method"] == "vivit":
-        import copy
-
         from _peers_vivit import vivit_spectrum
 
-        warm = digits_inputs(4, SEED + 1, torch.float32)
+        warnings.filterwarnings("ignore", "Full backward hook is firing")
         vivit_spectrum(copy.deepcopy(model), loss, *warm, mc)  # warm-up
+        X, y = digits_inputs(case["N"], SEED, torch.float32)
         (n, sec), peak = peak_rss_of(
             lambda: timed(vivit_spectrum, model, loss, X, y, mc)
         )
-        return {"ok": True, "peak_bytes": peak, "seconds": sec, "num_eigenvalues": n}
-    kwargs = {"memory_budget": case["budget"], "progress": False}
-    if case["method"] != "auto":
-        kwargs["strategy"] = case["method"]
-    if mc:
-        kwargs["mc_samples"] = 1
-        kwargs["generator"] = torch.Generator().manual_seed(SEED)
-    if case.get("bisect"):  # the package's own limit: accepted below, refused above
-        lo, hi = case["bisect"]
-
-        def accepted(n: int) -> bool:
-            Xn, yn = digits_inputs(n, SEED, torch.float32)
-            try:
-                ggn_spectrum(model, loss, Xn, yn, **kwargs)
-            except (ValueError, MemoryError):
-                return False
-            return True
-
-        return {"ok": True, "limit_N": largest(accepted, lo, hi)}
+        return {
+            "N": case["N"],
+            "outcome": _outcome(peak, case["budget"]),
+            "peak_bytes": peak,
+            "seconds": sec,
+            "num_eigenvalues": n,
+        }
+    kwargs = _lowrank_kwargs(case)
     # warm up (lazy imports, allocator pools) so that the peak is the call's own
-    ggn_spectrum(
-        model,
-        loss,
-        *digits_inputs(4, SEED + 1, torch.float32),
-        **{**kwargs, "memory_budget": None},
-    )
+    ggn_spectrum(model, loss, *warm, **{**kwargs, "memory_budget": None})
+    if not case.get("admission"):
+        return _measured_lowrank(model, loss, case["N"], kwargs, case["budget"])
+    # the package's own limit: its refusal of a too large batch names the largest
+    # batch that fits its estimate (refused after a 4-sample probe, before the
+    # batch's forward pass); one sample more is refused, the limit itself runs
     try:
-        (res, sec), peak = peak_rss_of(
-            lambda: timed(ggn_spectrum, model, loss, X, y, **kwargs)
+        ggn_spectrum(
+            model, loss, *digits_inputs(case["N"], SEED, torch.float32), **kwargs
         )
-    except (ValueError, MemoryError) as err:
-        return {"ok": False, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+    except MemoryBudgetExceeded as err:
+        refusal = str(err)
+    else:
+        return {"package_largest_N": None, "error": f"N={case['N']} was admitted"}
+    match = _FITS.search(refusal)
+    if match is None:
+        return {"package_largest_N": None, "error": refusal[:400]}
+    limit = int(match.group(1))
+    at = _measured_lowrank(model, loss, limit, kwargs, case["budget"])
+    above = _measured_lowrank(model, loss, limit + 1, kwargs, case["budget"])
     return {
-        "ok": True,
-        "peak_bytes": peak,
-        "seconds": sec,
-        "num_eigenvalues": res.rank,
-        "strategy_run": str(res.engine_report.strategy),
-        "fallback": res.engine_report.fallback,
+        "package_largest_N": limit,
+        "run_at_limit": at,
+        "run_above_limit": above,
+        "confirmed": at["outcome"] != "refused" and above["outcome"] == "refused",
     }
 
 
 def in_subprocess(case: dict, isolate: bool = True) -> dict:
+    """:func:`worker` in a fresh interpreter (``isolate``), else in this process."""
     if not isolate:
         return worker(case)
     proc = subprocess.run(
@@ -211,115 +207,162 @@ def in_subprocess(case: dict, isolate: bool = True) -> dict:
         timeout=900,
     )
     if proc.returncode != 0:
-        return {"ok": False, "error": f"worker failed: {proc.stderr[-400:]}"}
+        return {
+            "N": case.get("N"),
+            "outcome": "error",
+            "error": f"worker failed: {proc.stderr[-400:]}",
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# ------------------------------------------------------------------------- search
+def largest_within(
+    measure: Callable[[int], dict], step: int, hint: int, budget: int
+) -> tuple[int, dict[int, dict]]:
+    """Largest multiple ``N`` of ``step`` whose ``measure(N)`` fits; and all results.
+
+    Coarse to fine: from ``hint``, extrapolate from the measured peaks (up from a
+    fitting ``N`` as if the peak grew like ``N²``, at most doubling; down from one over
+    budget as if it grew like ``N``, else halving) until one ``N`` fits and one does
+    not, then bisect to ``step``. Assumes the outcome is monotone in ``N``; ``0`` when
+    not even ``step`` fits.
+    """
+    seen: dict[int, dict] = {}
+
+    def fits(n: int) -> bool:
+        if n not in seen:
+            seen[n] = measure(n)
+        return seen[n]["outcome"] == "fits"
+
+    def peak(n: int) -> float | None:
+        return seen[n].get("peak_bytes") or None
+
+    lo, hi = 0, None
+    n = max(step, step * round(hint / step))
+    while True:
+        if fits(n):
+            lo = n
+        else:
+            hi = n
+        if hi is not None and hi - lo <= step:
+            return lo, seen
+        if hi is None:  # everything fits so far: up from lo
+            p = peak(lo)
+            guess = lo * math.sqrt(budget / p) if p else 2 * lo
+            n = step * math.ceil(min(max(guess, lo + step), 2 * lo) / step)
+        elif lo == 0:  # nothing fits yet: down from hi
+            p = peak(hi)
+            guess = hi * budget / p if p and p > budget else hi / 2
+            n = max(step, step * math.floor(min(guess, hi - step) / step))
+        else:  # bisect the bracket
+            n = step * ((lo + hi) // (2 * step))
+        if n in seen:  # cannot happen for a monotone outcome; stop safely
+            return lo, seen
+
+
 # ------------------------------------------------------------------------- driver
+def _summary(r: dict | None) -> dict | None:
+    """The fields of a measurement that the figure and the README need."""
+    if r is None:
+        return None
+    keys = (
+        "N",
+        "outcome",
+        "peak_bytes",
+        "estimate_bytes",
+        "strategy_run",
+        "seconds",
+        "num_eigenvalues",
+        "warnings",
+    )
+    out = {k: r[k] for k in keys if k in r}
+    if "error" in r:
+        out["error"] = r["error"][:400]
+    return out
+
+
 def compute(s: dict) -> dict:
-    budget, rows = s["budget_bytes"], []
+    budget, rows, admissions = s["budget_bytes"], [], []
     have_vivit = installed("vivit", "backpack")
+    limits: dict[tuple[str, str], int] = {}  # (variant, method) -> last limit
     for label, name, strategies in MODELS:
-        shape = model_shape(name)
-        for variant, cols in (("exact", C), ("mc", 1)):
-            for strategy in strategies if s["all_strategies"] else strategies[1:2]:
-                N = estimated = largest(
-                    lambda n, sh=shape, c=cols, st=strategy: admitted(
-                        sh, n, c, st, budget
-                    )
-                )
+        methods = strategies if s["all_strategies"] else strategies[1:2]
+        methods = methods + (["vivit"] if have_vivit else [])
+        for variant in ("exact", "mc"):
+            step, previous = s["step"][variant], s["hint"][variant]
+            for method in methods:
                 case = {
                     "model": name,
                     "variant": variant,
-                    "method": strategy,
+                    "method": method,
                     "budget": budget,
                 }
-                at = in_subprocess({**case, "N": N}, s["subprocess"])
-                above = in_subprocess({**case, "N": N + 1}, s["subprocess"])
-                if not (
-                    at["ok"] and not above["ok"]
-                ):  # the estimate missed: ask the package
-                    hi = 2 * N + 2
-                    N = in_subprocess(
-                        {**case, "N": 2, "bisect": [2, hi]}, s["subprocess"]
+                hint = limits.get((variant, method)) or previous
+
+                def measure(n: int, case=case) -> dict:
+                    r = in_subprocess({**case, "N": n}, s["subprocess"])
+                    print(
+                        f"  {case['model']} {case['variant']} {case['method']} "
+                        f"N={n}: {r['outcome']} "
+                        f"{(r.get('peak_bytes') or 0) / MiB:.1f} MiB",
+                        flush=True,
                     )
-                    N = N["limit_N"]
-                    at = in_subprocess({**case, "N": N}, s["subprocess"])
-                    above = in_subprocess({**case, "N": N + 1}, s["subprocess"])
-                row = {
-                    "model": label,
-                    "variant": variant,
-                    "method": strategy,
-                    "limit_N": N,
-                    "estimated_limit_N": estimated,
-                    "estimate_matches_package": estimated == N,
-                    "estimate_at_limit": package_estimate(shape, N, cols, strategy),
-                    "run_at_limit": at,
-                    "run_above_limit": above,
-                    "confirmed": at["ok"] and not above["ok"],
-                }
-                rows.append(row)
-                print(
-                    label,
-                    variant,
-                    strategy,
-                    N,
-                    row["confirmed"],
-                    at.get("peak_bytes"),
-                    flush=True,
-                )
-            if not have_vivit:
-                continue
-            step = s["vivit_step"][variant]
-            probes: dict[int, dict] = {}
+                    return r
 
-            def fits(
-                n: int, step=step, probes=probes, name=name, variant=variant
-            ) -> bool:
-                n = n * step
-                probes[n] = in_subprocess(
+                N, seen = largest_within(measure, step, hint, budget)
+                previous = limits[(variant, method)] = N or previous
+                at, above = seen.get(N), seen.get(N + step)
+                rows.append(
                     {
-                        "model": name,
+                        "model": label,
                         "variant": variant,
-                        "method": "vivit",
-                        "N": n,
-                        "budget": budget,
-                    },
-                    s["subprocess"],
+                        "method": method,
+                        "limit_N": N,
+                        "resolution": step,
+                        "run_at_limit": _summary(at),
+                        "run_above_limit": _summary(above),
+                        "confirmed": bool(
+                            N
+                            and at["outcome"] == "fits"
+                            and above is not None
+                            and above["outcome"] != "fits"
+                        ),
+                        "probes": {
+                            str(k): _summary(v) for k, v in sorted(seen.items())
+                        },
+                    }
                 )
-                p = probes[n]
-                return (
-                    p["ok"]
-                    and p["peak_bytes"] is not None
-                    and p["peak_bytes"] <= budget
-                )
-
-            lo = max(1, 2 // step + 1)
-            hint = max(
-                r["limit_N"]
-                for r in rows
-                if r["model"] == label and r["variant"] == variant
-            )
-            N = step * largest(fits, lo, max(lo + 1, 2 * hint // step + 2))
-            rows.append(
+                print(label, variant, method, N, flush=True)
+            # the package's own limit (strategy=None): refused far above it
+            big = 4 * math.isqrt(budget // 8) // COLUMNS[variant] + 8
+            adm = in_subprocess(
                 {
-                    "model": label,
+                    "model": name,
                     "variant": variant,
-                    "method": "vivit",
-                    "limit_N": N,
-                    "resolution": step,
-                    "probes": {str(k): v for k, v in sorted(probes.items())},
-                    "run_at_limit": probes.get(N),
-                    "confirmed": N > 0 and probes.get(N, {}).get("ok", False),
-                }
+                    "method": "auto",
+                    "budget": budget,
+                    "N": big,
+                    "admission": True,
+                },
+                s["subprocess"],
             )
-            print(label, variant, "vivit", N, flush=True)
+            adm = {
+                "model": label,
+                "variant": variant,
+                "package_largest_N": adm.get("package_largest_N"),
+                "run_at_limit": _summary(adm.get("run_at_limit")),
+                "run_above_limit": _summary(adm.get("run_above_limit")),
+                "confirmed": adm.get("confirmed", False),
+                **({"error": adm["error"]} if "error" in adm else {}),
+            }
+            admissions.append(adm)
+            print(label, variant, "package admits", adm["package_largest_N"])
     return {
-        "shapes": {name: model_shape(name) for _, name, _ in MODELS},
         "vivit": "measured"
         if have_vivit
         else "skipped: vivit-for-pytorch not installed",
         "rows": rows,
+        "package_limits": admissions,
     }
 
 
