@@ -6,7 +6,7 @@ its nonzero eigenvalues are those of the ``N·C × N·C`` Gram matrix ``Vᵀ V``
 computes them exactly for any model, BatchNorm in train mode included.
 
 :class:`GGN` linearises a model on a batch once and serves the Gram matrix, the
-spectrum, gradient moments, directional derivatives and linear operators from it;
+spectrum, the diagonal and trace, gradient moments, directional derivatives and linear operators from it;
 the one-call functions of :mod:`lowrank_ggn.functional` wrap it.
 """
 
@@ -15,6 +15,7 @@ from lowrank_ggn.approx.dataset import DatasetSpectrum, ggn_spectrum_dataset
 from lowrank_ggn.approx.dataset_solvers import GramMemoryError
 from lowrank_ggn.approx.param_groups import per_layer_groups
 from lowrank_ggn.core.budget import MemoryBudgetExceeded, MemoryBudgetWarning
+from lowrank_ggn.core.diagonal import GGNDiagonal, PerComponentDiagonals
 from lowrank_ggn.core.loss_autodiff import AutodiffLoss
 from lowrank_ggn.core.loss_factors import loss_hessian_factors, resolve_loss
 from lowrank_ggn.core.loss_sampling import sampled_loss_hessian_factors
@@ -34,8 +35,10 @@ from lowrank_ggn.functional import (
     block_gram_matrices,
     directional_derivatives,
     ggn_block_spectra,
+    ggn_diagonal,
     ggn_linear_operator,
     ggn_spectrum,
+    ggn_trace,
     gradient_moments,
     gram_linear_operator,
     gram_matrix,
@@ -50,12 +53,14 @@ __all__ = [
     "DatasetSpectrum",
     "DirectionalDerivatives",
     "EnginePath",
+    "GGNDiagonal",
     "GGNSpectrum",
     "GradientMoments",
     "GramMemoryError",
     "MemoryBudgetExceeded",
     "MemoryBudgetWarning",
     "NearZeroEigenvalueWarning",
+    "PerComponentDiagonals",
     "SampleMixingWarning",
     "StructureCheck",
     "StructureReport",
@@ -63,9 +68,11 @@ __all__ = [
     "block_gram_matrices",
     "directional_derivatives",
     "ggn_block_spectra",
+    "ggn_diagonal",
     "ggn_linear_operator",
     "ggn_spectrum",
     "ggn_spectrum_dataset",
+    "ggn_trace",
     "gradient_moments",
     "gram_linear_operator",
     "gram_matrix",

@@ -40,6 +40,13 @@ from torch import Tensor, nn
 from lowrank_ggn.approx.param_groups import groups_within
 from lowrank_ggn.approx.subsampling import check_subsampling
 from lowrank_ggn.core.budget import check_linearization_memory, resolve_memory_budget
+from lowrank_ggn.core.diagonal import (
+    GGNDiagonal,
+    PerComponentDiagonals,
+    diagonal_from_linearization,
+    per_component_from_linearization,
+    redrawn,
+)
 from lowrank_ggn.core.engine import EngineReport, Solver
 from lowrank_ggn.core.engine.batchnorm import has_batch_norm
 from lowrank_ggn.core.footprint import CallBudget, PeakMonitor, gram_parts
@@ -433,6 +440,73 @@ class GGN:
             result = moments_from_linearization(
                 self.linearization, self.chunk, per_component
             )
+        result.warn()
+        return result
+
+    def _diagonal_linearization(
+        self, mc_samples: int | None, generator: torch.Generator | None
+    ) -> tuple[Linearization, int | None]:
+        own = self._linearize_args["mc_samples"]
+        lin = self.linearization
+        if mc_samples is None or (mc_samples == own and generator is None):
+            return lin, own
+        return redrawn(lin, mc_samples, generator, self.memory_budget), mc_samples
+
+    def diagonal(
+        self, mc_samples: int | None = None, generator: torch.Generator | None = None
+    ) -> GGNDiagonal:
+        r"""``diag(G) = Σ_{n,c} (J_θF_nᵀ s_nc)²`` per parameter (:mod:`lowrank_ggn.core.diagonal`).
+
+        Args:
+            mc_samples: ``None``: this GGN's factors (exact, or its own Monte-Carlo
+                factors if built with ``mc_samples``: the same draw as
+                :meth:`spectrum`). ``M``: that draw when ``M`` is this GGN's own
+                ``mc_samples`` and no ``generator`` is given, else ``M`` fresh
+                columns per sample drawn from the linearisation's outputs (no
+                forward pass): an unbiased estimate.
+            generator: ``torch.Generator`` for a fresh draw.
+
+        Cost: ``C`` (``M``) backward passes of the batch on the per-sample path, the
+        Gram engine's ``bn_split`` passes under train-mode BatchNorm, and one
+        captured forward pass if an earlier method used the linearisation's.
+        Returns a :class:`~lowrank_ggn.core.diagonal.GGNDiagonal` (``.per_param``,
+        ``.flat``, ``.trace``, ``.route``).
+        """
+        check_mc_samples(mc_samples, generator)
+        with self._observing():
+            self._fit(grams=0)
+            lin, mc = self._diagonal_linearization(mc_samples, generator)
+            args = (self.chunk, self._work, self.engine, self._strategy, mc)
+            return diagonal_from_linearization(lin, *args)
+
+    def trace(
+        self, mc_samples: int | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``tr G`` (0-dim, parameters' dtype): the cached Gram's trace, else ``Σ diag``.
+
+        Equals the sum of the nonzero eigenvalues; arguments as for :meth:`diagonal`.
+        """
+        check_mc_samples(mc_samples, generator)
+        with self._observing():
+            own = mc_samples is None or (
+                mc_samples == self._linearize_args["mc_samples"] and generator is None
+            )
+            if own and self._gram is not None:
+                return self._gram.trace().to(self._budget_dtype())
+            return self.diagonal(mc_samples, generator).trace
+
+    def per_component_diagonals(self) -> PerComponentDiagonals:
+        """Rows ``d_n = Σ_c (J_θF_nᵀ s_nc)²`` ``[N, *θ_p.shape]`` that sum to :meth:`diagonal`.
+
+        BackPACK's ``BatchDiagGGN`` analogue, with this GGN's factors; ``ρ`` as for
+        :meth:`moments`. Under train-mode BatchNorm the rows are per-component (a
+        :class:`~lowrank_ggn.SampleMixingWarning` says so).
+        """
+        with self._observing():
+            self._fit(grams=0)
+            lin, mc = self.linearization, self._linearize_args["mc_samples"]
+            args = (self.chunk, self._work, self.engine, self._strategy, mc)
+            result = per_component_from_linearization(lin, *args)
         result.warn()
         return result
 

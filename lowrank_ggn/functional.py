@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
+from lowrank_ggn.core.diagonal import GGNDiagonal
 from lowrank_ggn.core.spectrum import GGNSpectrum
 from lowrank_ggn.curvature import GGN
 from lowrank_ggn.diagnostics.directional import DirectionalDerivatives
@@ -125,6 +126,51 @@ def ggn_block_spectra(
     """
     ggn = GGN(model, loss_func, inputs, targets, **options)
     return ggn.block_spectra(param_groups, top_k, eigenvectors, rtol)
+
+
+def ggn_diagonal(
+    model: nn.Module, loss_func: nn.Module, inputs: Tensor, targets: Tensor, **options
+) -> GGNDiagonal:
+    r"""The GGN diagonal ``Σ_{n,c} (J_θF_nᵀ s_nc)²`` per parameter (:meth:`GGN.diagonal`).
+
+    Exact by default, any model, BatchNorm in train mode included; with
+    ``mc_samples=M`` (and ``generator``) an unbiased Monte-Carlo estimate.
+    ``.per_param`` is shaped like the parameters, ``.flat`` is ``[D]``, ``.trace``
+    is ``tr G`` (:mod:`lowrank_ggn.core.diagonal`).
+
+    Example:
+        >>> import torch
+        >>> from lowrank_ggn.reference import dense_ggn
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
+        ...                             torch.nn.ReLU(), torch.nn.Linear(4, 2)).double()
+        >>> X, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0])
+        >>> res = ggn_diagonal(model, torch.nn.CrossEntropyLoss(), X, y)
+        >>> G = dense_ggn(model, torch.nn.CrossEntropyLoss(), X, y)
+        >>> assert torch.allclose(res.flat, G.diagonal())
+        >>> res.per_param[0].shape
+        torch.Size([4, 3])
+
+    """
+    return GGN(model, loss_func, inputs, targets, **options).diagonal()
+
+
+def ggn_trace(
+    model: nn.Module, loss_func: nn.Module, inputs: Tensor, targets: Tensor, **options
+) -> Tensor:
+    r"""``tr G``, the sum of the GGN's eigenvalues, a 0-dim tensor (:meth:`GGN.trace`).
+
+    The sum of :func:`ggn_diagonal`, without a Gram matrix or its eigenvalues.
+
+    Example:
+        >>> import torch
+        >>> from lowrank_ggn.reference import dense_ggn
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> X, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+        >>> t = ggn_trace(model, torch.nn.CrossEntropyLoss(), X, y)
+        >>> assert torch.allclose(t, dense_ggn(model, torch.nn.CrossEntropyLoss(), X, y).trace())
+
+    """
+    return GGN(model, loss_func, inputs, targets, **options).trace()
 
 
 def gradient_moments(
@@ -252,8 +298,10 @@ __all__ = [
     "block_gram_matrices",
     "directional_derivatives",
     "ggn_block_spectra",
+    "ggn_diagonal",
     "ggn_linear_operator",
     "ggn_spectrum",
+    "ggn_trace",
     "gradient_moments",
     "gram_linear_operator",
     "gram_matrix",

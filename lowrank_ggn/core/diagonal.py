@@ -1,0 +1,290 @@
+r"""The GGN diagonal and trace, exact or Monte-Carlo, and per-component diagonals.
+
+With ``G = V Vᵀ``, ``V = [J_θF_nᵀ s_nc]`` ``[D, N·C]`` (:mod:`lowrank_ggn.core.linearization`),
+
+.. math::
+    \operatorname{diag}(G) = \sum_{n,c} (J_θF_n^⊤ s_{nc})^{⊙2}, \qquad
+    \operatorname{tr} G = \sum_d \operatorname{diag}(G)_d
+    = \operatorname{tr}(V^⊤ V) = \sum_k λ_k,
+
+the row-wise sums of squares of ``V``. The *per-component diagonals*
+``d_n = Σ_c (J_θF_nᵀ s_nc)²`` ``[N, D]`` sum to ``diag(G)``; with ``ρ`` of
+``L = ρ Σ_n ℓ_n`` (``1/N`` for ``'mean'``, 1 for ``'sum'``, as for
+:mod:`lowrank_ggn.diagnostics.moments`), ``d_n / ρ`` is the diagonal of sample ``n``'s
+own GGN ``J_nᵀ ∇²ℓ_n J_n`` when samples are independent (BackPACK's
+``BatchDiagGGNExact`` returns the rows ``d_n``). Under train-mode BatchNorm ``F_n``
+depends on the whole batch: the ``d_n`` are per-component, and still sum to the exact
+diagonal (the factorisation holds for full-batch vector-Jacobian products).
+
+**Monte-Carlo.** With ``M`` sampled factor columns per sample
+(:func:`lowrank_ggn.core.loss_sampling.sampled_loss_hessian_factors`,
+``E[s̃ s̃ᵀ] = ∇²_{F_n} L``) each ``(J_nᵀ s̃_nm)²`` is unbiased, so the MC diagonal
+is an unbiased estimate of ``diag(G)`` at ``M/C`` of the cost.
+
+**Routes** (:class:`DiagonalRoute`), never forming ``V`` as a whole:
+
+* ``layerwise``: the Gram engine's backward passes and per-layer operands
+  (:mod:`lowrank_ggn.core.engine.diagonal`): ``C`` backward passes of the batch on
+  the per-sample path (``bn_split``: plus one partial pass per BatchNorm
+  statistic), then ``(g²)ᵀ(a²)`` for ``Linear`` layers (``N·D_l`` flops) and squared
+  rows in chunks for convolutions (``N·C·P·D_l``);
+* ``streamed``: blocks of columns of ``V`` from
+  :meth:`~lowrank_ggn.core.linearization.Linearization.factor_blocks` (vmapped
+  per-sample VJPs, ``C`` per sample; or ``N·C`` full-batch VJPs on the full-batch
+  path), squared and summed: memory ``chunk·D``. Taken with ``engine="generic"`` or
+  ``strategy="streamed"``, and whenever the layer-wise route does not apply.
+
+Time: ``O(C · backward(N))`` on the per-sample path (``bn_split`` as for the Gram),
+``O(N·C · backward(N))`` when only full-batch columns apply. Memory: ``O(D)`` for
+the result (``O(N·D)`` per component) plus the route's blocks. No Gram, no ``eigh``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from lowrank_ggn.approx.subsampling import subsample_factors
+from lowrank_ggn.core.engine import EngineReport, Strategy
+from lowrank_ggn.core.engine.diagonal import layerwise_diagonal
+from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization
+from lowrank_ggn.core.loss_sampling import sampled_loss_hessian_factors
+from lowrank_ggn.core.paths import EnginePath
+from lowrank_ggn.diagnostics.moments import component_context
+from lowrank_ggn.diagnostics.warnings import PerComponentResult
+
+
+class DiagonalRoute(str, enum.Enum):
+    """How the squares of ``V``'s rows were summed (see module docstring)."""
+
+    LAYERWISE = "layerwise"
+    STREAMED = "streamed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class GGNDiagonal:
+    """Result of :meth:`lowrank_ggn.GGN.diagonal` and :func:`lowrank_ggn.ggn_diagonal`.
+
+    Attributes:
+        per_param: ``diag(G)`` per parameter, shaped like it, in the order of the
+            GGN's ``params`` and their dtype and device.
+        path: The engine's path (``.name``, ``.reason``, ``.mixing_modules``).
+        mc_samples: ``M`` of the Monte-Carlo factors, ``None`` if exact.
+        num_columns: ``N_S·C`` (``N_S·M``), the factor columns summed over.
+        route: The :class:`DiagonalRoute` taken.
+        engine_report: The layer-wise engine's strategy and per-layer treatment
+            (``None`` if it did not run); ``.fallback`` says why it streamed.
+    """
+
+    per_param: list[Tensor]
+    path: EnginePath
+    mc_samples: int | None
+    num_columns: int
+    route: DiagonalRoute
+    engine_report: EngineReport | None = None
+
+    @property
+    def flat(self) -> Tensor:
+        """``diag(G)`` ``[D]``, parameters flattened in ``params`` order."""
+        return torch.cat([d.reshape(-1) for d in self.per_param])
+
+    @property
+    def trace(self) -> Tensor:
+        """``tr G = Σ_d diag(G)_d``, a 0-dim tensor (the sum of the eigenvalues)."""
+        return self.flat.sum()
+
+
+@dataclass
+class PerComponentDiagonals(PerComponentResult):
+    """Result of :meth:`lowrank_ggn.GGN.per_component_diagonals`.
+
+    Attributes:
+        per_param: Per parameter ``[N_S, *θ_p.shape]``: row ``j`` is
+            ``d_n = Σ_c (J_θF_nᵀ s_nc)²`` for ``n = sample_index[j]`` (``ρ``
+            included: the rows sum to the diagonal; ``d_n / ρ`` is per sample).
+        sample_index: ``[N_S]`` batch positions of the rows (all ``N`` unless
+            sub-sampled).
+        diagonal: Their sum, the :class:`GGNDiagonal`.
+        rho, sample_mixing, mixing_modules, explanation, path: see
+            :class:`~lowrank_ggn.diagnostics.warnings.PerComponentResult`.
+    """
+
+    per_param: list[Tensor]
+    sample_index: Tensor
+    diagonal: GGNDiagonal
+
+    WHAT = "per_component_diagonals returned per-component GGN diagonals"
+    SUMS_TO = "the GGN diagonal"
+
+    @property
+    def flat(self) -> Tensor:
+        """``[N_S, D]``, parameters flattened in ``params`` order."""
+        return torch.cat([d.reshape(d.shape[0], -1) for d in self.per_param], 1)
+
+
+def diagonal_explanation(sample_mixing: bool, modules: tuple[str, ...]) -> str:
+    """What row ``n`` of a per-component diagonal means, for ``.explanation``."""
+    if not sample_mixing:
+        return (
+            "The forward pass processes samples independently (F_n = f(x_n, θ)), so "
+            "row n is ρ times the diagonal of sample n's own GGN J_nᵀ ∇²ℓ_n J_n "
+            "(BackPACK's BatchDiagGGN). The rows sum to the GGN diagonal."
+        )
+    where = (
+        f"module(s) {', '.join(modules)} mix samples in the forward pass"
+        if modules
+        else "the forward pass mixes samples"
+    )
+    return (
+        f"Per-sample GGNs do not exist here: {where}, so output F_n depends on every "
+        "input x_m. Row n is a per-component diagonal, Σ_c (J_θF_nᵀ s_nc)² through "
+        "output component F_n, not the curvature of sample n alone. The rows still "
+        "sum to the exact GGN diagonal, but their spread is not a sampling variance."
+    )
+
+
+def redrawn(
+    lin: Linearization,
+    mc_samples: int,
+    generator: torch.Generator | None,
+    memory_budget: float | None = None,
+) -> Linearization:
+    """``lin`` with ``M`` fresh Monte-Carlo factor columns, drawn from its outputs.
+
+    No forward pass: the outputs, graph and path are ``lin``'s (its unused capture
+    moves to the copy); sub-sampling as in ``lin``.
+    """
+    S = sampled_loss_hessian_factors(
+        lin.loss_func,
+        lin.outputs,
+        lin.targets,
+        mc_samples,
+        generator,
+        memory_budget=memory_budget,
+    )
+    if lin.num_samples != lin.batch_size or not torch.equal(
+        lin.sample_index, torch.arange(lin.batch_size, device=S.device)
+    ):
+        S = subsample_factors(lin.loss_func, S, lin.sample_index)
+    fresh = replace(lin, factors=S, engine_report=None)
+    lin.capture = None  # one engine run consumes a capture
+    return fresh
+
+
+def streamed_diagonal(
+    lin: Linearization, chunk: int = DEFAULT_CHUNK, per_component: bool = False
+) -> list[Tensor]:
+    """Squares of column blocks ``Vᵀ[cols]`` ``[B, D]``, summed (per sample).
+
+    Returns:
+        Per parameter ``[numel]``, or ``[N_S, numel]`` with ``per_component``.
+    """
+    fm = lin.fmodel
+    C = lin.num_columns_per_sample
+    lead = (lin.num_samples,) if per_component else ()
+    total = torch.zeros(*lead, fm.num_params, dtype=fm.dtype, device=fm.device)
+    for cols, block in lin.factor_blocks(chunk):
+        squares = block.square()
+        if per_component:  # column i = j·C + c belongs to row j
+            owner = torch.arange(cols.start, cols.stop, device=block.device) // C
+            total.index_add_(0, owner, squares)
+        else:
+            total += squares.sum(0)
+    return list(total.split(fm.numels, dim=-1))
+
+
+def diagonal_values(
+    lin: Linearization,
+    chunk: int,
+    budget: int,
+    engine: str = "layerwise",
+    strategy: Strategy | None = None,
+    per_component: bool = False,
+) -> tuple[list[Tensor], DiagonalRoute, EngineReport | None]:
+    """Flat per-parameter values by the layer-wise route, else streamed.
+
+    The caller holds :func:`lowrank_ggn.core.state.model_preserved`.
+    """
+    report, budget = None, int(min(budget, 2**62))
+    if engine == "layerwise" and strategy is not Strategy.STREAMED:
+        values, report = layerwise_diagonal(lin, chunk, budget, per_component, strategy)
+        if values is not None:
+            return values, DiagonalRoute.LAYERWISE, report
+    return streamed_diagonal(lin, chunk, per_component), DiagonalRoute.STREAMED, report
+
+
+def diagonal_from_linearization(
+    lin: Linearization,
+    chunk: int = DEFAULT_CHUNK,
+    budget: int = 4 * 2**30,
+    engine: str = "layerwise",
+    strategy: Strategy | None = None,
+    mc_samples: int | None = None,
+) -> GGNDiagonal:
+    """``diag(G)`` of ``lin``'s factors (exact, or MC with ``mc_samples`` columns).
+
+    Args:
+        lin: The linearisation (its factors are the ones squared).
+        chunk: Columns per block of the streamed route.
+        budget: Bytes for the engine's blocks and chunks.
+        engine: ``"generic"`` streams.
+        strategy: Force the engine's strategy (``streamed``: stream).
+        mc_samples: Recorded on the result: ``M`` if ``lin``'s factors are MC.
+    """
+    values, route, report = diagonal_values(lin, chunk, budget, engine, strategy)
+    return GGNDiagonal(
+        [v.reshape(p.shape) for v, p in zip(values, lin.fmodel.params)],
+        lin.path,
+        mc_samples,
+        lin.num_columns,
+        route,
+        report,
+    )
+
+
+def per_component_from_linearization(
+    lin: Linearization,
+    chunk: int = DEFAULT_CHUNK,
+    budget: int = 4 * 2**30,
+    engine: str = "layerwise",
+    strategy: Strategy | None = None,
+    mc_samples: int | None = None,
+) -> PerComponentDiagonals:
+    """Per-component diagonals ``d_n`` of ``lin``'s factors (arguments as above).
+
+    :meth:`PerComponentDiagonals.warn` issues the
+    :class:`~lowrank_ggn.diagnostics.warnings.SampleMixingWarning`.
+    """
+    values, route, report = diagonal_values(
+        lin, chunk, budget, engine, strategy, per_component=True
+    )
+    NS = lin.num_samples
+    rows = [v.reshape(NS, *p.shape) for v, p in zip(values, lin.fmodel.params)]
+    total = GGNDiagonal(
+        [r.sum(0) for r in rows], lin.path, mc_samples, lin.num_columns, route, report
+    )
+    context = component_context(lin)
+    context["explanation"] = diagonal_explanation(
+        context["sample_mixing"], context["mixing_modules"]
+    )
+    return PerComponentDiagonals(
+        per_param=rows, sample_index=lin.sample_index, diagonal=total, **context
+    )
+
+
+__all__ = [
+    "DiagonalRoute",
+    "GGNDiagonal",
+    "PerComponentDiagonals",
+    "diagonal_from_linearization",
+    "diagonal_values",
+    "per_component_from_linearization",
+    "redrawn",
+    "streamed_diagonal",
+]

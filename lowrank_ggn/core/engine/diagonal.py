@@ -1,0 +1,275 @@
+r"""The GGN diagonal from the layer-wise engine's factors, without forming ``V``.
+
+.. math::
+    \operatorname{diag}(G) = \sum_{n,c} (J_θF_n^⊤ s_{nc})^{⊙2}
+    = \sum_i V_{:,i}^{⊙2}, \qquad
+    d_n = \sum_c (J_θF_n^⊤ s_{nc})^{⊙2}, \quad \sum_n d_n = \operatorname{diag}(G),
+
+squares elementwise. The engine's backward passes (:mod:`.backprop`, strategy chosen
+by :mod:`.plan`, checked by :mod:`.selfcheck`) give every column's layer-output
+gradients ``g_i`` ``[P, O]`` and, per layer, the operand its rows are bilinear in
+(:mod:`.operands`); this module squares those rows layer by layer instead of
+multiplying them into a Gram matrix:
+
+* a dense layer with one position (``Linear``, ``P = 1``):
+  ``diag(W)_{oi} = Σ_n (Σ_c g_{nco}²) a_{ni}²``, i.e. ``(g²)ᵀ (a²)``: ``N·D_l``
+  flops, no row is ever formed (both sides balanced by a power of two first, so
+  that no square overflows where the product does not);
+* any other captured weight (convolutions, positions, embeddings, normalisation
+  affines): its explicit rows ``V_l`` ``[NC, cols]`` in chunks within the memory
+  budget (:meth:`~.operands.DenseOperand.explicit`), squared and summed over the
+  columns ``i``: ``NC·P·D_l`` flops;
+* under ``bn_split`` a layer upstream of BatchNorm statistics adds ``(B_p W)ᵀ`` to
+  each chunk before squaring (``V_p = V_{f,p} + B_p W``, exact for train-mode
+  BatchNorm), its bias likewise; BatchNorm affines are their frozen rows plus
+  ``(B_p W)ᵀ``;
+* biases ``Σ_P g`` ``[NC, O]``, mixing layers' explicit rows (``columns``), shared
+  parameters' rows summed over their uses, and the generic rows of uncaptured
+  parameters: squared and summed.
+
+Per-component rows ``d_n`` sum the squares over the ``C`` columns of each sample
+only (rows are sample-major, ``i = n·C + c``). Cost: the strategy's backward passes
+(``C`` on the per-sample path) plus ``Σ_l NC·P_l·D_l`` flops for the explicit layers;
+memory: the strategy's layer-output gradients plus one chunk of rows, and the
+result (``D``, or ``N·D`` per component).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lowrank_ggn.core.budget import MemoryBudgetExceeded
+from lowrank_ggn.core.engine import accumulate as acc
+from lowrank_ggn.core.engine.assemble import layer_rows
+from lowrank_ggn.core.engine.backprop import LayerTurnedMixing
+from lowrank_ggn.core.engine.layer import Layer
+from lowrank_ggn.core.engine.operands import DenseOperand
+from lowrank_ggn.core.engine.report import EngineReport, LayerTreatment, Strategy
+from lowrank_ggn.core.engine.run import _Engine, _no_tick
+from lowrank_ggn.core.engine.selfcheck import Factors, self_check
+from lowrank_ggn.core.linearization import Linearization
+
+#: Bytes of one chunk of squared weight rows: large enough for BLAS to run at full
+#: speed, small enough not to raise the call's peak memory.
+CHUNK_BYTES = 64 * 2**20
+
+
+class DiagonalSink:
+    """Per parameter, the diagonal ``[numel]`` or the per-component rows ``[NS, numel]``.
+
+    Args:
+        params: The parameters, in the flattening order.
+        NS: Samples with factor columns; ``C``: columns per sample.
+        per_component: Keep one row per sample instead of their sum.
+    """
+
+    def __init__(
+        self, params: list[Tensor], NS: int, C: int, per_component: bool
+    ) -> None:
+        self.params, self.NS, self.C = params, NS, C
+        self.per_component = per_component
+        lead = (NS,) if per_component else ()
+        self.values = {
+            id(p): torch.zeros(*lead, p.numel(), dtype=p.dtype, device=p.device)
+            for p in params
+        }
+
+    def add_rows(
+        self, p: Tensor, rows: Tensor, cols: slice | Tensor = slice(None)
+    ) -> None:
+        """Add the squares of ``rows`` ``[NS·C, k]`` (sample-major) at ``cols`` of ``p``."""
+        squares = rows.square()
+        target = self.values[id(p)]
+        if self.per_component:  # sum the C columns of each sample only
+            target[:, cols] += squares.reshape(self.NS, self.C, -1).sum(1)
+        else:
+            target[cols] += squares.sum(0)
+
+    def result(self) -> list[Tensor]:
+        """Per parameter ``[numel]`` (``[NS, numel]``), in ``params`` order."""
+        return [self.values[id(p)] for p in self.params]
+
+
+def _dense_one_position(
+    sink: DiagonalSink, p: Tensor, operand: DenseOperand, g: Tensor
+) -> None:
+    """``(g²)ᵀ (a²)`` per group for ``P = 1``: ``g`` ``[NS, C, 1, O]``, ``A`` ``[NS, G, 1, I_g]``."""
+    found = acc.balanced(operand.A, g, g.dtype)  # scale before squaring
+    if found is None:  # a zero side: the block's diagonal vanishes
+        return
+    A, g = found
+    NS, G = A.shape[:2]
+    g2 = g[:, :, 0].square().sum(1).reshape(NS, G, operand.channels)  # [NS, G, O_g]
+    a2 = A[:, :, 0].square()  # [NS, G, I_g]
+    target = sink.values[id(p)]
+    if sink.per_component:  # weight [G·O_g, I_g] flattens as (j, o, i)
+        target += torch.einsum("njo,nji->njoi", g2, a2).reshape(NS, -1)
+    else:
+        target += torch.einsum("njo,nji->joi", g2, a2).reshape(-1)
+
+
+def _dense_squares(
+    sink: DiagonalSink, p: Tensor, operand: DenseOperand, g: Tensor, budget: int
+) -> None:
+    """``Σ_c (Σ_P g_{ncpo} a_{npi})²`` per group for ``g`` ``[NS, C, P, O]``.
+
+    One ``bmm`` ``[b, C·o, P] @ [b, P, I_g]`` per chunk of ``b`` samples and ``o``
+    output channels (at most :data:`CHUNK_BYTES`, or ``budget / 4``), squared in
+    place and summed over the ``C`` columns (and the samples): no ``[NC, D_l]`` rows
+    are laid out.
+    """
+    A = operand.A  # [NS, G, P, I_g]
+    NS, C, P, _ = g.shape
+    G, Ig, Og = operand.groups, A.shape[-1], operand.channels
+    lead = (NS,) if sink.per_component else ()
+    target = sink.values[id(p)].view(*lead, G, Og, Ig)
+    per_pair = C * (Ig + P) * g.element_size()  # one (sample, channel) in flight
+    pairs = max(1, min(CHUNK_BYTES, budget // 4) // per_pair)
+    o_step = min(Og, pairs)
+    n_step = max(1, pairs // o_step)
+    for j in range(G):
+        for o0 in range(0, Og, o_step):
+            o1 = min(Og, o0 + o_step)
+            gj = g[..., j * Og + o0 : j * Og + o1]  # [NS, C, P, o]
+            for n0 in range(0, NS, n_step):
+                n1 = min(NS, n0 + n_step)
+                left = gj[n0:n1].transpose(2, 3).reshape(n1 - n0, -1, P)
+                out = torch.bmm(left, A[n0:n1, j])  # [b, C·o, I_g]
+                out = out.square_().view(n1 - n0, C, o1 - o0, Ig).sum(1)
+                if sink.per_component:
+                    target[n0:n1, j, o0:o1] += out
+                else:
+                    target[j, o0:o1] += out.sum(0)
+
+
+def _add_local(
+    sink: DiagonalSink, la: Layer, f: Factors, budget: int
+) -> LayerTreatment:
+    """A per-sample layer, plus ``(B_p W)ᵀ`` under ``bn_split``; its treatment."""
+    lin = f.lin
+    NS, C = lin.num_samples, lin.num_columns_per_sample
+    g = la.grad_matrix()  # [NC, P, O]
+    NC, P, O = g.shape
+    WT = None if f.W is None else f.W.T  # [NC, 2K]
+    if la.bias is not None:
+        extra = f.statistics_rows(la.bias)
+        rows = g.sum(1)
+        sink.add_rows(la.bias, rows if extra is None else rows + extra)
+    if la.weight is None:
+        return LayerTreatment.LOCAL_EXPLICIT
+    B = f.B.get(id(la.weight)) if WT is not None else None
+    operand = la.operand.select(lin.sample_index)
+    g = g.reshape(NS, C, P, O)
+    plain = isinstance(operand, DenseOperand) and not operand.transposed
+    if B is None and plain and operand.patches is None:
+        if P == 1:
+            _dense_one_position(sink, la.weight, operand, g)
+            return LayerTreatment.KRONECKER
+        _dense_squares(sink, la.weight, operand, g, budget)
+        return LayerTreatment.LOCAL_EXPLICIT
+    # chunks of rows [NC, cols]; every entry that B reaches lies in one (complete)
+    for cols, rows in operand.explicit(g, budget // 4, complete=B is not None):
+        if B is not None:
+            rows.addmm_(WT, B[:, cols])  # V_p = V_{f,p} + (B_p W)ᵀ
+        sink.add_rows(la.weight, rows, cols)
+    return LayerTreatment.SPLIT if B is not None else LayerTreatment.LOCAL_EXPLICIT
+
+
+def diagonal_from_factors(
+    f: Factors, budget: int, per_component: bool, treatments: dict
+) -> list[Tensor]:
+    """Square and sum the rows of one strategy's checked factors (module docstring).
+
+    Returns:
+        Per parameter of ``f.lin.fmodel.params``: ``[numel]``, or ``[NS, numel]``
+        with ``per_component``.
+    """
+    lin = f.lin
+    params = list(lin.fmodel.params)
+    sink = DiagonalSink(
+        params, lin.num_samples, lin.num_columns_per_sample, per_component
+    )
+    shared: dict[int, Tensor] = {}
+    for la in f.layers:
+        if la.shared:  # explicit rows of every use, summed before squaring
+            for p, rows in zip(la.params, layer_rows(la, f, budget)):
+                if id(p) in la.shared:
+                    shared[id(p)] = (
+                        rows if id(p) not in shared else shared[id(p)] + rows
+                    )
+                    continue
+                extra = f.statistics_rows(p)
+                sink.add_rows(p, rows if extra is None else rows + extra)
+            treatments[la.name] = LayerTreatment.SHARED
+        elif not la.local:
+            block = torch.cat(la.explicit)  # [NC, D_l]
+            for p, part in zip(
+                la.params, block.split([p.numel() for p in la.params], 1)
+            ):
+                sink.add_rows(p, part)
+            treatments[la.name] = LayerTreatment.MIXING
+        else:
+            treatments[la.name] = _add_local(sink, la, f, budget)
+        la.grads, la.explicit = [], []  # free as we go
+    by_id = {id(p): p for p in params}
+    for key, rows in shared.items():
+        extra = f.statistics_rows(by_id[key])
+        sink.add_rows(by_id[key], rows if extra is None else rows + extra)
+    for bn in f.bns:
+        for p, rows in zip(bn.params, bn.affine_rows()):
+            extra = f.statistics_rows(p)
+            sink.add_rows(p, rows if extra is None else rows + extra)
+        if bn.params:
+            treatments[bn.name] = LayerTreatment.SPLIT
+    for p, rows in zip(f.generic, f.generic_rows):
+        sink.add_rows(p, rows)
+    for name, p in zip(lin.fmodel.names, params):
+        if id(p) in f.owners:
+            treatments[f.owners[id(p)]] = LayerTreatment.MIXING
+        elif any(p is q for q in f.generic):
+            treatments.setdefault(name, LayerTreatment.GENERIC)
+    return sink.result()
+
+
+def layerwise_diagonal(
+    lin: Linearization,
+    chunk: int,
+    budget: int,
+    per_component: bool = False,
+    strategy: Strategy | None = None,
+) -> tuple[list[Tensor] | None, EngineReport]:
+    """The diagonal (or per-component rows) from one run of the engine's strategies.
+
+    One captured forward pass (none if the linearisation's capture is unused), the
+    cost model's strategy (or ``strategy``), its backward passes and the self-check
+    of a random ``V w`` against autograd, then :func:`diagonal_from_factors`.
+
+    Returns:
+        ``(values, report)``; ``values`` is ``None`` when the engine would stream
+        (no per-layer factors), a layer turned out to mix samples, the factors
+        exceeded ``budget`` or the self-check failed: the caller then streams
+        ``V`` in column blocks, which assumes nothing.
+    """
+    engine = _Engine(
+        lin, chunk, budget, [list(lin.fmodel.params)], strategy, frozenset(), _no_tick
+    )
+    report = engine.report
+    with torch.enable_grad():
+        out = engine.forward()
+        chosen = engine.plan()
+        report.strategy = chosen
+        if chosen is Strategy.STREAMED:
+            return None, report
+        try:
+            f = engine.backward(out, chosen)
+        except (LayerTurnedMixing, MemoryBudgetExceeded) as err:
+            report.fallback = f"{chosen} stopped ({type(err).__name__}); streamed"
+            return None, report
+        if self_check(f, engine.cap.precision):
+            report.fallback = f"{chosen} failed its self-check; streamed"
+            return None, report
+    return diagonal_from_factors(f, budget, per_component, report.layers), report
+
+
+__all__ = ["DiagonalSink", "diagonal_from_factors", "layerwise_diagonal"]
