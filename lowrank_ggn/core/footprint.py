@@ -16,8 +16,11 @@ autograd graph               tensors saved for backward by a probe forward pass 
 backward pass                half the graph (activation gradients) plus ``D``
                              (parameter gradients of one vector-Jacobian product)
 factors ``S``                ``C·N·O`` (and the loss's outputs)
-Gram matrices                ``g·(N·C)²`` in the accumulation dtype
-``eigh``                     ``2·(N·C)²``: the input copy and the eigenvectors
+Gram matrices                ``2·g·(N·C)²`` in the accumulation dtype (each and its
+                             symmetrised copy)
+``eigh``                     ``6·(N·C)²``: the input copy, the eigenvectors, LAPACK's
+                             ``2·(N·C)²`` work space, the descending copy, the error
+                             model's temporary
 eigenvectors                 ``2·K·D`` for ``K`` requested eigenvectors
 generic engine               ``Vᵀ`` ``[N·C, D]``
 ===========================  ==========================================================
@@ -339,9 +342,11 @@ def gram_parts(
 ) -> dict[str, tuple[float, int]]:
     """The parts a Gram method adds: ``grams`` Gram matrices, ``eigh``, ``Vᵀ``, ``K`` vectors."""
     NC2 = shape.NC**2 * acc_item
-    parts = {f"Gram matrices {grams} × [{shape.NC}, {shape.NC}]": (grams * NC2, 2)}
+    # each Gram and its symmetrised copy ((G + Gᵀ)/2); eigh: LAPACK's input copy,
+    # eigenvectors, 2·n² work space (syevd), the descending copy, the error model's
+    parts = {f"Gram matrices {grams} × [{shape.NC}, {shape.NC}]": (2 * grams * NC2, 2)}
     if eigh:
-        parts["eigh input copy and eigenvectors"] = (2 * NC2, 2)
+        parts["eigh: copy, eigenvectors, work space"] = (6 * NC2, 2)
     if generic:
         parts[f"factors Vᵀ [{shape.NC}, {shape.D}]"] = (
             shape.NC * shape.D * shape.item,
