@@ -15,10 +15,15 @@ multiplying them into a Gram matrix:
   ``diag(W)_{oi} = Σ_n (Σ_c g_{nco}²) a_{ni}²``, i.e. ``(g²)ᵀ (a²)``: ``N·D_l``
   flops, no row is ever formed (both sides balanced by a power of two first, so
   that no square overflows where the product does not);
-* any other captured weight (convolutions, positions, embeddings, normalisation
+* a dense layer over ``P > 1`` positions (convolutions of any dimension, grouped
+  and depthwise included, a ``Linear`` over a sequence): per sample the weight rows
+  of its ``C`` columns, ``A_nᵀ [g_n1 … g_nC]`` (``[I_g, C·O_g]`` per group), one
+  batched GEMM per chunk of samples and channels (:data:`CHUNK_BYTES`), squared in
+  place and summed over ``c`` (and ``n``): ``NC·P·D_l`` flops, the same as BackPACK's
+  ``DiagGGNExact``, without laying out ``[NC, D_l]`` rows;
+* every other captured weight (transposed convolutions, embeddings, normalisation
   affines): its explicit rows ``V_l`` ``[NC, cols]`` in chunks within the memory
-  budget (:meth:`~.operands.DenseOperand.explicit`), squared and summed over the
-  columns ``i``: ``NC·P·D_l`` flops;
+  budget (the operand's ``explicit``), squared and summed over the columns ``i``;
 * under ``bn_split`` a layer upstream of BatchNorm statistics adds ``(B_p W)ᵀ`` to
   each chunk before squaring (``V_p = V_{f,p} + B_p W``, exact for train-mode
   BatchNorm), its bias likewise; BatchNorm affines are their frozen rows plus
@@ -29,9 +34,11 @@ multiplying them into a Gram matrix:
 
 Per-component rows ``d_n`` sum the squares over the ``C`` columns of each sample
 only (rows are sample-major, ``i = n·C + c``). Cost: the strategy's backward passes
-(``C`` on the per-sample path) plus ``Σ_l NC·P_l·D_l`` flops for the explicit layers;
-memory: the strategy's layer-output gradients plus one chunk of rows, and the
-result (``D``, or ``N·D`` per component).
+(``C`` on the per-sample path; ``bn_split`` adds its statistics passes and
+``NC·2K·D_l`` for ``(B_p W)ᵀ`` per upstream layer) plus ``Σ_l NC·P_l·D_l`` flops for
+the layers over positions and ``N·D_l`` for the others; no Gram matrix. Memory: the
+strategy's layer-output gradients (``N·C·Σ_l P_l·O_l``), one chunk, and the result
+(``D``, or ``N·D`` per component).
 """
 
 from __future__ import annotations
@@ -112,35 +119,43 @@ def _dense_one_position(
 def _dense_squares(
     sink: DiagonalSink, p: Tensor, operand: DenseOperand, g: Tensor, budget: int
 ) -> None:
-    """``Σ_c (Σ_P g_{ncpo} a_{npi})²`` per group for ``g`` ``[NS, C, P, O]``.
+    """``Σ_c (Σ_P g_{ncpo} a_{npi})²`` for ``g`` ``[NS, C, P, O]``, all groups at once.
 
-    One ``bmm`` ``[b, C·o, P] @ [b, P, I_g]`` per chunk of ``b`` samples and ``o``
-    output channels (at most :data:`CHUNK_BYTES`, or ``budget / 4``), squared in
-    place and summed over the ``C`` columns (and the samples): no ``[NC, D_l]`` rows
-    are laid out.
+    One ``bmm`` ``[b·G, I_g, P] @ [b·G, P, C·o]`` per chunk of ``b`` samples and ``o``
+    output channels of every group (at most :data:`CHUNK_BYTES`, or ``budget / 4``),
+    squared in place and summed over the ``C`` columns (and the samples): no
+    ``[NC, D_l]`` rows are laid out.
     """
-    A = operand.A  # [NS, G, P, I_g]
+    A = operand.A  # [NS, G, P, I_g], contiguous
     NS, C, P, _ = g.shape
     G, Ig, Og = operand.groups, A.shape[-1], operand.channels
     lead = (NS,) if sink.per_component else ()
     target = sink.values[id(p)].view(*lead, G, Og, Ig)
-    per_pair = C * (Ig + P) * g.element_size()  # one (sample, channel) in flight
-    pairs = max(1, min(CHUNK_BYTES, budget // 4) // per_pair)
-    o_step = min(Og, pairs)
-    n_step = max(1, pairs // o_step)
-    for j in range(G):
-        for o0 in range(0, Og, o_step):
-            o1 = min(Og, o0 + o_step)
-            gj = g[..., j * Og + o0 : j * Og + o1]  # [NS, C, P, o]
-            for n0 in range(0, NS, n_step):
-                n1 = min(NS, n0 + n_step)
-                left = gj[n0:n1].transpose(2, 3).reshape(n1 - n0, -1, P)
-                out = torch.bmm(left, A[n0:n1, j])  # [b, C·o, I_g]
-                out = out.square_().view(n1 - n0, C, o1 - o0, Ig).sum(1)
-                if sink.per_component:
-                    target[n0:n1, j, o0:o1] += out
-                else:
-                    target[j, o0:o1] += out.sum(0)
+    per_triple = C * (Ig + P) * g.element_size()  # one (sample, group, channel)
+    fit = max(1, min(CHUNK_BYTES, budget // 4) // per_triple)
+    o_step = max(1, min(Og, fit // G))
+    n_step = max(1, fit // (G * o_step))
+    grouped = g.view(NS, C, P, G, Og)
+    for o0 in range(0, Og, o_step):
+        o1 = min(Og, o0 + o_step)
+        for n0 in range(0, NS, n_step):
+            n1 = min(NS, n0 + n_step)
+            b, o = n1 - n0, o1 - o0
+            # [b, C, P, G, o] -> [b·G, P, C·o]
+            right = grouped[n0:n1, ..., o0:o1].permute(0, 3, 2, 1, 4)
+            right = right.reshape(b * G, P, C * o)
+            left = A[n0:n1].reshape(b * G, P, Ig).transpose(1, 2)  # [b·G, I_g, P]
+            out = torch.bmm(left, right).square_().view(b, G, Ig, C, o)
+            if sink.per_component:  # Σ_c: [b, G, o, I_g]
+                target[n0:n1, :, o0:o1] += out.sum(3).transpose(2, 3)
+            else:  # Σ_n first (a reduction over the leading dimension), then Σ_c
+                target[:, o0:o1] += out.sum(0).sum(2).transpose(1, 2)
+
+
+def _whole_batch(lin: Linearization) -> bool:
+    """Whether the factor columns belong to samples ``0, 1, …, N − 1`` in order."""
+    index = lin.sample_index
+    return index.numel() == lin.batch_size and bool((index[1:] > index[:-1]).all())
 
 
 def _add_local(
@@ -159,7 +174,9 @@ def _add_local(
     if la.weight is None:
         return LayerTreatment.LOCAL_EXPLICIT
     B = f.B.get(id(la.weight)) if WT is not None else None
-    operand = la.operand.select(lin.sample_index)
+    operand = la.operand
+    if not _whole_batch(lin):  # sub-sampled: the selected samples' operand (a copy)
+        operand = operand.select(lin.sample_index)
     g = g.reshape(NS, C, P, O)
     plain = isinstance(operand, DenseOperand) and not operand.transposed
     if B is None and plain and operand.patches is None:
