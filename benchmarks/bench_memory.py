@@ -25,10 +25,9 @@ Results: ``results/memory_<device>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
-import re
+import resource
 import subprocess
 import sys
 import time
@@ -36,6 +35,11 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # bench_batchnorm, bench_gram, models_zoo sit here
+    sys.path.insert(0, str(HERE))
+
+from bench_batchnorm import reset_peak_rss, resident_bytes  # noqa: E402
+
 RESULTS = HERE / "results"
 MiB = 2**20
 #: Allowed excess of the measured peak over the budget: 64 MiB plus 10 %.
@@ -55,7 +59,6 @@ def build(name: str, N: int):
     import torch
     from torch import nn
 
-    sys.path.insert(0, str(HERE))
     torch.manual_seed(0)
     if name in ("cnn", "cnn-bn"):
         import bench_gram
@@ -78,17 +81,9 @@ def build(name: str, N: int):
     return model, nn.CrossEntropyLoss(), X, torch.randint(0, 10, (N,), generator=gen)
 
 
-def _status(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) * 1024
-
-
-def _reset_peak() -> None:
-    from lowrank_ggn.core.memory import release_free_memory
-
-    gc.collect()
-    release_free_memory()
-    Path("/proc/self/clear_refs").write_text("5")
+def _peak_bytes() -> int:
+    """The kernel's peak mark (``ru_maxrss``, KiB on Linux), in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(name: str, N: int, budgets: list[int]) -> list[dict]:
@@ -112,9 +107,9 @@ def worker(name: str, N: int, budgets: list[int]) -> list[dict]:
     model.register_forward_pre_hook(largest, with_kwargs=True)
     rows = []
     for budget in budgets:
-        _reset_peak()
+        reset_peak_rss()
         seen[0] = 0
-        base = _status("VmRSS")
+        base = resident_bytes()
         start = time.perf_counter()
         row = {"model": name, "N": N, "budget": budget}
         try:
@@ -129,7 +124,7 @@ def worker(name: str, N: int, budgets: list[int]) -> list[dict]:
         except MemoryError as err:
             row.update(refused=str(err).split(". ")[0], largest_batch_seen=seen[0])
         row["seconds"] = time.perf_counter() - start
-        row["peak"] = _status("VmHWM") - base
+        row["peak"] = _peak_bytes() - base
         row["within"] = bool(
             row["peak"] <= budget + slack(budget)
             or ("refused" in row and row["largest_batch_seen"] < N)

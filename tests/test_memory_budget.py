@@ -170,7 +170,6 @@ def test_infinite_budget_skips_the_probe():
     seen = []
     model.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     ggn_spectrum(model, loss, X, y, memory_budget=float("inf"))
-    assert 4 not in seen or 8 in seen
     assert seen.count(4) == 0  # no probe forward pass
 
 
