@@ -4,7 +4,7 @@ Three parts, each (method, model, N) measured in a fresh subprocess so that its 
 resident set size is its own; each worker warms up on a batch of 4 (``--quick`` skips
 that), then times one call with ``progress=False``. Before that call the worker hands
 freed heap back to the OS and resets the kernel's peak mark (``5 > /proc/self/clear_refs``,
-Linux), so ``ru_maxrss`` afterwards is the call's own peak; it includes what was resident
+Linux), so ``VmHWM`` afterwards (``_memory.peak_rss_bytes``) is the call's own peak; it includes what was resident
 at its start (Python, torch, model, data: ``baseline_rss_bytes``). Where the reset is
 refused (``peak_rss_reset: false``) the peak includes the warm-up's, as in
 ``bench_gram.py``.
@@ -58,7 +58,6 @@ import inspect
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -73,6 +72,7 @@ RESULTS = HERE / "results"
 if str(HERE) not in sys.path:  # bench_gram, resnet, _peers sit next to this script
     sys.path.insert(0, str(HERE))
 
+from _memory import peak_rss_bytes, reset_peak_rss, resident_bytes  # noqa: E402
 from bench_gram import AGREEMENT_RTOL, BN_MODELS, available, build, machine  # noqa: E402
 from bench_gram import curvlinops as curvlinops_eigsh  # noqa: E402
 
@@ -281,7 +281,7 @@ def worker(case: Case, device: str, threads: int) -> dict:
     peak_reset = reset_peak_rss()
     base_rss = resident_bytes() if peak_reset else None
     if base_rss is None:
-        base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base_rss = peak_rss_bytes()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -293,7 +293,7 @@ def worker(case: Case, device: str, threads: int) -> dict:
     rec = {
         **case_fields(case),
         "time_s": elapsed,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "baseline_rss_bytes": base_rss,
         "peak_rss_reset": peak_reset,
         "num_params": sum(p.numel() for p in model.parameters()),
@@ -303,40 +303,6 @@ def worker(case: Case, device: str, threads: int) -> dict:
     if device.startswith("cuda"):
         rec["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     return rec
-
-
-def reset_peak_rss() -> bool:
-    """Hand freed heap back to the OS, then reset the peak-RSS mark to the current RSS.
-
-    Linux (≥ 4.0) resets ``VmHWM``, from which ``ru_maxrss`` is read, on
-    ``5 > /proc/self/clear_refs``; ``False`` where that is refused (the peak then
-    includes the warm-up's).
-    """
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def resident_bytes() -> int | None:
-    """Current resident set size (``VmRSS``), or ``None`` off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def case_fields(case: Case) -> dict:
@@ -659,7 +625,7 @@ def markdown(result: dict, tag: str) -> str:
         + ", ".join(f"{k}={v}" for k, v in result["machine"].items())
         + f", torch threads={result['threads']}",
         "",
-        "Peak RSS is each worker's `ru_maxrss` over the timed call, its peak mark reset "
+        "Peak RSS is each worker's `VmHWM` over the timed call, its peak mark reset "
         "after the warm-up "
         + (
             "(every measured row)"

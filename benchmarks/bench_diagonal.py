@@ -26,7 +26,7 @@ float32, N = 128. Methods, each (method, model) in a fresh subprocess:
   ``‖G‖_F² = ‖VᵀV‖_F²`` from the cached Gram for the projection above.
 
 Each worker warms up on a batch of 4, hands freed heap back and resets the peak-RSS
-mark (``bench_batchnorm.reset_peak_rss``), then times one call; peak RSS is that call's
+mark (``_memory.reset_peak_rss``), then times one call; peak RSS is that call's
 (it includes what was resident at its start, ``baseline_rss_bytes``). ``--repeats``
 interleaved runs of every method, so that they share the machine's conditions; the
 fastest is reported (all are kept in ``times_s``: on a shared machine the fastest run
@@ -47,7 +47,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -60,7 +59,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
-from bench_batchnorm import reset_peak_rss, resident_bytes  # noqa: E402
+from _memory import peak_rss_bytes, reset_peak_rss, resident_bytes  # noqa: E402
 from bench_gram import build, machine  # noqa: E402
 
 METHODS = (
@@ -193,7 +192,7 @@ def worker(args) -> dict:
     start = time.perf_counter()
     out = fn(model, loss, X, y, args, **extra)
     elapsed = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     values, info = out[0], out[1]
     rec = {
         "method": args.method,

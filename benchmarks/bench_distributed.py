@@ -75,7 +75,7 @@ def call(model, loss, batches, solver: str, group) -> tuple:
 def worker(rank: int, world: int, port: int, solver: str, quick: bool, out: str):
     import torch
     import torch.distributed as dist
-    from bench_batchnorm import reset_peak_rss
+    from _memory import peak_rss_bytes, reset_peak_rss
 
     torch.set_num_threads(1)
     group = None
@@ -94,7 +94,6 @@ def worker(rank: int, world: int, port: int, solver: str, quick: bool, out: str)
     call(model, loss, batches[:1], "dense", None)  # warm-up, one process
     reset_peak_rss()
     res, seconds, cpu_seconds = call(model, loss, mine, solver, group)
-    import resource
 
     record = {
         "rank": rank,
@@ -102,7 +101,7 @@ def worker(rank: int, world: int, port: int, solver: str, quick: bool, out: str)
         "solver": solver,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "bytes_exchanged": res.bytes_exchanged,
         "num_columns": res.num_columns,
         "eigenvalues": res.eigenvalues[:TOP_K].tolist(),

@@ -16,7 +16,7 @@ memory is its own:
   PyHessian's defaults (``max_iter=100``, ``tol=1e-3`` relative change per eigenvalue).
 
 Each worker builds the model and data from a seed, warms up on a batch of 4, then times
-one call. It reports wall time, the process's peak resident set size (``ru_maxrss``,
+one call. It reports wall time, the process's peak resident set size (``VmHWM``,
 which includes the Python/torch baseline, also reported) or, on CUDA, the peak
 allocated device memory, and the top-10 eigenvalues. The driver checks agreement with
 lowrank_ggn (relative 1e-4 of λ_max in float32) and writes ``results/gram_<device>.json``
@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -43,6 +42,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from _memory import peak_rss_bytes  # noqa: E402
+
 METHODS = ("lowrank_ggn", "vivit", "curvlinops", "power")
 BN_MODELS = {"3c3d-bn", "tiny"}
 EXACT_UNDER_BN = {
@@ -205,7 +209,7 @@ def worker(method: str, model_name: str, N: int, device: str, threads: int) -> d
     fn(*warm, k=min(k, 4))
     del warm
     model, loss, X, y = build(model_name, N, device, running_stats=running_stats)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base_rss = peak_rss_bytes()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -219,7 +223,7 @@ def worker(method: str, model_name: str, N: int, device: str, threads: int) -> d
         "model": model_name,
         "N": N,
         "time_s": elapsed,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "baseline_rss_bytes": base_rss,
         "top_eigenvalues": [float(v) for v in evals],
         **info,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # bench_batchnorm, bench_gram, models_zoo sit here
     sys.path.insert(0, str(HERE))
 
-from bench_batchnorm import reset_peak_rss, resident_bytes  # noqa: E402
+from _memory import peak_rss_bytes, reset_peak_rss, resident_bytes  # noqa: E402
 
 RESULTS = HERE / "results"
 MiB = 2**20
@@ -81,11 +80,6 @@ def build(name: str, N: int):
     return model, nn.CrossEntropyLoss(), X, torch.randint(0, 10, (N,), generator=gen)
 
 
-def _peak_bytes() -> int:
-    """The kernel's peak mark (``ru_maxrss``, KiB on Linux), in bytes."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def worker(name: str, N: int, budgets: list[int]) -> list[dict]:
     """Measure one model at one batch size for every budget (in this process)."""
     import torch
@@ -124,7 +118,7 @@ def worker(name: str, N: int, budgets: list[int]) -> list[dict]:
         except MemoryError as err:
             row.update(refused=str(err).split(". ")[0], largest_batch_seen=seen[0])
         row["seconds"] = time.perf_counter() - start
-        row["peak"] = _peak_bytes() - base
+        row["peak"] = peak_rss_bytes() - base
         row["within"] = bool(
             row["peak"] <= budget + slack(budget)
             or ("refused" in row and row["largest_batch_seen"] < N)

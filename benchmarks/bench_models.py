@@ -39,8 +39,8 @@ size is its own:
   curvlinops takes a tensor or a dict, not a tuple: the transformer is ``Packed``.
 
 Each worker warms up on a batch of 4 (``--quick`` skips that), then hands freed heap
-back to the OS, resets the kernel's peak-RSS mark (``bench_batchnorm.reset_peak_rss``)
-and times one call (``time.perf_counter``); peak RSS is ``ru_maxrss`` after it,
+back to the OS, resets the kernel's peak-RSS mark (``_memory.reset_peak_rss``)
+and times one call (``time.perf_counter``); peak RSS is ``VmHWM`` after it,
 including the baseline resident at its start (also recorded). A worker that fails or
 times out is an error row; the driver never stops.
 
@@ -66,7 +66,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -80,6 +79,7 @@ RESULTS = HERE / "results"
 if str(HERE) not in sys.path:  # bench_gram, bench_batchnorm, models_zoo sit here
     sys.path.insert(0, str(HERE))
 
+from _memory import peak_rss_bytes, reset_peak_rss, resident_bytes  # noqa: E402
 from bench_batchnorm import (  # noqa: E402
     exception_line,
     export_previous,
@@ -87,8 +87,6 @@ from bench_batchnorm import (  # noqa: E402
     ok,
     plain_data,
     rel_dev,
-    reset_peak_rss,
-    resident_bytes,
 )
 from bench_gram import AGREEMENT_RTOL, available, machine  # noqa: E402
 
@@ -235,14 +233,14 @@ def worker(case: Case, threads: int) -> dict:
         peak_reset = reset_peak_rss()
         base_rss = resident_bytes() if peak_reset else None
         if base_rss is None:
-            base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            base_rss = peak_rss_bytes()
         t0 = time.perf_counter()
         evals, info, D = run_method(case, case.N, seed=0)
         elapsed = time.perf_counter() - t0
     rec.update(
         D=D,
         time_s=elapsed,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_rss_bytes=peak_rss_bytes(),
         baseline_rss_bytes=base_rss,
         peak_rss_reset=peak_reset,
         top_eigenvalues=evals,
@@ -450,7 +448,7 @@ def markdown(result: dict, tag: str) -> str:
         ),
         "",
         "Each (method, model, N) in a fresh process, warm-up on N = 4 (not in quick "
-        "runs), one timed call. Peak RSS is `ru_maxrss` of the timed call, its mark "
+        "runs), one timed call. Peak RSS is `VmHWM` of the timed call, its mark "
         "reset after the warm-up "
         + (
             "(every measured row)"

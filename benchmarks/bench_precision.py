@@ -39,7 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_batchnorm import reset_peak_rss, resident_bytes  # noqa: E402
+from _memory import peak_rss_bytes, reset_peak_rss, resident_bytes  # noqa: E402
 from bench_gram import build, machine  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -136,7 +136,6 @@ def worker(
         res = ggn_spectrum(model, loss, X, y, accumulate=acc, progress=False)
         times.append(time.perf_counter() - t0)
     elapsed = min(times)
-    import resource
 
     truth = None
     if variant == "model64":  # every eigenvalue, for the deviations
@@ -147,7 +146,7 @@ def worker(
         "variant": variant,
         "time_s": elapsed,
         "times_s": times,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "baseline_rss_bytes": base,
         "peak_rss_reset": reset,
         "strategy": str(res.engine_report.strategy),

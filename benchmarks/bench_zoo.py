@@ -23,7 +23,7 @@ Parts (float32, random weights from a fixed seed, 2 threads unless ``--threads``
   ``3``: time and peak RSS under the default memory budget.
 
 Every (part, method, size) runs in a fresh subprocess so that its peak RSS is its own
-(``bench_batchnorm.reset_peak_rss`` after a warm-up on a small batch, except in quick
+(``_memory.reset_peak_rss`` after a warm-up on a small batch, except in quick
 mode). Results: ``results/zoo_<device>.json`` and ``.md``.
 
 Usage::
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -51,12 +50,11 @@ for folder in (HERE, HERE.parent / "tests"):  # resnet, bench_*; zoo_imports
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
+from _memory import peak_rss_bytes, reset_peak_rss, resident_bytes  # noqa: E402
 from bench_batchnorm import (  # noqa: E402
     exception_line,
     export_previous,
     plain_data,
-    reset_peak_rss,
-    resident_bytes,
 )
 from bench_gram import available, machine  # noqa: E402
 
@@ -240,7 +238,7 @@ def worker(case: Case, threads: int) -> dict:
     return {
         **rec,
         "time_s": elapsed,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "baseline_rss_bytes": base,
         "peak_rss_reset": peak_reset,
         **info,

@@ -19,14 +19,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import importlib.metadata
 import importlib.util
 import json
 import platform
-import resource
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +30,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lowrank_ggn.core.footprint import (
+    peak_resident_bytes,
+    reset_peak_resident,
+    resident_bytes,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -299,34 +301,12 @@ def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float
 
 
 # ---------------------------------------------------------------------------- memory
-def _reset_peak_rss() -> bool:
-    """Return freed heap to the OS and reset the kernel's peak-RSS mark (Linux)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def peak_rss_of(fn: Callable[[], Any]) -> tuple[Any, int | None]:
     """``(fn(), peak resident bytes above the start)``; ``None`` where the peak mark
     cannot be reset (then nothing sensible is measured). Run it in a fresh process:
     memory that the process already holds is reused and not counted."""
-    ok = sys.platform.startswith("linux") and _reset_peak_rss()
-    base = _rss_bytes() if ok else 0
+    ok = reset_peak_resident()
+    base = resident_bytes() if ok else None
     out = fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return out, (peak - base) if ok else None
+    peak = peak_resident_bytes()
+    return out, (peak - base) if base is not None and peak is not None else None

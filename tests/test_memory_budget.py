@@ -1,7 +1,8 @@
 """``memory_budget`` bounds the process: measured peaks, up-front refusals, warnings.
 
 Peaks are resident memory measured in child processes (``benchmarks/bench_memory.py``
-workers: the kernel's peak mark, reset before each call), never ``tracemalloc``.
+workers: the kernel's peak mark ``VmHWM``, reset before each call), never ``tracemalloc``
+and never ``ru_maxrss`` (which holds the parent's peak: the pytest worker's).
 """
 
 from __future__ import annotations
@@ -53,28 +54,25 @@ def test_measured_peak_stays_within_budget_plus_slack(model):
 
 
 _WORKER = """
-import gc, json, re, sys, warnings
-from pathlib import Path
+import json, sys, warnings
 sys.path.insert(0, {tests!r})
 import torch
 from cases import CASES
 from lowrank_ggn import ggn_spectrum
-from lowrank_ggn.core.memory import release_free_memory
+from lowrank_ggn.core.footprint import peak_resident_bytes, reset_peak_resident, resident_bytes
 warnings.simplefilter("ignore")
-def status(f):
-    return int(re.search(f + r":\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
 out = []
 for case in CASES:
     model, loss, X, y = case.make()
     ggn_spectrum(model, loss, X, y)  # warm-up
-    gc.collect(); release_free_memory(); Path("/proc/self/clear_refs").write_text("5")
-    base = status("VmRSS")
+    reset_peak_resident()
+    base = resident_bytes()
     try:
         s = ggn_spectrum(model, loss, X, y, memory_budget={budget})
         est = sum(s.engine_report.memory_estimate.values())
     except MemoryError:
         est = None
-    out.append([case.name, status("VmHWM") - base, est])
+    out.append([case.name, peak_resident_bytes() - base, est])
 print(json.dumps(out))
 """
 

@@ -16,7 +16,7 @@ A batch size ``N`` *fits* when the real call, in a fresh subprocess, succeeds (t
 package does not refuse it with ``MemoryBudgetExceeded``) **and** its measured peak
 resident memory above its start is at most ``B``: after a warm-up call on 4 other
 samples, freed heap is handed back and the kernel's peak mark reset
-(``/proc/self/clear_refs``), then the peak of the call is read (``ru_maxrss``) minus
+(``/proc/self/clear_refs``), then the peak of the call is read (``VmHWM``) minus
 the resident set before it (:func:`_common.peak_rss_of`). The bar is the largest
 fitting ``N`` on a grid of ``step`` (4 exact, 32 MC), found coarse to fine: from a
 hint (the same method's limit on the other model, else the previous method's), the

@@ -42,6 +42,7 @@ holds it to ``budget + slack`` (slack: allocator and library work space, stated 
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -53,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_ggn.core.budget import MemoryBudgetExceeded, fmt_bytes
+from lowrank_ggn.core.memory import release_free_memory
 from lowrank_ggn.core.state import model_preserved
 from lowrank_ggn.core.validation import check_params_finite
 
@@ -382,6 +384,39 @@ def _status_kib(field_name: str) -> int | None:
     return None if match is None else int(match.group(1)) * 1024
 
 
+def resident_bytes() -> int | None:
+    """The process's resident set size now (``VmRSS``); ``None`` off Linux."""
+    return _status_kib("VmRSS")
+
+
+def peak_resident_bytes() -> int | None:
+    """The process's own peak resident set size (``VmHWM``); ``None`` off Linux.
+
+    The peak since the process started or since the last :func:`reset_peak_resident`.
+
+    Not ``getrusage().ru_maxrss``: Linux folds the parent's peak into a child's
+    ``ru_maxrss`` at ``exec``, so a worker launched from a large process (a pytest
+    worker, a benchmark driver) reads the parent's peak; ``VmHWM`` is the child's own.
+    """
+    return _status_kib("VmHWM")
+
+
+def reset_peak_resident() -> bool:
+    """Hand freed heap back to the OS, then reset ``VmHWM`` to the current RSS.
+
+    Writes ``5`` to ``/proc/self/clear_refs`` (Linux ≥ 4.0); ``False`` where that is
+    refused.
+    """
+    gc.collect()
+    release_free_memory()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 class PeakMonitor:
     """Peak resident memory of the process above its value at ``__enter__``.
 
@@ -435,6 +470,9 @@ __all__ = [
     "base_footprint",
     "graph_bytes",
     "gram_parts",
+    "peak_resident_bytes",
+    "reset_peak_resident",
+    "resident_bytes",
     "snapshot_bytes",
     "streamed_minimum",
 ]
