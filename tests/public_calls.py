@@ -17,9 +17,11 @@ from lowrank_ggn import (
     audit_structure,
     directional_derivatives,
     ggn_block_spectra,
+    ggn_diagonal,
     ggn_linear_operator,
     ggn_spectrum,
     ggn_spectrum_dataset,
+    ggn_trace,
     gradient_moments,
     gram_linear_operator,
     gram_matrix,
@@ -121,6 +123,21 @@ PUBLIC_CALLS = [
             m, f, X, y, _directions(m, p), params=p
         ),
     ),
+    ("ggn_diagonal", lambda m, f, X, y, p: ggn_diagonal(m, f, X, y, params=p)),
+    (
+        "ggn_diagonal-mc-subsampling",
+        lambda m, f, X, y, p: ggn_diagonal(
+            m,
+            f,
+            X,
+            y,
+            params=p,
+            mc_samples=2,
+            generator=torch.Generator().manual_seed(0),
+            subsampling=[0],
+        ),
+    ),
+    ("ggn_trace", lambda m, f, X, y, p: ggn_trace(m, f, X, y, params=p)),
     ("audit_structure", lambda m, f, X, y, p: audit_structure(m, f, X, y, params=p)),
     ("reference.dense_ggn", lambda m, f, X, y, p: dense_ggn(m, f, X, y, params=p)),
     (
