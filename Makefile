@@ -44,10 +44,11 @@ bench: $(STAMP)
 
 # Every paper figure from seeds, full mode, CPU (results JSON in each experiment
 # folder, figures/<name>.png|pdf); measured 27 min on 2 cores for the first six
-# (2026-11-29) plus 6 min for optimizers on one core: about 33 min.
+# (2026-11-29) plus 6 min for optimizers on one core and 16 s for ggn_diagonal:
+# about 33 min.
 # The peers (make bench installs them) are optional: missing ones are skipped.
 FIGURES = digits_spectrum spectrum_approximations topk_runtime batch_size_limits \
-	training_monitoring batchnorm_structure optimizers
+	training_monitoring batchnorm_structure optimizers ggn_diagonal
 
 figures: $(STAMP)
 	for name in $(FIGURES); do \
