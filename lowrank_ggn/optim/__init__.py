@@ -14,6 +14,7 @@ from lowrank_ggn.optim.damping import (
     DampingPolicy,
     DirectionalData,
 )
+from lowrank_ggn.optim.warnings import NoProgressWarning, TopKWarning
 
 __all__ = [
     "BootstrapDamping",
@@ -21,5 +22,7 @@ __all__ = [
     "DampedNewton",
     "DampingPolicy",
     "DirectionalData",
+    "NoProgressWarning",
     "StepInfo",
+    "TopKWarning",
 ]

@@ -6,14 +6,35 @@ step is
 
 .. math::
     Δθ = −\text{lr} \sum_{k=1}^K \frac{γ_k}{λ_k + δ_k} e_k
-         − \text{complement\_lr} \Big(g − \sum_{k=1}^K γ_k e_k\Big),
-    \qquad γ_k = e_k^⊤ g,
+         − \text{complement\_lr} \; m
+         − \text{lr} \cdot \text{weight\_decay} \; θ,
+    \qquad γ_k = e_k^⊤ g, \qquad c = g − \sum_{k=1}^K γ_k e_k,
 
 with the dampings ``δ_k`` of a policy (:mod:`lowrank_ggn.optim.damping`);
 ``δ_k = inf`` takes no step along ``e_k``. The first term is Newton's step of the
-quadratic model restricted to the eigenspace, the second a gradient step in its
-orthogonal complement. With several parameter groups each group's coordinates of
-``Δθ`` use that group's ``lr`` and ``complement_lr``.
+quadratic model restricted to the eigenspace, the second a gradient step along the
+gradient's component ``c`` in the orthogonal complement (``m = c`` without momentum;
+with ``momentum = μ > 0`` the heavy-ball buffer ``m ← μ m + c``, one per parameter,
+``m = c`` at the first step), the third decoupled weight decay (as in AdamW, at the
+parameters before the step). With several parameter groups each group's coordinates
+of ``Δθ`` use that group's ``lr``, ``complement_lr``, ``momentum`` and
+``weight_decay``.
+
+**torch.optim conventions.** ``lr``, ``complement_lr``, ``momentum``,
+``weight_decay`` and ``damping`` (the ``δ`` of :class:`ConstantDamping`, the same in
+every group; ``None`` with another policy) are ``param_groups`` entries: learning-rate
+schedulers drive ``lr`` (``OneCycleLR`` and ``CyclicLR`` also ``momentum``), and any
+of them can be changed between steps by hand or by a scheduler of one's own;
+:meth:`DampedNewton.state_dict` restores them, the step count, the momentum buffers
+and the damping policy's state (the bootstrap's generator).
+``step(inputs, targets)`` is the whole step; in a standard loop the batch goes with
+the step, ``opt.step(X, y)`` or ``opt.step(closure, inputs=X, targets=y)`` (the
+closure runs first, with gradients enabled, as in ``torch.optim``). **Gradient**: a
+``.grad`` that the caller's own ``backward()`` left on the parameters is *used* as
+``g`` (``None`` entries count as 0; :attr:`StepInfo.gradient_source` says
+``'grad'``), so that regularisers, gradient clipping and accumulation of the caller
+apply; without one, ``g`` is the batch loss's gradient from the step's own
+linearisation (``'batch'``).
 
 **One linearisation.** Each step builds one :class:`~lowrank_ggn.GGN` and reads
 everything from it: the spectrum (Gram engine's backward passes, ``eigh``,
@@ -48,7 +69,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +83,18 @@ from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.validation import check_options
 from lowrank_ggn.curvature import GGN
 from lowrank_ggn.diagnostics.warnings import SampleMixingWarning
-from lowrank_ggn.optim.damping import ConstantDamping, DampingPolicy, DirectionalData
+from lowrank_ggn.optim.damping import (
+    ConstantDamping,
+    DampingPolicy,
+    DirectionalData,
+    _check_nonnegative,
+)
+from lowrank_ggn.optim.warnings import NoProgressWarning, TopKWarning
+
+#: Defaults of the constructor, chosen by ``experiments/optimizer_defaults``.
+DEFAULT_TOP_K = 10
+DEFAULT_DAMPING = 1.0
+DEFAULT_COMPLEMENT_LR = 0.1
 
 
 @dataclass
@@ -72,7 +104,8 @@ class StepInfo:
     Attributes:
         loss: The batch loss ``L``.
         eigenvalues: ``[K]``, ``λ_k`` (``K ≤ top_k``: only resolved eigenvalues).
-        eigenvectors: ``[K, D]``, ``e_k``.
+        eigenvectors: ``[K, D]``, ``e_k``, kept only with ``keep_eigenvectors=True``
+            (else ``None``).
         slopes: ``[K]``, ``γ_k = e_kᵀ g``.
         gammas: ``[N, K]``, per-sample (per-component) slopes ``γ_nk``.
         lambdas: ``[N_S, K]``, per-sample (per-component) curvatures ``λ_nk``.
@@ -88,11 +121,13 @@ class StepInfo:
             equivalents; ``update_buffers`` adds one).
         sample_mixing: The forward pass mixes samples: ``gammas``/``lambdas`` are
             per-component quantities.
+        gradient_source: ``'batch'`` (the batch loss's gradient, computed by the
+            step) or ``'grad'`` (the parameters' ``.grad``, left by the caller).
     """
 
     loss: float
     eigenvalues: Tensor
-    eigenvectors: Tensor
+    eigenvectors: Tensor | None
     slopes: Tensor
     gammas: Tensor
     lambdas: Tensor
@@ -105,6 +140,7 @@ class StepInfo:
     engine_report: Any
     forward_passes: float
     sample_mixing: bool
+    gradient_source: str = "batch"
 
 
 def gram_curvatures(
@@ -137,6 +173,10 @@ def newton_coefficients(slopes: Tensor, eigenvalues: Tensor, damping: Tensor) ->
     return torch.where(finite, slopes / denom, torch.zeros_like(slopes))
 
 
+#: Param-group entries that are rates: finite floats ≥ 0.
+RATES = ("lr", "complement_lr", "momentum", "weight_decay")
+
+
 def _check_rate(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float; got {type(value).__name__}.")
@@ -160,12 +200,21 @@ def _check_damping_output(damping: Any, K: int, ref: Tensor) -> Tensor:
     return damping
 
 
+def _batch_missing() -> TypeError:
+    return TypeError(
+        "DampedNewton.step needs the batch it linearises: opt.step(inputs, targets), "
+        "or opt.step(closure, inputs=..., targets=...) in a loop that passes a "
+        "closure (Lightning's manual optimisation: opt.step(inputs=X, targets=y))."
+    )
+
+
 class DampedNewton(torch.optim.Optimizer):
     r"""Damped Newton steps along the top-``K`` GGN eigenvectors of each batch.
 
-    See the module docstring for the step and its cost. ``lr`` and ``complement_lr``
-    live in ``param_groups`` (learning-rate schedulers change them);
-    :meth:`state_dict` also holds the step count and the damping policy's state.
+    See the module docstring for the step, its conventions and its cost. The
+    defaults train (``experiments/optimizer_defaults``: top-10, ``δ = 1``,
+    ``complement_lr = 0.1``); ``complement_lr = 0`` steps in the eigenspace alone,
+    which barely trains there.
 
     Args:
         params: Parameters of ``model`` to optimise (or parameter groups); they define
@@ -174,16 +223,20 @@ class DampedNewton(torch.optim.Optimizer):
         loss_func: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``
             (reduction ``'mean'`` or ``'sum'``).
         top_k: ``K``, the eigen-directions per step (fewer where fewer eigenvalues
-            are resolved).
+            are resolved: a :class:`~lowrank_ggn.optim.TopKWarning`, once).
         damping: A :class:`~lowrank_ggn.optim.damping.DampingPolicy`, or a float for
-            :class:`~lowrank_ggn.optim.damping.ConstantDamping`.
+            :class:`~lowrank_ggn.optim.damping.ConstantDamping`, whose ``δ`` is then
+            the param-group entry ``'damping'``.
         lr: Learning rate of the Newton part (default 1: the damped Newton step).
         complement_lr: Learning rate of the gradient in the eigenspace's complement.
+        momentum: Heavy-ball momentum ``μ`` of the complement's gradient step.
+        weight_decay: Decoupled weight decay: ``θ ← θ − lr · weight_decay · θ``.
         mc_samples: Monte-Carlo factor columns per sample (:class:`~lowrank_ggn.GGN`).
         generator: ``torch.Generator`` for the Monte-Carlo draws.
         subsampling: Batch positions whose curvature is kept.
         update_buffers: Run the model once more on the batch so that buffers
             (BatchNorm running statistics) update as in a training step.
+        keep_eigenvectors: Keep ``e_k`` (``[K, D]``) in :class:`StepInfo`.
         progress: Progress bars of the Gram engine on stderr (``None``: for steps
             estimated to take more than 5 s; default: never).
         output: Which tensor of the model's return value the loss takes
@@ -195,11 +248,11 @@ class DampedNewton(torch.optim.Optimizer):
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
         ...                             torch.nn.Linear(4, 2)).double()
         >>> X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
-        >>> opt = DampedNewton(model.parameters(), model=model, top_k=2, damping=1e-2,
+        >>> opt = DampedNewton(model.parameters(), model=model, top_k=2,
         ...                    loss_func=torch.nn.CrossEntropyLoss())
         >>> info = opt.step(X, y)
-        >>> info.num_directions, info.gammas.shape
-        (2, torch.Size([8, 2]))
+        >>> info.num_directions, info.gammas.shape, info.eigenvectors
+        (2, torch.Size([8, 2]), None)
     """
 
     def __init__(
@@ -208,14 +261,17 @@ class DampedNewton(torch.optim.Optimizer):
         *,
         model: nn.Module,
         loss_func: nn.Module,
-        top_k: int,
-        damping: DampingPolicy | float,
+        top_k: int = DEFAULT_TOP_K,
+        damping: DampingPolicy | float = DEFAULT_DAMPING,
         lr: float = 1.0,
-        complement_lr: float = 0.0,
+        complement_lr: float = DEFAULT_COMPLEMENT_LR,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
         mc_samples: int | None = None,
         generator: torch.Generator | None = None,
         subsampling: Sequence[int] | Tensor | None = None,
         update_buffers: bool = False,
+        keep_eigenvectors: bool = False,
         progress: bool | None = False,
         output: OutputSpec = None,
     ) -> None:
@@ -237,12 +293,18 @@ class DampedNewton(torch.optim.Optimizer):
         defaults = {
             "lr": _check_rate("lr", lr),
             "complement_lr": _check_rate("complement_lr", complement_lr),
+            "momentum": _check_rate("momentum", momentum),
+            "weight_decay": _check_rate("weight_decay", weight_decay),
+            "damping": (
+                damping.damping if isinstance(damping, ConstantDamping) else None
+            ),
         }
         super().__init__(params, defaults)
         own = {id(p) for p in model.parameters()}
+        self.model, self.loss_func, self.top_k = model, loss_func, top_k
+        self.damping = damping
+        self._check_groups()
         for group in self.param_groups:
-            _check_rate("lr", group["lr"])
-            _check_rate("complement_lr", group["complement_lr"])
             for p in group["params"]:
                 if id(p) not in own:
                     raise ValueError(
@@ -250,23 +312,76 @@ class DampedNewton(torch.optim.Optimizer):
                         f"{tuple(p.shape)} that is not. Pass model.parameters() or a "
                         "subset of them."
                     )
-        self.model, self.loss_func, self.top_k = model, loss_func, top_k
-        self.damping = damping
         self.mc_samples, self.generator = mc_samples, generator
         self.subsampling, self.update_buffers = subsampling, bool(update_buffers)
+        self.keep_eigenvectors = bool(keep_eigenvectors)
         self.progress = progress
         check_output(output)
         self.output = output
+        self._warned_top_k = False
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _directions(self, ggn: GGN) -> tuple[Tensor, Tensor, DirectionalData]:
+    def _check_groups(self) -> DampingPolicy:
+        """Check every group's entries (set by hand or a scheduler); the policy."""
+        for i, group in enumerate(self.param_groups):
+            for name in RATES:
+                try:
+                    _check_rate(name, group[name])
+                except (TypeError, ValueError) as err:
+                    raise type(err)(f"param_groups[{i}]: {err}") from None
+        values = [group["damping"] for group in self.param_groups]
+        if not isinstance(self.damping, ConstantDamping):
+            if any(v is not None for v in values):
+                raise ValueError(
+                    f"param_groups' 'damping' entries {values} apply to "
+                    f"ConstantDamping only; this optimiser's policy is "
+                    f"{self.damping!r}: leave them None."
+                )
+            return self.damping
+        for i, value in enumerate(values):
+            try:
+                _check_nonnegative("damping", value)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"param_groups[{i}]: {err}") from None
+        if len(set(values)) > 1:
+            raise ValueError(
+                f"param_groups hold different dampings {values}; the eigen-directions "
+                "span every group, so ConstantDamping needs one δ: set the same "
+                "'damping' in every group."
+            )
+        self.damping.damping = float(values[0])
+        return self.damping
+
+    def _caller_gradient(self, params: list[Tensor]) -> Tensor | None:
+        """``[D]``: the ``.grad`` the caller's ``backward()`` left (None: none left)."""
+        grads = [p.grad for p in params]
+        if all(g is None for g in grads):
+            return None
+        for p, g in zip(params, grads):
+            if g is not None and g.is_sparse:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} has a sparse .grad; "
+                    "DampedNewton uses dense gradients: call opt.zero_grad() before "
+                    "the step to let it compute the batch gradient itself."
+                )
+        return torch.cat(
+            [
+                (g.detach() if g is not None else torch.zeros_like(p)).reshape(-1)
+                for p, g in zip(params, grads)
+            ]
+        )
+
+    def _directions(
+        self, ggn: GGN, gradient: Tensor | None
+    ) -> tuple[Tensor, Tensor, DirectionalData]:
         """Gradient, eigenvectors and the policy's data, from one linearisation."""
         with warnings.catch_warnings():  # the step says per-component once, itself
             warnings.simplefilter("ignore", SampleMixingWarning)
             spec = ggn.spectrum(top_k=self.top_k, eigenvectors=True)
-            gradient = ggn.gradient()  # [D], one backward pass of the graph
+            if gradient is None:
+                gradient = ggn.gradient()  # [D], one backward pass of the graph
             lin = ggn.linearization
             N, N_S = lin.batch_size, lin.num_samples
             if spec.rank:  # γ_nk: J e_k by double backward on the graph
@@ -291,32 +406,72 @@ class DampedNewton(torch.optim.Optimizer):
         )
         return gradient, E, data
 
+    def _warn_top_k(self, K: int, lin: Any) -> None:
+        if K >= self.top_k or self._warned_top_k:
+            return
+        self._warned_top_k = True
+        rank = f"rank ≤ N·C = {lin.num_samples}·{lin.num_columns_per_sample}"
+        advice = f"Pass top_k ≤ {K} to ask for what exists" if K else "No Newton step"
+        warnings.warn(
+            f"top_k={self.top_k} is above the {K} eigenvalues this batch's GGN "
+            f"resolves ({rank}); the steps use the {K} directions there are. "
+            f"{advice} (this warning is issued once per optimiser).",
+            TopKWarning,
+            stacklevel=3,
+        )
+
     def step(  # type: ignore[override]
-        self, inputs: object, targets: object, batch_size: int | None = None
+        self,
+        *batch: Any,
+        closure: Callable[[], Any] | None = None,
+        inputs: object = None,
+        targets: object = None,
+        batch_size: int | None = None,
     ) -> StepInfo:
         r"""One damped Newton step on the batch ``(inputs, targets)``.
 
+        Called as ``step(inputs, targets)``, ``step(closure, inputs, targets)`` or with
+        keywords (``step(closure=c, inputs=X, targets=y)``, as Lightning passes them).
+
         Args:
+            *batch: ``(inputs, targets)``, ``(inputs, targets, batch_size)``, or any
+                of these after the closure.
             inputs: ``[N, *in]``, or a tuple/dict of entries
                 (:mod:`lowrank_ggn.core.inputs`).
             targets: The targets of the batch.
+            closure: Called once, with gradients enabled, before the step (as in
+                ``torch.optim``); a ``.grad`` its ``backward()`` leaves is the
+                step's gradient. Its return value is not used.
             batch_size: ``N`` when the first input entry is not the batched one.
 
         Returns:
             A :class:`StepInfo` of the quantities at the parameters before the step.
 
         Raises:
-            ValueError, TypeError: A param group's ``lr`` or ``complement_lr`` (set
-                after construction, by hand or by a scheduler) is not a finite
-                float ≥ 0; checked before any work, nothing changes.
+            TypeError: No batch was given.
+            ValueError, TypeError: A param group's entry (set after construction, by
+                hand or by a scheduler) is not a finite float ≥ 0, or the groups'
+                dampings differ; checked before any work, nothing changes.
+
+        Warns:
+            TopKWarning: Fewer than ``top_k`` directions are resolved (once).
+            NoProgressWarning: The step is zero.
         """
-        for i, group in enumerate(self.param_groups):
-            for name in ("lr", "complement_lr"):
-                try:
-                    _check_rate(name, group[name])
-                except (TypeError, ValueError) as err:
-                    raise type(err)(f"param_groups[{i}]: {err}") from None
+        if batch and callable(batch[0]) and closure is None:
+            closure, batch = batch[0], batch[1:]
+        if batch:
+            if len(batch) not in (2, 3) or inputs is not None or targets is not None:
+                raise _batch_missing()
+            inputs, targets = batch[:2]
+            batch_size = batch[2] if len(batch) == 3 else batch_size
+        if inputs is None or targets is None:
+            raise _batch_missing()
+        policy = self._check_groups()
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
         params = self._params()
+        caller_gradient = self._caller_gradient(params)
         ggn = GGN(
             self.model,
             self.loss_func,
@@ -330,10 +485,11 @@ class DampedNewton(torch.optim.Optimizer):
             batch_size=batch_size,
             output=self.output,
         )
-        gradient, E, data = self._directions(ggn)
+        gradient, E, data = self._directions(ggn, caller_gradient)
         lin = ggn.linearization
         K = data.eigenvalues.numel()
-        damping = _check_damping_output(self.damping(data), K, data.eigenvalues)
+        self._warn_top_k(K, lin)
+        damping = _check_damping_output(policy(data), K, data.eigenvalues)
         coefficients = newton_coefficients(data.slopes, data.eigenvalues, damping)
         newton = coefficients @ E  # [D], Σ_k γ_k/(λ_k + δ_k) e_k
         complement = gradient - data.slopes @ E  # [D], g − Σ_k γ_k e_k
@@ -344,25 +500,23 @@ class DampedNewton(torch.optim.Optimizer):
                 args, kwargs = lin.inputs.call_args()
                 self.model(*args, **kwargs)
             forward_passes += 1.0
-        squared = 0.0
-        with torch.no_grad():
-            start = 0
-            for group in self.param_groups:
-                lr, c_lr = group["lr"], group["complement_lr"]
-                for p in group["params"]:
-                    part = slice(start, start + p.numel())
-                    delta = -lr * newton[part]
-                    if c_lr:
-                        delta = delta - c_lr * complement[part]
-                    p.add_(delta.view_as(p))
-                    squared += float(delta.square().sum())
-                    start += p.numel()
+        squared = self._update(newton, complement)
         state = self.state[params[0]]
         state["step"] = state.get("step", 0) + 1
+        if squared == 0.0:
+            warnings.warn(
+                f"the step left the parameters unchanged: "
+                f"{int(torch.isfinite(damping).sum())} of {K} directions had a finite "
+                "damping (or lr = 0), and the complement's step "
+                "and the weight decay were 0. Give complement_lr > 0 (the gradient "
+                "outside the eigenspace) or a damping policy that steps.",
+                NoProgressWarning,
+                stacklevel=2,
+            )
         return StepInfo(
             loss=loss,
             eigenvalues=data.eigenvalues,
-            eigenvectors=E,
+            eigenvectors=E if self.keep_eigenvectors else None,
             slopes=data.slopes,
             gammas=data.gammas,
             lambdas=data.lambdas,
@@ -375,10 +529,39 @@ class DampedNewton(torch.optim.Optimizer):
             engine_report=lin.engine_report,
             forward_passes=forward_passes,
             sample_mixing=data.sample_mixing,
+            gradient_source="batch" if caller_gradient is None else "grad",
         )
 
+    @torch.no_grad()
+    def _update(self, newton: Tensor, complement: Tensor) -> float:
+        """Write ``Δθ`` into the parameters, group by group; ``‖Δθ‖²``."""
+        squared, start = 0.0, 0
+        for group in self.param_groups:
+            lr, c_lr = group["lr"], group["complement_lr"]
+            mu, decay = group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                part = slice(start, start + p.numel())
+                start += p.numel()
+                delta = -lr * newton[part].view_as(p)
+                step = complement[part].view_as(p)
+                if mu:  # heavy ball on the complement's gradient
+                    state = self.state[p]
+                    buffer = state.get("complement_momentum_buffer")
+                    if buffer is None:
+                        buffer = state["complement_momentum_buffer"] = step.clone()
+                    else:
+                        buffer.mul_(mu).add_(step)
+                    step = buffer
+                if c_lr:
+                    delta = delta - c_lr * step
+                if decay:  # decoupled, at the parameters before the step
+                    delta = delta - (lr * decay) * p
+                p.add_(delta)
+                squared += float(delta.square().sum())
+        return squared
+
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim`` state (``param_groups``, step count) and the policy's state."""
+        """``torch.optim`` state (groups, step count, buffers) and the policy's state."""
         state = super().state_dict()
         policy_state = getattr(self.damping, "state_dict", None)
         state["damping"] = policy_state() if callable(policy_state) else None
@@ -392,6 +575,12 @@ class DampedNewton(torch.optim.Optimizer):
         load = getattr(self.damping, "load_state_dict", None)
         if policy_state is not None and callable(load):
             load(policy_state)
+        self._check_groups()
 
 
-__all__ = ["DampedNewton", "StepInfo", "gram_curvatures", "newton_coefficients"]
+__all__ = [
+    "DampedNewton",
+    "StepInfo",
+    "gram_curvatures",
+    "newton_coefficients",
+]

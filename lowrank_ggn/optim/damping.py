@@ -165,8 +165,10 @@ class BootstrapDamping:
             default ``logspace(-4, 2, 200)``.
         resamples: ``B``, bootstrap resamples per direction (default 100).
         quantile: ``q ∈ [0, 1]`` of step 4 (default 0.05, ViViT's percentile 95).
-        generator: ``torch.Generator`` for the resampling (default: the global RNG).
-            Its state is part of :meth:`state_dict`.
+        generator: ``torch.Generator`` for the resampling (default: a CPU generator
+            of its own, seeded from the global RNG here, so that
+            ``torch.manual_seed`` makes runs repeatable). Its state is part of
+            :meth:`state_dict`, with or without a generator passed.
 
     Example:
         >>> import torch
@@ -215,6 +217,9 @@ class BootstrapDamping:
                 f"{quantile}."
             )
         check_generator(generator)
+        if generator is None:  # its own, so that state_dict can restore it
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            generator = torch.Generator().manual_seed(seed)
         self.grid = grid.sort().values
         self.resamples, self.quantile = resamples, float(quantile)
         self.generator = generator
@@ -223,10 +228,7 @@ class BootstrapDamping:
         """Resample counts ``W[b, n]`` (how often row ``n`` is in resample ``b``)."""
         gen = self.generator
         idx = torch.randint(
-            rows,
-            (self.resamples, rows),
-            generator=gen,
-            device=gen.device if gen is not None else "cpu",
+            rows, (self.resamples, rows), generator=gen, device=gen.device
         ).to(device)
         counts = torch.zeros(self.resamples, rows, dtype=dtype, device=device)
         return counts.scatter_add_(1, idx, torch.ones_like(counts))
@@ -276,14 +278,12 @@ class BootstrapDamping:
         return torch.where(qualifies.any(1), grid[best], torch.inf)
 
     def state_dict(self) -> dict:
-        """The generator's state (``None`` without a generator)."""
-        return {
-            "generator": None if self.generator is None else self.generator.get_state()
-        }
+        """The generator's state."""
+        return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the generator's state from :meth:`state_dict`."""
-        if state.get("generator") is not None and self.generator is not None:
+        if state.get("generator") is not None:
             self.generator.set_state(state["generator"])
 
     def __repr__(self) -> str:
