@@ -15,9 +15,10 @@ from lowrank_ggn.approx.dataset import DatasetSpectrum, ggn_spectrum_dataset
 from lowrank_ggn.approx.dataset_solvers import GramMemoryError
 from lowrank_ggn.approx.param_groups import per_layer_groups
 from lowrank_ggn.core.budget import MemoryBudgetExceeded, MemoryBudgetWarning
-from lowrank_ggn.core.diagonal import GGNDiagonal, PerComponentDiagonals
+from lowrank_ggn.core.diagonal import GGNDiagonal
 from lowrank_ggn.core.loss_autodiff import AutodiffLoss
-from lowrank_ggn.core.loss_factors import loss_hessian_factors, resolve_loss
+from lowrank_ggn.core.loss_factors import loss_hessian_factors
+from lowrank_ggn.core.loss_registry import resolve_loss
 from lowrank_ggn.core.loss_sampling import sampled_loss_hessian_factors
 from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.spectrum import GGNSpectrum, NearZeroEigenvalueWarning
@@ -28,6 +29,7 @@ from lowrank_ggn.diagnostics.audit import (
     StructureReport,
     audit_structure,
 )
+from lowrank_ggn.diagnostics.component_diagonals import PerComponentDiagonals
 from lowrank_ggn.diagnostics.directional import DirectionalDerivatives
 from lowrank_ggn.diagnostics.moments import GradientMoments
 from lowrank_ggn.diagnostics.warnings import SampleMixingWarning

@@ -38,24 +38,19 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from lowrank_ggn.approx.param_groups import groups_within
-from lowrank_ggn.approx.subsampling import check_subsampling
 from lowrank_ggn.core.budget import check_linearization_memory, resolve_memory_budget
-from lowrank_ggn.core.diagonal import (
-    GGNDiagonal,
-    PerComponentDiagonals,
-    diagonal_from_linearization,
-    per_component_from_linearization,
-    redrawn,
-)
-from lowrank_ggn.core.engine import EngineReport, Solver
+from lowrank_ggn.core.diagonal import GGNDiagonal, diagonal_from_linearization, redrawn
+from lowrank_ggn.core.engine import EngineReport
 from lowrank_ggn.core.engine.batchnorm import has_batch_norm
 from lowrank_ggn.core.footprint import CallBudget, PeakMonitor, gram_parts
 from lowrank_ggn.core.gram import check_engine, gram_from_linearization
 from lowrank_ggn.core.inputs import as_inputs
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
-from lowrank_ggn.core.loss_factors import num_factor_columns, resolve_loss
+from lowrank_ggn.core.loss_factors import num_factor_columns
+from lowrank_ggn.core.loss_registry import resolve_loss
 from lowrank_ggn.core.loss_sampling import check_mc_samples
 from lowrank_ggn.core.model import FunctionalModel
+from lowrank_ggn.core.modes import Solver
 from lowrank_ggn.core.outputs import OutputSpec, check_output
 from lowrank_ggn.core.paths import EnginePath, check_path
 from lowrank_ggn.core.precision import (
@@ -77,8 +72,13 @@ from lowrank_ggn.core.state import (
     refuse_changed,
     restored_fingerprint,
 )
+from lowrank_ggn.core.subsampling import check_subsampling
 from lowrank_ggn.core.validation import check_call, check_options
 from lowrank_ggn.diagnostics.audit import StructureReport, audit_structure
+from lowrank_ggn.diagnostics.component_diagonals import (
+    PerComponentDiagonals,
+    per_component_from_linearization,
+)
 from lowrank_ggn.diagnostics.directional import (
     DirectionalDerivatives,
     directional_from_linearization,
@@ -118,7 +118,7 @@ class GGN:
             (:func:`lowrank_ggn.core.loss_sampling.sampled_loss_hessian_factors`).
         generator: ``torch.Generator`` for the Monte-Carlo draws.
         subsampling: Batch positions whose curvature is kept (forward pass on the
-            whole batch; :mod:`lowrank_ggn.approx.subsampling`).
+            whole batch; :mod:`lowrank_ggn.core.subsampling`).
         memory_budget: Bytes for the Gram matrices, ``S`` and the engine's blocks;
             ``None``: ``LOWRANK_GGN_MEMORY_BUDGET`` or 4 GiB.
         progress: Progress bars on stderr (``None``: for long computations).

@@ -20,11 +20,8 @@ from utils import RTOL, assert_spectrum_matches, report_close
 from lowrank_ggn import ggn_spectrum, gram_matrix, sampled_loss_hessian_factors
 from lowrank_ggn.core import loss_autodiff
 from lowrank_ggn.core.loss_autodiff import AutodiffLoss, check_structure
-from lowrank_ggn.core.loss_factors import (
-    loss_hessian_factors,
-    resolve_loss,
-    sample_weight,
-)
+from lowrank_ggn.core.loss_factors import loss_hessian_factors, sample_weight
+from lowrank_ggn.core.loss_registry import resolve_loss
 from lowrank_ggn.core.loss_targets import check_targets
 from lowrank_ggn.reference import (
     dense_ggn,

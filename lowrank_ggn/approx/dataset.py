@@ -55,7 +55,7 @@ from lowrank_ggn.approx.dataset_solvers import (
 from lowrank_ggn.approx.distributed import Comm, check_sync_batch_norm
 from lowrank_ggn.core.budget import resolve_memory_budget
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
-from lowrank_ggn.core.loss_factors import check_loss_func, resolve_loss
+from lowrank_ggn.core.loss_registry import check_loss_func, resolve_loss
 from lowrank_ggn.core.loss_sampling import check_mc_samples
 from lowrank_ggn.core.outputs import OutputSpec, check_output
 from lowrank_ggn.core.paths import EnginePath

@@ -190,21 +190,3 @@ def params_by_group(
         groups[g].append(p)
         start += p.numel()
     return groups
-
-
-def symmetric_gram(Vt: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """``Vᵀ V`` from ``Vᵀ`` ``[K, D]``, symmetrised: ``[K, K]``, summed in ``dtype``.
-
-    With a ``dtype`` other than ``Vt``'s, ``Vt`` is cast in column blocks of about
-    ``2²⁴`` entries (no full copy).
-    """
-    if dtype is None or dtype == Vt.dtype:
-        gram = Vt @ Vt.T
-    else:
-        K, D = Vt.shape
-        gram = Vt.new_zeros(K, K, dtype=dtype)
-        step = max(1, 2**24 // max(K, 1))
-        for j in range(0, D, step):
-            block = Vt[:, j : j + step].to(dtype)
-            gram.addmm_(block, block.T)
-    return 0.5 * (gram + gram.T)

@@ -17,17 +17,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowrank_ggn.approx.param_groups import (
-    symmetric_gram,
-)
 from lowrank_ggn.core.budget import resolve_memory_budget
-from lowrank_ggn.core.engine import EngineReport, Strategy, layerwise_gram
+from lowrank_ggn.core.engine import EngineReport, layerwise_gram
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization
+from lowrank_ggn.core.modes import Strategy
 from lowrank_ggn.core.precision import accumulation_dtype
 from lowrank_ggn.core.progress import PassProgress
 
 ENGINES = ("layerwise", "generic")
 STRATEGIES = tuple(s.value for s in Strategy if s is not Strategy.GENERIC)
+
+
+def symmetric_gram(Vt: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``Vᵀ V`` from ``Vᵀ`` ``[K, D]``, symmetrised: ``[K, K]``, summed in ``dtype``.
+
+    With a ``dtype`` other than ``Vt``'s, ``Vt`` is cast in column blocks of about
+    ``2²⁴`` entries (no full copy).
+    """
+    if dtype is None or dtype == Vt.dtype:
+        gram = Vt @ Vt.T
+    else:
+        K, D = Vt.shape
+        gram = Vt.new_zeros(K, K, dtype=dtype)
+        step = max(1, 2**24 // max(K, 1))
+        for j in range(0, D, step):
+            block = Vt[:, j : j + step].to(dtype)
+            gram.addmm_(block, block.T)
+    return 0.5 * (gram + gram.T)
 
 
 def check_engine(engine: str, strategy: str | None = None) -> Strategy | None:

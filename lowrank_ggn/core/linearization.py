@@ -33,15 +33,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lowrank_ggn.approx.subsampling import check_subsampling, subsample_factors
 from lowrank_ggn.core.autodiff import batched_grad, per_sample_vjps
 from lowrank_ggn.core.budget import check_factor_memory
+from lowrank_ggn.core.engine.batchnorm import has_batch_norm
+from lowrank_ggn.core.engine.capture import ForwardCapture
+from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.inputs import ModelInputs, as_inputs
-from lowrank_ggn.core.loss_factors import (
-    loss_hessian_factors,
-    num_factor_columns,
-    resolve_loss,
-)
+from lowrank_ggn.core.loss_factors import loss_hessian_factors, num_factor_columns
+from lowrank_ggn.core.loss_registry import resolve_loss
 from lowrank_ggn.core.loss_sampling import (
     check_mc_samples,
     sampled_loss_hessian_factors,
@@ -58,6 +57,7 @@ from lowrank_ggn.core.paths import (
     check_path,
     choose_path,
 )
+from lowrank_ggn.core.subsampling import check_subsampling, subsample_factors
 from lowrank_ggn.core.validation import check_call, check_outputs, check_params_finite
 
 #: Columns processed together in one vmapped backward pass, unless overridden.
@@ -99,9 +99,9 @@ class Linearization:
     factors: Tensor
     path: EnginePath
     sample_index: Tensor | None = None
-    engine_report: object | None = None
+    engine_report: EngineReport | None = None
     graph: Tensor | None = None
-    capture: object | None = None
+    capture: ForwardCapture | None = None
     located: tuple[str, ...] | None = None
 
     @property
@@ -271,7 +271,7 @@ def linearize(
             exact ones (:func:`lowrank_ggn.core.loss_sampling.sampled_loss_hessian_factors`).
         generator: ``torch.Generator`` for the Monte-Carlo draws.
         subsampling: Batch positions whose curvature is kept, scaled by ``N/|S|`` for
-            ``'mean'`` (:mod:`lowrank_ggn.approx.subsampling`); the forward pass still uses
+            ``'mean'`` (:mod:`lowrank_ggn.core.subsampling`); the forward pass still uses
             the whole batch.
         memory_budget: Bytes the loss-Hessian factors ``S`` may take (see
             :mod:`lowrank_ggn.core.budget`); ``None``: environment or default.
@@ -302,9 +302,6 @@ def linearize(
         index = check_subsampling(subsampling, inputs.size, inputs.device)
     fmodel = FunctionalModel(model, selected, output)
     check_params_finite(fmodel.params, fmodel.names)
-    from lowrank_ggn.core.engine.batchnorm import has_batch_norm
-    from lowrank_ggn.core.engine.capture import ForwardCapture
-
     cap = None
     if capture:
         with_bns = path == FULL_BATCH or has_batch_norm(model)

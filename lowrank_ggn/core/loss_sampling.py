@@ -36,12 +36,13 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_ggn.core.loss_autodiff import AutodiffLoss
-from lowrank_ggn.core.loss_factors import reduction_factor, resolve_loss
+from lowrank_ggn.core.loss_factors import reduction_factor
 from lowrank_ggn.core.loss_hessians import autodiff_hessian_factors, gaussian_sketch
 from lowrank_ggn.core.loss_positions import (
     ce_sampled_factors,
     sampled_position_factors,
 )
+from lowrank_ggn.core.loss_registry import resolve_loss
 from lowrank_ggn.core.loss_targets import check_targets
 
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from lowrank_ggn.core.inputs import ModelInputs
 from lowrank_ggn.core.loss_autodiff import AutodiffLoss, check_structure
-from lowrank_ggn.core.loss_factors import CLASS_LOSSES, has_closed_form, resolve_loss
+from lowrank_ggn.core.loss_registry import CLASS_LOSSES, has_closed_form, resolve_loss
 
 
 def _check_outputs(outputs: Tensor) -> None:

@@ -16,10 +16,11 @@ import torch
 from torch import Tensor
 
 from lowrank_ggn.core.budget import resolve_memory_budget
-from lowrank_ggn.core.engine import EngineReport, Solver, Strategy
+from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.engine.streamed import GramOperator, block_width
 from lowrank_ggn.core.lanczos import top_eigenpairs
 from lowrank_ggn.core.linearization import Linearization
+from lowrank_ggn.core.modes import Solver, Strategy
 from lowrank_ggn.core.paths import PER_SAMPLE, batch_statistic_modules
 from lowrank_ggn.core.precision import ErrorModel
 from lowrank_ggn.core.progress import PassProgress

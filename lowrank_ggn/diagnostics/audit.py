@@ -41,7 +41,7 @@ from lowrank_ggn.core.loss_autodiff import (
     sample_weight_of,
     structure_deviations,
 )
-from lowrank_ggn.core.loss_factors import resolve_loss
+from lowrank_ggn.core.loss_registry import resolve_loss
 from lowrank_ggn.core.loss_targets import check_targets
 from lowrank_ggn.core.model import FunctionalModel
 from lowrank_ggn.core.outputs import OutputSpec, check_output

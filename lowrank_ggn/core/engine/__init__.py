@@ -20,13 +20,9 @@ module                    what it does
 ========================  ===================================================
 """
 
-from lowrank_ggn.core.engine.report import (
-    EngineReport,
-    LayerTreatment,
-    Solver,
-    Strategy,
-)
+from lowrank_ggn.core.engine.report import EngineReport, LayerTreatment
 from lowrank_ggn.core.engine.run import StrategyUnavailable, layerwise_gram
+from lowrank_ggn.core.modes import Solver, Strategy
 
 __all__ = [
     "EngineReport",

@@ -19,6 +19,7 @@ the Gram matrix is then assembled by :mod:`lowrank_ggn.core.engine.assemble`. Sh
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -27,8 +28,10 @@ from lowrank_ggn.core.autodiff import batched_grad, per_sample_vjps
 from lowrank_ggn.core.engine.batchnorm import BNLayer
 from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.report import EngineReport
-from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.memory import release_free_memory
+
+if TYPE_CHECKING:
+    from lowrank_ggn.core.linearization import Linearization
 
 #: Rough ratio of all intermediate activations to the captured layer outputs, used to
 #: size the batches of full-batch backward passes.

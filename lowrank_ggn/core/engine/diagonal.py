@@ -43,6 +43,8 @@ strategy's layer-output gradients (``N·C·Σ_l P_l·O_l``), one chunk, and the 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -52,10 +54,13 @@ from lowrank_ggn.core.engine.assemble import layer_rows
 from lowrank_ggn.core.engine.backprop import LayerTurnedMixing
 from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.operands import DenseOperand
-from lowrank_ggn.core.engine.report import EngineReport, LayerTreatment, Strategy
+from lowrank_ggn.core.engine.report import EngineReport, LayerTreatment
 from lowrank_ggn.core.engine.run import _Engine, _no_tick
 from lowrank_ggn.core.engine.selfcheck import Factors, self_check
-from lowrank_ggn.core.linearization import Linearization
+from lowrank_ggn.core.modes import Strategy
+
+if TYPE_CHECKING:
+    from lowrank_ggn.core.linearization import Linearization
 
 #: Bytes of one chunk of squared weight rows: large enough for BLAS to run at full
 #: speed, small enough not to raise the call's peak memory.

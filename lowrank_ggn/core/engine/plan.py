@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from lowrank_ggn.core.budget import MemoryBudgetExceeded, MemoryBudgetWarning, fmt_bytes
 from lowrank_ggn.core.engine.batchnorm import BNLayer
 from lowrank_ggn.core.engine.layer import Layer
-from lowrank_ggn.core.engine.report import Strategy
+from lowrank_ggn.core.modes import Strategy
 
 #: A strategy's blocks may take this share of the budget; chunk buffers get the rest.
 FIT = 0.75

@@ -36,29 +36,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-
-class Strategy(str, enum.Enum):
-    """How the columns of ``V`` are backpropagated (see module docstring)."""
-
-    PER_SAMPLE = "per_sample"
-    BN_SPLIT = "bn_split"
-    COLUMNS = "columns"
-    STREAMED = "streamed"
-    GENERIC = "generic"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Solver(str, enum.Enum):
-    """How eigenpairs are obtained from the Gram matrix or its operator."""
-
-    DENSE = "dense"
-    LANCZOS = "lanczos"
-    AUTO = "auto"
-
-    def __str__(self) -> str:
-        return self.value
+from lowrank_ggn.core.modes import Solver, Strategy  # re-exported: their old home
 
 
 class LayerTreatment(str, enum.Enum):

@@ -27,6 +27,7 @@ before its products (:mod:`lowrank_ggn.core.precision` for the error model).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -44,11 +45,14 @@ from lowrank_ggn.core.engine.backprop import (
 from lowrank_ggn.core.engine.batchnorm import has_batch_norm
 from lowrank_ggn.core.engine.capture import ForwardCapture
 from lowrank_ggn.core.engine.plan import plan_strategy, split_shape
-from lowrank_ggn.core.engine.report import EngineReport, Strategy
+from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.engine.selfcheck import Factors, self_check
 from lowrank_ggn.core.engine.streamed import streamed_gram
-from lowrank_ggn.core.linearization import Linearization
+from lowrank_ggn.core.modes import Strategy
 from lowrank_ggn.core.paths import PER_SAMPLE
+
+if TYPE_CHECKING:
+    from lowrank_ggn.core.linearization import Linearization
 
 Tick = Callable[[int], None]
 

@@ -12,14 +12,17 @@ that makes no such assumption.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lowrank_ggn.core.engine.batchnorm import BNLayer
 from lowrank_ggn.core.engine.layer import Layer
-from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.tolerances import roundoff_rtol
+
+if TYPE_CHECKING:
+    from lowrank_ggn.core.linearization import Linearization
 
 #: Relative tolerance of the self-check, per dtype (round-off of two summation orders).
 

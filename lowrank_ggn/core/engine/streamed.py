@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -41,9 +42,11 @@ from lowrank_ggn.core.engine.backprop import AUTOGRAD_OVERHEAD
 from lowrank_ggn.core.engine.capture import capture, captured_layers
 from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.report import EngineReport
-from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.model import composite_attention
 from lowrank_ggn.core.tolerances import roundoff_rtol
+
+if TYPE_CHECKING:
+    from lowrank_ggn.core.linearization import Linearization
 
 #: Below this many JVPs, tracing ``torch.func.linearize`` costs more than it saves.
 LINEARIZE_MIN_JVPS = 24
