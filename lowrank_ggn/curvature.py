@@ -42,7 +42,7 @@ from lowrank_ggn.core.budget import check_linearization_memory, resolve_memory_b
 from lowrank_ggn.core.diagonal import GGNDiagonal, diagonal_from_linearization, redrawn
 from lowrank_ggn.core.engine import EngineReport
 from lowrank_ggn.core.engine.batchnorm import has_batch_norm
-from lowrank_ggn.core.footprint import CallBudget, PeakMonitor, gram_parts
+from lowrank_ggn.core.footprint import CallBudget, gram_parts
 from lowrank_ggn.core.gram import check_engine, gram_from_linearization
 from lowrank_ggn.core.inputs import as_inputs
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
@@ -58,6 +58,7 @@ from lowrank_ggn.core.precision import (
     accumulation_dtype,
     check_accumulate,
 )
+from lowrank_ggn.core.resident import PeakMonitor
 from lowrank_ggn.core.solvers import check_solver, choose_solver, lanczos_pairs
 from lowrank_ggn.core.spectrum import (
     GGNSpectrum,

@@ -206,12 +206,7 @@ def gradient_moments(
 
     """
     ggn = GGN(model, loss_func, inputs, targets, **options)
-    with ggn._observing():
-        from lowrank_ggn.diagnostics.moments import moments_from_linearization
-
-        result = moments_from_linearization(ggn.linearization, ggn.chunk, per_component)
-    result.warn(stacklevel=4)
-    return result
+    return ggn.moments(per_component)
 
 
 def directional_derivatives(
@@ -249,14 +244,7 @@ def directional_derivatives(
 
     """
     ggn = GGN(model, loss_func, inputs, targets, **options)
-    with ggn._observing():
-        from lowrank_ggn.diagnostics.directional import directional_from_linearization
-
-        result = directional_from_linearization(
-            ggn.linearization, directions, ggn.chunk
-        )
-    result.warn(stacklevel=4)
-    return result
+    return ggn.directional_derivatives(directions)
 
 
 def ggn_linear_operator(

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from utils import RTOL, report_close
 
-from lowrank_ggn import ggn_block_spectra, ggn_spectrum
+from lowrank_ggn import ggn_block_spectra, ggn_spectrum, per_layer_groups
 from lowrank_ggn.app.cli import build_parser, main
 from lowrank_ggn.app.data import digits_batch
 from lowrank_ggn.app.models import build_model
-from lowrank_ggn.app.problems import layer_groups, subsampling_indices
+from lowrank_ggn.app.problems import subsampling_indices
 from lowrank_ggn.app.report import OUTPUTS, write_outputs
 from lowrank_ggn.app.results_folder import INTERNAL, MANIFEST, current_run, publish
 from lowrank_ggn.reference import dense_gradient
@@ -245,7 +245,7 @@ def test_subsampling_indices():
 
 def test_layer_groups_cover_every_parameter_once():
     model = build_model("resnet-bn")
-    groups = layer_groups(model)
+    groups = per_layer_groups(model)
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
     assert [g["name"] for g in groups][:2] == ["0", "1.bn1"]
@@ -292,7 +292,7 @@ def test_subsampling_option(tmp_path):
 def test_per_layer_option(tmp_path):
     entry = _tiny(tmp_path, "--per-layer")
     model, loss, X, y = _tiny_problem()
-    groups = layer_groups(model)
+    groups = per_layer_groups(model)
     direct = ggn_block_spectra(
         model, loss, X, y, [{"params": g["params"]} for g in groups]
     )
@@ -338,7 +338,7 @@ def test_approximation_options_are_wired_as_keyword_arguments(tmp_path, monkeypa
     assert [c for c in calls if c.get("mc_samples") is None] == [{}]  # exact spectrum
     (groups,) = block_groups
     model = build_model("mlp", 5)
-    expected = [[p.shape for p in g["params"]] for g in layer_groups(model)]
+    expected = [[p.shape for p in g["params"]] for g in per_layer_groups(model)]
     assert [[p.shape for p in g["params"]] for g in groups] == expected
     assert all(set(g) == {"params"} for g in groups)
     entry = load_json(tmp_path)["models"]["mlp"]

@@ -308,3 +308,26 @@ def test_warning_texts():
         warn_sample_mixing(("1",), "f returned x", "the batch gradient", stacklevel=2)
     with pytest.warns(SampleMixingWarning, match="the forward pass mixes samples"):
         warn_sample_mixing((), "f returned x", "the batch gradient", stacklevel=2)
+
+
+@pytest.mark.parametrize(
+    "call",
+    ["method_moments", "gradient_moments", "method_directional", "directional"],
+)
+def test_mixing_warning_points_at_the_callers_line(call):
+    """Method or one-call function: the warning names this file, not the package."""
+    from lowrank_ggn import GGN, directional_derivatives
+
+    model, loss, X, y = _problem(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5)))
+    ggn = GGN(model, loss, X, y)
+    D = sum(p.numel() for p in model.parameters())
+    direction = torch.ones(1, D, dtype=DTYPE)
+    calls = {
+        "method_moments": ggn.moments,
+        "gradient_moments": lambda: gradient_moments(model, loss, X, y),
+        "method_directional": lambda: ggn.directional_derivatives(direction),
+        "directional": lambda: directional_derivatives(model, loss, X, y, direction),
+    }
+    with pytest.warns(SampleMixingWarning) as caught:
+        calls[call]()
+    assert [w.filename for w in caught] == [__file__]

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lowrank_ggn import GGN
+from lowrank_ggn import GGN, per_layer_groups
 from lowrank_ggn.app.models import ZOO, num_params
-from lowrank_ggn.app.problems import Problem, layer_groups, subsampling_indices
+from lowrank_ggn.app.problems import Problem, subsampling_indices
 
 #: The brute-force check is skipped beyond this many entries of the dense Jacobian.
 DENSE_BUDGET = 4_000_000
@@ -182,7 +182,7 @@ def analyse(problem: Problem, args: argparse.Namespace) -> dict[str, Any]:
             exact_res = GGN(model, loss_func, X, y).spectrum()
         blocks = None
         if args.per_layer:
-            groups = layer_groups(model)
+            groups = per_layer_groups(model)
             t0 = time.perf_counter()
             block_res = ggn.block_spectra([{"params": g["params"]} for g in groups])
             entry["seconds_per_layer"] = time.perf_counter() - t0

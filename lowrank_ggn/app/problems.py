@@ -3,8 +3,7 @@ r"""The problems ``lowrank-ggn`` analyses, and how the options select parts of t
 A :class:`Problem` is one model, loss and batch: a zoo model trained on the digits
 (:func:`zoo_problem`) or what the user's ``--setup MODULE:FUNCTION`` returns
 (:func:`setup_problem`). :func:`subsampling_indices` turns ``--subsampling`` into batch
-positions, :func:`layer_groups` splits a model into per-layer parameter groups for
-``--per-layer``.
+positions; ``--per-layer`` splits a model with :func:`lowrank_ggn.per_layer_groups`.
 """
 
 from __future__ import annotations
@@ -149,19 +148,8 @@ def subsampling_indices(
     return idx
 
 
-def layer_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """One group per module owning trainable parameters: ``{"name", "params"}``."""
-    groups = []
-    for name, module in model.named_modules():
-        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if params:
-            groups.append({"name": name or "<root>", "params": params})
-    return groups
-
-
 __all__ = [
     "Problem",
-    "layer_groups",
     "setup_problem",
     "subsampling_indices",
     "zoo_problem",

@@ -34,6 +34,8 @@ from datetime import timedelta
 import torch
 from torch import Tensor
 
+from lowrank_ggn.core.model import module_label
+
 #: Seconds waited when the process group's own timeout cannot be read (gloo's default).
 FALLBACK_TIMEOUT_S = 1800.0
 
@@ -295,7 +297,7 @@ def check_sync_batch_norm(model: torch.nn.Module) -> None:
     synchronised across ranks would make every rank's GGN depend on the others'.
     """
     names = [
-        name or "<root>"
+        module_label(name)
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.SyncBatchNorm) and m.training
     ]

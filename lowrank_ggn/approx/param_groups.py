@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from lowrank_ggn.core.model import module_label
 from lowrank_ggn.core.validation import check_model
 
 
@@ -56,7 +57,7 @@ def per_layer_groups(model: nn.Module) -> list[dict]:
                 seen.add(id(p))
                 own.append(p)
         if own:
-            groups.append({"name": name or "<root>", "params": own})
+            groups.append({"name": module_label(name), "params": own})
     return groups
 
 

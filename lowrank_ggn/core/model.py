@@ -25,6 +25,19 @@ from torch.func import functional_call
 from lowrank_ggn.core.inputs import ModelInputs, as_inputs
 from lowrank_ggn.core.outputs import OutputSpec, select_output
 
+#: The model's own name where its modules are named by qualified name.
+ROOT = "<root>"
+
+
+def module_label(name: str) -> str:
+    """A module's qualified name as reported: :data:`ROOT` for the model itself."""
+    return name or ROOT
+
+
+def labelled_module(model: nn.Module, label: str) -> nn.Module:
+    """The module that :func:`module_label` named ``label``."""
+    return model.get_submodule("" if label == ROOT else label)
+
 
 @contextmanager
 def composite_attention() -> Iterator[None]:

@@ -41,7 +41,7 @@ from torch.func import vjp, vmap
 
 from lowrank_ggn.core.autodiff import no_rule, quiet_fallbacks, vmappable
 from lowrank_ggn.core.inputs import ModelInputs, as_inputs
-from lowrank_ggn.core.model import FunctionalModel
+from lowrank_ggn.core.model import FunctionalModel, module_label
 from lowrank_ggn.core.tolerances import roundoff_close
 
 
@@ -104,7 +104,7 @@ def uses_batch_statistics(module: nn.Module) -> bool:
 def batch_statistic_modules(model: nn.Module) -> list[str]:
     """Qualified names of modules that mix samples through batch statistics."""
     return [
-        name or "<root>"
+        module_label(name)
         for name, m in model.named_modules()
         if uses_batch_statistics(m)
     ]
@@ -113,7 +113,7 @@ def batch_statistic_modules(model: nn.Module) -> list[str]:
 def active_dropout_modules(model: nn.Module) -> list[str]:
     """Qualified names of dropout modules in train mode with ``p > 0``."""
     return [
-        name or "<root>"
+        module_label(name)
         for name, m in model.named_modules()
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
     ]

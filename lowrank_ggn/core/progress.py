@@ -8,6 +8,10 @@ cost of one pass). Without tqdm installed nothing is shown.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+
+#: The engine's progress callback: ``tick(n)`` after ``n`` more passes.
+Tick = Callable[[int], None]
 
 #: With ``progress=None``, show a bar for calls estimated to take longer than this.
 AUTO_SECONDS = 5.0

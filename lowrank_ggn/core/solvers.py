@@ -20,6 +20,7 @@ from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.engine.streamed import GramOperator, block_width
 from lowrank_ggn.core.lanczos import top_eigenpairs
 from lowrank_ggn.core.linearization import Linearization
+from lowrank_ggn.core.model import labelled_module
 from lowrank_ggn.core.modes import Solver, Strategy
 from lowrank_ggn.core.paths import PER_SAMPLE, batch_statistic_modules
 from lowrank_ggn.core.precision import ErrorModel
@@ -69,7 +70,7 @@ def choose_solver(lin: Linearization, top_k: int) -> Solver:
     else:
         model = lin.fmodel.model
         stats = sum(
-            2 * model.get_submodule("" if n == "<root>" else n).num_features
+            2 * labelled_module(model, n).num_features
             for n in batch_statistic_modules(model)
         )
         dense = min(NC, C + stats) if stats else NC

@@ -239,20 +239,6 @@ def gram_eigh(gram: Tensor, model: ErrorModel | None = None) -> GramEigenpairs:
     return GramEigenpairs(evals, evecs, errors, 0.0, 0, diag, lam_max, model)
 
 
-def spectrum_from_gram(
-    gram: Tensor,
-    top_k: int | None = None,
-    rtol: float | None = None,
-    model: ErrorModel | None = None,
-) -> GramEigenpairs:
-    """The pairs :func:`gram_eigh` finds, selected by ``rtol`` and ``top_k``.
-
-    ``rtol``: ``None`` keeps what ``model`` resolves to ``1e-3``; else
-    ``λ > rtol · λ_max``.
-    """
-    return gram_eigh(gram, model).select(rtol, top_k)
-
-
 def parameter_eigenvectors(
     lin: Linearization,
     eigenvalues: Tensor,

@@ -279,8 +279,10 @@ def check_rtol(rtol: float | None) -> None:
         raise TypeError(f"rtol must be a float or None; got {type(rtol).__name__}.")
     if not math.isfinite(rtol) or rtol < 0:
         raise ValueError(
-            f"rtol must be finite and >= 0 (relative zero threshold); got {rtol!r}. "
-            "Pass None for the default N·C·eps."
+            f"rtol must be finite and >= 0 (keep eigenvalues above rtol · λ_max); got "
+            f"{rtol!r}. Pass None for the default: the eigenvalues the error model "
+            "resolves to 1e-3 relative (N·C·eps·λ_max for ggn_spectrum_dataset's "
+            "Lanczos solver)."
         )
 
 

@@ -43,7 +43,7 @@ from lowrank_ggn.core.loss_autodiff import (
 )
 from lowrank_ggn.core.loss_registry import resolve_loss
 from lowrank_ggn.core.loss_targets import check_targets
-from lowrank_ggn.core.model import FunctionalModel
+from lowrank_ggn.core.model import FunctionalModel, labelled_module
 from lowrank_ggn.core.outputs import OutputSpec, check_output
 from lowrank_ggn.core.paths import (
     EnginePath,
@@ -271,7 +271,7 @@ def audit_structure(
         dropout = tuple(active_dropout_modules(model))
         deterministic = not dropout and torch.equal(again, outputs)
         for name in dropout:  # probes below run without dropout (restored on exit)
-            model.get_submodule("" if name == "<root>" else name).eval()
+            labelled_module(model, name).eval()
         if dropout:
             outputs = fmodel.evaluate(inputs)
         scan, probe = scan_and_probe(fmodel, inputs)

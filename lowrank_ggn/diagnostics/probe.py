@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from lowrank_ggn.core.inputs import as_inputs
-from lowrank_ggn.core.model import FunctionalModel
+from lowrank_ggn.core.model import FunctionalModel, module_label
 from lowrank_ggn.core.paths import batch_statistic_modules
 from lowrank_ggn.core.tolerances import roundoff_rtol
 
@@ -156,7 +156,7 @@ def probe_sample_mixing(fmodel: FunctionalModel, inputs: Tensor) -> InputProbe:
         if not any(o != n and (n == "" or o.startswith(n + ".")) for o in flagged)
     ]
     order = [name for name, _ in model.named_modules()]
-    modules = tuple((n or "<root>") for n in sorted(inner, key=order.index))
+    modules = tuple(module_label(n) for n in sorted(inner, key=order.index))
     return InputProbe(True, max_leak > tol, max_leak, modules)
 
 

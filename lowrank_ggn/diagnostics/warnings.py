@@ -20,12 +20,17 @@ says this in two places, with the texts of this module: the result's
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from lowrank_ggn.core.paths import EnginePath
+
+#: The package's folder: a warning points at the first frame outside it.
+_PACKAGE = str(Path(__file__).resolve().parents[1])
 
 
 class SampleMixingWarning(UserWarning):
@@ -73,7 +78,7 @@ def per_component_explanation(sample_mixing: bool, modules: Sequence[str] = ()) 
 
 
 def warn_sample_mixing(
-    modules: Sequence[str], what: str, sums_to: str, stacklevel: int = 3
+    modules: Sequence[str], what: str, sums_to: str, stacklevel: int | None = None
 ) -> None:
     """Issue one :class:`SampleMixingWarning` for a call that returned ``what``.
 
@@ -82,7 +87,8 @@ def warn_sample_mixing(
         what: The call and what it returned, e.g. ``"gradient_moments returned
             per-component gradients"``.
         sums_to: The batch quantity that the components sum to.
-        stacklevel: Passed to :func:`warnings.warn`; 3 points at the user's call.
+        stacklevel: Passed to :func:`warnings.warn`; ``None``: the first caller
+            outside the package (the user's call, through any wrapper).
 
     """
     where = (
@@ -90,6 +96,8 @@ def warn_sample_mixing(
         if modules
         else "the forward pass mixes samples"
     )
+    if stacklevel is None:
+        stacklevel = _outside_stacklevel()
     warnings.warn(
         f"{what}: {where} in the forward pass, so these are per-component, not "
         f"per-sample quantities. They sum to {sums_to}, but their variance is not a "
@@ -124,11 +132,22 @@ class PerComponentResult:
     WHAT: ClassVar[str] = "per-component quantities were returned"
     SUMS_TO: ClassVar[str] = "the batch quantity"
 
-    def warn(self, stacklevel: int = 4) -> None:
+    def warn(self, stacklevel: int | None = None) -> None:
         """Issue the :class:`SampleMixingWarning` if the rows are per-component.
 
-        ``stacklevel`` as for :func:`warn_sample_mixing`: 4 points at the code that
-        called the method or function which called this.
+        ``stacklevel`` as for :func:`warn_sample_mixing` (``None``: the user's call).
         """
         if self.sample_mixing:
             warn_sample_mixing(self.mixing_modules, self.WHAT, self.SUMS_TO, stacklevel)
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside the package.
+
+    Counted from the function that calls this one and then :func:`warnings.warn`
+    (level 1).
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level

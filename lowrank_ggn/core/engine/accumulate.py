@@ -102,20 +102,6 @@ def input_kernel(A: Tensor, dtype: torch.dtype) -> Kernel:
     return kernel
 
 
-def index_kernel(idx: Tensor, valid: Tensor, dtype: torch.dtype) -> Kernel:
-    """Index matches ``[idx_{np} = idx_{mq}]`` of valid positions (``idx``, ``valid`` ``[NS, P]``).
-
-    The kernel of one-hot inputs ``A_{np} = e_{idx_{np}}``, never formed densely.
-    """
-
-    def kernel(n: int) -> Tensor:
-        match = idx[n:, :, None] == idx[n][None, None, :]  # [M, P_q, P_p]
-        match &= valid[n:, :, None] & valid[n][None, None, :]
-        return match.to(dtype)
-
-    return kernel
-
-
 def add_kernel_product(gram: Tensor, g: Tensor, K: Tensor) -> None:
     """One position (``P = 1``): ``𝒢 += (K ⊗ 1_{C×C}) ⊙ (g gᵀ)``.
 
@@ -218,7 +204,6 @@ __all__ = [
     "add_kron_blocks",
     "choose_form",
     "explicit_cost",
-    "index_kernel",
     "input_kernel",
     "kron_costs",
     "kron_upper",

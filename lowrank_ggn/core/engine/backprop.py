@@ -29,6 +29,7 @@ from lowrank_ggn.core.engine.batchnorm import BNLayer
 from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.memory import release_free_memory
+from lowrank_ggn.core.progress import Tick
 
 if TYPE_CHECKING:
     from lowrank_ggn.core.linearization import Linearization
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 #: size the batches of full-batch backward passes.
 AUTOGRAD_OVERHEAD = 6
 
-Tick = Callable[[int], None]
 
 
 class LayerTurnedMixing(Exception):

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from lowrank_ggn.core.model import module_label
 from lowrank_ggn.core.paths import uses_batch_statistics
 from lowrank_ggn.core.tolerances import roundoff_close
 
@@ -160,7 +161,7 @@ def batch_norm_layers(model: nn.Module, selected: set[int]) -> list[BNLayer]:
         w, b = m.weight, m.bias
         found.append(
             BNLayer(
-                name or "<root>",
+                module_label(name),
                 m,
                 w if w is not None and id(w) in selected else None,
                 b if b is not None and id(b) in selected else None,

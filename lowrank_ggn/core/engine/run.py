@@ -26,7 +26,6 @@ before its products (:mod:`lowrank_ggn.core.precision` for the error model).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,11 +49,11 @@ from lowrank_ggn.core.engine.selfcheck import Factors, self_check
 from lowrank_ggn.core.engine.streamed import streamed_gram
 from lowrank_ggn.core.modes import Strategy
 from lowrank_ggn.core.paths import PER_SAMPLE
+from lowrank_ggn.core.progress import Tick
 
 if TYPE_CHECKING:
     from lowrank_ggn.core.linearization import Linearization
 
-Tick = Callable[[int], None]
 
 
 class StrategyUnavailable(ValueError):
