@@ -11,7 +11,7 @@ from utils import assert_state_equal, state_of
 
 from lowrank_ggn import SampleMixingWarning, audit_structure, gradient_moments
 from lowrank_ggn.core.model import FunctionalModel
-from lowrank_ggn.diagnostics import audit, probe
+from lowrank_ggn.diagnostics import audit, probe, structure_report
 from lowrank_ggn.diagnostics import warnings as mixing_warnings
 from lowrank_ggn.diagnostics.probe import (
     locate_mixing_modules,
@@ -245,7 +245,8 @@ def test_each_name_lives_in_its_module():
         (mixing_warnings, ("SampleMixingWarning", "per_component_explanation")),
         (mixing_warnings, ("warn_sample_mixing",)),
         (probe, ("InputProbe", "probe_sample_mixing", "locate_mixing_modules")),
-        (audit, ("StructureCheck", "StructureReport", "audit_structure")),
+        (structure_report, ("StructureCheck", "StructureReport")),
+        (audit, ("audit_structure",)),
     ):
         for name in names:
             assert getattr(module, name).__module__ == module.__name__, name
