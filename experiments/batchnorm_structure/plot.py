@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # experiments/_common.py
@@ -89,6 +89,9 @@ def panel_shortcut(ax, result: dict) -> None:
         )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    # the errors span 0.1–5: labelled ticks at 1, 2 and 5 per decade
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("batch size $N$")
     ax.set_ylabel("relative error vs exact train-mode GGN")
@@ -138,6 +141,7 @@ def panel_outliers(ax, result: dict) -> None:
             if r["model"] == name and r["train_steps"] == steps
         ]
         share = np.mean([r["topC_trace_share"] for r in rows])
+        label = f"{name} (train BN)" if "bn" in name else name
         for j, r in enumerate(rows):
             ev = np.array(r["eigenvalues"][:50])
             ax.plot(
@@ -146,12 +150,10 @@ def panel_outliers(ax, result: dict) -> None:
                 lw=0.8,
                 color=f"C{i}",
                 alpha=1.0 if j == 0 else 0.5,
-                label=(f"{name} (train-mode BN)" if "bn" in name else name)
-                + f", {len(rows)} seeds; top-C trace share {share:.2f}"
-                if j == 0
-                else None,
+                label=f"{label}: top-C share {share:.2f}" if j == 0 else None,
             )
-    ax.axvline(10.5, color="0.4", ls="--", lw=0.8, label="k = C = 10")
+    ax.axvline(10.5, color="0.4", ls="--", lw=0.8)
+    ax.text(11.2, 0.5, "k = C = 10", fontsize=SMALL, color="0.3", va="center")
     ax.set_yscale("log")
     ax.set_xlabel(r"index $k$ (descending)")
     ax.set_ylabel(r"$\lambda_k / \lambda_1$")
@@ -159,7 +161,19 @@ def panel_outliers(ax, result: dict) -> None:
         f"(c) top of the exact GGN spectrum, {steps} SGD steps",
         fontsize=plotting.FONT_SIZE,
     )
-    ax.legend(fontsize=SMALL, frameon=False)
+    # the curves fall from the top left: the legend sits at the bottom right, below
+    # them and right of the k = C line
+    low = min(
+        min(r["eigenvalues"][:50]) / r["eigenvalues"][0] for r in result["outliers"]
+    )
+    ax.set_ylim(low / 30, 1.5)
+    ax.legend(
+        fontsize=SMALL,
+        frameon=False,
+        loc="lower right",
+        title=f"{len(rows)} seeds each (faint: seeds 2–{len(rows)})",
+        title_fontsize=SMALL,
+    )
     plotting._style(ax)
 
 

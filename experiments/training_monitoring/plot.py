@@ -68,13 +68,26 @@ def make_figure(result: dict):
             "(b) mini-batch GGN vs mini-batch Hessian",
         ),
     ):
-        ax.axhline(C / D, color="0.4", ls="--", lw=0.8, label=f"random ({C / D:.3f})")
+        # a random C-dim subspace overlaps by C/D: drawn off the frame and labelled
+        # on the line itself, so that it cannot be taken for the axis at 0
+        ax.axhline(C / D, color="C7", ls=(0, (4, 2)), lw=1.2)
+        ax.annotate(
+            f"random {C}-dim subspace: C/D = {C / D:.3f}",
+            (0.98, C / D),
+            xycoords=("axes fraction", "data"),
+            xytext=(0, 4),
+            textcoords="offset points",
+            ha="right",
+            va="bottom",
+            fontsize=SMALL,
+            color="C7",
+        )
         ax.set_xscale("log")
-        ax.set_ylim(0, 1.05)  # overlaps live in [0, 1]: a linear axis reads best
+        ax.set_ylim(-0.08, 1.05)  # overlaps live in [0, 1]: a linear axis reads best
         ax.set_xlabel("SGD step (step 0 drawn at 0.5)")
         ax.set_ylabel(f"overlap of top-{C} eigenspaces")
         ax.set_title(title, fontsize=plotting.FONT_SIZE)
-        ax.legend(fontsize=SMALL, frameon=False, loc="lower left")
+        ax.legend(fontsize=SMALL, frameon=False, loc="center left")
         plotting._style(ax)
     step = result["runs"][0]["points"][-1]["step"]
     for ax, q, tag in (
@@ -89,7 +102,11 @@ def make_figure(result: dict):
             f"({tag}) SNR along top-{C} directions, step {step}",
             fontsize=plotting.FONT_SIZE,
         )
-        ax.legend(fontsize=SMALL, frameon=False)
+        # below the SNR = 1 line, away from the curves
+        where = {"loc": "lower center"} if tag == "c" else {"loc": "upper left"}
+        if tag == "d":
+            where["bbox_to_anchor"] = (0.0, 0.9)
+        ax.legend(fontsize=SMALL, frameon=False, **where)
         plotting._style(ax)
     return fig
 
