@@ -15,7 +15,7 @@ samples, Jacobian-vector products count as passes). Both ways run in the same
 process on the same weights, after a warm-up of each at N = 2. ``--lowrank-ggn PATH`` imports lowrank_ggn from another
 checkout (e.g. a ``git worktree`` of an older commit, which has only the functions).
 
-Models: 3c3d and 3c3d-BN (train mode) on CIFAR-10 shapes (``bench_gram.build``),
+Models: 3c3d and 3c3d-BN (train mode) on CIFAR-10 shapes (``harness.models``),
 random weights, float32, C = 10. Results: ``results/curvature_<device>.json`` and
 ``.md``.
 
@@ -34,42 +34,20 @@ import time
 import warnings
 from pathlib import Path
 
+from harness.machine import machine, machine_words
+from harness.models import build
+from harness.passes import ForwardPasses
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 TOP_K = 10
-
-
-def samples_in(x) -> int:
-    """Samples a call on ``x`` processes (vmapped batches unwrapped)."""
-    import torch
-
-    n = x.shape[0] if x.dim() else 1
-    from torch._C._functorch import (
-        get_unwrapped,
-        is_batchedtensor,
-        is_functorch_wrapped_tensor,
-        maybe_get_bdim,
-    )
-
-    while is_functorch_wrapped_tensor(x):
-        bdim = maybe_get_bdim(x) if is_batchedtensor(x) else None
-        x = get_unwrapped(x)
-        if bdim is not None:
-            n *= x.shape[bdim]
-    del torch
-    return n
 
 
 def run_sequence(kind: str, model, loss, X, y) -> dict:
     """Run one way; forward passes of the batch, engine passes and seconds."""
     import lowrank_ggn as L
 
-    counted = {"samples": 0}
-
-    def hook(module, args):
-        counted["samples"] += samples_in(args[0])
-
-    handle = model.register_forward_pre_hook(hook)
+    counter = ForwardPasses(model, X.shape[0])
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
@@ -86,12 +64,12 @@ def run_sequence(kind: str, model, loss, X, y) -> dict:
                 L.gradient_moments(model, loss, X, y)
                 L.directional_derivatives(model, loss, X, y, spec)
     finally:
-        handle.remove()
+        counter.remove()
     seconds = time.perf_counter() - start
     report = spec.engine_report
     return {
         "kind": kind,
-        "forward_passes": counted["samples"] / X.shape[0],
+        "forward_passes": counter.passes(),
         "engine_passes": dict(report.passes) if report is not None else None,
         "strategy": str(report.strategy) if report is not None else None,
         "seconds": seconds,
@@ -101,8 +79,7 @@ def run_sequence(kind: str, model, loss, X, y) -> dict:
 def render(stem: Path) -> None:
     """The Markdown table of ``stem.json``."""
     data = json.loads(stem.with_suffix(".json").read_text())
-    m = data["machine"]
-    where = f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['device']}"
+    where = f"{machine_words(data['machine'])}, {data['machine']['device']}"
     lines = [
         f"# Spectrum + moments + directional derivatives, one batch ({where})",
         "",
@@ -140,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.lowrank_ggn:
         sys.path.insert(0, str(Path(args.lowrank_ggn).resolve()))
-    sys.path.insert(0, str(HERE))
     import torch
-    from bench_gram import build, machine
 
     torch.set_num_threads(1)
     N = 4 if args.quick else args.N

@@ -1,7 +1,7 @@
 r"""The exact GGN diagonal of 3c3d: lowrank_ggn against BackPACK and curvlinops.
 
 Task: ``diag(G)`` of one mini-batch GGN of DeepOBS' 3c3d (D = 895,210) and its
-BatchNorm variant in train mode (``bench_gram.build``), CIFAR-10 shapes, C = 10,
+BatchNorm variant in train mode (``harness.models``), CIFAR-10 shapes, C = 10,
 float32, N = 128. Methods, each (method, model) in a fresh subprocess:
 
 * ``lowrank_ggn``: ``ggn_diagonal(model, loss, X, y)``, exact (the layer-wise route;
@@ -26,7 +26,7 @@ float32, N = 128. Methods, each (method, model) in a fresh subprocess:
   ``‖G‖_F² = ‖VᵀV‖_F²`` from the cached Gram for the projection above.
 
 Each worker warms up on a batch of 4, hands freed heap back and resets the peak-RSS
-mark (``_memory.reset_peak_rss``), then times one call; peak RSS is that call's
+mark (``harness.memory.measure``), then times one call; peak RSS is that call's
 (it includes what was resident at its start, ``baseline_rss_bytes``). ``--repeats``
 interleaved runs of every method, so that they share the machine's conditions; the
 fastest is reported (all are kept in ``times_s``: on a shared machine the fastest run
@@ -46,21 +46,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import traceback
 from pathlib import Path
+
+from harness.cli import add_model_options, add_run_options, parser
+from harness.machine import machine, machine_words
+from harness.memory import measure
+from harness.models import build as make
+from harness.models import num_classes
+from harness.peers import available, ggn_operator
+from harness.results import gib, write_results
+from harness.workers import announce, outcome, run_worker
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE))
-
-from _memory import peak_rss_bytes, reset_peak_rss, resident_bytes  # noqa: E402
-from bench_gram import build, machine  # noqa: E402
 
 METHODS = (
     "lowrank_ggn",
@@ -72,25 +73,8 @@ METHODS = (
 )
 QUICK_BN = ["lowrank_ggn", "backpack", "spectrum"]
 REPEATED = set(METHODS)
-PEER_MODULES = {
-    "backpack": "backpack",
-    "backpack_mc1": "backpack",
-    "hutchinson": "curvlinops",
-    "xdiag": "curvlinops",
-}
 #: Target relative error of the Hutchinson projection.
 HUTCHINSON_RTOL = 1e-2
-
-
-def make(name: str, N: int, seed: int = 0, running_stats: bool = True):
-    """3c3d / 3c3d-bn, or the tiny smoke models (``tiny`` has train-mode BN)."""
-    from torch import nn
-
-    base = "tiny" if name.startswith("tiny") else name
-    model, loss, X, y = build(base, N, "cpu", seed, running_stats)
-    if name == "tiny-plain":
-        model[1] = nn.Identity()
-    return model, loss, X, y
 
 
 # ---------------------------------------------------------------------------- methods
@@ -125,13 +109,6 @@ def backpack(model, loss, X, y, args) -> tuple:
         loss(model(X), y).backward()
     name = "diag_ggn_mc" if args.mc else "diag_ggn_exact"
     return torch.cat([getattr(p, name).flatten() for p in model.parameters()]), {}
-
-
-def _operator(model, loss, X, y):
-    from curvlinops import GGNLinearOperator
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    return GGNLinearOperator(model, loss, params, [(X, y)], check_deterministic=False)
 
 
 def hutchinson(model, loss, X, y, args, prepared=None) -> tuple:
@@ -174,35 +151,27 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     fn = FUNCTIONS[args.method]
     args.mc = args.method.endswith("_mc1")
-    args.classes = 10 if args.model.startswith("3c3d") else 3
+    args.classes = num_classes(args.model)
     running_stats = args.method not in ("hutchinson", "xdiag")
     prepare = args.method in ("hutchinson", "xdiag")
     if not args.quick:  # warm-up: torch.func's and BackPACK's first-call set-up
         warm = make(args.model, 4, seed=1, running_stats=running_stats)
         if prepare:
-            op = _operator(*warm)
+            op = ggn_operator(*warm)
             op @ torch.ones(op.shape[1])
         elif args.method != "spectrum":
             fn(*warm, args)
         del warm
     model, loss, X, y = make(args.model, args.N, running_stats=running_stats)
-    extra = {"prepared": _operator(model, loss, X, y)} if prepare else {}
-    reset = reset_peak_rss()
-    base = resident_bytes()
-    start = time.perf_counter()
-    out = fn(model, loss, X, y, args, **extra)
-    elapsed = time.perf_counter() - start
-    peak = peak_rss_bytes()
+    extra = {"prepared": ggn_operator(model, loss, X, y)} if prepare else {}
+    out, cost = measure(lambda: fn(model, loss, X, y, args, **extra))
     values, info = out[0], out[1]
     rec = {
         "method": args.method,
         "model": args.model,
         "N": args.N,
         "D": sum(p.numel() for p in model.parameters()),
-        "time_s": elapsed,
-        "peak_rss_bytes": peak,
-        "baseline_rss_bytes": base,
-        "peak_rss_reset": reset,
+        **cost,
         **info,
     }
     if args.method == "spectrum":  # ‖G‖_F² = ‖VᵀV‖_F² from the cached Gram
@@ -214,32 +183,23 @@ def worker(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
-def available(method: str) -> bool:
-    import importlib.util
-
-    module = PEER_MODULES.get(method)
-    return module is None or importlib.util.find_spec(module) is not None
-
-
-def run_worker(method: str, model: str, N: int, args, tmp: Path) -> dict:
+def run_case(method: str, model: str, N: int, args, tmp: Path) -> dict:
+    """One method in a fresh subprocess; its diagonal saved to ``tmp``."""
     save = tmp / f"{method}-{model}.pt"
     cmd = [sys.executable, __file__, "--worker", method, model, str(N)]
     cmd += ["--threads", str(args.threads), "--matvecs", str(args.matvecs)]
     cmd += ["--save", str(save)] + (["--quick"] if args.quick else [])
-    print(f"{model:10s} N={N:4d} {method:16s}", end=" ", flush=True, file=sys.stderr)
-    proc = subprocess.run(
-        cmd, check=False, capture_output=True, text=True, timeout=args.timeout
-    )
-    if proc.returncode != 0:
-        lines = [x for x in proc.stderr.strip().splitlines() if x.strip()] or ["?"]
-        err = next((x for x in reversed(lines) if "Error" in x), lines[-1])
-        print(f"FAILED: {err[:100]}", file=sys.stderr)
-        return {"method": method, "model": model, "N": N, "error": err.strip()}
-    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    announce(f"{model:10s} N={N:4d} {method:16s}")
+    if not available(method):
+        return outcome(
+            {"method": method, "model": model, "N": N, "skipped": "not installed"}
+        )
+    rec = run_worker(cmd, args.timeout)
+    if "error" in rec:
+        return outcome({"method": method, "model": model, "N": N, **rec})
     if save.exists():
         rec["saved"] = str(save)
-    print(f"{rec['time_s']:8.2f} s", file=sys.stderr)
-    return rec
+    return outcome(rec)
 
 
 def drive(args) -> dict:
@@ -256,17 +216,7 @@ def drive(args) -> dict:
             for method in methods:
                 if r and method not in REPEATED:
                     continue
-                if not available(method):
-                    runs.append(
-                        {
-                            "method": method,
-                            "model": model,
-                            "N": N,
-                            "skipped": "not installed",
-                        }
-                    )
-                    continue
-                runs.append(run_worker(method, model, N, args, tmp))
+                runs.append(run_case(method, model, N, args, tmp))
         records += merge(runs)
     annotate(records)
     return {
@@ -326,7 +276,7 @@ def annotate(records: list[dict]) -> None:
             r["seconds_per_matvec"] = per
             # XDiag is exact once num_matvecs / 2 exceeds the rank (≤ N·C); unit
             # vectors after D products: curvlinops' cheapest exact diagonal
-            rank_bound = ref["N"] * (10 if model.startswith("3c3d") else 3)
+            rank_bound = ref["N"] * num_classes(model)
             r["exact_matvecs"] = min(2 * (rank_bound + 1), ref["D"])
             r["projected_exact_xdiag_s"] = per * r["exact_matvecs"]
             if name == "hutchinson" and F2 is not None:
@@ -345,20 +295,14 @@ def annotate(records: list[dict]) -> None:
                         r[key.replace("projected", "speedup")] = r[key] / ref["time_s"]
 
 
-def gib(x) -> str:
-    return "" if x is None else f"{x / 2**30:.2f}"
-
-
 def write(result: dict, tag: str, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     for r in result["records"]:
         r.pop("saved", None)
-    (out / f"diagonal_{tag}.json").write_text(json.dumps(result, indent=1))
     m = result["machine"]
     lines = [
         f"# Exact GGN diagonal of 3c3d, float32 ({tag})",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+        f"Machine: {machine_words(m)}, "
         f"threads={result['threads']}; fastest of {result['repeats']} interleaved runs "
         "(all in the JSON's `times_s`; the machine was shared with other jobs). "
         "Peak RSS (median) includes the baseline "
@@ -402,42 +346,26 @@ def write(result: dict, tag: str, out: Path) -> None:
             f"{'' if err is None else f'{err:.2g}'} | "
             f"{'' if speed is None else f'{speed:.2f}×'} | {'; '.join(notes)} |"
         )
-    (out / f"diagonal_{tag}.md").write_text("\n".join(lines) + "\n")
+    write_results(out, f"diagonal_{tag}", result, "\n".join(lines) + "\n")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(__doc__)
     p.add_argument(
         "--worker", nargs=3, metavar=("METHOD", "MODEL", "N"), help=argparse.SUPPRESS
     )
     p.add_argument("--save", default=None, help=argparse.SUPPRESS)
     p.add_argument("--N", type=int, default=128, help="batch size")
-    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--matvecs", type=int, default=16, help="Hutchinson products")
-    p.add_argument("--timeout", type=int, default=1800, help="seconds per worker")
-    p.add_argument("--quick", action="store_true", help="tiny models (smoke test)")
+    add_run_options(p, quick="tiny models (smoke test)", out=RESULTS)
     p.add_argument("--tag", default=None, help="results file tag (default: cpu)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    p.add_argument(
-        "--models", nargs="+", default=["3c3d", "3c3d-bn"], choices=["3c3d", "3c3d-bn"]
-    )
-    p.add_argument(
-        "--merge",
-        action="store_true",
-        help="keep the existing results' records of the other models",
-    )
+    add_model_options(p, "keep the existing results' records of the other models")
     args = p.parse_args()
     if args.worker:
         args.method, args.model, N = args.worker
         args.N = int(N)
-        try:
-            print(json.dumps(worker(args)))
-        except Exception:
-            traceback.print_exc()
-            raise SystemExit(1) from None
+        print(json.dumps(worker(args)))  # an exception exits with 1 and its trace
         return
     if args.quick:
         args.repeats, args.matvecs, args.threads = 1, 4, 1
@@ -445,11 +373,8 @@ def main() -> None:
     result = drive(args)
     old = args.out / f"diagonal_{tag}.json"
     if args.merge and old.exists():
-        kept = [
-            r
-            for r in json.loads(old.read_text())["records"]
-            if r["model"] not in args.models
-        ]
+        kept = json.loads(old.read_text())["records"]
+        kept = [r for r in kept if r["model"] not in args.models]
         order = ["3c3d", "3c3d-bn"]
         result["records"] = sorted(
             kept + result["records"], key=lambda r: order.index(r["model"])

@@ -1,6 +1,6 @@
 r"""The data-set GGN on one process against two (gloo, CPU): time, memory, bytes.
 
-A data set of 16 batches of DeepOBS' 3c3d (CIFAR-10 shapes, ``bench_gram.build``,
+A data set of 16 batches of DeepOBS' 3c3d (CIFAR-10 shapes, ``harness.models``,
 random weights, float32) at N = 32. Both solvers of ``ggn_spectrum_dataset``:
 ``dense`` (the whole spectrum) and ``lanczos`` (``top_k=10``), with one Monte-Carlo
 factor column per sample (``mc_samples=1``, seeded: Ñ = 512 columns; the exact
@@ -27,26 +27,25 @@ import argparse
 import json
 import os
 import socket
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
+from harness.machine import machine, machine_words
+from harness.memory import peak_rss_bytes, reset_peak_rss
+from harness.models import build
+from harness.results import write_results
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 RESULTS = HERE / "results"
 TOP_K = 10
 
 
 def problem(quick: bool):
     """Model, loss and all batches (the same on every rank)."""
-    import torch
-    from bench_gram import build
-
     name, N, B = ("tiny", 4, 4) if quick else ("3c3d", 32, 16)
     model, loss, _, _ = build(name, N, "cpu", seed=0)
     batches = [build(name, N, "cpu", seed=1 + b)[2:] for b in range(B)]
-    del torch
     return model, loss, batches
 
 
@@ -75,7 +74,6 @@ def call(model, loss, batches, solver: str, group) -> tuple:
 def worker(rank: int, world: int, port: int, solver: str, quick: bool, out: str):
     import torch
     import torch.distributed as dist
-    from _memory import peak_rss_bytes, reset_peak_rss
 
     torch.set_num_threads(1)
     group = None
@@ -146,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.example:
         return example(args.quick)
     import torch.multiprocessing as mp
-    from bench_gram import machine
 
     out = Path(args.out)
     scratch = out / "distributed_runs"
@@ -171,14 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         r["max_rel_diff_vs_one_process"] = max(
             abs(a - b) / max(abs(b), 1e-30) for a, b in zip(r["eigenvalues"], ref)
         )
-    stem = out / f"distributed_{'quick' if args.quick else 'cpu'}"
     info = machine("cpu")
-    stem.with_suffix(".json").write_text(
-        json.dumps({"machine": info, "rows": rows}, indent=1)
-    )
     lines = [
-        f"# Data-set GGN, 1 vs 2 processes ({info['cpu']}, {info['cores']} cores, "
-        f"torch {info['torch']}, gloo)",
+        f"# Data-set GGN, 1 vs 2 processes ({machine_words(info)}, gloo)",
         "",
         "16 batches of 3c3d, N = 32, float32, mc_samples=1 (Ñ = 512); one thread per "
         "process. CPU seconds: this rank's own work (wall time includes waiting).",
@@ -195,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['bytes_exchanged'] / 2**20:.1f} | "
             f"{r['max_rel_diff_vs_one_process']:.1e} |"
         )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    stem = f"distributed_{'quick' if args.quick else 'cpu'}"
+    result = {"machine": info, "rows": rows}
+    print(write_results(out, stem, result, "\n".join(lines) + "\n").read_text())
     return 0
 
 

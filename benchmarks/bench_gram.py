@@ -33,22 +33,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from harness.cli import add_model_options, add_run_options, parser
+from harness.machine import machine, machine_line
+from harness.memory import measure
+from harness.models import BN_MODELS, build
+from harness.peers import available, curvlinops_eigsh, power_iteration, vivit_eigh
+from harness.results import fmt, gib, write_results
+from harness.workers import announce, outcome, run_worker
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-
-from _memory import peak_rss_bytes  # noqa: E402
-
 METHODS = ("lowrank_ggn", "vivit", "curvlinops", "power")
-BN_MODELS = {"3c3d-bn", "tiny"}
 EXACT_UNDER_BN = {
     "lowrank_ggn": True,
     "vivit": False,
@@ -56,55 +54,6 @@ EXACT_UNDER_BN = {
     "power": True,
 }
 AGREEMENT_RTOL = 1e-4
-
-
-# ----------------------------------------------------------------------------- setup
-def build(
-    model_name: str, N: int, device: str, seed: int = 0, running_stats: bool = True
-):
-    """3c3d (or its BatchNorm variant, train mode) and a CIFAR-10-shaped batch.
-
-    ``running_stats=False`` builds BatchNorm with ``track_running_stats=False``: the same
-    train-mode function, needed by curvlinops, whose ``torch.func`` transforms refuse
-    BatchNorm's in-place running-statistics update.
-    """
-    import torch
-    from torch import nn
-
-    def block(cin, cout, k, pad, bn):
-        layers = [nn.Conv2d(cin, cout, k, padding=pad)]
-        if bn:
-            layers.append(nn.BatchNorm2d(cout, track_running_stats=running_stats))
-        return layers + [nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1)]
-
-    bn = model_name in BN_MODELS
-    small = model_name == "tiny"
-    torch.manual_seed(seed)
-    if small:
-        model = nn.Sequential(
-            nn.Conv2d(3, 4, 3),
-            nn.BatchNorm2d(4, track_running_stats=running_stats),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(4 * 6 * 6, 3),
-        )
-        X, C = torch.randn(N, 3, 8, 8), 3
-    else:
-        model = nn.Sequential(
-            *block(3, 64, 5, 0, bn),
-            *block(64, 96, 3, 0, bn),
-            *block(96, 128, 3, 1, bn),
-            nn.Flatten(),
-            nn.Linear(1152, 512),
-            nn.ReLU(),
-            nn.Linear(512, 256),
-            nn.ReLU(),
-            nn.Linear(256, 10),
-        )
-        X, C = torch.randn(N, 3, 32, 32), 10
-    y = torch.randint(0, C, (N,))
-    model = model.to(device).train()
-    return model, nn.CrossEntropyLoss(), X.to(device), y.to(device)
 
 
 # ---------------------------------------------------------------------------- methods
@@ -126,74 +75,23 @@ def lowrank(model, loss, X, y, k):
 
 
 def vivit(model, loss, X, y, k):
-    from _peers import shim_symeig
-    from backpack import backpack, extend
-
-    shim_symeig()
-    from vivit.linalg.eigh import EighComputation
-
-    model, loss = extend(model), extend(loss)
-    comp = EighComputation()
-    group = {
-        "params": list(model.parameters()),
-        "criterion": lambda ev: list(range(ev.numel() - k, ev.numel())),
-    }
-    with backpack(
-        comp.get_extension(), extension_hook=comp.get_extension_hook([group])
-    ):
-        loss(model(X), y).backward()
-    evals, evecs = comp.get_result(group)
-    return evals.flip(0)[:k], {}
+    """ViViT's eigh: every eigenvalue, the top-k eigenvectors; the top k returned."""
+    return vivit_eigh(model, loss, X, y, k)[:k], {}
 
 
 def curvlinops(model, loss, X, y, k):
-    import numpy as np
-    import torch
-    from curvlinops import GGNLinearOperator
-    from scipy.sparse.linalg import eigsh
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    op = GGNLinearOperator(
-        model, loss, params, [(X, y)], check_deterministic=False
-    ).to_scipy()
-    evals, _ = eigsh(op, k=k, which="LA")
-    return torch.from_numpy(np.sort(evals)[::-1].copy()), {}
+    """curvlinops + ``eigsh``: the top k (products counted)."""
+    return curvlinops_eigsh(model, loss, X, y, k)
 
 
-def power(model, loss, X, y, k, max_iter=100, tol=1e-3):
+def power(model, loss, X, y, k):
     """Deflated power iteration (PyHessian's scheme) on GGN-vector products."""
-    import torch
-    from curvlinops import GGNLinearOperator
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    op = GGNLinearOperator(model, loss, params, [(X, y)], check_deterministic=False)
-    D = sum(p.numel() for p in params)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    found, values, matvecs = [], [], 0
-    for _ in range(k):
-        v = torch.randn(D, generator=gen).to(X.device, X.dtype)
-        lam = None
-        for _ in range(max_iter):
-            for u in found:  # deflate
-                v = v - (u @ v) * u
-            v = v / v.norm()
-            Gv = op @ v
-            matvecs += 1
-            for u, mu in zip(found, values):
-                Gv = Gv - mu * (u @ v) * u
-            new = (v @ Gv).item()
-            v = Gv
-            if lam is not None and abs(new - lam) <= tol * (abs(lam) + 1e-12):
-                lam = new
-                break
-            lam = new
-        found.append(v / v.norm())
-        values.append(lam)
-    return torch.tensor(values), {"matvecs": matvecs}
+    return power_iteration(model, loss, X, y, k)
 
 
 # ----------------------------------------------------------------------------- worker
 def worker(method: str, model_name: str, N: int, device: str, threads: int) -> dict:
+    """Warm up, then time one call (in this process)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -209,66 +107,19 @@ def worker(method: str, model_name: str, N: int, device: str, threads: int) -> d
     fn(*warm, k=min(k, 4))
     del warm
     model, loss, X, y = build(model_name, N, device, running_stats=running_stats)
-    base_rss = peak_rss_bytes()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    evals, info = fn(model, loss, X, y, k)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    rec = {
+    # no reset of the peak mark: the peak includes the warm-up's (see README)
+    (evals, info), cost = measure(lambda: fn(model, loss, X, y, k), device, False)
+    return {
         "method": method,
         "model": model_name,
         "N": N,
-        "time_s": elapsed,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "baseline_rss_bytes": base_rss,
+        **cost,
         "top_eigenvalues": [float(v) for v in evals],
         **info,
     }
-    if device.startswith("cuda"):
-        rec["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
-    return rec
 
 
 # ----------------------------------------------------------------------------- driver
-def machine(device: str) -> dict:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": device,
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def available(method: str) -> bool:
-    mods = {
-        "vivit": ["vivit", "backpack"],
-        "curvlinops": ["curvlinops"],
-        "power": ["curvlinops"],
-    }
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in mods.get(method, []))
-
-
 def drive(args) -> dict:
     configs = (
         [("tiny", n) for n in (8, 16)]
@@ -281,40 +132,11 @@ def drive(args) -> dict:
             if not available(method):
                 print(f"skip {method}: not installed", file=sys.stderr)
                 continue
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                method,
-                model_name,
-                str(N),
-                "--device",
-                args.device,
-                "--threads",
-                str(args.threads),
-            ]
-            print(
-                f"{model_name:8s} N={N:4d} {method:12s}",
-                end=" ",
-                flush=True,
-                file=sys.stderr,
-            )
-            proc = subprocess.run(
-                cmd, check=False, capture_output=True, text=True, timeout=args.timeout
-            )
-            if proc.returncode != 0:
-                err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"FAILED: {err}", file=sys.stderr)
-                records.append(
-                    {"method": method, "model": model_name, "N": N, "error": err}
-                )
-                continue
-            rec = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(
-                f"{rec['time_s']:8.2f} s  peak RSS {rec['peak_rss_bytes'] / 2**30:6.2f} GiB",
-                file=sys.stderr,
-            )
-            records.append(rec)
+            cmd = [sys.executable, __file__, "--worker", method, model_name, str(N)]
+            cmd += ["--device", args.device, "--threads", str(args.threads)]
+            announce(f"{model_name:8s} N={N:4d} {method:12s}")
+            rec = outcome(run_worker(cmd, args.timeout))
+            records.append({"method": method, "model": model_name, "N": N, **rec})
     annotate(records)
     return {
         "machine": machine(args.device),
@@ -377,32 +199,26 @@ def ratios(records: list[dict]) -> list[dict]:
 
 
 def write(result: dict, tag: str, out: Path = RESULTS) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     result["ratios"] = ratios(result["records"])
-    (out / f"gram_{tag}.json").write_text(json.dumps(result, indent=1))
-    lines = [
-        f"# 3c3d top-10 GGN eigenpairs, float32 ({tag})",
-        "",
-        "Machine: "
-        + ", ".join(f"{k}={v}" for k, v in result["machine"].items())
-        + f", torch threads={result['threads']}",
-        "",
-    ]
+    lines = [f"# 3c3d top-10 GGN eigenpairs, float32 ({tag})", "", machine_line(result)]
+    lines.append("")
     lines += [
-        "| model | N | method | time [s] | peak RSS [GiB] | rel. dev. from lowrank_ggn | exact here |",
+        "| model | N | method | time [s] | peak RSS [GiB] | rel. dev. from lowrank_ggn "
+        "| exact here |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["records"]:
+        head = f"| {r['model']} | {r['N']} | {r['method']} |"
         if "error" in r:
-            lines.append(
-                f"| {r['model']} | {r['N']} | {r['method']} | failed: {r['error'][:60]} | | | |"
-            )
+            lines.append(f"{head} failed: {r['error'][:60]} | | | |")
             continue
-        dev = r.get("max_rel_dev_from_lowrank")
-        lines.append(
-            f"| {r['model']} | {r['N']} | {r['method']} | {r['time_s']:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
-            f"{'' if dev is None else f'{dev:.1e}'} | {'yes' if r.get('exact_for_model', True) else 'no'} |"
-        )
+        cells = [
+            f"{r['time_s']:.2f}",
+            gib(r["peak_rss_bytes"]),
+            fmt(r.get("max_rel_dev_from_lowrank"), ".1e"),
+            "yes" if r.get("exact_for_model", True) else "no",
+        ]
+        lines.append(f"{head} " + " | ".join(cells) + " |")
     lines += [
         "",
         "| model | N | peer | lowrank time / peer | lowrank peak RSS / peer | speed-up |",
@@ -412,7 +228,7 @@ def write(result: dict, tag: str, out: Path = RESULTS) -> None:
         lines.append(
             f"| {q['model']} | {q['N']} | {q['peer']} | {q['time_ratio']:.2f} | {q['rss_ratio']:.2f} | {q['speedup']:.1f}× |"
         )
-    (out / f"gram_{tag}.md").write_text("\n".join(lines) + "\n")
+    write_results(out, f"gram_{tag}", result, "\n".join(lines) + "\n")
     plot(result, out / f"gram_{tag}.png")
 
 
@@ -464,9 +280,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(__doc__)
     p.add_argument(
         "--worker", nargs=3, metavar=("METHOD", "MODEL", "N"), help=argparse.SUPPRESS
     )
@@ -475,32 +289,22 @@ def main() -> None:
     )
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16))
-    p.add_argument("--timeout", type=int, default=1800, help="seconds per worker")
-    p.add_argument(
-        "--quick", action="store_true", help="tiny model, small N (smoke test)"
-    )
+    add_run_options(p, quick="tiny model, small N (smoke test)", out=RESULTS)
     p.add_argument(
         "--tag", default=None, help="results file tag (default: device kind)"
     )
-    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument(
         "--replot",
         action="store_true",
         help="only redraw the table and figure from the existing results JSON",
     )
-    p.add_argument(
-        "--models", nargs="+", default=["3c3d", "3c3d-bn"], choices=["3c3d", "3c3d-bn"]
-    )
-    p.add_argument(
-        "--merge",
-        action="store_true",
-        help="replace matching records in an existing results file, keep the others",
-    )
+    merge = "replace matching records in an existing results file, keep the others"
+    add_model_options(p, merge)
     args = p.parse_args()
     if args.worker:
         method, model_name, N = args.worker
-        print(json.dumps(worker(method, model_name, int(N), args.device, args.threads)))
+        rec = worker(method, model_name, int(N), args.device, args.threads)
+        print(json.dumps(rec))
         return
     tag = args.tag or ("quick" if args.quick else args.device.split(":")[0])
     if args.replot:

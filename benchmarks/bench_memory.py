@@ -1,7 +1,7 @@
 r"""Does ``memory_budget`` bound the process? Peak resident memory against the budget.
 
 For an MLP, a CNN (DeepOBS 3c3d), the same CNN with BatchNorm in train mode and a
-transformer encoder (``models_zoo.transformer``), at ``N ∈ {32, 128}`` and budgets of
+transformer encoder (``harness.models_zoo``), at ``N ∈ {32, 128}`` and budgets of
 64 MiB, 256 MiB and 1 GiB, each ``(model, N)`` in a fresh subprocess:
 
 1. warm up: the same call on a batch of 4 (imports, library work space, thread pools);
@@ -26,20 +26,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # bench_batchnorm, bench_gram, models_zoo sit here
-    sys.path.insert(0, str(HERE))
+from harness import models, models_zoo
+from harness.machine import machine, machine_words
+from harness.memory import peak_rss_bytes, reset_peak_rss, resident_bytes
+from harness.results import write_results
+from harness.workers import run_worker
 
-from _memory import peak_rss_bytes, reset_peak_rss, resident_bytes  # noqa: E402
-
-RESULTS = HERE / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 2**20
 #: Allowed excess of the measured peak over the budget: 64 MiB plus 10 %.
 SLACK_FIXED, SLACK_SHARE = 64 * MiB, 0.10
@@ -55,29 +53,10 @@ def slack(budget: float) -> float:
 
 def build(name: str, N: int):
     """Model (float32), loss, inputs and targets of ``name`` for ``N`` samples."""
-    import torch
-    from torch import nn
-
-    torch.manual_seed(0)
-    if name in ("cnn", "cnn-bn"):
-        import bench_gram
-
-        return bench_gram.build("3c3d" if name == "cnn" else "3c3d-bn", N, "cpu")
     if name == "transformer":
-        import models_zoo
-
         return models_zoo.build("transformer", N)
-    model = nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(3072, 512),
-        nn.ReLU(),
-        nn.Linear(512, 512),
-        nn.ReLU(),
-        nn.Linear(512, 10),
-    )
-    gen = torch.Generator().manual_seed(N)
-    X = torch.randn(N, 3, 32, 32, generator=gen)
-    return model, nn.CrossEntropyLoss(), X, torch.randint(0, 10, (N,), generator=gen)
+    names = {"cnn": "3c3d", "cnn-bn": "3c3d-bn", "mlp": "mlp"}
+    return models.build(names[name], N)
 
 
 def worker(name: str, N: int, budgets: list[int]) -> list[dict]:
@@ -127,18 +106,6 @@ def worker(name: str, N: int, budgets: list[int]) -> list[dict]:
     return rows
 
 
-def machine() -> dict:
-    import torch
-
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": __import__("os").cpu_count(),
-        "torch": torch.__version__,
-        "threads": 1,
-        "python": platform.python_version(),
-    }
-
-
 def drive(quick: bool, models: tuple[str, ...]) -> dict:
     """Every ``(model, N)`` in its own subprocess."""
     spec = QUICK if quick else FULL
@@ -147,22 +114,19 @@ def drive(quick: bool, models: tuple[str, ...]) -> dict:
         for N in spec["N"]:
             cmd = [sys.executable, __file__, "--worker", name, str(N)]
             cmd += [str(b) for b in spec["budgets"]]
-            proc = subprocess.run(
-                cmd, check=False, capture_output=True, text=True, timeout=1800
-            )
-            if proc.returncode:
-                rows.append({"model": name, "N": N, "error": proc.stderr[-400:]})
-                continue
-            rows += json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"machine": machine(), "slack": [SLACK_FIXED, SLACK_SHARE], "rows": rows}
+            out = run_worker(cmd, 1800)  # the worker's rows, or {"error": …}
+            rows += out if isinstance(out, list) else [{"model": name, "N": N, **out}]
+    info = {**machine(), "threads": 1}
+    return {"machine": info, "slack": [SLACK_FIXED, SLACK_SHARE], "rows": rows}
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
+    """The table of every row: outcome, peak above the baseline, bound kept."""
+    where = machine_words(result["machine"])
     lines = [
         "# Peak resident memory against memory_budget",
         "",
-        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, 1 thread, float32, "
+        f"{where}, 1 thread, float32, "
         "`ggn_spectrum(top_k=10)`. Peak − baseline is `VmHWM` after the call minus "
         "`VmRSS` before it (peak mark reset). Bound: peak − baseline ≤ budget + "
         f"{SLACK_FIXED // MiB} MiB + {SLACK_SHARE:.0%}, or refused before the batch's "
@@ -199,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(name, int(N), [int(b) for b in budgets])))
         return 0
     result = drive(args.quick, tuple(args.models))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory_cpu.json").write_text(json.dumps(result, indent=1))
-    (args.out / "memory_cpu.md").write_text(markdown(result))
-    print(markdown(result))
+    print(write_results(args.out, "memory_cpu", result, markdown(result)).read_text())
     return 0 if all(r.get("within") for r in result["rows"]) else 1
 
 

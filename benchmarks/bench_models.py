@@ -1,7 +1,7 @@
 r"""Top-10 GGN eigenpairs of a token transformer and a MobileNet: lowrank_ggn vs its
 previous release vs curvlinops + eigsh.
 
-Models (:mod:`models_zoo`, float32, random weights from a fixed seed,
+Models (:mod:`harness.models_zoo`, float32, random weights from a fixed seed,
 ``CrossEntropyLoss``, C = 10):
 
 * ``transformer``: a 2-layer ``nn.TransformerEncoder`` classifier (d_model 64, 4 heads,
@@ -27,7 +27,7 @@ size is its own:
 * ``previous``: the same call on the previous release (git revision ``--previous``,
   default ``6642272``, exported with ``git archive`` and put first on ``sys.path``).
   That release takes a single input tensor, so the transformer runs behind
-  :class:`models_zoo.Packed` (``x = cat([tokens, mask.long()], 1)``, ``[N, 64]``
+  :class:`harness.models_zoo.Packed` (``x = cat([tokens, mask.long()], 1)``, ``[N, 64]``
   int64, split again in ``forward``): the same function;
 * ``curvlinops``: ``GGNLinearOperator(model, loss, params, [(X, y)],
   check_deterministic=False)`` and ``scipy.sparse.linalg.eigsh(k=10, which="LA")``,
@@ -39,7 +39,7 @@ size is its own:
   curvlinops takes a tensor or a dict, not a tuple: the transformer is ``Packed``.
 
 Each worker warms up on a batch of 4 (``--quick`` skips that), then hands freed heap
-back to the OS, resets the kernel's peak-RSS mark (``_memory.reset_peak_rss``)
+back to the OS, resets the kernel's peak-RSS mark (``harness.memory.measure``)
 and times one call (``time.perf_counter``); peak RSS is ``VmHWM`` after it,
 including the baseline resident at its start (also recorded). A worker that fails or
 times out is an error row; the driver never stops.
@@ -50,7 +50,8 @@ Analysis: every method's top-10 against lowrank_ggn's (``max_i |λ_i − λ_i^re
 N = 128: at least 5× faster than the previous release, at least 3× faster than
 curvlinops. MobileNet gets the same ratios, without a target.
 
-Results: ``results/models_<device>.json`` and ``.md``.
+Results: ``results/models_<device>.json`` and ``.md`` (the analysis and the markdown
+in :mod:`models_report`).
 
 Usage::
 
@@ -66,38 +67,29 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+from harness.cli import add_run_options, parser
+from harness.machine import machine
+from harness.memory import measure
+from harness.models_zoo import build
+from harness.peers import available, curvlinops_eigsh, ggn_operator
+from harness.results import ok, plain_data
+from harness.results import write_results as write_files
+from harness.workers import announce, outcome, previous_release, run_worker
+from models_report import AGREEMENT_RTOL, METHODS, analyse, engine_cell, markdown
+from models_report import targets as speedup_targets
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-if str(HERE) not in sys.path:  # bench_gram, bench_batchnorm, models_zoo sit here
-    sys.path.insert(0, str(HERE))
-
-from _memory import peak_rss_bytes, reset_peak_rss, resident_bytes  # noqa: E402
-from bench_batchnorm import (  # noqa: E402
-    exception_line,
-    export_previous,
-    find,
-    ok,
-    plain_data,
-    rel_dev,
-)
-from bench_gram import AGREEMENT_RTOL, available, machine  # noqa: E402
-
 MODELS = ("transformer", "mobilenet")
-METHODS = ("lowrank_ggn", "lowrank_ggn_f32", "previous", "curvlinops")
 PREVIOUS = "6642272"  # the previous release
 TOP_K = 10
 WARMUP_N = 4
-TARGET_N = 128
-# t(method) / t(lowrank_ggn) on the transformer at N = 128, at least
-SPEEDUP_TARGETS = {"previous": 5.0, "curvlinops": 3.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,31 +134,8 @@ def lowrank(model, loss, X, y, **options) -> tuple[list[float], dict]:
     return [float(v) for v in res.eigenvalues[:TOP_K]], info
 
 
-def curvlinops_eigsh(model, loss, X, y, k: int = TOP_K) -> tuple[list[float], dict]:
-    """curvlinops' GGN operator and ``eigsh(k, which="LA")``; products counted."""
-    from curvlinops import GGNLinearOperator
-    from scipy.sparse.linalg import LinearOperator, eigsh
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    op = GGNLinearOperator(
-        model, loss, params, [(X, y)], check_deterministic=False
-    ).to_scipy()
-    products = 0
-
-    def matvec(v):
-        nonlocal products
-        products += 1 if v.ndim == 1 else v.shape[1]
-        return op @ v
-
-    counted = LinearOperator(op.shape, matvec=matvec, matmat=matvec, dtype=op.dtype)
-    evals, _ = eigsh(counted, k=k, which="LA")
-    return sorted((float(v) for v in evals), reverse=True), {"products": products}
-
-
 def run_method(case: Case, N: int, seed: int) -> tuple[list[float], dict, int]:
     """Build the case's model at ``N`` and run its method: eigenvalues, info, ``D``."""
-    from models_zoo import build
-
     # only this release takes tuple inputs
     packed = not case.method.startswith("lowrank_ggn")
     model, loss, X, y = build(case.model, N, seed, case.quick, packed=packed)
@@ -183,8 +152,6 @@ def run_method(case: Case, N: int, seed: int) -> tuple[list[float], dict, int]:
 
 def without_math_backend(case: Case) -> str:
     """Whether curvlinops runs on the transformer at N = 2 with the default backends."""
-    from models_zoo import build
-
     model, loss, X, y = build(case.model, 2, 1, case.quick, packed=True)
     try:
         _one_product(model, loss, X, y)
@@ -196,11 +163,9 @@ def without_math_backend(case: Case) -> str:
 def _one_product(model, loss, X, y) -> None:
     """One curvlinops GGN-vector product (enough to hit forward-mode AD)."""
     import torch
-    from curvlinops import GGNLinearOperator
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    op = GGNLinearOperator(model, loss, params, [(X, y)], check_deterministic=False)
-    op @ torch.ones(sum(p.numel() for p in params))
+    op = ggn_operator(model, loss, X, y)
+    op @ torch.ones(op.shape[1])
 
 
 # ----------------------------------------------------------------------------- worker
@@ -230,19 +195,10 @@ def worker(case: Case, threads: int) -> dict:
         if not case.quick:  # warm-up on a batch of 4
             run_method(case, WARMUP_N, seed=1)
         # the peak of the timed call alone, not of the warm-up: reset the kernel's mark
-        peak_reset = reset_peak_rss()
-        base_rss = resident_bytes() if peak_reset else None
-        if base_rss is None:
-            base_rss = peak_rss_bytes()
-        t0 = time.perf_counter()
-        evals, info, D = run_method(case, case.N, seed=0)
-        elapsed = time.perf_counter() - t0
+        (evals, info, D), cost = measure(lambda: run_method(case, case.N, seed=0))
     rec.update(
         D=D,
-        time_s=elapsed,
-        peak_rss_bytes=peak_rss_bytes(),
-        baseline_rss_bytes=base_rss,
-        peak_rss_reset=peak_reset,
+        **cost,
         top_eigenvalues=evals,
         warnings=sorted(
             {f"{w.category.__name__}: {str(w.message)[:160]}" for w in caught}
@@ -256,46 +212,14 @@ def worker(case: Case, threads: int) -> dict:
 def run_case(case: Case, args) -> dict:
     """One case in a fresh subprocess; failures become rows, never raise."""
     fields = {"method": case.method, "model": case.model, "N": case.N}
-    print(
-        f"{case.model:12s} N={case.N:4d} {case.method:12s}",
-        end=" ",
-        flush=True,
-        file=sys.stderr,
-    )
+    announce(f"{case.model:12s} N={case.N:4d} {case.method:12s}")
     if not available(case.method):
-        print("skipped: not installed", file=sys.stderr)
-        return {**fields, "skipped": "not installed"}
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        json.dumps(dataclasses.asdict(case)),
-        "--threads",
-        str(args.threads),
-    ]
-    try:
-        proc = subprocess.run(
-            cmd, check=False, capture_output=True, text=True, timeout=args.timeout
-        )
-    except subprocess.TimeoutExpired:
-        err = f"timed out after {args.timeout} s"
-        print(err, file=sys.stderr)
-        return {**fields, "error": err}
-    if proc.returncode != 0:
-        err = (
-            f"killed by signal {-proc.returncode}"
-            + (" (out of memory?)" if proc.returncode == -9 else "")
-            if proc.returncode < 0
-            else exception_line(proc.stderr)
-        )
-        print(f"FAILED: {err}", file=sys.stderr)
-        return {**fields, "error": err}
-    rec = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(
-        f"{rec['time_s']:8.2f} s  peak RSS {rec['peak_rss_bytes'] / 2**30:5.2f} GiB  "
-        f"{engine_cell(rec)}",
-        file=sys.stderr,
-    )
+        return outcome({**fields, "skipped": "not installed"})
+    cmd = [sys.executable, __file__, "--worker", json.dumps(dataclasses.asdict(case))]
+    rec = run_worker(cmd + ["--threads", str(args.threads)], args.timeout)
+    rec = outcome(rec if "error" not in rec else {**fields, **rec})
+    if ok(rec):
+        print(f"    {engine_cell(rec)}", file=sys.stderr)
     return rec
 
 
@@ -310,66 +234,10 @@ def cases(args) -> list[Case]:
     ]
 
 
-def analyse(records: list[dict]) -> list[dict]:
-    """Per (model, N): speed-ups over lowrank_ggn and top-10 agreement with it.
-
-    The reference for agreement is lowrank_ggn, or the first other method measured
-    when it failed (named in ``reference``).
-    """
-    rows = []
-    for model in dict.fromkeys(r["model"] for r in records):
-        for N in sorted({r["N"] for r in records if r["model"] == model}):
-            at = {m: find(records, model=model, N=N, method=m) for m in METHODS}
-            ref = next((m for m in METHODS if ok(at[m])), None)
-            row: dict = {"model": model, "N": N, "reference": ref}
-            row["D"] = at[ref]["D"] if ref else None
-            base = at["lowrank_ggn"]
-            for m in ("previous", "curvlinops"):
-                r = at[m]
-                row[f"speedup_vs_{m}"] = (
-                    r["time_s"] / base["time_s"] if ok(r) and ok(base) else None
-                )
-            f32, r = at["lowrank_ggn_f32"], at["curvlinops"]
-            row["f32_speedup_vs_curvlinops"] = (
-                r["time_s"] / f32["time_s"] if ok(r) and ok(f32) else None
-            )
-            row["agreement"] = {
-                m: rel_dev(at[m]["top_eigenvalues"], at[ref]["top_eigenvalues"])
-                for m in METHODS
-                if m != ref and ok(at[m])
-            }
-            rows.append(row)
-    return rows
-
-
-def targets(comparisons: list[dict], quick: bool) -> list[dict]:
-    """The issue's two targets on the transformer at N = 128 (``met=None``: not measured)."""
-    row = next(
-        (c for c in comparisons if c["model"] == "transformer" and c["N"] == TARGET_N),
-        None,
-    )
-    out = []
-    for m, bar in SPEEDUP_TARGETS.items():
-        value = None if row is None or quick else row[f"speedup_vs_{m}"]
-        out.append(
-            {
-                "target": f"transformer, N={TARGET_N}: t({m}) / t(lowrank_ggn) ≥ {bar:g}",
-                "value": None if value is None else round(value, 2),
-                "met": None if value is None else value >= bar,
-            }
-        )
-    return out
-
-
 def drive(args) -> dict:
-    args.previous_dir = (
-        export_previous(args.previous) if "previous" in args.methods else None
-    )
-    try:
+    rev = args.previous if "previous" in args.methods else None
+    with previous_release(rev) as args.previous_dir:
         records = [run_case(case, args) for case in cases(args)]
-    finally:
-        if args.previous_dir:
-            shutil.rmtree(args.previous_dir, ignore_errors=True)
     comparisons = analyse(records)
     return {
         "machine": machine("cpu"),
@@ -380,171 +248,18 @@ def drive(args) -> dict:
         "agreement_rtol": AGREEMENT_RTOL,
         "records": records,
         "comparisons": comparisons,
-        "targets": targets(comparisons, args.quick),
+        "targets": speedup_targets(comparisons, args.quick),
     }
 
 
 # ----------------------------------------------------------------------------- output
-def engine_cell(r: dict) -> str:
-    """Path, strategy, pass counts and layer treatments in a few words."""
-    if "products" in r:
-        return f"eigsh, {r['products']} GGN-vector products (SDPA {r['sdpa_backend']})"
-    rep = r.get("engine_report") or {}
-    words = [r.get("path") or "?"]
-    if rep.get("strategy"):
-        words[0] += f" / {rep['strategy']}"
-    passes = rep.get("passes") or {}
-    if passes:
-        words.append("passes " + ", ".join(f"{k}={v}" for k, v in passes.items()))
-    counts: dict[str, int] = {}
-    for kind in (rep.get("layers") or {}).values():
-        counts[kind] = counts.get(kind, 0) + 1
-    if counts:
-        words.append(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-    if rep.get("fallback"):
-        words.append(f"fallback: {rep['fallback']}")
-    return "; ".join(words)
-
-
-def fmt(x, spec: str = ".2f") -> str:
-    return "" if x is None else format(x, spec)
-
-
-COST_MODEL = (
-    "**Cost model.** The per-sample path (this release on both models) runs one "
-    "forward pass and C backward passes of the whole batch (the cotangents "
-    "`S[c]`, all samples at once), so its autodiff work grows linearly in N and in C "
-    "and is independent of how many Gram columns there are; it then assembles the "
-    "`NC × NC` Gram matrix layer by layer, from Kronecker factors (layer inputs and "
-    "output gradients, per position for the transformer's linear maps) or from "
-    "explicit per-sample rows `[NC, D_l]` in chunks, whichever is cheaper: "
-    "`O((NC)²·min(D_l, T·(d_in + d_out)))` for a layer of `D_l` parameters applied at "
-    "`T` positions, plus `O((NC)³)` for the eigendecomposition; memory is the Gram "
-    "matrix `(NC)²` plus one layer's chunk of rows, never `NC × D`. The previous "
-    "release's full-batch path (taken whenever its per-sample check fails, as on the "
-    "transformer) runs one backward pass of the whole batch per Gram column: `N·C` "
-    "passes, each `O(N)`, so `O(N²·C)` autodiff work, quadratic in N, and it holds "
-    "explicit rows `[NC, D_l]` for layers whose gradients mix samples, up to "
-    "`N·C·D` floats. curvlinops + eigsh costs one forward-mode and one reverse-mode "
-    "pass of the whole batch (`O(N)`) per GGN-vector product and as many products "
-    "as the Lanczos iteration needs for the top 10 (set by the spectral gaps, not "
-    "by N or C; counted in the table), with memory `O(D·ncv)`."
-)
-
-
-def markdown(result: dict, tag: str) -> str:
-    recs, comps = result["records"], result["comparisons"]
-    measured = [r for r in recs if ok(r)]
-    mach = result["machine"]
-    lines = [
-        f"# Transformer and MobileNet: top-10 GGN eigenpairs, float32 ({tag})",
-        "",
-        f"Machine: cpu={mach['cpu']}, cores={mach['cores']}, torch={mach['torch']}, "
-        f"torch threads={result['threads']}; measured {result['measured']}"
-        + (
-            " (**quick run**: tiny models, no timing targets)"
-            if result["quick"]
-            else ""
-        ),
-        "",
-        "Each (method, model, N) in a fresh process, warm-up on N = 4 (not in quick "
-        "runs), one timed call. Peak RSS is `VmHWM` of the timed call, its mark "
-        "reset after the warm-up "
-        + (
-            "(every measured row)"
-            if all(r.get("peak_rss_reset") for r in measured)
-            else "(**not** for every row: those include the warm-up's)"
-        )
-        + ", baseline (Python, torch, model, data) included; 1 GiB = 2³⁰ bytes. "
-        f"`previous` is lowrank_ggn at `{result['previous']}`; it and curvlinops see "
-        "the transformer behind `Packed` (one `[N, 64]` int64 tensor), this release "
-        "the tuple `(tokens, mask)`. curvlinops runs the transformer under "
-        "`sdpa_kernel(SDPBackend.MATH)`.",
-        "",
-        "| model | N | D | method | path / engine | time [s] | peak RSS [GiB] "
-        "| baseline RSS [GiB] | top-10 rel. dev. |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    devs = {(c["model"], c["N"]): c for c in comps}
-    for r in recs:
-        D = f"{r['D']:,}" if "D" in r else ""
-        head = f"| {r['model']} | {r['N']} | {D} | {r['method']} |"
-        if not ok(r):
-            what = (
-                f"failed: {r['error'][:100]}"
-                if "error" in r
-                else f"skipped: {r['skipped']}"
-            ).replace("|", "\\|")
-            lines.append(head + f" {what} | | | | |")
-            continue
-        c = devs[(r["model"], r["N"])]
-        dev = (
-            "reference"
-            if c["reference"] == r["method"]
-            else fmt(c["agreement"].get(r["method"]), ".1e")
-        )
-        lines.append(
-            head + f" {engine_cell(r)} | {r['time_s']:.2f} | "
-            f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['baseline_rss_bytes'] / 2**30:.2f} "
-            f"| {dev} |"
-        )
-    lines += [
-        "",
-        "Top-10 rel. dev.: `max_i |λ_i − λ_i^ref| / λ_max^ref` against the reference "
-        f"(lowrank_ggn unless it failed); bar {AGREEMENT_RTOL:g} in float32.",
-        "",
-        "| model | N | t(previous) / t(lowrank_ggn) | t(curvlinops) / t(lowrank_ggn) "
-        "| t(curvlinops) / t(lowrank_ggn_f32) "
-        f"| top-10 within {AGREEMENT_RTOL:g}·λ_max |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in comps:
-        agree = c["agreement"]
-        within = (
-            ""
-            if not agree
-            else "yes"
-            if all(v <= AGREEMENT_RTOL for v in agree.values())
-            else "**no**"
-        )
-        lines.append(
-            f"| {c['model']} | {c['N']} | {fmt(c['speedup_vs_previous'])} | "
-            f"{fmt(c['speedup_vs_curvlinops'])} | "
-            f"{fmt(c.get('f32_speedup_vs_curvlinops'))} | {within} |"
-        )
-    notes = sorted(
-        {r["without_math_backend"] for r in recs if r.get("without_math_backend")}
-    )
-    if notes:
-        lines += [
-            "",
-            "curvlinops on the transformer without the math attention backend "
-            "(N = 2): " + "; ".join(notes) + ".",
-        ]
-    lines += [
-        "",
-        "## Targets",
-        "",
-        "| target | measured | met |",
-        "|---|---|---|",
-    ]
-    for t in result["targets"]:
-        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
-        lines.append(f"| {t['target']} | {fmt(t['value'])} | {met} |")
-    lines += ["", COST_MODEL]
-    return "\n".join(lines) + "\n"
-
-
-def write(result: dict, tag: str, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"models_{tag}.json").write_text(json.dumps(result, indent=1))
-    (out / f"models_{tag}.md").write_text(markdown(result, tag))
+def write(result: dict, tag: str, out: Path) -> Path:
+    """``models_<tag>.json`` and ``.md``; the latter's path."""
+    return write_files(out, f"models_{tag}", result, markdown(result, tag))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(__doc__)
     p.add_argument("--worker", metavar="CASE_JSON", help=argparse.SUPPRESS)
     p.add_argument("--N", type=int, nargs="+", default=[32, 128], help="batch sizes")
     p.add_argument("--only", nargs="+", choices=MODELS, help="these models only")
@@ -557,17 +272,11 @@ def main() -> None:
         metavar="REV",
         help=f"git revision of the previous release (default {PREVIOUS})",
     )
-    p.add_argument("--threads", type=int, default=2, help="torch threads per worker")
-    p.add_argument("--timeout", type=int, default=1800, help="seconds per worker")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny models, N = 4, no warm-up, no timing targets (smoke test); without "
-        "--out it writes into a fresh temporary folder",
+    quick = (
+        "tiny models, N = 4, no warm-up, no timing targets (smoke test); without "
+        "--out it writes into a fresh temporary folder"
     )
-    p.add_argument(
-        "--out", type=Path, default=None, help=f"results folder (default: {RESULTS})"
-    )
+    add_run_options(p, quick=quick, out=None, results=RESULTS, threads=2)
     args = p.parse_args()
     if args.worker:
         case = Case(**json.loads(args.worker))
@@ -579,8 +288,7 @@ def main() -> None:
         )
     tag = "quick" if args.quick else "cpu"
     result = drive(args)
-    write(result, tag, args.out)
-    print((args.out / f"models_{tag}.md").read_text())
+    print(write(result, tag, args.out).read_text())
     print(f"written to {args.out}", file=sys.stderr)
 
 

@@ -1,6 +1,6 @@
 r"""What one damped Newton step costs against the spectrum it is built on.
 
-DeepOBS' 3c3d and its BatchNorm variant in train mode (``bench_gram.build``, CIFAR-10
+DeepOBS' 3c3d and its BatchNorm variant in train mode (``harness.models``, CIFAR-10
 shapes, C = 10, float32, random weights), N = 64, one process: one
 ``DampedNewton(top_k=10).step(X, y)`` (constant damping, and bootstrap damping with
 ViViT's grid and 100 resamples) against one
@@ -27,37 +27,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
 
+from harness.machine import machine
+from harness.models import build
+from harness.passes import ForwardPasses
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from bench_gram import build, machine  # noqa: E402
-
 RESULTS = HERE / "results"
 RATIO_TARGET = 1.5
 TOP_K = 10
 DAMPING = 1e-3
-
-
-class Samples:
-    """Samples the model processes (a forward pre-hook), in batches of ``N``."""
-
-    def __init__(self, model, N: int) -> None:
-        self.N, self.samples = N, 0
-        self.handle = model.register_forward_pre_hook(self)
-
-    def __call__(self, module, args) -> None:
-        from lowrank_ggn.core.model import samples_in
-
-        self.samples += samples_in(args[0])
-
-    def passes(self) -> float:
-        out, self.samples = self.samples / self.N, 0
-        return out
 
 
 def measure(model_name: str, N: int, repeat: int) -> dict:
@@ -112,11 +94,11 @@ def measure(model_name: str, N: int, repeat: int) -> dict:
         for round_ in range(repeat + 1):  # round 0 is the warm-up
             for name, fn in calls.items():
                 m = copy.deepcopy(model)
-                counter = Samples(m, N)
+                counter = ForwardPasses(m, N)
                 t0 = time.perf_counter()
                 out = fn(m)
                 seconds = time.perf_counter() - t0
-                counter.handle.remove()
+                counter.remove()
                 out["forward_passes"] = counter.passes()
                 if round_ == 0:
                     out["warmup_seconds"] = seconds

@@ -2,7 +2,7 @@ r"""Float32 spectra: what summing the Gram in float64 costs and what it resolves
 
 Two parts:
 
-* ``3c3d``: DeepOBS' 3c3d and its BatchNorm variant in train mode (``bench_gram.build``,
+* ``3c3d``: DeepOBS' 3c3d and its BatchNorm variant in train mode (``harness.models``,
   CIFAR-10 shapes, C = 10, random weights), N ∈ {64, 128}. Three variants of
   ``ggn_spectrum(model, loss, X, y)`` (all resolved eigenvalues, no eigenvectors):
   the float32 model with ``accumulate="native"``, the float32 model with
@@ -18,7 +18,8 @@ Two parts:
   accumulation, with the largest relative error and the largest ratio of actual error
   to the stated bound (``eigenvalue_errors``).
 
-Results go to ``results/precision_<device>.json`` and ``.md``.
+Results go to ``results/precision_<device>.json`` and ``.md`` (written by
+:mod:`precision_report`).
 
 Usage::
 
@@ -31,22 +32,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from harness.machine import machine
+from harness.memory import peak_rss_bytes, reset_peak_rss, resident_bytes
+from harness.models import build
+from harness.results import write_results
+from harness.workers import run_worker
+from precision_report import DECADES, markdown
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from _memory import peak_rss_bytes, reset_peak_rss, resident_bytes  # noqa: E402
-from bench_gram import build, machine  # noqa: E402
-
 RESULTS = HERE / "results"
 VARIANTS = ("native", "float64", "model64")
 PARTS = ("3c3d", "digits")
-RATIO_TARGET = 1.3
-DECADES = 13
 
 
 def decade_counts(evals: list[float], lam_max: float) -> list[int]:
@@ -176,14 +176,8 @@ def run_3c3d(args) -> dict:
                     ),
                 ]
                 print(f"3c3d: {model_name} N={N} {variant}", file=sys.stderr)
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if proc.returncode:
-                    tail = proc.stderr.strip().splitlines()[-1:]
-                    records.append(
-                        {"model": model_name, "N": N, "variant": variant, "error": tail}
-                    )
-                    continue
-                records.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                rec = run_worker(cmd, None)
+                records.append({"model": model_name, "N": N, "variant": variant, **rec})
     summary = []
     for model_name in models:
         for N in sizes:
@@ -285,104 +279,6 @@ def run_digits(args) -> dict:
     return {"models": out}
 
 
-# --------------------------------------------------------------------------- report
-def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [
-        "# Float32 spectra: native vs float64 accumulation vs the float64 model",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
-        f"{result['threads']} threads. Produced by `benchmarks/bench_precision.py`.",
-        "",
-    ]
-    part = result["parts"].get("3c3d")
-    if part:
-        lines += [
-            "## 3c3d (random weights, CIFAR-10 shapes, C = 10): time and memory",
-            "",
-            "| model | N | variant | strategy | time [s] | peak RSS [GiB] | resolved | "
-            "unresolved |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in part["records"]:
-            if "error" in r:
-                lines.append(
-                    f"| {r['model']} | {r['N']} | {r['variant']} | error: "
-                    f"{r['error']} | | | | |"
-                )
-                continue
-            lines.append(
-                f"| {r['model']} | {r['N']} | {r['variant']} | {r['strategy']} | "
-                f"{r['time_s']:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
-                f"{r['num_resolved']} | {r['num_unresolved']} |"
-            )
-        lines += [
-            "",
-            "| model | N | t(float64 acc.)/t(native) | t(float64 model)/t(native) "
-            f"| target ≤ {RATIO_TARGET} | max rel. error native / float64 acc. | "
-            "max error/bound | ReLU/max-pool sign flips f32 vs f64 |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for s in part["summary"]:
-            met = "met" if s["ratio_float64_to_native"] <= RATIO_TARGET else "missed"
-            lines.append(
-                f"| {s['model']} | {s['N']} | {s['ratio_float64_to_native']:.2f} | "
-                f"{s['ratio_model64_to_native']:.2f} | {met} | "
-                f"{s['max_rel_error_native']:.1e} / {s['max_rel_error_float64']:.1e} | "
-                f"{max(s['max_error_over_bound_native'], s['max_error_over_bound_float64']):.2f} | "
-                f"{s.get('kink_flips', '')} |"
-            )
-        lines += [
-            "",
-            "Times are the fastest of `--repeat` calls (see `times_s` in the JSON). A "
-            "nonzero sign-flip count means float32 and float64 evaluate the net on "
-            "different sides of a ReLU/max-pool kink: their GGNs are those of two "
-            "different linearisations, which no round-off bound covers (max error/bound "
-            "above 1 occurs exactly in those rows).",
-        ]
-        lines += [
-            "",
-            "Eigenvalues returned per decade of λ/λ_max "
-            "(native / float64 accumulation / float64 model):",
-            "",
-            "| model | N | " + " | ".join(f"1e-{j + 1}" for j in range(DECADES)) + " |",
-            "|---|---|" + "---|" * DECADES,
-        ]
-        for s in part["summary"]:
-            d = s["decades"]
-            cells = [
-                f"{a}/{b}/{c}"
-                for a, b, c in zip(d["native"], d["float64"], d["model64"])
-            ]
-            lines.append(f"| {s['model']} | {s['N']} | " + " | ".join(cells) + " |")
-        lines.append("")
-    part = result["parts"].get("digits")
-    if part:
-        lines += ["## Trained digits zoo (float32 training, N = 128, C = 10)", ""]
-        for e in part["models"]:
-            lines += [
-                f"### {e['model']} ({e['train_steps']} SGD steps); max error/bound: "
-                f"native {e['float32_native_max_error_over_bound']:.2f}, "
-                f"float64 acc. {e['float32_float64_max_error_over_bound']:.2f}",
-                "",
-                "| decade of λ/λ_max | float64 (all / resolved) | float32 native | "
-                "max rel. err. | float32 float64-acc. | max rel. err. |",
-                "|---|---|---|---|---|---|",
-            ]
-            for j in range(DECADES):
-                if not e["float64_all"][j]:
-                    continue
-                lines.append(
-                    f"| (1e-{j + 1}, 1e-{j}] | {e['float64_all'][j]} / "
-                    f"{e['float64_resolved'][j]} | {e['float32_native'][j]} | "
-                    f"{e['float32_native_max_rel_error'][j]:.1e} | "
-                    f"{e['float32_float64'][j]} | "
-                    f"{e['float32_float64_max_rel_error'][j]:.1e} |"
-                )
-            lines.append("")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -414,10 +310,8 @@ def main() -> None:
         result["parts"][part] = new
         result["parts"][part]["seconds"] = time.perf_counter() - t0
         result["parts"][part]["when"] = time.strftime("%Y-%m-%d")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    path.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {path} and {path.with_suffix('.md')}")
+    md = write_results(args.out, f"precision_{tag}", result, markdown(result))
+    print(f"wrote {path} and {md}")
 
 
 if __name__ == "__main__":

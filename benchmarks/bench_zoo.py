@@ -7,7 +7,7 @@ Parts (float32, random weights from a fixed seed, 2 threads unless ``--threads``
   GPT-2 with the configs below), train and eval mode: time of
   ``ggn_spectrum(top_k=10)``, the engine's strategy, how many parameters stayed
   generic, peak RSS (GPT-2 with ``mc_samples=8``). The README's zoo table.
-* ``resnet18``: torchvision's ResNet-18 (:mod:`resnet`, in-place ReLUs, ``out +=
+* ``resnet18``: torchvision's ResNet-18 (:mod:`harness.resnet`, in-place ReLUs, ``out +=
   identity``) in eval mode, ``[64, 3, 32, 32]``, ``CrossEntropyLoss``, C = 10: top-5
   eigenpairs, lowrank_ggn against curvlinops' ``GGNLinearOperator`` + ``eigsh(k=5)``.
 * ``gpt2``: ``GPT2LMHeadModel`` (2 layers, d = 64, 4 heads, T = 32, V = 1,000, N = 8)
@@ -23,7 +23,7 @@ Parts (float32, random weights from a fixed seed, 2 threads unless ``--threads``
   ``3``: time and peak RSS under the default memory budget.
 
 Every (part, method, size) runs in a fresh subprocess so that its peak RSS is its own
-(``_memory.reset_peak_rss`` after a warm-up on a small batch, except in quick
+(``harness.memory.measure`` after a warm-up on a small batch, except in quick
 mode). Results: ``results/zoo_<device>.json`` and ``.md``.
 
 Usage::
@@ -38,25 +38,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from harness.cli import add_run_options
+from harness.machine import machine, machine_words
+from harness.memory import measure
+from harness.peers import available, curvlinops_eigsh
+from harness.results import plain_data, rel_dev, write_results
+from harness.workers import announce, outcome, previous_release, run_worker
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-for folder in (HERE, HERE.parent / "tests"):  # resnet, bench_*; zoo_imports
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-
-from _memory import peak_rss_bytes, reset_peak_rss, resident_bytes  # noqa: E402
-from bench_batchnorm import (  # noqa: E402
-    exception_line,
-    export_previous,
-    plain_data,
-)
-from bench_gram import available, machine  # noqa: E402
+sys.path.insert(0, str(HERE.parent / "tests"))  # zoo_imports: timm, transformers
 
 PARTS = ("zoo", "resnet18", "gpt2", "lm50k")
 PREVIOUS = "86567df"  # the release before the model-zoo work
@@ -167,7 +162,7 @@ def build(case: Case):
     if case.part == "zoo":
         model, loss, X, y = zoo_model(case.model, case.N, case.quick)
     elif case.part == "resnet18":
-        from resnet import resnet18
+        from harness.resnet import resnet18
 
         model = resnet18(num_classes=10)  # in-place ReLUs, as torchvision
         gen = torch.Generator().manual_seed(0)
@@ -196,8 +191,6 @@ def run_method(case: Case) -> dict:
     k = top_k(case)
     info: dict = {"D": sum(p.numel() for p in model.parameters())}
     if case.method == "curvlinops":
-        from bench_models import curvlinops_eigsh
-
         info["top_eigenvalues"], extra = curvlinops_eigsh(model, loss, X, y, k)
         return {**info, **extra}
     import lowrank_ggn
@@ -228,21 +221,10 @@ def worker(case: Case, threads: int) -> dict:
     torch.set_num_threads(threads)
     if not case.quick:  # warm-up on a small batch
         run_method(dataclasses.replace(case, N=2))
-    peak_reset = reset_peak_rss()
-    base = resident_bytes() if peak_reset else None
-    t0 = time.perf_counter()
-    info = run_method(case)
-    elapsed = time.perf_counter() - t0
+    info, cost = measure(lambda: run_method(case))
     rec = {**dataclasses.asdict(case), "threads": threads}
     rec.pop("pythonpath")
-    return {
-        **rec,
-        "time_s": elapsed,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "baseline_rss_bytes": base,
-        "peak_rss_reset": peak_reset,
-        **info,
-    }
+    return {**rec, **cost, **info}
 
 
 # ---------------------------------------------------------------------------- driver
@@ -282,30 +264,12 @@ def run_case(case: Case, args) -> dict:
     """One case in a fresh subprocess; failures become rows, never raise."""
     fields = {"part": case.part, "method": case.method, "model": case.model}
     fields.update(N=case.N, train=case.train, mc_samples=case.mc_samples)
-    print(f"{case.part:9s} {case.model:22s} {case.method:12s}", end=" ", flush=True)
+    announce(f"{case.part:9s} {case.model:22s} {case.method:12s}")
     if not available(case.method):
-        print("skipped: not installed")
-        return {**fields, "skipped": "not installed"}
+        return outcome({**fields, "skipped": "not installed"})
     cmd = [sys.executable, __file__, "--worker", json.dumps(dataclasses.asdict(case))]
-    cmd += ["--threads", str(args.threads)]
-    try:
-        proc = subprocess.run(
-            cmd, check=False, capture_output=True, text=True, timeout=args.timeout
-        )
-    except subprocess.TimeoutExpired:
-        print(f"timed out after {args.timeout} s")
-        return {**fields, "error": f"timed out after {args.timeout} s"}
-    if proc.returncode != 0:
-        err = (
-            exception_line(proc.stderr)
-            if proc.returncode > 0
-            else (f"killed by signal {-proc.returncode}")
-        )
-        print(f"FAILED: {err}")
-        return {**fields, "error": err}
-    rec = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"{rec['time_s']:8.2f} s  peak {rec['peak_rss_bytes'] / 2**30:5.2f} GiB")
-    return rec
+    rec = run_worker(cmd + ["--threads", str(args.threads)], args.timeout)
+    return outcome(rec if "error" not in rec else {**fields, **rec})
 
 
 def ratios(records: list[dict]) -> list[dict]:
@@ -329,9 +293,7 @@ def ratios(records: list[dict]) -> list[dict]:
             )
             if other is None:
                 continue
-            a, b = mine["top_eigenvalues"], other["top_eigenvalues"]
-            k = min(len(a), len(b))
-            dev = max(abs(x - y) for x, y in zip(a[:k], b[:k])) / max(abs(a[0]), 1e-30)
+            dev = rel_dev(other["top_eigenvalues"], mine["top_eigenvalues"])
             out.append(
                 {
                     "part": part,
@@ -349,8 +311,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# Model zoo benchmark",
         "",
-        f"Machine: cpu={m.get('cpu')}, cores={m.get('cores')}, torch={m.get('torch')}; "
-        f"{result['threads']} threads; {result['date']}.",
+        f"Machine: {machine_words(m)}; {result['threads']} threads; {result['date']}.",
         "",
         "| part | model | mode | N | method | M | time (s) | peak RSS (GiB) | strategy | generic | eigenvalues |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -383,24 +344,17 @@ def markdown(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="+", choices=PARTS)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--timeout", type=int, default=1800)
+    add_run_options(ap, quick="tiny sizes (smoke test)", out=RESULTS, threads=2)
     ap.add_argument("--previous", default=PREVIOUS)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--worker")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(Case(**json.loads(args.worker)), args.threads)))
         return
-    args.previous_dir = export_previous(args.previous)
-    try:
-        records = [r for part in args.only or PARTS for r in
-                   (run_case(c, args) for c in cases(part, args))]  # fmt: skip
-    finally:
-        if args.previous_dir:
-            shutil.rmtree(args.previous_dir, ignore_errors=True)
+    with previous_release(args.previous) as args.previous_dir:
+        parts = args.only or PARTS
+        records = [run_case(c, args) for part in parts for c in cases(part, args)]
     result = {
         "machine": machine(args.device),
         "threads": args.threads,
@@ -409,10 +363,8 @@ def main() -> None:
         "records": records,
         "ratios": ratios(records),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     tag = "zoo_quick" if args.quick else f"zoo_{args.device}"
-    (args.out / f"{tag}.json").write_text(json.dumps(result, indent=1))
-    (args.out / f"{tag}.md").write_text(markdown(result))
+    write_results(args.out, tag, result, markdown(result))
     print(f"written to {args.out}")
 
 

@@ -8,7 +8,7 @@ train mode, float64, N = 16, cross-entropy) this records, per tool:
 * whether it raised, and the error;
 * whether the model came back in train mode with unchanged BN running statistics.
 
-Tools: lowrank_ggn, ViViT 1.0.0 (``torch.symeig`` shimmed), BackPACK (``SqrtGGNExact``
+Tools: lowrank_ggn, ViViT 1.0.0 (``EighComputation``, ``torch.symeig`` shimmed), BackPACK (``SqrtGGNExact``
 and ``DiagGGNExact``), curvlinops (``GGNLinearOperator``, as given and with
 ``track_running_stats=False``), PyHessian (Hessian eigenvalues; only its effect on the
 model is recorded, since it computes the Hessian, not the GGN).
@@ -18,11 +18,12 @@ Writes ``results/peers_batchnorm.json`` and ``.md``.
 from __future__ import annotations
 
 import copy
-import json
 import traceback
 from pathlib import Path
 
 import torch
+from harness.peers import vivit_eigh
+from harness.results import write_results
 from torch import nn
 
 from lowrank_ggn import ggn_spectrum
@@ -88,20 +89,7 @@ def t_lowrank(model, loss, X, y):
 
 
 def t_vivit(model, loss, X, y):
-    from _peers import shim_symeig
-    from backpack import backpack, extend
-
-    shim_symeig()
-    from vivit.linalg.eigvalsh import EigvalshComputation
-
-    model, loss = extend(model), extend(loss)
-    comp = EigvalshComputation()
-    group = {"params": list(model.parameters())}
-    with backpack(
-        comp.get_extension(), extension_hook=comp.get_extension_hook([group])
-    ):
-        loss(model(X), y).backward()
-    return comp.get_result(group)
+    return vivit_eigh(model, loss, X, y)
 
 
 def t_backpack(model, loss, X, y):
@@ -181,9 +169,6 @@ def main() -> None:
             row["train_mode_after"] = model.training
             rows.append(row)
             print(row)
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / "peers_batchnorm.json").write_text(json.dumps(rows, indent=1))
     lines = [
         "# Peers on BatchNorm in train mode (float64, N = 16, cross-entropy)",
         "",
@@ -196,7 +181,7 @@ def main() -> None:
             f"| {r['net']} | {r['tool']} | {dev} | {r.get('error', '')} | "
             f"{ {True: 'yes', False: 'no', None: 'n/a'}[r['model_unchanged']] } | {r['train_mode_after']} |"
         )
-    (out / "peers_batchnorm.md").write_text("\n".join(lines) + "\n")
+    write_results(HERE / "results", "peers_batchnorm", rows, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

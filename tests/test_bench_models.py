@@ -10,10 +10,10 @@ import sys
 import torch
 from utils import BENCHMARKS, run_quick_benchmark
 
-if str(BENCHMARKS) not in sys.path:
+if str(BENCHMARKS) not in sys.path:  # the benchmarks' harness
     sys.path.insert(0, str(BENCHMARKS))
 
-from models_zoo import Packed, build  # noqa: E402
+from harness.models_zoo import Packed, build  # noqa: E402
 
 METHODS = {"lowrank_ggn", "lowrank_ggn_f32", "previous", "curvlinops"}
 AGREEMENT_RTOL = 1e-4  # float32 top-10, relative to λ_max (the benchmark's own bar)
