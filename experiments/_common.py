@@ -1,7 +1,9 @@
 r"""Shared helpers of the paper-figure experiments (not part of the package).
 
 Each ``experiments/<name>/run.py`` puts this folder on ``sys.path`` (anchored at the
-script, never the working directory) and imports what it needs:
+script, never the working directory) and imports what it needs; this module puts
+``benchmarks/`` there too, so that the experiments share the benchmarks' harness
+(``benchmarks/harness``: models, peers, peak memory):
 
 * :func:`run_main` / :func:`plot_main`: the common command lines
   ``run.py [--quick] [--out PATH]`` and ``plot.py [--quick] [--json PATH] [--out DIR]``;
@@ -20,9 +22,9 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.metadata
-import importlib.util
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,15 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lowrank_ggn.core.footprint import (
-    peak_resident_bytes,
-    reset_peak_resident,
-    resident_bytes,
-)
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 FIGURES = ROOT / "figures"
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks' harness
+
+from harness.memory import peak_rss_bytes, reset_peak_rss, resident_bytes  # noqa: E402
+from harness.models import three_c_three_d  # noqa: E402
+from harness.peers import installed  # noqa: E402, F401 - experiments import it here
 
 #: Distributions whose versions every results JSON records (peers where installed).
 PACKAGES = (
@@ -68,11 +69,6 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     return out
-
-
-def installed(*modules: str) -> bool:
-    """Whether every module can be imported (peers are optional)."""
-    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 # ------------------------------------------------------------------------ command lines
@@ -155,33 +151,14 @@ def build_3c3d(
 ) -> nn.Module:
     """DeepOBS' 3c3d for ``[N, 3, 32, 32]`` → 10 (BatchNorm after each conv optional).
 
-    As ``benchmarks/bench_gram.py`` builds it; ``running_stats=False`` gives BatchNorm
+    :func:`harness.models.three_c_three_d`, initialised from ``seed`` without
+    touching the global generator; ``running_stats=False`` gives BatchNorm
     ``track_running_stats=False``, the same train-mode function, which curvlinops'
     ``torch.func`` transforms need.
     """
-
-    def block(cin: int, cout: int, k: int, pad: int) -> list[nn.Module]:
-        norm = [nn.BatchNorm2d(cout, track_running_stats=running_stats)]
-        return [
-            nn.Conv2d(cin, cout, k, padding=pad),
-            *(norm if batch_norm else []),
-            nn.ReLU(),
-            nn.MaxPool2d(3, stride=2, padding=1),
-        ]
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = nn.Sequential(
-            *block(3, 64, 5, 0),
-            *block(64, 96, 3, 0),
-            *block(96, 128, 3, 1),
-            nn.Flatten(),
-            nn.Linear(1152, 512),
-            nn.ReLU(),
-            nn.Linear(512, 256),
-            nn.ReLU(),
-            nn.Linear(256, 10),
-        )
+        model = three_c_three_d(batch_norm, running_stats)
     return model.to(dtype).train()
 
 
@@ -305,8 +282,7 @@ def peak_rss_of(fn: Callable[[], Any]) -> tuple[Any, int | None]:
     """``(fn(), peak resident bytes above the start)``; ``None`` where the peak mark
     cannot be reset (then nothing sensible is measured). Run it in a fresh process:
     memory that the process already holds is reused and not counted."""
-    ok = reset_peak_resident()
+    ok = reset_peak_rss()
     base = resident_bytes() if ok else None
     out = fn()
-    peak = peak_resident_bytes()
-    return out, (peak - base) if base is not None and peak is not None else None
+    return out, (peak_rss_bytes() - base) if base is not None else None
