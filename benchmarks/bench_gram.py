@@ -22,6 +22,12 @@ allocated device memory, and the top-10 eigenvalues. The driver checks agreement
 lowrank_ggn (relative 1e-4 of λ_max in float32) and writes ``results/gram_<device>.json``
 , ``.md`` and a figure.
 
+The lowrank_ggn worker also measures, after its timed call and in the same process,
+the floor of this work on the machine (:mod:`harness.floor`: one forward pass, C
+backward passes of the batch, the Gram's GEMM over the explicitly formed rows,
+``eigh`` of the ``[N·C, N·C]`` Gram); every method of that (model, N) is reported as
+``time / floor`` (``--no-floor`` skips it).
+
 Usage::
 
     python benchmarks/bench_gram.py                    # full run (minutes)
@@ -37,6 +43,7 @@ import sys
 from pathlib import Path
 
 from harness.cli import add_model_options, add_run_options, parser
+from harness.floor import explicit_parameters, spectrum_floor
 from harness.machine import machine, machine_line
 from harness.memory import measure
 from harness.models import BN_MODELS, build
@@ -54,6 +61,14 @@ EXACT_UNDER_BN = {
     "power": True,
 }
 AGREEMENT_RTOL = 1e-4
+FLOOR_NOTE = (
+    "Floor: what any Gram-based spectrum of the batch costs on this machine, measured "
+    "in lowrank_ggn's worker after its call (`harness.floor`, each part the fastest "
+    "of 2, in the model's dtype): one forward pass, C backward passes of the batch, "
+    "the Gram's multiply-adds `V Vᵀ` over the layers whose per-sample rows are "
+    "explicit (`V` `[N·C, D_e]`, BLAS `syrk` on the CPU), `eigh` of the "
+    "`[N·C, N·C]` Gram. time / floor: each method's time over that floor."
+)
 
 
 # ---------------------------------------------------------------------------- methods
@@ -66,10 +81,13 @@ def lowrank(model, loss, X, y, k):
     res = ggn_spectrum(model, loss, X, y, eigenvectors=k)
     assert res.eigenvectors.shape[0] == min(k, res.rank)
     assert torch.isfinite(res.eigenvectors).all()
+    report = res.engine_report
     info = {
         "num_nonzero": res.rank,
         "path": res.path.name,
-        "engine": str(res.engine_report),
+        "engine": str(report),
+        # parameters whose per-sample rows the Gram multiplies explicitly: the floor's
+        "explicit_params": explicit_parameters(model, report.layers),
     }
     return res.eigenvalues[:k], info
 
@@ -90,8 +108,10 @@ def power(model, loss, X, y, k):
 
 
 # ----------------------------------------------------------------------------- worker
-def worker(method: str, model_name: str, N: int, device: str, threads: int) -> dict:
-    """Warm up, then time one call (in this process)."""
+def worker(
+    method: str, model_name: str, N: int, device: str, threads: int, floor: bool
+) -> dict:
+    """Warm up, time one call; on lowrank_ggn's rows also the floor of its work."""
     import torch
 
     torch.set_num_threads(threads)
@@ -109,6 +129,8 @@ def worker(method: str, model_name: str, N: int, device: str, threads: int) -> d
     model, loss, X, y = build(model_name, N, device, running_stats=running_stats)
     # no reset of the peak mark: the peak includes the warm-up's (see README)
     (evals, info), cost = measure(lambda: fn(model, loss, X, y, k), device, False)
+    if floor and method == "lowrank_ggn":  # after the call: its peak is read
+        info.update(spectrum_floor(model, loss, X, y, info["explicit_params"]))
     return {
         "method": method,
         "model": model_name,
@@ -134,6 +156,7 @@ def drive(args) -> dict:
                 continue
             cmd = [sys.executable, __file__, "--worker", method, model_name, str(N)]
             cmd += ["--device", args.device, "--threads", str(args.threads)]
+            cmd += ["--no-floor"] if args.no_floor else []
             announce(f"{model_name:8s} N={N:4d} {method:12s}")
             rec = outcome(run_worker(cmd, args.timeout))
             records.append({"method": method, "model": model_name, "N": N, **rec})
@@ -161,6 +184,8 @@ def annotate(records: list[dict]) -> None:
         )
         if ref is None or "error" in rec:
             continue
+        if ref.get("floor_s"):  # every method against the same floor
+            rec["time_over_floor"] = rec["time_s"] / ref["floor_s"]
         a, b = rec["top_eigenvalues"], ref["top_eigenvalues"]
         n = min(len(a), len(b))
         rec["max_rel_dev_from_lowrank"] = max(
@@ -204,21 +229,25 @@ def write(result: dict, tag: str, out: Path = RESULTS) -> None:
     lines.append("")
     lines += [
         "| model | N | method | time [s] | peak RSS [GiB] | rel. dev. from lowrank_ggn "
-        "| exact here |",
-        "|---|---|---|---|---|---|---|",
+        "| exact here | floor [s] | time / floor |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["records"]:
         head = f"| {r['model']} | {r['N']} | {r['method']} |"
         if "error" in r:
-            lines.append(f"{head} failed: {r['error'][:60]} | | | |")
+            lines.append(f"{head} failed: {r['error'][:60]} | | | | | |")
             continue
         cells = [
             f"{r['time_s']:.2f}",
             gib(r["peak_rss_bytes"]),
             fmt(r.get("max_rel_dev_from_lowrank"), ".1e"),
             "yes" if r.get("exact_for_model", True) else "no",
+            fmt(r.get("floor_s"), ".3g"),
+            fmt(r.get("time_over_floor")),
         ]
         lines.append(f"{head} " + " | ".join(cells) + " |")
+    if any(r.get("floor_s") for r in result["records"]):
+        lines += ["", FLOOR_NOTE]
     lines += [
         "",
         "| model | N | peer | lowrank time / peer | lowrank peak RSS / peer | speed-up |",
@@ -298,12 +327,18 @@ def main() -> None:
         action="store_true",
         help="only redraw the table and figure from the existing results JSON",
     )
+    p.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the floor of lowrank_ggn's work (harness.floor) on its rows",
+    )
     merge = "replace matching records in an existing results file, keep the others"
     add_model_options(p, merge)
     args = p.parse_args()
     if args.worker:
         method, model_name, N = args.worker
-        rec = worker(method, model_name, int(N), args.device, args.threads)
+        floor = not args.no_floor
+        rec = worker(method, model_name, int(N), args.device, args.threads, floor)
         print(json.dumps(rec))
         return
     tag = args.tag or ("quick" if args.quick else args.device.split(":")[0])

@@ -28,5 +28,12 @@ def test_benchmark_quick_mode(tmp_path):
     recs = [r for r in result["records"] if r["method"] == "lowrank_ggn"]
     assert len(recs) == 2 and all("error" not in r and r["time_s"] > 0 for r in recs)
     assert recs[0]["path"] == "full_batch"  # the tiny benchmark net has train-mode BN
+    # the floor of the call's work, measured in the same worker (harness.floor)
+    for r in recs:
+        parts = [r[f"floor_{p}_s"] for p in ("forward", "backward", "gram", "eigh")]
+        assert all(s >= 0 for s in parts) and r["floor_s"] == sum(parts) > 0, r
+        assert r["floor_gram_shape"] == [r["N"] * 3, r["explicit_params"]]
+        assert r["time_over_floor"] == r["time_s"] / r["floor_s"]
     assert (tmp_path / "gram_quick.png").stat().st_size > 0
-    assert "| lowrank_ggn |" in (tmp_path / "gram_quick.md").read_text()
+    md = (tmp_path / "gram_quick.md").read_text()
+    assert "| lowrank_ggn |" in md and "time / floor" in md

@@ -13,6 +13,7 @@ worker can put a previous release first on ``sys.path`` after importing them):
 * :mod:`harness.models`: 3c3d with and without BatchNorm, the tiny smoke nets, the MLP;
   :mod:`harness.resnet` (torchvision's ResNet-18) and :mod:`harness.models_zoo` (a token
   transformer and a MobileNet);
+* :mod:`harness.floor`: the floor of a spectrum call's work on this machine;
 * :mod:`harness.results`: records as plain data, derived numbers, JSON + markdown.
 
 Benchmark scripts run as ``python benchmarks/bench_X.py``: their folder is first on
