@@ -33,6 +33,7 @@ def test_benchmark_quick_mode(tmp_path):
         parts = [r[f"floor_{p}_s"] for p in ("forward", "backward", "gram", "eigh")]
         assert all(s >= 0 for s in parts) and r["floor_s"] == sum(parts) > 0, r
         assert r["floor_gram_shape"] == [r["N"] * 3, r["explicit_params"]]
+        assert 0 < r["floor_gram_block_columns"] <= r["explicit_params"]
         assert r["time_over_floor"] == r["time_s"] / r["floor_s"]
     assert (tmp_path / "gram_quick.png").stat().st_size > 0
     md = (tmp_path / "gram_quick.md").read_text()

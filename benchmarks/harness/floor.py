@@ -11,7 +11,10 @@ Whatever route a Gram-based spectrum takes, it cannot do less than (issue 27):
   whose per-sample rows the engine forms explicitly (Kronecker-factored layers cost
   a few small GEMMs and are left out): BLAS ``syrk`` on the CPU (one triangle, half
   a GEMM's work; scipy's BLAS, limited to torch's thread count where threadpoolctl
-  is installed), ``V @ V.T`` elsewhere (``floor_gram_kernel`` says which);
+  is installed), ``V @ V.T`` elsewhere (``floor_gram_kernel`` says which). A
+  ``V`` of more than :data:`MAX_ELEMENTS` entries is timed on a block of columns
+  and the time scaled to ``D_e`` (the work is linear in ``D_e``; a ResNet-18's
+  ``V`` would not fit in memory, which the engine streams too);
 * **eigh**: ``torch.linalg.eigh`` of an ``[N·C, N·C]`` symmetric matrix.
 
 Every part runs in the model's dtype and device (so in float32 for a float32 model:
@@ -31,6 +34,9 @@ from functools import partial
 
 #: Layer treatments (``EngineReport.layers``) whose Gram needs no explicit rows.
 FACTORED = {"kronecker"}
+#: Largest ``V`` block the floor allocates (entries; 1 GiB in float32: 3c3d at N = 128
+#: in one block).
+MAX_ELEMENTS = 2**28
 
 
 def explicit_parameters(model, layers: dict) -> int:
@@ -131,10 +137,12 @@ def spectrum_floor(
     backward = partial(_backward, out, params, cotangents)
     parts["floor_backward_s"] = _fastest(backward, repeats, sync)
     del backward, cotangents, out  # the graph goes before the Gram's operand comes
-    V = torch.randn(N * C, explicit, **kw)  # the explicit rows [N·C, D_e]
+    width = min(explicit, max(1, MAX_ELEMENTS // (N * C)))  # a block of columns
+    V = torch.randn(N * C, width, **kw)  # explicit rows [N·C, D_e], block by block
     gram, kernel = _gram_kernel(V)
     with _blas_threads():
-        parts["floor_gram_s"] = _fastest(gram, repeats, sync) if explicit else 0.0
+        block_s = _fastest(gram, repeats, sync) if explicit else 0.0
+    parts["floor_gram_s"] = block_s * explicit / width
     del gram, V
     B = torch.randn(N * C, N * C, **kw)
     eigh = partial(torch.linalg.eigh, B @ B.T / (N * C))  # symmetric [N·C, N·C]
@@ -145,6 +153,7 @@ def spectrum_floor(
         "floor_s": sum(parts.values()),
         "floor_gram_shape": [N * C, explicit],
         "floor_gram_kernel": kernel,
+        "floor_gram_block_columns": width,
     }
 
 
