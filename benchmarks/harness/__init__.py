@@ -14,7 +14,9 @@ worker can put a previous release first on ``sys.path`` after importing them):
   :mod:`harness.resnet` (torchvision's ResNet-18) and :mod:`harness.models_zoo` (a token
   transformer and a MobileNet);
 * :mod:`harness.floor`: the floor of a spectrum call's work on this machine;
-* :mod:`harness.results`: records as plain data, derived numbers, JSON + markdown.
+* :mod:`harness.passes`: forward passes counted by a hook, in full-batch equivalents;
+* :mod:`harness.results`: records as plain data, derived numbers, JSON + markdown;
+* :mod:`harness.cli`: the command-line options the drivers share.
 
 Benchmark scripts run as ``python benchmarks/bench_X.py``: their folder is first on
 ``sys.path``, so ``import harness`` needs no path edit there.
