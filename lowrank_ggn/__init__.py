@@ -24,6 +24,7 @@ from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.spectrum import GGNSpectrum, NearZeroEigenvalueWarning
 from lowrank_ggn.core.state import AutocastDisabledWarning
 from lowrank_ggn.curvature import GGN
+from lowrank_ggn.dataset_diagonal import DatasetDiagonal, ggn_diagonal_dataset
 from lowrank_ggn.diagnostics.audit import (
     StructureCheck,
     StructureReport,
@@ -52,6 +53,7 @@ __all__ = [
     "GGN",
     "AutocastDisabledWarning",
     "AutodiffLoss",
+    "DatasetDiagonal",
     "DatasetSpectrum",
     "DirectionalDerivatives",
     "EnginePath",
@@ -71,6 +73,7 @@ __all__ = [
     "directional_derivatives",
     "ggn_block_spectra",
     "ggn_diagonal",
+    "ggn_diagonal_dataset",
     "ggn_linear_operator",
     "ggn_spectrum",
     "ggn_spectrum_dataset",

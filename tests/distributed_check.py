@@ -3,10 +3,11 @@
 Run by ``tests/test_distributed.py`` as a script (``python distributed_check.py OUT
 [--MODE]``): it starts two ranks on 127.0.0.1 (separate processes, joined one by one,
 so that a rank that dies leaves the other running), each passes its own batches to
-``ggn_spectrum_dataset(..., process_group=WORLD)``, and rank 0 compares the result
-with the single-process call over all batches. Every rank writes
+``ggn_spectrum_dataset(..., process_group=WORLD)`` and ``ggn_diagonal_dataset``, and
+each rank compares the result with the single-process call over all batches. Every rank writes
 ``OUT/rank<r>.json``: the largest relative deviations per problem, or the exception
-it raised (``--fail``: rank 1 gets a batch with an out-of-range target; ``--fail-*``
+it raised (``--fail``: rank 1 gets a batch with an out-of-range target;
+``--fail-diagonal`` the same for ``ggn_diagonal_dataset``; other ``--fail-*``
 see ``worker``), the seconds until it raised and the group's default timeout. The
 faults that no agreement can report pass ``timeout=CALL_TIMEOUT_S``: ``--die``, rank 1
 calls ``os._exit(1)`` in its batch iterator after the handshake; ``--die-solver``, in
@@ -121,6 +122,39 @@ def run_problem(name: str, group) -> dict:
     return out
 
 
+#: name -> (model, input shape, batch sizes, batches of rank 0, keyword arguments)
+DIAGONAL_PROBLEMS = {
+    "mlp-diagonal": (mlp, (4,), [6, 5, 7, 4, 6], 3, {}),
+    "bn-cnn-diagonal": (bn_cnn, (2, 4, 4), [5, 3, 6, 4], 1, {}),
+    "mlp-diagonal-mc": (mlp, (4,), [6, 5, 7, 4], 2, dict(mc_samples=2)),
+}
+
+
+def run_diagonal_problem(name: str, group) -> dict:
+    """``ggn_diagonal_dataset`` over two ranks against one process over all batches."""
+    from lowrank_ggn import ggn_diagonal_dataset
+
+    build, shape, sizes, split, kwargs = DIAGONAL_PROBLEMS[name]
+    torch.manual_seed(0)
+    model = build().double().train()
+    loss = nn.CrossEntropyLoss()
+    data = batches(shape, sizes, seed=1)
+    mine = data[:split] if dist.get_rank() == 0 else data[split:]
+
+    def generator():
+        return {"generator": torch.Generator().manual_seed(7)} if kwargs else {}
+
+    res = ggn_diagonal_dataset(
+        model, loss, mine, process_group=group, **kwargs, **generator()
+    )
+    ref = ggn_diagonal_dataset(model, loss, data, **kwargs, **generator())
+    return {
+        "diagonal": _relative(res.flat, ref.flat),
+        "rank": [res.num_batches, ref.num_batches],
+        "bytes": res.bytes_exchanged,
+    }
+
+
 def _broken_batches(X, y):
     """A batch iterator that fails on this rank (``--fail-iter``)."""
     yield X, y
@@ -193,7 +227,7 @@ def worker(rank: int, port: int, out: str, fail: str) -> None:
                     next(model.parameters()).add_(1e-3)
             elif rank == 1 and fail == "--fail-options":  # another solver: would hang
                 options = {"solver": "lanczos", "top_k": 2}
-            if rank == 1 and fail == "--fail":
+            if rank == 1 and fail in ("--fail", "--fail-diagonal"):
                 y = y.clone()
                 y[0] = 7  # out of range for 3 classes
                 items = [(X, y)]
@@ -210,8 +244,11 @@ def worker(rank: int, port: int, out: str, fail: str) -> None:
             elif rank == 1 and fail == "--hang":
                 items = _hanging_batches(X, y, out)
             start = time.monotonic()
+            call = ggn_spectrum_dataset
+            if fail == "--fail-diagonal":  # the data-set diagonal, same fault
+                from lowrank_ggn import ggn_diagonal_dataset as call
             try:
-                ggn_spectrum_dataset(
+                call(
                     model,
                     nn.CrossEntropyLoss(),
                     items,
@@ -225,6 +262,8 @@ def worker(rank: int, port: int, out: str, fail: str) -> None:
         else:
             for name in PROBLEMS:
                 record[name] = run_problem(name, dist.group.WORLD)
+            for name in DIAGONAL_PROBLEMS:
+                record[name] = run_diagonal_problem(name, dist.group.WORLD)
     except Exception:  # noqa: BLE001 - recorded for the test
         record["crash"] = traceback.format_exc()
     finally:

@@ -18,6 +18,7 @@ from lowrank_ggn import (
     directional_derivatives,
     ggn_block_spectra,
     ggn_diagonal,
+    ggn_diagonal_dataset,
     ggn_linear_operator,
     ggn_spectrum,
     ggn_spectrum_dataset,
@@ -138,6 +139,10 @@ PUBLIC_CALLS = [
         ),
     ),
     ("ggn_trace", lambda m, f, X, y, p: ggn_trace(m, f, X, y, params=p)),
+    (
+        "ggn_diagonal_dataset",
+        lambda m, f, X, y, p: ggn_diagonal_dataset(m, f, [(X, y)], params=p),
+    ),
     ("audit_structure", lambda m, f, X, y, p: audit_structure(m, f, X, y, params=p)),
     ("reference.dense_ggn", lambda m, f, X, y, p: dense_ggn(m, f, X, y, params=p)),
     (

@@ -60,14 +60,20 @@ def test_two_processes_equal_one(tmp_path):
         for name, result in record.items():
             tol = LANCZOS_RTOL if "lanczos" in name else DENSE_RTOL
             assert result["rank"][0] == result["rank"][1], (rank, name)
+            if "diagonal" in result:  # ggn_diagonal_dataset
+                assert result["diagonal"] <= DENSE_RTOL, (rank, name, result)
+                assert result["bytes"] > 0, (rank, name)
+                continue
             assert result["eigenvalues"] <= tol, (rank, name, result)
             if "eigenvectors" in result:
                 assert result["eigenvectors"] <= tol, (rank, name, result)
             assert result["bytes"] > 0, (rank, name)
 
 
-def test_a_failing_rank_raises_on_every_rank(tmp_path):
-    records = _run(tmp_path, "--fail")
+@pytest.mark.parametrize("flag", ["--fail", "--fail-diagonal"])
+def test_a_failing_rank_raises_on_every_rank(tmp_path, flag):
+    """ggn_spectrum_dataset and ggn_diagonal_dataset alike."""
+    records = _run(tmp_path, flag)
     raised = [r.get("raised") for r in records]
     assert all(raised), records
     assert "targets" in raised[1]  # the failing rank: its own error
