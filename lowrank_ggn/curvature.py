@@ -12,69 +12,39 @@ factors ``S`` and the engine's path — and derives everything from it:
 * :meth:`GGN.directional_derivatives`: double-backward products on the graph;
 * :meth:`GGN.linear_operator`, :meth:`GGN.gram_operator`: frozen copies.
 
-**Forward passes.** Building the linearisation (on the first call that needs it)
-runs the model twice on the whole batch: once with the graph, recorded for the Gram
-engine, and once as the determinism check; the path check evaluates four probe
-samples one at a time and backpropagates once through the recorded graph. ``GGN(...)``, ``.spectrum(top_k=k, eigenvectors=True)``, ``.moments()`` and
-``.directional_derivatives(eigenvectors)`` then take at most three forward passes
-of the batch in all, plus the memory budget's probe of ``min(N, 4)`` samples
-(:mod:`lowrank_ggn.core.footprint`; :attr:`GGN.forward_passes` counts them); four on the
-per-sample path when parameters outside ``Linear``/``Conv2d``/BatchNorm layers need
-per-sample VJPs.
-
-**Nothing changes.** The object observes the model: every method runs inside
-:func:`lowrank_ggn.core.state.model_preserved`. It refuses to serve results after
-the model's parameters or buffers were changed in place (an optimiser step): build a
-new :class:`GGN` for the new parameters.
+How many forward passes the object takes, and what it guarantees about the model,
+is :mod:`lowrank_ggn._batch`'s (:class:`~lowrank_ggn._batch.LinearizedBatch`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 
 import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
+from lowrank_ggn._batch import LinearizedBatch
 from lowrank_ggn.approx.param_groups import groups_within
-from lowrank_ggn.core.budget import check_linearization_memory, resolve_memory_budget
+from lowrank_ggn.core.budget import check_linearization_memory
 from lowrank_ggn.core.diagonal import GGNDiagonal, diagonal_from_linearization, redrawn
-from lowrank_ggn.core.engine import EngineReport
-from lowrank_ggn.core.engine.batchnorm import has_batch_norm
-from lowrank_ggn.core.footprint import CallBudget, gram_parts
-from lowrank_ggn.core.gram import check_engine, gram_from_linearization
-from lowrank_ggn.core.inputs import as_inputs
-from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
-from lowrank_ggn.core.loss_factors import num_factor_columns
-from lowrank_ggn.core.loss_registry import resolve_loss
+from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.loss_sampling import check_mc_samples
-from lowrank_ggn.core.model import FunctionalModel
 from lowrank_ggn.core.modes import Solver
-from lowrank_ggn.core.outputs import OutputSpec, check_output
-from lowrank_ggn.core.paths import EnginePath, check_path
-from lowrank_ggn.core.precision import (
-    ErrorModel,
-    accumulation_dtype,
-    check_accumulate,
-)
-from lowrank_ggn.core.resident import PeakMonitor
+from lowrank_ggn.core.options import DEFAULT_CHUNK, GGNOptions
+from lowrank_ggn.core.outputs import OutputSpec
+from lowrank_ggn.core.precision import ErrorModel, accumulation_dtype
 from lowrank_ggn.core.solvers import check_solver, choose_solver, lanczos_pairs
 from lowrank_ggn.core.spectrum import (
     GGNSpectrum,
     GramEigenpairs,
     check_eigenvectors,
+    eigenvector_count,
     gram_eigh,
     spectrum_result,
 )
-from lowrank_ggn.core.state import (
-    fingerprint,
-    model_preserved,
-    refuse_changed,
-    restored_fingerprint,
-)
-from lowrank_ggn.core.subsampling import check_subsampling
-from lowrank_ggn.core.validation import check_call, check_options
+from lowrank_ggn.core.state import refuse_changed
+from lowrank_ggn.core.validation import check_options
 from lowrank_ggn.diagnostics.audit import StructureReport, audit_structure
 from lowrank_ggn.diagnostics.component_diagonals import (
     PerComponentDiagonals,
@@ -92,7 +62,7 @@ from lowrank_ggn.diagnostics.moments import (
 from lowrank_ggn.operators import ggn_operator, gram_operator
 
 
-class GGN:
+class GGN(LinearizedBatch):
     r"""The generalized Gauss-Newton matrix of one batch, linearised once.
 
     ``G = Σ_n J_θF_nᵀ (∇²_{F_n} L) J_θF_n = V Vᵀ`` for the batch loss ``L`` (reduction
@@ -114,29 +84,14 @@ class GGN:
         targets: The batch's targets (a tuple is passed as ``loss(out, *targets)``).
         params: Parameters of ``model``; default: all that require grad. They define
             ``D`` and the flattening order of every parameter-space vector.
-        mc_samples: ``M`` Monte-Carlo factor columns per sample instead of the ``C``
-            exact ones: an unbiased estimate of the GGN
-            (:func:`lowrank_ggn.core.loss_sampling.sampled_loss_hessian_factors`).
-        generator: ``torch.Generator`` for the Monte-Carlo draws.
         subsampling: Batch positions whose curvature is kept (forward pass on the
             whole batch; :mod:`lowrank_ggn.core.subsampling`).
-        memory_budget: Bytes for the Gram matrices, ``S`` and the engine's blocks;
-            ``None``: ``LOWRANK_GGN_MEMORY_BUDGET`` or 4 GiB.
-        progress: Progress bars on stderr (``None``: for long computations).
-        path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.
-        engine: ``"layerwise"`` (default) or ``"generic"`` (explicit ``Vᵀ``).
-        strategy: Force the engine's strategy (``None``: the cost model chooses;
-            :class:`lowrank_ggn.core.engine.Strategy`).
-        chunk: Columns (rows, directions) per batched pass.
-        accumulate: Where the Gram is summed: ``None`` (float64 for float32 and lower
-            precision models), ``"float64"`` or ``"native"``
-            (:mod:`lowrank_ggn.core.precision`).
         batch_size: ``N`` when the first entry of tuple/dict ``inputs`` is not the
             batched one (default: its dim 0).
-        output: Which tensor of the model's return value the loss takes: ``None``
-            (a tensor as returned, or the ``"logits"`` / only tensor of a
-            ``ModelOutput``, dict or tuple), a key, an index or a callable
-            (:mod:`lowrank_ggn.core.outputs`).
+        mc_samples, generator, memory_budget, progress, path, engine, strategy, chunk, accumulate, output:
+            The options, checked once and typed by
+            :meth:`GGNOptions.of <lowrank_ggn.core.options.GGNOptions.of>`, which
+            documents them; the object keeps them as ``.options``.
 
     Example:
         >>> import torch
@@ -181,132 +136,23 @@ class GGN:
         batch_size: int | None = None,
         output: OutputSpec = None,
     ) -> None:
-        check_options(chunk=chunk, memory_budget=memory_budget)
-        check_output(output)
-        check_accumulate(accumulate)
-        self._strategy = check_engine(engine, strategy)
-        check_mc_samples(mc_samples, generator)
-        check_path(path)
-        self.params = check_call(model, loss_func, inputs, params, targets, batch_size)
-        inputs = as_inputs(inputs, batch_size)
-        if subsampling is not None:
-            check_subsampling(subsampling, inputs.size, inputs.device)
-        self.model, self.loss_func = model, loss_func
-        self.inputs, self.targets = inputs, targets
-        self._linearize_args = dict(
-            params=self.params,
+        options = GGNOptions.of(
+            engine=engine,
+            strategy=strategy,
             path=path,
+            chunk=chunk,
+            accumulate=accumulate,
             mc_samples=mc_samples,
             generator=generator,
-            subsampling=subsampling,
             memory_budget=memory_budget,
-            validated=True,
+            progress=progress,
             output=output,
         )
-        self.memory_budget, self.progress = memory_budget, progress
-        self.engine, self.chunk, self.accumulate = engine, chunk, accumulate
-        self._lin: Linearization | None = None
+        super().__init__(
+            options, model, loss_func, inputs, targets, params, subsampling, batch_size
+        )
         self._gram: Tensor | None = None
         self._eigh: GramEigenpairs | None = None
-        self._versions = fingerprint(model)
-        self._observers = 0  # open _observing blocks (nested in one method call)
-        self._budget = CallBudget(
-            resolve_memory_budget(memory_budget),
-            lambda: FunctionalModel(model, self.params, output),
-            inputs,
-            lambda shape: mc_samples or num_factor_columns(resolve_loss(loss_func), shape),
-            None if subsampling is None else len(subsampling),
-            path == "full_batch" or has_batch_norm(model),
-        )
-        self._work = self._budget.budget  # bytes the engine may use (after check)
-
-    @contextmanager
-    def _observing(self) -> Iterator[None]:  # refuse a changed model; never change it
-        outermost = not self._observers
-        if outermost:  # the outermost block of a method call checks
-            refuse_changed(self.model, self._versions, "GGN")  # one pass over D
-        report = self.engine_report
-        self._observers += 1
-        try:
-            with model_preserved(self.model), PeakMonitor() as peak:
-                yield
-        finally:  # the restore may bump versions; the values are the checked ones
-            self._observers -= 1
-            self._versions = restored_fingerprint(self.model, self._versions)
-        new = self.engine_report
-        if outermost and new is not None and new is not report:
-            new.memory_peak = peak.peak  # the call that produced the report
-            if self._budget.last is not None:
-                new.memory_estimate = dict(self._budget.last.parts)
-                new.memory_budget = self._budget.budget
-
-    def _fit(self, streamed: bool = True, **parts) -> None:
-        """Refuse before any forward pass of the batch unless the call fits the budget.
-
-        ``parts``: :func:`~lowrank_ggn.core.footprint.gram_parts`' keywords (the
-        method's Gram matrices, ``eigh``, eigenvectors); the engine then gets the
-        bytes left (:mod:`lowrank_ggn.core.footprint`).
-        """
-        if not self._budget.bounded or self._observers > 1:
-            return  # nested in a method that checked its own (larger) parts
-        acc = accumulation_dtype(self._budget_dtype(), self.accumulate).itemsize
-        generic = self.engine == "generic"
-        spec = gram_parts(self._budget.shape, acc_item=acc, generic=generic, **parts)
-        self._work = self._budget.check(spec, streamed and not generic)
-
-    def _budget_dtype(self) -> torch.dtype:
-        return self.params[0].dtype if self.params else torch.get_default_dtype()
-
-    @property
-    def linearization(self) -> Linearization:
-        """The linearisation (built on first use: two forward passes of the batch)."""
-        if self._lin is None:
-            with self._observing():
-                self._lin = linearize(
-                    self.model,
-                    self.loss_func,
-                    self.inputs,
-                    self.targets,
-                    **self._linearize_args,
-                )
-        return self._lin
-
-    @property
-    def path(self) -> EnginePath:
-        """The engine's path (``.name``, ``.reason``, ``.mixing_modules``)."""
-        return self.linearization.path
-
-    @property
-    def engine_report(self) -> EngineReport | None:
-        """How the Gram (or the Lanczos eigenpairs) was computed; ``None`` before."""
-        return None if self._lin is None else self._lin.engine_report
-
-    @property
-    def forward_passes(self) -> float:
-        """Forward passes of the model so far, in full-batch equivalents (0 before).
-
-        Includes the memory budget's probe of ``min(N, 4)`` samples.
-        """
-        probe = self._budget.probe_passes
-        return probe if self._lin is None else self._lin.forward_passes + probe
-
-    def _gram_memory(self, lin: Linearization, num_grams: int) -> None:
-        acc = accumulation_dtype(lin.outputs.dtype, self.accumulate).itemsize
-        check_linearization_memory(lin, self.memory_budget, self.engine, num_grams, acc)
-
-    def _grams(self, groups: list[list[Tensor]] | None) -> list[Tensor]:
-        lin = self.linearization
-        self._gram_memory(lin, 1 if groups is None else len(groups))
-        return gram_from_linearization(
-            lin,
-            self.chunk,
-            self.engine,
-            self._work,
-            groups,
-            self._strategy,
-            self.progress,
-            self.accumulate,
-        )
 
     def gram(self) -> Tensor:
         r"""``Vᵀ V`` ``[N·C, N·C]``, sample-major (row ``n·C + c``); cached.
@@ -369,9 +215,9 @@ class GGN:
         """
         check_eigenvectors(eigenvectors)
         check_options(rtol=rtol, top_k=top_k)
-        chosen = check_solver(solver, top_k, None, self.engine)
+        chosen = check_solver(solver, top_k, self.options.generic)
         with self._observing():
-            vectors = _count(eigenvectors, top_k)
+            vectors = eigenvector_count(eigenvectors, top_k)
             if chosen is Solver.LANCZOS:
                 self._fit(grams=0, eigenvectors=vectors)
             elif self._eigh is None:
@@ -381,15 +227,16 @@ class GGN:
                 chosen = choose_solver(lin, top_k)
             model = ErrorModel.of(
                 lin.outputs.dtype,
-                accumulation_dtype(lin.outputs.dtype, self.accumulate),
+                accumulation_dtype(lin.outputs.dtype, self.options.accumulate),
                 lin.fmodel.num_params,
             )
             if chosen is Solver.LANCZOS:
-                self._gram_memory(lin, 0)
-                pairs = lanczos_pairs(lin, top_k, rtol, model, self._work, self.progress)
+                check_linearization_memory(lin, self.options, 0)
+                progress = self.options.progress
+                pairs = lanczos_pairs(lin, top_k, rtol, model, self._work, progress)
             else:
                 pairs = self._pairs(lin).select(rtol, top_k)
-            return spectrum_result(lin, pairs, eigenvectors, self.chunk)
+            return spectrum_result(lin, pairs, eigenvectors, self.options.chunk)
 
     def block_spectra(
         self,
@@ -407,7 +254,7 @@ class GGN:
         check_options(rtol=rtol, top_k=top_k)
         with self._observing():
             groups, positions = groups_within(self.model, self.params, param_groups)
-            vectors = _count(eigenvectors, top_k)
+            vectors = eigenvector_count(eigenvectors, top_k)
             self._fit(grams=len(groups), eigh=True, eigenvectors=vectors)
             lin = self.linearization
             grams = self._grams(groups)
@@ -420,7 +267,7 @@ class GGN:
                     lin,
                     gram_eigh(gram, model).select(rtol, top_k),
                     eigenvectors,
-                    self.chunk,
+                    self.options.chunk,
                     cols,
                 )
                 for gram, cols in zip(grams, positions)
@@ -439,7 +286,7 @@ class GGN:
         """
         with self._observing():
             result = moments_from_linearization(
-                self.linearization, self.chunk, per_component
+                self.linearization, self.options.chunk, per_component
             )
         result.warn()
         return result
@@ -447,11 +294,11 @@ class GGN:
     def _diagonal_linearization(
         self, mc_samples: int | None, generator: torch.Generator | None
     ) -> tuple[Linearization, int | None]:
-        own = self._linearize_args["mc_samples"]
-        lin = self.linearization
+        own, lin = self.options.mc_samples, self.linearization
         if mc_samples is None or (mc_samples == own and generator is None):
             return lin, own
-        return redrawn(lin, mc_samples, generator, self.memory_budget), mc_samples
+        budget = self.options.memory_budget
+        return redrawn(lin, mc_samples, generator, budget), mc_samples
 
     def diagonal(
         self, mc_samples: int | None = None, generator: torch.Generator | None = None
@@ -477,8 +324,7 @@ class GGN:
         with self._observing():
             self._fit(grams=0)
             lin, mc = self._diagonal_linearization(mc_samples, generator)
-            args = (self.chunk, self._work, self.engine, self._strategy, mc)
-            return diagonal_from_linearization(lin, *args)
+            return diagonal_from_linearization(lin, self.options, self._work, mc)
 
     def trace(
         self, mc_samples: int | None = None, generator: torch.Generator | None = None
@@ -490,7 +336,7 @@ class GGN:
         check_mc_samples(mc_samples, generator)
         with self._observing():
             own = mc_samples is None or (
-                mc_samples == self._linearize_args["mc_samples"] and generator is None
+                mc_samples == self.options.mc_samples and generator is None
             )
             if own and self._gram is not None:
                 return self._gram.trace().to(self._budget_dtype())
@@ -505,9 +351,8 @@ class GGN:
         """
         with self._observing():
             self._fit(grams=0)
-            lin, mc = self.linearization, self._linearize_args["mc_samples"]
-            args = (self.chunk, self._work, self.engine, self._strategy, mc)
-            result = per_component_from_linearization(lin, *args)
+            lin, mc = self.linearization, self.options.mc_samples
+            result = per_component_from_linearization(lin, self.options, self._work, mc)
         result.warn()
         return result
 
@@ -522,7 +367,7 @@ class GGN:
         """
         with self._observing():
             result = directional_from_linearization(
-                self.linearization, directions, self.chunk
+                self.linearization, directions, self.options.chunk
             )
         result.warn()
         return result
@@ -530,12 +375,12 @@ class GGN:
     def linear_operator(self) -> LinearOperator:
         """``G`` (``D × D``) as a scipy ``LinearOperator``, frozen now (see :mod:`lowrank_ggn.operators`)."""
         with self._observing():
-            return ggn_operator(self.model, self.linearization, self.chunk)
+            return ggn_operator(self.model, self.linearization, self.options.chunk)
 
     def gram_operator(self) -> LinearOperator:
         """``Vᵀ V`` (``N·C × N·C``) as a scipy ``LinearOperator``, frozen now."""
         with self._observing():
-            return gram_operator(self.model, self.linearization, self.chunk)
+            return gram_operator(self.model, self.linearization, self.options.chunk)
 
     def audit(self) -> StructureReport:
         """The structure audit of this batch (:func:`lowrank_ggn.audit_structure`).
@@ -548,15 +393,8 @@ class GGN:
             self.loss_func,
             self.inputs,
             self.targets,
-            params=self._linearize_args["params"],
+            params=self.params,
         )
-
-
-def _count(eigenvectors: bool | int, top_k: int | None) -> int:
-    """How many eigenvectors a spectrum call returns at most (``2**40``: all)."""
-    if eigenvectors is True:
-        return top_k or 2**40
-    return int(eigenvectors)
 
 
 __all__ = ["GGN"]

@@ -7,9 +7,11 @@ quantities of the same batch: it linearises once.
 The options shared by every function (keyword-only, passed to
 :class:`~lowrank_ggn.curvature.GGN`): ``params``, ``mc_samples``, ``generator``,
 ``subsampling``, ``memory_budget``, ``progress``, ``path``, ``engine``,
-``strategy``, ``chunk``, ``accumulate`` and ``batch_size``. Their meaning is
-documented there, as are the accepted ``inputs`` (a tensor, tuple or dict) and
-losses (any per-sample loss with a mean or sum reduction).
+``strategy``, ``chunk``, ``accumulate``, ``output`` and ``batch_size``. Their
+meaning is documented there and in
+:meth:`~lowrank_ggn.core.options.GGNOptions.of`, as are the accepted ``inputs`` (a
+tensor, tuple or dict) and losses (any per-sample loss with a mean or sum
+reduction).
 """
 
 from __future__ import annotations
@@ -282,15 +284,15 @@ def gram_linear_operator(
     return GGN(model, loss_func, inputs, targets, **options).gram_operator()
 
 
-__all__ = [
+__all__ = [  # in the order of the module
+    "gram_matrix",
     "block_gram_matrices",
-    "directional_derivatives",
+    "ggn_spectrum",
     "ggn_block_spectra",
     "ggn_diagonal",
-    "ggn_linear_operator",
-    "ggn_spectrum",
     "ggn_trace",
     "gradient_moments",
+    "directional_derivatives",
+    "ggn_linear_operator",
     "gram_linear_operator",
-    "gram_matrix",
 ]

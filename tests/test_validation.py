@@ -44,6 +44,7 @@ from lowrank_ggn.core.budget import (
     resolve_memory_budget,
 )
 from lowrank_ggn.core.linearization import Linearization, linearize
+from lowrank_ggn.core.options import GGNOptions
 from lowrank_ggn.core.spectrum import parameter_eigenvectors
 from lowrank_ggn.reference import dense_ggn, dense_output_hessian
 
@@ -729,10 +730,11 @@ def test_memory_budget_for_loss_factors_is_checked_before_they_exist(monkeypatch
     def refuse(*args, **kwargs):
         raise AssertionError("S was formed before the budget check")
 
-    monkeypatch.setattr("lowrank_ggn.core.linearization.loss_hessian_factors", refuse)
+    monkeypatch.setattr("lowrank_ggn.core.linearization.hessian_factors", refuse)
     N, K, P = 3, 3, 9
     with pytest.raises(ValueError, match=r"loss-Hessian factors S \[C=27, N=3, O=27\]"):
-        linearize(model, loss, X, y, memory_budget=K * P * N * K * P * 8 - 1)
+        budget = K * P * N * K * P * 8 - 1
+        linearize(model, loss, X, y, options=GGNOptions.of(memory_budget=budget))
 
 
 def test_memory_budget_from_environment(monkeypatch):

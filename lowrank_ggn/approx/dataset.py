@@ -37,40 +37,40 @@ https://arxiv.org/abs/2106.02624.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterable, Sequence, Sized
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from lowrank_ggn.approx.dataset_batches import (
+    Collected,
+    collect,
+    handshake,
+    read_batches,
+    stack_scaled,
+)
 from lowrank_ggn.approx.dataset_solvers import (
     DatasetOperator,
-    check_budget,
     check_ranks,
     dense_eigenvectors,
     dense_pairs,
     lanczos_pairs,
 )
 from lowrank_ggn.approx.distributed import Comm, check_sync_batch_norm
-from lowrank_ggn.core.budget import resolve_memory_budget
-from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization, linearize
 from lowrank_ggn.core.loss_registry import check_loss_func, resolve_loss
-from lowrank_ggn.core.loss_sampling import check_mc_samples
-from lowrank_ggn.core.outputs import OutputSpec, check_output
+from lowrank_ggn.core.modes import Solver
+from lowrank_ggn.core.options import DEFAULT_CHUNK, GGNOptions
+from lowrank_ggn.core.outputs import OutputSpec
 from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.precision import accumulation_dtype
-from lowrank_ggn.core.spectrum import (
-    default_rtol,
-    drop_unresolved,
-)
-from lowrank_ggn.core.state import fingerprint, model_preserved
+from lowrank_ggn.core.solvers import check_solver
+from lowrank_ggn.core.spectrum import GramEigenpairs, default_rtol, drop_unresolved
+from lowrank_ggn.core.state import model_preserved
 from lowrank_ggn.core.validation import check_model, check_options
 
-#: With ``progress=None``, a progress bar is shown for at least this many batches.
-PROGRESS_MIN_BATCHES = 20
-
-SOLVERS = ("dense", "lanczos")
+#: The data-set solvers (no ``"auto"``: its cost model needs one batch's engine).
+SOLVERS = (Solver.DENSE, Solver.LANCZOS)
 
 
 @dataclass
@@ -113,47 +113,6 @@ class DatasetSpectrum:
     def rank(self) -> int:
         """Number of returned eigenvalues."""
         return self.eigenvalues.numel()
-
-
-def _progress(batches: Iterable, progress: bool | None) -> Iterable:
-    total = len(batches) if isinstance(batches, Sized) else None
-    show = progress if progress is not None else (total or 0) >= PROGRESS_MIN_BATCHES
-    if not show:
-        return batches
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # optional dependency
-        return batches
-    return tqdm(batches, total=total, file=sys.stderr, desc="GGN batches", unit="batch")
-
-
-def _unpack(item: object, b: int) -> tuple[Tensor, Tensor]:
-    if not isinstance(item, (tuple, list)) or len(item) != 2:
-        raise TypeError(
-            f"batches[{b}] must be a pair (inputs, targets); got {type(item).__name__}"
-            f"{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}."
-        )
-    return item[0], item[1]
-
-
-def _projected_columns(batches: Iterable, lin: Linearization) -> int | None:
-    """Total columns of a list of batches, from the first batch's columns per sample."""
-    if not isinstance(batches, Sequence):
-        return None
-    per_sample = lin.num_columns // lin.num_samples
-    try:
-        return per_sample * sum(int(item[0].shape[0]) for item in batches)
-    except (TypeError, AttributeError, IndexError):
-        return None
-
-
-def _stable_name(obj: object) -> object:
-    """What a handshake compares of a callable: the same text on every rank."""
-    if obj is None or isinstance(obj, (str, int)):
-        return obj
-    if isinstance(obj, nn.Module):
-        return type(obj).__name__
-    return getattr(obj, "__qualname__", type(obj).__name__)
 
 
 def ggn_spectrum_dataset(
@@ -242,28 +201,88 @@ def ggn_spectrum_dataset(
         >>> assert torch.allclose(res.eigenvalues.sum(), G.trace())
 
     """
+    options = GGNOptions.of(
+        path=path,
+        chunk=chunk,
+        mc_samples=mc_samples,
+        generator=generator,
+        memory_budget=memory_budget,
+        progress=progress,
+        output=output,
+    )
+    chosen = _validate(model, loss_func, batches, top_k, eigenvectors, rtol, solver)
+    if activations not in ("keep", "recompute"):
+        raise ValueError(
+            f"activations must be 'keep' or 'recompute'; got {activations!r}."
+        )
+    if params is not None and not isinstance(params, (Tensor, dict, list, tuple)):
+        params = list(params)  # read twice below (a generator only once)
+    comm = Comm(process_group, timeout)
+    comm.handshake(  # before any data collective: the same call on every rank
+        handshake(
+            model,
+            loss_func,
+            params,
+            options,
+            top_k=top_k,
+            eigenvectors=eigenvectors,
+            rtol=rtol,
+            path=path,
+            solver=solver,
+            activations=activations,
+        )
+    )
+    batches, first = read_batches(batches, comm)
+    loss_func = resolve_loss(loss_func)  # one wrapper: its reduction is shared
+    with model_preserved(model):
+        got = collect(model, loss_func, batches, params, options, chosen, comm, first)
+        if chosen is Solver.LANCZOS:
+            op = DatasetOperator(
+                got.lins,
+                got.scales,
+                got.offsets,
+                comm,
+                chunk,
+                activations == "recompute",
+            )
+            dtype = got.lins[0].outputs.dtype
+            rtol = default_rtol(got.offsets[-1], dtype) if rtol is None else rtol
+            pairs = lanczos_pairs(model, op, top_k, rtol)
+            dtype = pairs.eigenvalues.dtype
+            apply, Vt = op.apply_factors, None
+        else:
+            dtype = got.blocks[0].dtype
+            if comm.distributed:
+                check_ranks(
+                    got.offsets, got.blocks[0].shape[1], dtype, options.memory_budget
+                )
+            Vt = stack_scaled(got.blocks, got.scales)  # [Ñ_r, D], the blocks freed
+            acc = accumulation_dtype(dtype, None)
+            pairs = dense_pairs(Vt, got.offsets, comm, acc, rtol, top_k)
+            apply = None
+        return _result(pairs, got, dtype, eigenvectors, apply, Vt, comm, chosen)
+
+
+def _validate(
+    model: nn.Module,
+    loss_func: nn.Module,
+    batches: object,
+    top_k: int | None,
+    eigenvectors: object,
+    rtol: float | None,
+    solver: str,
+) -> Solver:
+    """The checks that need no batch: model, loss, solver and the spectrum's options."""
     check_model(model)
     check_loss_func(loss_func)
     check_sync_batch_norm(model)
-    check_mc_samples(mc_samples, generator)
-    check_output(output)
-    check_options(chunk=chunk, rtol=rtol, top_k=top_k, memory_budget=memory_budget)
+    check_options(rtol=rtol, top_k=top_k)
     if not isinstance(eigenvectors, bool):
         raise TypeError(
             f"eigenvectors must be True or False; got {eigenvectors!r}. (Take the "
             "top k of the result's eigenvectors.)"
         )
-    budget = resolve_memory_budget(memory_budget)
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}.")
-    if solver == "lanczos" and top_k is None:
-        raise ValueError(
-            "solver='lanczos' finds the top_k largest eigenvalues; pass top_k=k."
-        )
-    if activations not in ("keep", "recompute"):
-        raise ValueError(
-            f"activations must be 'keep' or 'recompute'; got {activations!r}."
-        )
+    chosen = check_solver(solver, top_k, allowed=SOLVERS)
     if (
         isinstance(batches, tuple)
         and len(batches) == 2
@@ -273,161 +292,38 @@ def ggn_spectrum_dataset(
             "batches must be an iterable of (inputs, targets) pairs; for one batch "
             "pass [(inputs, targets)]."
         )
-    if params is not None and not isinstance(params, (Tensor, dict, list, tuple)):
-        params = list(params)  # read twice below (a generator only once)
-    comm = Comm(process_group, timeout)
-    comm.handshake(  # before any data collective: the same call on every rank
-        {
-            "parameters": [
-                (n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()
-            ],
-            "values": [entry[4] for entry in fingerprint(model)],
-            "options": {
-                "params": None if params is None else repr(
-                    [tuple(getattr(p, "shape", ())) for p in params]
-                    if isinstance(params, (list, tuple))
-                    else type(params).__name__
-                ),
-                "top_k": top_k,
-                "eigenvectors": eigenvectors,
-                "rtol": rtol,
-                "chunk": chunk,
-                "path": path,
-                "mc_samples": mc_samples,
-                "solver": solver,
-                "memory_budget": budget,
-                "activations": activations,
-                "output": _stable_name(output),
-            },
-            "loss": (_stable_name(loss_func), getattr(loss_func, "reduction", None)),
-        }
-    )
-    if comm.distributed:  # every rank's count first: global batch indices
-        failure = None
-        try:  # inside the agreement: a rank's failing iterator stops every rank
-            batches = list(batches)
-        except Exception as err:  # noqa: BLE001 - re-raised by comm.agree
-            failure, batches = err, []
-        comm.agree(failure, "the agreement after reading the batches")
-    first = (
-        sum(comm.gather_objects(len(batches))[: comm.rank]) if comm.distributed else 0
-    )
-    base_seed = None
-    if mc_samples is not None:  # batch b draws from its own generator (any split)
-        base_seed = int(torch.randint(2**62, (1,), generator=generator).item())
-    loss_func = resolve_loss(loss_func)  # one wrapper: its reduction is shared
-    with model_preserved(model):
-        lins: list[Linearization] = []
-        blocks: list[Tensor] = []
-        local: list[tuple[int, int, EnginePath]] = []  # (N_b, columns, path)
-        error = None
-        try:
-            for b, item in enumerate(_progress(batches, progress)):
-                X, y = _unpack(item, b)
-                lin = linearize(
-                    model,
-                    loss_func,
-                    X,
-                    y,
-                    params,
-                    path,
-                    mc_samples=mc_samples,
-                    generator=_batch_generator(generator, base_seed, first + b),
-                    capture=False,
-                    output=output,
-                )
-                local.append((lin.batch_size, lin.num_columns, lin.path))
-                if solver == "lanczos":
-                    lins.append(lin)
-                    continue
-                if b == 0 and not comm.distributed:
-                    projected = _projected_columns(batches, lin)
-                    if projected is not None:
-                        check_budget(projected, lin, budget, "of this data set")
-                columns_so_far = sum(c for _, c, _ in local)
-                check_budget(columns_so_far, lin, budget, f"after {b + 1} batches")
-                blocks.append(lin.factors_matrix(chunk))  # [N_b·C, D]
-            if not local:
-                raise ValueError(
-                    "batches is empty; pass at least one (inputs, targets)"
-                    + (
-                        f" on every rank (rank {comm.rank} has none)."
-                        if comm.distributed
-                        else "."
-                    )
-                )
-        except Exception as err:  # noqa: BLE001 - raised on every rank by agree
-            error = err
-        comm.agree(error, "the agreement after every batch's factors")
-        everyone = comm.gather_objects(local)
-        flat = [entry for rank in everyone for entry in rank]
-        sizes = [n for n, _, _ in flat]
-        total = sum(sizes)
-        weights = [n / total if loss_func.reduction == "mean" else 1.0 for n in sizes]
-        offsets = [0]
-        for rank_entries in everyone:
-            offsets.append(offsets[-1] + sum(c for _, c, _ in rank_entries))
-        start = sum(len(entries) for entries in everyone[: comm.rank])
-        scales = [w**0.5 for w in weights[start : start + len(local)]]
-        if solver == "lanczos":
-            op = DatasetOperator(
-                lins, scales, offsets, comm, chunk, activations == "recompute"
-            )
-            rtol = (
-                default_rtol(offsets[-1], lins[0].outputs.dtype)
-                if rtol is None
-                else rtol
-            )
-            pairs = lanczos_pairs(model, op, top_k, rtol)
-            dtype = pairs.eigenvalues.dtype
-            apply = op.apply_factors
+    return chosen
+
+
+def _result(
+    pairs: GramEigenpairs,
+    got: Collected,
+    dtype: torch.dtype,
+    eigenvectors: bool,
+    apply,
+    Vt: Tensor | None,
+    comm: Comm,
+    solver: Solver,
+) -> DatasetSpectrum:
+    """The :class:`DatasetSpectrum`, parameter-space eigenvectors formed if asked."""
+    vectors = None
+    if eigenvectors:
+        pairs = drop_unresolved(pairs)
+        coefficients = pairs.scaled_vectors()  # [Ñ, K]
+        if apply is not None:
+            vectors = apply(coefficients.T.to(dtype))
         else:
-            dtype = blocks[0].dtype
-            if comm.distributed:
-                check_ranks(offsets, blocks[0].shape[1], dtype, budget)
-            Vt = _stack_scaled(blocks, scales)  # [Ñ_r, D], the blocks freed
-            acc = accumulation_dtype(dtype, None)
-            pairs = dense_pairs(Vt, offsets, comm, acc, rtol, top_k)
-            apply = None
-        vectors = None
-        if eigenvectors:
-            pairs = drop_unresolved(pairs)
-            coefficients = pairs.scaled_vectors()  # [Ñ, K]
-            if apply is not None:
-                vectors = apply(coefficients.T.to(dtype))
-            else:
-                vectors = dense_eigenvectors(Vt, coefficients, offsets, comm)
-        return DatasetSpectrum(
-            pairs.eigenvalues.to(dtype),
-            vectors,
-            [p for _, _, p in flat],
-            sizes,
-            weights,
-            offsets[-1],
-            pairs.threshold,
-            pairs.vectors.to(dtype),
-            solver,
-            pairs.errors.to(dtype) if solver == "dense" else None,
-            bytes_exchanged=comm.bytes,
-        )
-
-
-def _stack_scaled(blocks: list[Tensor], scales: list[float]) -> Tensor:
-    """``[s_1 V_1ᵀ; s_2 V_2ᵀ; …]``, freeing each block as it is copied (one copy held)."""
-    out = blocks[0].new_empty(sum(b.shape[0] for b in blocks), blocks[0].shape[1])
-    start = 0
-    for i, s in enumerate(scales):
-        rows = blocks[i].shape[0]
-        torch.mul(blocks[i], s, out=out[start : start + rows])
-        blocks[i], start = None, start + rows
-    return out
-
-
-def _batch_generator(
-    generator: torch.Generator | None, base_seed: int | None, b: int
-) -> torch.Generator | None:
-    """Batch ``b``'s Monte-Carlo generator: seeded ``base + b`` (``None``: no MC)."""
-    if base_seed is None:
-        return None
-    device = generator.device if generator is not None else "cpu"
-    return torch.Generator(device=device).manual_seed(base_seed + b)
+            vectors = dense_eigenvectors(Vt, coefficients, got.offsets, comm)
+    return DatasetSpectrum(
+        pairs.eigenvalues.to(dtype),
+        vectors,
+        [p for _, _, p in got.flat],
+        [n for n, _, _ in got.flat],
+        got.weights,
+        got.offsets[-1],
+        pairs.threshold,
+        pairs.vectors.to(dtype),
+        solver.value,
+        pairs.errors.to(dtype) if solver is Solver.DENSE else None,
+        bytes_exchanged=comm.bytes,
+    )

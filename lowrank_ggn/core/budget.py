@@ -16,6 +16,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from lowrank_ggn.core.precision import accumulation_dtype
+
+if TYPE_CHECKING:
+    from lowrank_ggn.core.linearization import Linearization
+    from lowrank_ggn.core.options import GGNOptions
 
 #: Default memory budget in bytes for the tensors of one request (4 GiB).
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
@@ -145,23 +152,22 @@ _GRAM_ADVICE = (
 
 
 def check_linearization_memory(
-    lin,
-    memory_budget: float | None = None,
-    engine: str = "generic",
-    num_grams: int = 1,
-    gram_itemsize: int | None = None,
+    lin: Linearization, options: GGNOptions, num_grams: int = 1
 ) -> None:
     """Budget check for a Gram request on a :class:`lowrank_ggn.core.linearization.Linearization`.
 
-    Counts the ``num_grams`` Gram matrices ``[N·C, N·C]`` and the factors ``S``
-    ``[C, N, *out]``, and for the generic engine ``Vᵀ`` ``[N·C, D]``, all alive while
-    the Gram matrix is formed. (The layer-wise engine holds ``Vᵀ`` only in blocks —
-    per layer, per chunk of columns — and sizes them by the same budget while it
-    runs; the budget does not bound the autograd graph or library workspace.) ``gram_itemsize``: bytes
-    per Gram entry when it is summed in another dtype than the parameters'.
+    Counts the ``num_grams`` Gram matrices ``[N·C, N·C]`` (in the accumulation dtype
+    of ``options.accumulate``) and the factors ``S`` ``[C, N, *out]``, and for the
+    generic engine (``options.generic``) ``Vᵀ`` ``[N·C, D]``, all alive while the
+    Gram matrix is formed, against ``options.memory_budget``. (The layer-wise
+    engine holds ``Vᵀ`` only in blocks — per layer, per chunk of columns — and sizes
+    them by the same budget while it runs; the budget does not bound the autograd
+    graph or library workspace.)
     """
     NC, D = lin.num_columns, lin.fmodel.num_params
-    ratio = (gram_itemsize or lin.outputs.element_size()) / lin.outputs.element_size()
+    item = lin.outputs.element_size()
+    acc = accumulation_dtype(lin.outputs.dtype, options.accumulate)
+    ratio = acc.itemsize / item
     C, S = lin.num_columns_per_sample, lin.factors.numel()
     parts = {f"loss-Hessian factors S [C={C}, N, *out]": S}
     if num_grams:
@@ -169,6 +175,6 @@ def check_linearization_memory(
         if num_grams > 1:
             gram = f"Gram matrices {num_grams} × [{NC}, {NC}]"
         parts[gram] = int(num_grams * NC * NC * ratio)
-    if engine == "generic":
+    if options.generic:
         parts[f"factors Vᵀ [N·C={NC}, D={D}]"] = NC * D
-    check_memory(parts, lin.outputs.element_size(), memory_budget, _GRAM_ADVICE)
+    check_memory(parts, item, options.memory_budget, _GRAM_ADVICE)

@@ -41,7 +41,6 @@ the result (``O(N·D)`` per component) plus the route's blocks. No Gram, no ``ei
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, replace
 
 import torch
@@ -51,19 +50,17 @@ from lowrank_ggn.core.engine import EngineReport
 from lowrank_ggn.core.engine.diagonal import layerwise_diagonal
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization
 from lowrank_ggn.core.loss_sampling import sampled_loss_hessian_factors
-from lowrank_ggn.core.modes import Strategy
+from lowrank_ggn.core.modes import Mode, Strategy
+from lowrank_ggn.core.options import GGNOptions
 from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.subsampling import subsample_factors
 
 
-class DiagonalRoute(str, enum.Enum):
+class DiagonalRoute(Mode):
     """How the squares of ``V``'s rows were summed (see module docstring)."""
 
     LAYERWISE = "layerwise"
     STREAMED = "streamed"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass
@@ -151,18 +148,20 @@ def streamed_diagonal(
 
 def diagonal_values(
     lin: Linearization,
-    chunk: int,
-    budget: int,
-    engine: str = "layerwise",
-    strategy: Strategy | None = None,
+    options: GGNOptions,
+    work: float,
     per_component: bool = False,
 ) -> tuple[list[Tensor], DiagonalRoute, EngineReport | None]:
     """Flat per-parameter values by the layer-wise route, else streamed.
 
-    The caller holds :func:`lowrank_ggn.core.state.model_preserved`.
+    ``options.strategy``: ``GENERIC`` (``engine="generic"``) and ``STREAMED``
+    stream, any other is forced on the engine; ``options.chunk``: columns per block;
+    ``work``: bytes for the engine's blocks and chunks. The caller holds
+    :func:`lowrank_ggn.core.state.model_preserved`.
     """
-    report, budget = None, int(min(budget, 2**62))
-    if engine == "layerwise" and strategy is not Strategy.STREAMED:
+    report, budget, chunk = None, int(min(work, 2**62)), options.chunk
+    strategy = options.strategy
+    if strategy not in (Strategy.GENERIC, Strategy.STREAMED):
         values, report = layerwise_diagonal(lin, chunk, budget, per_component, strategy)
         if values is not None:
             return values, DiagonalRoute.LAYERWISE, report
@@ -171,23 +170,19 @@ def diagonal_values(
 
 def diagonal_from_linearization(
     lin: Linearization,
-    chunk: int = DEFAULT_CHUNK,
-    budget: int = 4 * 2**30,
-    engine: str = "layerwise",
-    strategy: Strategy | None = None,
+    options: GGNOptions,
+    work: float,
     mc_samples: int | None = None,
 ) -> GGNDiagonal:
     """``diag(G)`` of ``lin``'s factors (exact, or MC with ``mc_samples`` columns).
 
     Args:
         lin: The linearisation (its factors are the ones squared).
-        chunk: Columns per block of the streamed route.
-        budget: Bytes for the engine's blocks and chunks.
-        engine: ``"generic"`` streams.
-        strategy: Force the engine's strategy (``streamed``: stream).
+        options: The route's options (:func:`diagonal_values`).
+        work: Bytes for the engine's blocks and chunks.
         mc_samples: Recorded on the result: ``M`` if ``lin``'s factors are MC.
     """
-    values, route, report = diagonal_values(lin, chunk, budget, engine, strategy)
+    values, route, report = diagonal_values(lin, options, work)
     return GGNDiagonal(
         [v.reshape(p.shape) for v, p in zip(values, lin.fmodel.params)],
         lin.path,

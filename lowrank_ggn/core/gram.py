@@ -17,15 +17,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowrank_ggn.core.budget import resolve_memory_budget
 from lowrank_ggn.core.engine import EngineReport, layerwise_gram
-from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization
+from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.modes import Strategy
+from lowrank_ggn.core.options import GGNOptions
 from lowrank_ggn.core.precision import accumulation_dtype
 from lowrank_ggn.core.progress import PassProgress
-
-ENGINES = ("layerwise", "generic")
-STRATEGIES = tuple(s.value for s in Strategy if s is not Strategy.GENERIC)
 
 
 def symmetric_gram(Vt: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -46,70 +43,46 @@ def symmetric_gram(Vt: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return 0.5 * (gram + gram.T)
 
 
-def check_engine(engine: str, strategy: str | None = None) -> Strategy | None:
-    """Check ``engine`` and ``strategy`` (before any model call); return the strategy."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}.")
-    if strategy is None:
-        return None
-    if strategy not in STRATEGIES:
-        raise ValueError(
-            f"strategy must be None (automatic) or one of {STRATEGIES}; got {strategy!r}."
-        )
-    if engine == "generic":
-        raise ValueError(
-            "strategy applies to engine='layerwise' only; drop strategy or the engine."
-        )
-    return Strategy(strategy)
-
-
 def gram_from_linearization(
     lin: Linearization,
-    chunk: int = DEFAULT_CHUNK,
-    engine: str = "layerwise",
-    memory_budget: float | None = None,
+    options: GGNOptions | None = None,
+    work: float | None = None,
     groups: list[list[Tensor]] | None = None,
-    strategy: Strategy | None = None,
-    progress: bool | None = None,
-    accumulate: str | None = None,
 ) -> list[Tensor]:
     """``Vᵀ V`` ``[N·C, N·C]`` for a linearised model (symmetric by construction).
 
     Args:
         lin: The linearised model; ``lin.engine_report`` records how the Gram was
             built (:class:`lowrank_ggn.core.engine.EngineReport`).
-        chunk: Columns per batched backward pass.
-        engine: ``"layerwise"`` (default; :mod:`lowrank_ggn.core.engine`) or ``"generic"`` (all of ``Vᵀ`` ``[N·C, D]`` from vmapped
-            vector-Jacobian products, then one product; memory ``N·C·D``). The
-            layer-wise engine falls back to the generic one if its self-check fails.
-        memory_budget: Bytes the layer-wise engine may hold in factor blocks and
-            chunk buffers (``None``: environment or default; see
-            :func:`lowrank_ggn.core.budget.resolve_memory_budget`).
+        options: ``strategy`` (``GENERIC``: all of ``Vᵀ`` ``[N·C, D]`` from
+            vmapped vector-Jacobian products, then one product, memory ``N·C·D``;
+            else the layer-wise engine of :mod:`lowrank_ggn.core.engine`, forced to
+            a strategy or left to its cost model, falling back to the generic one if
+            its self-check fails), ``chunk`` (columns per batched backward pass),
+            ``progress`` and ``accumulate`` (the dtype the Gram is summed in,
+            :func:`lowrank_ggn.core.precision.accumulation_dtype`).
+        work: Bytes the layer-wise engine may hold in factor blocks and chunk
+            buffers (``None``: ``options.memory_budget``).
         groups: A partition of ``lin.fmodel.params`` (any order inside a group):
             one Gram ``V_gᵀ V_g`` per group, all from the same backward passes
             (``None``: one group of all parameters).
-        strategy: Force a backpropagation :class:`~lowrank_ggn.core.engine.Strategy`
-            (``None``: the cost model of :mod:`lowrank_ggn.core.engine.plan` chooses).
-        progress: Progress bar on stderr (``None``: for calls estimated to take more
-            than a few seconds).
-        accumulate: ``None``, ``"float64"`` or ``"native"``: the dtype the Gram is
-            summed in (:func:`lowrank_ggn.core.precision.accumulation_dtype`).
 
     Returns:
         One Gram matrix per group (one in all without ``groups``), in the
         accumulation dtype.
     """
-    check_engine(engine)
-    acc_dtype = accumulation_dtype(lin.outputs.dtype, accumulate)
+    options = GGNOptions() if options is None else options
+    chunk = options.chunk
+    acc_dtype = accumulation_dtype(lin.outputs.dtype, options.accumulate)
     report = EngineReport(
         Strategy.GENERIC, reason="engine='generic': explicit Vᵀ, memory N·C·D"
     )
-    if engine == "layerwise":
-        budget = int(min(resolve_memory_budget(memory_budget), 2**62))
-        bar = PassProgress(progress)
+    if not options.generic:
+        budget = int(min(options.memory_budget if work is None else work, 2**62))
+        bar = PassProgress(options.progress)
         try:
             grams, report = layerwise_gram(
-                lin, chunk, budget, groups, strategy, bar, acc_dtype
+                lin, chunk, budget, groups, options.strategy, bar, acc_dtype
             )
         finally:
             bar.close()
@@ -147,4 +120,4 @@ def _offsets(numels: list[int]) -> list[int]:
     return out
 
 
-__all__ = ["ENGINES", "check_engine", "gram_from_linearization"]
+__all__ = ["gram_from_linearization", "symmetric_gram"]

@@ -39,29 +39,21 @@ from lowrank_ggn.core.engine.batchnorm import has_batch_norm
 from lowrank_ggn.core.engine.capture import ForwardCapture
 from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.inputs import ModelInputs, as_inputs
-from lowrank_ggn.core.loss_factors import loss_hessian_factors, num_factor_columns
+from lowrank_ggn.core.loss_factors import hessian_factors, num_factor_columns
 from lowrank_ggn.core.loss_registry import resolve_loss
-from lowrank_ggn.core.loss_sampling import (
-    check_mc_samples,
-    sampled_loss_hessian_factors,
-)
+from lowrank_ggn.core.loss_sampling import sampled_factors
 from lowrank_ggn.core.loss_targets import check_targets
 from lowrank_ggn.core.model import FunctionalModel
-from lowrank_ggn.core.outputs import OutputSpec, check_output
+from lowrank_ggn.core.modes import PathName
+from lowrank_ggn.core.options import DEFAULT_CHUNK, GGNOptions
 from lowrank_ggn.core.paths import (
-    FULL_BATCH,
     PER_SAMPLE,
     EnginePath,
-    PathName,
     check_deterministic,
-    check_path,
     choose_path,
 )
-from lowrank_ggn.core.subsampling import check_subsampling, subsample_factors
-from lowrank_ggn.core.validation import check_call, check_outputs, check_params_finite
-
-#: Columns processed together in one vmapped backward pass, unless overridden.
-DEFAULT_CHUNK = 64
+from lowrank_ggn.core.subsampling import subsample_factors
+from lowrank_ggn.core.validation import check_outputs, check_params_finite
 
 
 @dataclass
@@ -212,7 +204,10 @@ class Linearization:
             for start in range(0, NS, samples):
                 stop = min(NS, start + samples)
                 blocks = per_sample_vjps(
-                    self.fmodel, X.select(slice(start, stop)), S[start:stop], columns=True
+                    self.fmodel,
+                    X.select(slice(start, stop)),
+                    S[start:stop],
+                    columns=True,
                 )
                 flat = self.fmodel.flatten(blocks, batch_dims=2)  # [B, C, D]
                 yield slice(start * C, stop * C), flat.flatten(0, 1)
@@ -230,21 +225,16 @@ class Linearization:
 
 def linearize(
     model: nn.Module,
-    loss_func: object,
-    inputs: object,
+    loss_func: nn.Module,
+    inputs: ModelInputs | Tensor,
     targets: object,
     params: Sequence[Tensor] | None = None,
-    path: str | None = None,
-    mc_samples: int | None = None,
-    generator: torch.Generator | None = None,
-    subsampling: Sequence[int] | Tensor | None = None,
-    memory_budget: float | None = None,
+    options: GGNOptions | None = None,
+    sample_index: Tensor | None = None,
     capture: bool = True,
-    validated: bool = False,
     batch_size: int | None = None,
-    output: OutputSpec = None,
 ) -> Linearization:
-    """Check the input, run one forward pass (with its graph) and choose the path.
+    """Run one forward pass (with its graph), check the targets and choose the path.
 
     Forward passes: this one, on the live parameters with the autograd graph that
     every later backward pass shares (and, with ``capture``, the Gram engine's
@@ -252,8 +242,12 @@ def linearize(
     the path check's per-sample evaluation of four probe samples. The path check's
     batch side is one backward pass through the recorded graph.
 
-    The caller must hold :func:`lowrank_ggn.core.state.model_preserved` around this and
-    every use of the result.
+    The caller checked the call (:func:`lowrank_ggn.core.validation.check_call`) and
+    built ``options`` (:meth:`~lowrank_ggn.core.options.GGNOptions.of`); this
+    function checks what needs the forward pass: finite parameters, the outputs, the
+    targets against them (once), the factors' memory and the path. The caller holds
+    :func:`lowrank_ggn.core.state.model_preserved` around this and every use of the
+    result.
 
     Args:
         model: Any module that maps ``inputs`` to ``[N, *out]``.
@@ -264,74 +258,60 @@ def linearize(
             (keyword) of entries (:mod:`lowrank_ggn.core.inputs`).
         targets: Its targets.
         params: Parameters to differentiate; default: those that require grad.
-        path: Force ``"per_sample"`` or ``"full_batch"``. ``None`` chooses safely.
-            Forcing ``"per_sample"`` on a sample-mixing model gives a wrong GGN; it
-            exists to demonstrate exactly that.
-        mc_samples: ``M`` Monte-Carlo factor columns per sample instead of the ``C``
-            exact ones (:func:`lowrank_ggn.core.loss_sampling.sampled_loss_hessian_factors`).
-        generator: ``torch.Generator`` for the Monte-Carlo draws.
-        subsampling: Batch positions whose curvature is kept, scaled by ``N/|S|`` for
-            ``'mean'`` (:mod:`lowrank_ggn.core.subsampling`); the forward pass still uses
-            the whole batch.
-        memory_budget: Bytes the loss-Hessian factors ``S`` may take (see
-            :mod:`lowrank_ggn.core.budget`); ``None``: environment or default.
+        options: ``path`` (a forced ``"per_sample"`` on a sample-mixing model is
+            refused), ``mc_samples`` and ``generator`` (Monte-Carlo factors,
+            :func:`lowrank_ggn.core.loss_sampling.sampled_loss_hessian_factors`),
+            ``memory_budget`` (bytes ``S`` may take) and ``output``; default:
+            :class:`~lowrank_ggn.core.options.GGNOptions` ``()``.
+        sample_index: Checked batch positions whose curvature is kept, scaled by
+            ``N/|S|`` for ``'mean'`` (:mod:`lowrank_ggn.core.subsampling`); the
+            forward pass still uses the whole batch.
         capture: Record the pass for the Gram engine
             (:class:`~lowrank_ggn.core.engine.capture.ForwardCapture`).
-        validated: The caller has run the checks that need no forward pass
-            (:func:`lowrank_ggn.core.validation.check_call`, ``mc_samples``,
-            ``path``) and passes the resolved ``params``: they are not repeated.
         batch_size: ``N`` when the first input entry is not batched.
-        output: Which tensor of the model's return value is ``F``
-            (:mod:`lowrank_ggn.core.outputs`).
 
     Returns:
         The :class:`Linearization`.
 
     """
-    if validated:
-        selected = list(params)
-    else:
-        selected = check_call(model, loss_func, inputs, params, targets, batch_size)
-        check_mc_samples(mc_samples, generator)
-        check_path(path)
-        check_output(output)
+    options = GGNOptions() if options is None else options
+    path, budget = options.path, options.memory_budget
+    selected = (
+        [p for p in model.parameters() if p.requires_grad]
+        if params is None
+        else list(params)
+    )
     inputs = as_inputs(inputs, batch_size)
     loss_func = resolve_loss(loss_func)
-    index = None
-    if subsampling is not None:
-        index = check_subsampling(subsampling, inputs.size, inputs.device)
-    fmodel = FunctionalModel(model, selected, output)
+    fmodel = FunctionalModel(model, selected, options.output)
     check_params_finite(fmodel.params, fmodel.names)
     cap = None
     if capture:
-        with_bns = path == FULL_BATCH or has_batch_norm(model)
+        with_bns = path is PathName.FULL_BATCH or has_batch_norm(model)
         cap = ForwardCapture(model, {id(p) for p in fmodel.params}, with_bns)
     with torch.enable_grad(), cap.recording(inputs.size) if cap else nullcontext():
         graph = fmodel(tuple(fmodel.params), inputs)
     check_outputs(graph, inputs.size)
     outputs = graph.detach()
     check_targets(loss_func, outputs, targets)
+    M = options.mc_samples
     check_factor_memory(
-        outputs.shape[0] if index is None else index.numel(),
-        mc_samples or num_factor_columns(loss_func, outputs.shape),
+        outputs.shape[0] if sample_index is None else sample_index.numel(),
+        M or num_factor_columns(loss_func, outputs.shape),
         outputs[0].numel(),
         outputs.element_size(),
-        memory_budget,
+        budget,
     )
     chosen = choose_path(fmodel, inputs, outputs, graph)
     # against an unmodified pass: the capture's substitutions must not show
     check_deterministic(fmodel, inputs, outputs)
-    if mc_samples is None:
-        factors = loss_hessian_factors(
-            loss_func, outputs, targets, memory_budget=memory_budget
-        )
+    if M is None:
+        factors = hessian_factors(loss_func, outputs, targets, budget)
     else:
-        factors = sampled_loss_hessian_factors(
-            loss_func, outputs, targets, mc_samples, generator, memory_budget=memory_budget
-        )
-    if index is not None:
-        factors = subsample_factors(loss_func, factors, index)
-    if path == PER_SAMPLE and chosen.mixing_modules:
+        factors = sampled_factors(loss_func, outputs, targets, options)
+    if sample_index is not None:
+        factors = subsample_factors(loss_func, factors, sample_index)
+    if path is PathName.PER_SAMPLE and chosen.mixing_modules:
         raise ValueError(
             f"path='per_sample' is invalid for this model: {', '.join(chosen.mixing_modules)} "
             "normalize with batch statistics, so per-sample Jacobians do not exist. "
@@ -339,8 +319,8 @@ def linearize(
         )
     if path is not None and path != chosen.name:
         chosen = EnginePath(
-            PathName(path),
-            f"forced by path={path!r} (automatic choice: {chosen})",
+            path,
+            f"forced by path={path.value!r} (automatic choice: {chosen})",
             chosen.mixing_modules,
             chosen.sample_mixing,
         )
@@ -352,7 +332,7 @@ def linearize(
         outputs,
         factors,
         chosen,
-        index,
+        sample_index,
         graph=graph,
         capture=cap,
     )

@@ -161,6 +161,20 @@ def loss_hessian_factors(
     """
     loss_func = resolve_loss(loss_func)
     check_targets(loss_func, outputs, targets)
+    return hessian_factors(loss_func, outputs, targets, memory_budget)
+
+
+def hessian_factors(
+    loss_func: nn.Module,
+    outputs: Tensor,
+    targets: object,
+    memory_budget: float | None = None,
+) -> Tensor:
+    """:func:`loss_hessian_factors` of a resolved loss whose targets were checked.
+
+    The linearisation checks each batch's targets once, before its path check, and
+    calls this.
+    """
     if isinstance(loss_func, AutodiffLoss):
         if loss_func.positions is not None:  # cross-entropy over positions
             return position_factors(outputs, loss_func.positions)

@@ -31,6 +31,7 @@ Gauss-Newton's low-rank structure*, TMLR 2022, https://arxiv.org/abs/2106.02624.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,9 @@ from lowrank_ggn.core.loss_positions import (
 )
 from lowrank_ggn.core.loss_registry import resolve_loss
 from lowrank_ggn.core.loss_targets import check_targets
+
+if TYPE_CHECKING:
+    from lowrank_ggn.core.options import GGNOptions
 
 
 def check_generator(generator: object) -> None:
@@ -157,6 +161,36 @@ def sampled_loss_hessian_factors(
     loss_func = resolve_loss(loss_func)
     check_targets(loss_func, outputs, targets)
     check_mc_samples(mc_samples, generator)
+    return _sampled(loss_func, outputs, targets, mc_samples, generator, memory_budget)
+
+
+def sampled_factors(
+    loss_func: nn.Module, outputs: Tensor, targets: object, options: GGNOptions
+) -> Tensor:
+    """:func:`sampled_loss_hessian_factors` of a resolved loss and checked targets.
+
+    ``M``, the generator and the memory budget come from ``options``; the
+    linearisation checks each batch's targets once and calls this.
+    """
+    return _sampled(
+        loss_func,
+        outputs,
+        targets,
+        options.mc_samples,
+        options.generator,
+        options.memory_budget,
+    )
+
+
+def _sampled(
+    loss_func: nn.Module,
+    outputs: Tensor,
+    targets: object,
+    mc_samples: int,
+    generator: torch.Generator | None,
+    memory_budget: float | None,
+) -> Tensor:
+    """The draw (arguments as for :func:`sampled_loss_hessian_factors`)."""
     if isinstance(loss_func, AutodiffLoss):
         if loss_func.positions is not None:  # cross-entropy over positions
             u = _uniform((mc_samples, *outputs.shape[:-1]), outputs, generator)

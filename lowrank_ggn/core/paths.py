@@ -32,7 +32,6 @@ parameters (:func:`check_deterministic`).
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 import torch
@@ -42,21 +41,8 @@ from torch.func import vjp, vmap
 from lowrank_ggn.core.autodiff import no_rule, quiet_fallbacks, vmappable
 from lowrank_ggn.core.inputs import ModelInputs, as_inputs
 from lowrank_ggn.core.model import FunctionalModel, module_label
+from lowrank_ggn.core.modes import PathName
 from lowrank_ggn.core.tolerances import roundoff_close
-
-
-class PathName(str, enum.Enum):
-    """The engine's two paths (a ``str``: ``PathName.FULL_BATCH == "full_batch"``)."""
-
-    PER_SAMPLE = "per_sample"
-    FULL_BATCH = "full_batch"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __repr__(self) -> str:
-        return repr(self.value)
-
 
 PER_SAMPLE = PathName.PER_SAMPLE
 FULL_BATCH = PathName.FULL_BATCH
@@ -84,14 +70,6 @@ class EnginePath:
 
     def __str__(self) -> str:
         return f"{self.name}: {self.reason}"
-
-
-def check_path(path: str | None) -> None:
-    """``path`` must be ``None``, ``"per_sample"`` or ``"full_batch"``."""
-    if path not in (None, PER_SAMPLE, FULL_BATCH):
-        raise ValueError(
-            f"path must be None, {PER_SAMPLE!r} or {FULL_BATCH!r}; got {path!r}."
-        )
 
 
 def uses_batch_statistics(module: nn.Module) -> bool:

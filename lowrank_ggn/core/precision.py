@@ -65,28 +65,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lowrank_ggn.core.modes import Accumulate
 from lowrank_ggn.core.tolerances import RESOLVED_RTOL
 
-#: ``accumulate=`` values: where the Gram is summed and ``eigh`` runs.
-ACCUMULATE = ("float64", "native")
 #: Calibrated constants of the three stages (see the module docstring).
 C_FACTOR = 64.0
 C_SUM = 1.0
 C_EIGH = 4.0
+
 #: Parameter dtypes for which ``accumulate=None`` means float64.
 _LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_accumulate(accumulate: str | None) -> None:
-    """Refuse an unknown ``accumulate`` (before any model call)."""
-    if accumulate is not None and accumulate not in ACCUMULATE:
-        raise ValueError(
-            f"accumulate must be None (float64 for float32 models), 'float64' or "
-            f"'native'; got {accumulate!r}."
-        )
-
-
-def accumulation_dtype(param_dtype: torch.dtype, accumulate: str | None) -> torch.dtype:
+def accumulation_dtype(
+    param_dtype: torch.dtype, accumulate: Accumulate | str | None
+) -> torch.dtype:
     """The dtype the Gram is summed and diagonalised in.
 
     ``None``: float64 for float32/float16/bfloat16 parameters (the measured cost on CPUs
@@ -98,7 +91,6 @@ def accumulation_dtype(param_dtype: torch.dtype, accumulate: str | None) -> torc
         >>> accumulation_dtype(torch.float32, "native")
         torch.float32
     """
-    check_accumulate(accumulate)
     if accumulate == "native":
         return param_dtype
     if accumulate == "float64" or param_dtype in _LOW_PRECISION:
@@ -189,7 +181,6 @@ def resolved(
 
 
 __all__ = [
-    "ACCUMULATE",
     "C_EIGH",
     "C_FACTOR",
     "C_SUM",
@@ -197,6 +188,5 @@ __all__ = [
     "RESOLVED_RTOL",
     "accumulation_dtype",
     "accumulation_name",
-    "check_accumulate",
     "resolved",
 ]

@@ -33,10 +33,21 @@ LANCZOS_PRODUCTS_PER_EIGENPAIR = 5
 
 
 def check_solver(
-    solver: str, top_k: int | None, param_groups: object, engine: str
+    solver: str,
+    top_k: int | None,
+    generic: bool = False,
+    allowed: tuple[Solver, ...] = tuple(Solver),
 ) -> Solver:
-    """Check ``solver`` against the other options (before any model call)."""
-    names = tuple(s.value for s in Solver)
+    """``solver`` as a :class:`Solver`, checked against the other options (no model call).
+
+    Args:
+        solver: The user's string.
+        top_k: The eigenpairs wanted (a matrix-free solver needs it).
+        generic: ``engine="generic"`` (explicit ``Vᵀ``): dense only.
+        allowed: The solvers of the calling entry (the data-set path has no
+            ``"auto"``).
+    """
+    names = tuple(s.value for s in allowed)
     if solver not in names:
         raise ValueError(f"solver must be one of {names}; got {solver!r}.")
     chosen = Solver(solver)
@@ -45,13 +56,13 @@ def check_solver(
     if top_k is None:
         raise ValueError(
             f"solver={solver!r} needs top_k: a matrix-free solver finds the top_k "
-            "eigenpairs only. Pass top_k=k, or use solver='dense' for every "
+            "eigenpairs only; pass top_k=k, or use solver='dense' for every "
             "nonzero eigenvalue."
         )
-    if param_groups is not None or engine != "layerwise":
+    if generic:
         raise ValueError(
             f"solver={solver!r} works on the whole GGN with engine='layerwise'; drop "
-            "param_groups/engine, or use solver='dense'."
+            "engine='generic', or use solver='dense'."
         )
     return chosen
 

@@ -307,6 +307,13 @@ def check_eigenvectors(eigenvectors: bool | int) -> None:
         )
 
 
+def eigenvector_count(eigenvectors: bool | int, top_k: int | None) -> int:
+    """How many eigenvectors a spectrum call returns at most (``2**40``: all)."""
+    if eigenvectors is True:
+        return top_k or 2**40
+    return int(eigenvectors)
+
+
 def spectrum_result(
     lin: Linearization,
     pairs: GramEigenpairs,

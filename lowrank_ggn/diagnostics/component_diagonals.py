@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from lowrank_ggn.core.diagonal import GGNDiagonal, diagonal_values
-from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization
-from lowrank_ggn.core.modes import Strategy
+from lowrank_ggn.core.linearization import Linearization
+from lowrank_ggn.core.options import GGNOptions
 from lowrank_ggn.diagnostics.moments import component_context
 from lowrank_ggn.diagnostics.warnings import PerComponentResult
 
@@ -74,10 +74,8 @@ def diagonal_explanation(sample_mixing: bool, modules: tuple[str, ...]) -> str:
 
 def per_component_from_linearization(
     lin: Linearization,
-    chunk: int = DEFAULT_CHUNK,
-    budget: int = 4 * 2**30,
-    engine: str = "layerwise",
-    strategy: Strategy | None = None,
+    options: GGNOptions,
+    work: float,
     mc_samples: int | None = None,
 ) -> PerComponentDiagonals:
     """Per-component diagonals ``d_n`` of ``lin``'s factors (arguments as above).
@@ -85,9 +83,7 @@ def per_component_from_linearization(
     :meth:`PerComponentDiagonals.warn` issues the
     :class:`~lowrank_ggn.diagnostics.warnings.SampleMixingWarning`.
     """
-    values, route, report = diagonal_values(
-        lin, chunk, budget, engine, strategy, per_component=True
-    )
+    values, route, report = diagonal_values(lin, options, work, per_component=True)
     NS = lin.num_samples
     rows = [v.reshape(NS, *p.shape) for v, p in zip(values, lin.fmodel.params)]
     total = GGNDiagonal(

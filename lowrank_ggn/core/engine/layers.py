@@ -34,7 +34,6 @@ functions) stays generic.
 
 from __future__ import annotations
 
-import enum
 import math
 
 import torch
@@ -47,6 +46,7 @@ from lowrank_ggn.core.engine.operands import (
     IndexOperand,
     Operand,
 )
+from lowrank_ggn.core.modes import Mode
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -55,7 +55,7 @@ _NORMS = tuple(
 )
 
 
-class Kind(str, enum.Enum):
+class Kind(Mode):
     """How a captured module's operands are built."""
 
     LINEAR = "linear"
@@ -64,9 +64,6 @@ class Kind(str, enum.Enum):
     EMBEDDING = "embedding"
     EMBEDDING_BAG = "embedding_bag"
     NORM = "norm"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def _inherits(m: nn.Module, base: type, *names: str) -> bool:

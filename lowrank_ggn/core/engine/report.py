@@ -33,13 +33,12 @@ data, so its report lists no layers).
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
-from lowrank_ggn.core.modes import Solver, Strategy  # re-exported: their old home
+from lowrank_ggn.core.modes import Mode, Solver, Strategy  # re-exported: their old home
 
 
-class LayerTreatment(str, enum.Enum):
+class LayerTreatment(Mode):
     """How one layer's contribution ``V_lᵀ V_l`` to the Gram matrix was added.
 
     ``KRONECKER`` and ``LOCAL_EXPLICIT`` are per-sample (the layer's gradients vanish
@@ -64,9 +63,6 @@ class LayerTreatment(str, enum.Enum):
     def local(self) -> bool:
         """Whether the layer's per-column gradients are per-sample."""
         return self in (LayerTreatment.KRONECKER, LayerTreatment.LOCAL_EXPLICIT)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass
