@@ -18,8 +18,8 @@ from lowrank_ggn.core.budget import MemoryBudgetExceeded, MemoryBudgetWarning
 from lowrank_ggn.core.diagonal import GGNDiagonal
 from lowrank_ggn.core.loss_autodiff import AutodiffLoss
 from lowrank_ggn.core.loss_factors import loss_hessian_factors
-from lowrank_ggn.core.loss_registry import resolve_loss
 from lowrank_ggn.core.loss_sampling import sampled_loss_hessian_factors
+from lowrank_ggn.core.losses.registry import resolve_loss
 from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.spectrum import GGNSpectrum, NearZeroEigenvalueWarning
 from lowrank_ggn.core.state import AutocastDisabledWarning

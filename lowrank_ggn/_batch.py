@@ -40,7 +40,7 @@ from lowrank_ggn.core.gram import gram_from_linearization
 from lowrank_ggn.core.inputs import as_inputs
 from lowrank_ggn.core.linearization import Linearization, linearize
 from lowrank_ggn.core.loss_factors import num_factor_columns
-from lowrank_ggn.core.loss_registry import resolve_loss
+from lowrank_ggn.core.losses.registry import resolve_loss
 from lowrank_ggn.core.model import FunctionalModel
 from lowrank_ggn.core.modes import PathName
 from lowrank_ggn.core.options import GGNOptions

@@ -21,8 +21,8 @@ from lowrank_ggn import ggn_spectrum, gram_matrix, sampled_loss_hessian_factors
 from lowrank_ggn.core import loss_autodiff
 from lowrank_ggn.core.loss_autodiff import AutodiffLoss, check_structure
 from lowrank_ggn.core.loss_factors import loss_hessian_factors, sample_weight
-from lowrank_ggn.core.loss_registry import resolve_loss
 from lowrank_ggn.core.loss_targets import check_targets
+from lowrank_ggn.core.losses.registry import resolve_loss
 from lowrank_ggn.reference import (
     dense_ggn,
     dense_jacobian,

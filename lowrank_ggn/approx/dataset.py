@@ -58,7 +58,7 @@ from lowrank_ggn.approx.dataset_solvers import (
     lanczos_pairs,
 )
 from lowrank_ggn.approx.distributed import Comm, check_sync_batch_norm
-from lowrank_ggn.core.loss_registry import check_loss_func, resolve_loss
+from lowrank_ggn.core.losses.registry import check_loss_func, resolve_loss
 from lowrank_ggn.core.modes import Solver
 from lowrank_ggn.core.options import DEFAULT_CHUNK, GGNOptions
 from lowrank_ggn.core.outputs import OutputSpec

@@ -40,9 +40,9 @@ from lowrank_ggn.core.engine.capture import ForwardCapture
 from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.inputs import ModelInputs, as_inputs
 from lowrank_ggn.core.loss_factors import hessian_factors, num_factor_columns
-from lowrank_ggn.core.loss_registry import resolve_loss
 from lowrank_ggn.core.loss_sampling import sampled_factors
 from lowrank_ggn.core.loss_targets import check_targets
+from lowrank_ggn.core.losses.registry import resolve_loss
 from lowrank_ggn.core.model import FunctionalModel
 from lowrank_ggn.core.modes import PathName
 from lowrank_ggn.core.options import DEFAULT_CHUNK, GGNOptions

@@ -43,7 +43,9 @@ a loss found to be cross-entropy over positions with classes last (language mode
 ``ignore_index``) gets the cross-entropy closed form per position
 (:mod:`lowrank_ggn.core.loss_positions`), never a ``[T·V, T·V]`` Hessian.
 
-The targets are checked by :mod:`lowrank_ggn.core.loss_targets`; Monte-Carlo factors
+Each closed form is one class of :mod:`lowrank_ggn.core.losses` (targets check,
+``ρ``, ``C``, factors, sampled factors), found by its registry; this module
+dispatches to it. The targets are checked by :mod:`lowrank_ggn.core.loss_targets`; Monte-Carlo factors
 with ``M`` sampled columns per sample are in :mod:`lowrank_ggn.core.loss_sampling`.
 
 Reference: Dangel, Tatzel & Hennig, *ViViT: Curvature access through the generalized
@@ -63,9 +65,9 @@ from lowrank_ggn.core.loss_autodiff import (
     sample_weight_of,
 )
 from lowrank_ggn.core.loss_hessians import autodiff_hessian_factors
-from lowrank_ggn.core.loss_positions import ce_factors, position_factors
-from lowrank_ggn.core.loss_registry import resolve_loss
+from lowrank_ggn.core.loss_positions import position_factors
 from lowrank_ggn.core.loss_targets import check_targets
+from lowrank_ggn.core.losses.registry import closed_form, resolve_loss
 
 
 def num_factor_columns(loss_func: nn.Module, output_shape: torch.Size) -> int:
@@ -76,7 +78,10 @@ def num_factor_columns(loss_func: nn.Module, output_shape: torch.Size) -> int:
     ``C`` is the largest rank of the per-sample Hessians, known only once they are
     factorised (memory checks stay conservative).
     """
-    return math.prod(output_shape[1:])
+    form = closed_form(loss_func)
+    return (
+        math.prod(output_shape[1:]) if form is None else form.num_columns(output_shape)
+    )
 
 
 def reduction_factor(loss_func: nn.Module, outputs: Tensor) -> float:
@@ -87,11 +92,7 @@ def reduction_factor(loss_func: nn.Module, outputs: Tensor) -> float:
     """
     if isinstance(loss_func, AutodiffLoss):
         return sample_weight_of(loss_func.reduction, outputs.shape[0])
-    if loss_func.reduction == "sum":
-        return 1.0
-    if isinstance(loss_func, nn.CrossEntropyLoss):
-        return 1.0 / (outputs.shape[0] * math.prod(outputs.shape[2:]))
-    return 1.0 / outputs.numel()
+    return closed_form(loss_func).rho(loss_func, outputs)
 
 
 def sample_weight(loss_func: nn.Module, batch_size: int) -> float:
@@ -179,22 +180,4 @@ def hessian_factors(
         if loss_func.positions is not None:  # cross-entropy over positions
             return position_factors(outputs, loss_func.positions)
         return autodiff_hessian_factors(loss_func, outputs, targets, memory_budget)
-    outputs = outputs.detach()
-    rho = reduction_factor(loss_func, outputs)
-    N, out_shape = outputs.shape[0], outputs.shape[1:]
-
-    if isinstance(loss_func, nn.CrossEntropyLoss):
-        probs = outputs.softmax(dim=1)  # [N, K, *pos]
-        weight = rho * (targets.sum(1) if targets.is_floating_point() else 1.0)
-        return ce_factors(probs, weight)
-
-    C = math.prod(out_shape)
-    if isinstance(loss_func, nn.MSELoss):
-        diag = torch.full_like(outputs, math.sqrt(2.0 * rho)).reshape(N, C)
-    else:  # BCEWithLogitsLoss
-        # σ(x)(1 − σ(x)) = σ(x) σ(−x), accurate for large |x|
-        diag = (rho * outputs.sigmoid() * (-outputs).sigmoid()).sqrt().reshape(N, C)
-    eye = torch.eye(C, dtype=outputs.dtype, device=outputs.device)
-    # S[c, n, :] = diag[n, c] e_c
-    S = eye.unsqueeze(1) * diag.T.unsqueeze(-1)  # [C, N, C]
-    return S.reshape(C, N, *out_shape)
+    return closed_form(loss_func).factors(loss_func, outputs.detach(), targets)

@@ -1,107 +1,12 @@
-"""Which losses have closed-form factors, and every other loss wrapped for autodiff.
+"""The loss registry's former home: see :mod:`lowrank_ggn.core.losses.registry`."""
 
-The closed-form losses (exact ``CrossEntropyLoss``, ``MSELoss``,
-``BCEWithLogitsLoss`` with default options) get their factors from
-:mod:`lowrank_ggn.core.loss_factors`; every other callable becomes an
-:class:`~lowrank_ggn.core.loss_autodiff.AutodiffLoss`. The targets checks
-(:mod:`lowrank_ggn.core.loss_targets`) and the factors both build on this module.
-"""
-
-from __future__ import annotations
-
-from torch import nn
-
-from lowrank_ggn.core.loss_autodiff import MODULE_REDUCTIONS, AutodiffLoss
-
-#: Losses with closed-form factors (exact types, default options).
-SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
-
-#: Losses whose class-index targets are checked like cross-entropy's.
-CLASS_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
-
-
-def check_loss_func(loss_func: object) -> None:
-    """Raise if ``loss_func`` cannot be a per-sample loss plus reduction.
-
-    Accepts any callable ``loss_func(outputs, targets) -> scalar`` (a loss module or
-    a function); whether it has the structure is checked numerically on the first
-    batch (:func:`~lowrank_ggn.core.loss_targets.check_targets`). Refused here,
-    before any forward pass:
-
-    Raises:
-        TypeError: If ``loss_func`` is not callable.
-        NotImplementedError: For a module with ``reduction`` other than ``'mean'``,
-            ``'batchmean'`` or ``'sum'`` (``'none'``: no scalar loss), and for
-            ``CrossEntropyLoss``/``NLLLoss`` with class weights and
-            ``reduction='mean'``, which divide by the batch's total weight
-            ``Σ_n w_{y_n}`` instead of a fixed ``ρ``.
-
-    """
-    if isinstance(loss_func, AutodiffLoss):
-        return
-    if not callable(loss_func):
-        raise TypeError(
-            "loss_func must be callable as loss_func(outputs, targets) -> scalar (a "
-            f"torch.nn loss module or a function); got {type(loss_func).__name__}. "
-            "Pass e.g. torch.nn.CrossEntropyLoss()."
-        )
-    if not isinstance(loss_func, nn.Module):
-        return
-    name = type(loss_func).__name__
-    reduction = getattr(loss_func, "reduction", None)
-    if reduction is not None and reduction not in MODULE_REDUCTIONS:
-        raise NotImplementedError(
-            f"loss_func.reduction={reduction!r} is not supported: the GGN needs a "
-            "scalar loss. Use reduction='mean' or 'sum'."
-        )
-    if (
-        isinstance(loss_func, CLASS_LOSSES)
-        and getattr(loss_func, "weight", None) is not None
-        and reduction == "mean"
-    ):
-        raise NotImplementedError(
-            f"{name}(weight=...) with reduction='mean' is not supported: it divides "
-            "by the batch's total class weight Σ_n w[y_n], not by a fixed number, so "
-            "the loss is not ρ Σ_n ℓ_n. Use reduction='sum' (divide by your own "
-            "constant if needed) or drop weight."
-        )
-
-
-def has_closed_form(loss_func: object) -> bool:
-    """Whether ``loss_func`` has closed-form factors: exact type, default options."""
-    return (
-        type(loss_func) in SUPPORTED_LOSSES
-        and getattr(loss_func, "weight", None) is None
-        and getattr(loss_func, "pos_weight", None) is None
-        and getattr(loss_func, "label_smoothing", 0.0) == 0.0
-    )
-
-
-def resolve_loss(loss_func: object) -> nn.Module:
-    """The loss as the engine uses it.
-
-    Closed-form losses (exact ``CrossEntropyLoss``, ``MSELoss``,
-    ``BCEWithLogitsLoss`` without weights or label smoothing) are returned
-    unchanged; every other loss is wrapped in an
-    :class:`~lowrank_ggn.core.loss_autodiff.AutodiffLoss` (a wrapper is returned as
-    it is). Pass one resolved loss to every batch: its ``reduction`` is fixed by the
-    first batch that determines it.
-
-    Raises:
-        TypeError, NotImplementedError: See :func:`check_loss_func`.
-
-    Example:
-        >>> import torch
-        >>> assert type(resolve_loss(torch.nn.MSELoss())) is torch.nn.MSELoss
-        >>> wrapped = resolve_loss(torch.nn.HuberLoss(reduction="sum"))
-        >>> assert wrapped.reduction == "sum" and resolve_loss(wrapped) is wrapped
-
-    """
-    check_loss_func(loss_func)
-    if isinstance(loss_func, AutodiffLoss) or has_closed_form(loss_func):
-        return loss_func
-    return AutodiffLoss(loss_func)
-
+from lowrank_ggn.core.losses.registry import (  # re-exported: the old import path
+    CLASS_LOSSES,
+    SUPPORTED_LOSSES,
+    check_loss_func,
+    has_closed_form,
+    resolve_loss,
+)
 
 __all__ = [
     "CLASS_LOSSES",

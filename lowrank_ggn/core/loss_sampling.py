@@ -30,21 +30,19 @@ Gauss-Newton's low-rank structure*, TMLR 2022, https://arxiv.org/abs/2106.02624.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from lowrank_ggn.core.loss_autodiff import AutodiffLoss
-from lowrank_ggn.core.loss_factors import reduction_factor
 from lowrank_ggn.core.loss_hessians import autodiff_hessian_factors, gaussian_sketch
 from lowrank_ggn.core.loss_positions import (
-    ce_sampled_factors,
     sampled_position_factors,
 )
-from lowrank_ggn.core.loss_registry import resolve_loss
 from lowrank_ggn.core.loss_targets import check_targets
+from lowrank_ggn.core.losses.base import uniform
+from lowrank_ggn.core.losses.registry import closed_form, resolve_loss
 
 if TYPE_CHECKING:
     from lowrank_ggn.core.options import GGNOptions
@@ -82,15 +80,6 @@ def check_mc_samples(mc_samples: int | None, generator: object = None) -> None:
             "generator is only used with mc_samples=M (Monte-Carlo factors); pass "
             "mc_samples or drop generator."
         )
-
-
-def _uniform(
-    shape: tuple[int, ...], outputs: Tensor, generator: torch.Generator | None
-) -> Tensor:
-    """``U(0, 1)`` draws, made on the generator's device, returned on ``outputs``'."""
-    device = outputs.device if generator is None else generator.device
-    u = torch.rand(shape, generator=generator, dtype=outputs.dtype, device=device)
-    return u.to(outputs.device)
 
 
 def sampled_loss_hessian_factors(
@@ -193,22 +182,11 @@ def _sampled(
     """The draw (arguments as for :func:`sampled_loss_hessian_factors`)."""
     if isinstance(loss_func, AutodiffLoss):
         if loss_func.positions is not None:  # cross-entropy over positions
-            u = _uniform((mc_samples, *outputs.shape[:-1]), outputs, generator)
+            u = uniform((mc_samples, *outputs.shape[:-1]), outputs, generator)
             return sampled_position_factors(outputs, loss_func.positions, u)
         exact = autodiff_hessian_factors(loss_func, outputs, targets, memory_budget)
         return gaussian_sketch(exact, mc_samples, generator)
-    outputs = outputs.detach()
-    rho, M = reduction_factor(loss_func, outputs), mc_samples
-
-    if isinstance(loss_func, nn.CrossEntropyLoss):
-        probs = outputs.softmax(dim=1)  # [N, K, *pos]
-        u = _uniform((M, *probs.shape[:1], *probs.shape[2:]), outputs, generator)
-        weight = targets.sum(1) if targets.is_floating_point() else 1.0
-        return ce_sampled_factors(probs, rho * weight, u)
-
-    u = _uniform((M, *outputs.shape), outputs, generator)  # [M, N, *out]
-    if isinstance(loss_func, nn.MSELoss):
-        z = torch.where(u < 0.5, -1.0, 1.0).to(outputs.dtype)
-        return z * math.sqrt(2.0 * rho / M)
-    sigma = outputs.sigmoid()  # BCEWithLogitsLoss
-    return ((u < sigma).to(outputs.dtype) - sigma) * math.sqrt(rho / M)
+    form = closed_form(loss_func)
+    return form.sampled_factors(
+        loss_func, outputs.detach(), targets, mc_samples, generator
+    )

@@ -32,7 +32,9 @@ from torch import Tensor, nn
 
 from lowrank_ggn.core.inputs import ModelInputs
 from lowrank_ggn.core.loss_autodiff import AutodiffLoss, check_structure
-from lowrank_ggn.core.loss_registry import CLASS_LOSSES, has_closed_form, resolve_loss
+from lowrank_ggn.core.losses.base import check_batch_size, check_target_tensor
+from lowrank_ggn.core.losses.cross_entropy import check_class_targets
+from lowrank_ggn.core.losses.registry import CLASS_LOSSES, closed_form, resolve_loss
 
 
 def _check_outputs(outputs: Tensor) -> None:
@@ -51,76 +53,6 @@ def _check_outputs(outputs: Tensor) -> None:
         raise ValueError("outputs contain NaN or Inf; the loss Hessian is undefined.")
 
 
-def _check_target_tensor(
-    target: Tensor, outputs: Tensor, label: str = "targets"
-) -> None:
-    """Device and finiteness of one target tensor."""
-    if target.device != outputs.device:
-        raise ValueError(
-            f"{label} are on {target.device} but the outputs on {outputs.device}; "
-            f"move them with {label}.to({str(outputs.device)!r})."
-        )
-    if target.is_floating_point() and not torch.isfinite(target).all():
-        raise ValueError(
-            f"{label} contain NaN or Inf; clean the batch first (torch.isfinite)."
-        )
-
-
-def _check_batch_size(targets: Tensor, outputs: Tensor) -> None:
-    if targets.shape[:1] != outputs.shape[:1]:
-        raise ValueError(
-            f"targets have batch size {targets.shape[0] if targets.dim() else 'none'} "
-            f"but the model outputs have batch size {outputs.shape[0]}; pass one "
-            "target per input sample."
-        )
-
-
-def _check_class_targets(
-    name: str, ignore_index: int, outputs: Tensor, targets: Tensor
-) -> None:
-    """Cross-entropy targets: class indices ``[N, *pos]`` or probabilities ``[N, K, *pos]``."""
-    if outputs.dim() < 2:
-        raise ValueError(
-            f"{name} needs outputs [N, K, ...] with a class dimension; got model "
-            f"outputs of shape {tuple(outputs.shape)}."
-        )
-    K = outputs.shape[1]
-    if targets.is_floating_point():
-        if targets.shape != outputs.shape:
-            raise ValueError(
-                f"{name} with probability targets needs targets of the output "
-                f"shape {tuple(outputs.shape)}; got {tuple(targets.shape)}."
-            )
-        if (targets < 0).any():
-            raise ValueError(
-                f"{name} probability targets must be non-negative, else the loss "
-                "Hessian is not positive semi-definite; got a negative entry."
-            )
-        return
-    if targets.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
-        raise TypeError(
-            f"{name} targets must be class indices (integer dtype) or class "
-            f"probabilities (floating dtype); got dtype {targets.dtype}."
-        )
-    expected = outputs.shape[:1] + outputs.shape[2:]
-    if targets.shape != expected:
-        raise ValueError(
-            f"{name} class-index targets must have shape {tuple(expected)} for "
-            f"outputs {tuple(outputs.shape)}; got {tuple(targets.shape)}."
-        )
-    if (targets == ignore_index).any():
-        raise NotImplementedError(
-            f"targets contain ignore_index={ignore_index}; ignored "
-            "targets are not supported. Drop those samples from the batch."
-        )
-    lo, hi = int(targets.min()), int(targets.max())
-    if lo < 0 or hi >= K:
-        raise ValueError(
-            f"targets must lie in [0, {K}) for {name} with {K} classes; got "
-            f"values in [{lo}, {hi}]."
-        )
-
-
 def _check_autodiff_targets(
     loss_func: AutodiffLoss, outputs: Tensor, targets: object
 ) -> None:
@@ -128,7 +60,7 @@ def _check_autodiff_targets(
     if isinstance(targets, tuple):
         for i, t in enumerate(targets):
             if isinstance(t, Tensor):
-                _check_target_tensor(t, outputs, f"targets[{i}]")
+                check_target_tensor(t, outputs, f"targets[{i}]")
         ModelInputs(targets, outputs.shape[0], name="targets")  # one entry with N rows
         return
     if not isinstance(targets, Tensor):
@@ -136,13 +68,13 @@ def _check_autodiff_targets(
             "targets must be a torch.Tensor, or a tuple passed as "
             f"loss_func(outputs, *targets); got {type(targets).__name__}."
         )
-    _check_target_tensor(targets, outputs)
-    _check_batch_size(targets, outputs)
+    check_target_tensor(targets, outputs)
+    check_batch_size(targets, outputs)
     inner = loss_func.loss
     if isinstance(inner, CLASS_LOSSES) and not (
         isinstance(inner, nn.NLLLoss) and targets.is_floating_point()
     ):
-        _check_class_targets(type(inner).__name__, inner.ignore_index, outputs, targets)
+        check_class_targets(type(inner).__name__, inner.ignore_index, outputs, targets)
 
 
 def check_targets(
@@ -171,26 +103,11 @@ def check_targets(
 
     """
     _check_outputs(outputs)
-    if not has_closed_form(loss_func):
+    form = closed_form(loss_func)
+    if form is None:
         loss_func = resolve_loss(loss_func)
         _check_autodiff_targets(loss_func, outputs, targets)
         if structure:
             check_structure(loss_func, outputs, targets)
         return
-    name = type(loss_func).__name__
-    if not isinstance(targets, Tensor):
-        raise TypeError(
-            f"targets must be a torch.Tensor for {name}; got {type(targets).__name__}"
-        )
-    _check_target_tensor(targets, outputs)
-    _check_batch_size(targets, outputs)
-    if isinstance(loss_func, nn.CrossEntropyLoss):
-        _check_class_targets(name, loss_func.ignore_index, outputs, targets)
-        return
-    if targets.shape != outputs.shape:
-        raise ValueError(
-            f"{name} needs targets of the output shape {tuple(outputs.shape)}; got "
-            f"{tuple(targets.shape)}. (Broadcasting is not supported.)"
-        )
-    if not targets.is_floating_point():
-        raise TypeError(f"{name} targets must be floating point; got {targets.dtype}.")
+    form.check_targets(loss_func, outputs, targets)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lowrank_ggn.core.budget import resolve_memory_budget
 from lowrank_ggn.core.inputs import ModelInputs, as_inputs, check_entries
-from lowrank_ggn.core.loss_registry import check_loss_func
+from lowrank_ggn.core.losses.registry import check_loss_func
 
 #: Parameter dtypes the engine computes in (``eigh`` and the zero threshold need them).
 SUPPORTED_DTYPES = (torch.float32, torch.float64)

@@ -39,8 +39,8 @@ from lowrank_ggn.core.loss_autodiff import (
     sample_weight_of,
     structure_deviations,
 )
-from lowrank_ggn.core.loss_registry import resolve_loss
 from lowrank_ggn.core.loss_targets import check_targets
+from lowrank_ggn.core.losses.registry import resolve_loss
 from lowrank_ggn.core.model import FunctionalModel, labelled_module
 from lowrank_ggn.core.outputs import OutputSpec, check_output
 from lowrank_ggn.core.paths import (
