@@ -133,7 +133,7 @@ def engine_cell(r: dict) -> str:
 
 HEAD = (
     "| model | N | method | time [s] | peak RSS [GiB] | baseline RSS [GiB] "
-    "| nonzero eigenvalues |"
+    "| nonzero eigenvalues | time / floor |"
 )
 
 
@@ -141,12 +141,13 @@ def record_row(r: dict, extra: str | None = None) -> str:
     """A record as a table row (``extra``: one more cell before the engine's)."""
     head = f"| {r['model']} | {r['N']} | {r['method']} |"
     if not ok(r):
-        return head + f" {failure(r)} | | | | |" + (" |" if extra is not None else "")
+        return head + f" {failure(r)} | | | | | |" + (" |" if extra is not None else "")
     cells = [
         f"{r['time_s']:.2f}",
         gib(r["peak_rss_bytes"]),
         gib(r["baseline_rss_bytes"]),
         str(r.get("num_nonzero", "")),
+        fmt(r.get("time_over_floor")),
     ]
     if extra is not None:
         cells.append(extra)
@@ -157,7 +158,7 @@ def section(title: str, part: dict, extra: dict | None = None) -> list[str]:
     """A part's heading and its records' table (``extra``: a column by method)."""
     cells = "" if extra is None else " rel. dev. from dense |"
     lines = ["", f"## {title}{when(part)}", "", HEAD + cells + " engine |"]
-    lines.append("|---" * (8 + (extra is not None)) + "|")
+    lines.append("|---" * (9 + (extra is not None)) + "|")
     for r in part["records"]:
         more = None if extra is None else (extra.get(r["method"]) or "–")
         lines.append(record_row(r, more))
@@ -181,7 +182,11 @@ def markdown(result: dict, tag: str) -> str:
             else "(**not** for every row: those peaks include the warm-up's)"
         )
         + "; it includes the baseline resident at the call's start (Python, torch, "
-        "model, data). 1 GiB = 2³⁰ bytes; the RSS target is in GB (10⁹ bytes).",
+        "model, data). 1 GiB = 2³⁰ bytes; the RSS target is in GB (10⁹ bytes). "
+        "time / floor: the call's time over the floor of its work measured in the same "
+        "worker (`harness.floor`: one forward pass, C backward passes, the Gram's "
+        "`syrk` over the explicitly formed rows, `eigh` of the Gram; rows that ran "
+        "without it are blank).",
     ]
     if "bn_vs_plain" in parts:
         p = parts["bn_vs_plain"]

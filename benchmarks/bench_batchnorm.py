@@ -40,7 +40,10 @@ dataclass fields by name, enums as their value, anything else as ``str()``.
 Results go to ``results/batchnorm_<device>.json`` and ``.md`` (one table per part, the
 machine, and each target with whether it is met, computed from the numbers). The cases
 are in :mod:`batchnorm_cases`, the analysis and the markdown in :mod:`batchnorm_report`;
-this script drives the workers.
+this script drives the workers. The full-spectrum rows of lowrank_ggn (parts
+bn_vs_plain and resnet18) also record the floor of the work on this machine, measured
+in the worker after its timed call (:mod:`harness.floor`; ``--no-floor`` skips it),
+and ``time / floor``.
 
 Usage::
 
@@ -73,6 +76,7 @@ from batchnorm_cases import (
 )
 from batchnorm_report import analyse, markdown, targets
 from harness.cli import DEFAULT_THREADS, add_run_options, parser
+from harness.floor import floor_of, over_floor
 from harness.machine import machine
 from harness.memory import measure
 from harness.peers import available
@@ -81,11 +85,13 @@ from harness.workers import announce, outcome, previous_release, run_worker
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+FLOOR_PARTS = ("bn_vs_plain", "resnet18")  # full spectra (part lanczos: top-k only)
 
 
 # ----------------------------------------------------------------------------- worker
-def worker(case: Case, device: str, threads: int) -> dict:
-    """Warm up, then time the case's call with its own peak RSS (in this process)."""
+def worker(case: Case, device: str, threads: int, floor: bool = True) -> dict:
+    """Warm up, then time the case's call with its own peak RSS (in this process);
+    on lowrank_ggn's full spectra also the floor of the work (:mod:`harness.floor`)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -104,13 +110,17 @@ def worker(case: Case, device: str, threads: int) -> dict:
     (evals, info), cost = measure(
         lambda: run_method(case, model, loss, X, y, case.k), device
     )
-    return {
+    if floor and case.part in FLOOR_PARTS and case.method != "curvlinops":
+        layers = (info.get("engine_report") or {}).get("layers")
+        info.update(floor_of(model, loss, X, y, layers))  # after the call's peak
+    rec = {
         **case_fields(case),
         **cost,
         "num_params": sum(p.numel() for p in model.parameters()),
         "top_eigenvalues": [float(v) for v in evals],
         **info,
     }
+    return {**rec, "time_over_floor": over_floor(rec)} if "floor_s" in rec else rec
 
 
 # ----------------------------------------------------------------------------- driver
@@ -126,6 +136,7 @@ def run_case(case: Case, args) -> dict:
         return outcome({**case_fields(case), "skipped": reason})
     cmd = [sys.executable, __file__, "--worker", json.dumps(dataclasses.asdict(case))]
     cmd += ["--device", args.device, "--threads", str(args.threads)]
+    cmd += ["--no-floor"] if args.no_floor else []
     rec = run_worker(cmd, args.timeout, case.pythonpath)
     return outcome(rec if "error" not in rec else {**case_fields(case), **rec})
 
@@ -206,10 +217,16 @@ def main() -> None:
     p.add_argument(
         "--tag", default=None, help="results file tag (default: device kind)"
     )
+    p.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the floor of the work (harness.floor) on the full-spectrum rows",
+    )
     args = p.parse_args()
     if args.worker:
         case = Case(**json.loads(args.worker))
-        print(json.dumps(worker(case, args.device, args.threads)))
+        floor = not args.no_floor
+        print(json.dumps(worker(case, args.device, args.threads, floor)))
         return
     if args.threads is None:
         args.threads = 1 if args.quick else DEFAULT_THREADS

@@ -26,6 +26,13 @@ def test_bench_batchnorm_quick_mode(tmp_path):
     bn = result["parts"]["bn_vs_plain"]
     assert {r["model"] for r in bn["records"]} == {"tiny", "tiny-plain"}
     assert bn["ratios"] and bn["ratios"][0]["N"] == 8
+    # the floor of the work, measured in each full-spectrum worker (harness.floor)
+    for r in bn["records"]:
+        if "time_s" in r and r.get("explicit_params") is not None:
+            assert (
+                r["floor_s"] > 0 and r["time_over_floor"] == r["time_s"] / r["floor_s"]
+            )
+    assert any("floor_s" in r for r in bn["records"])
     resnet = result["parts"]["resnet18"]["records"]
     assert {r["model"] for r in resnet} == {"resnet18", "resnet18-eval"}
     assert all("peak_rss_bytes" in r for r in resnet if "time_s" in r)
@@ -35,4 +42,4 @@ def test_bench_batchnorm_quick_mode(tmp_path):
         "lanczos",
     }
     md = (out / "batchnorm_quick.md").read_text()
-    assert "Machine: cpu=" in md and "## Targets" in md
+    assert "Machine: cpu=" in md and "## Targets" in md and "time / floor" in md

@@ -157,6 +157,19 @@ def spectrum_floor(
     }
 
 
+def floor_of(model, loss, X, y, layers: dict | None, repeats: int = 2) -> dict:
+    """:func:`spectrum_floor` with ``D_e`` from an engine report's ``layers`` and
+    ``explicit_params`` recorded; ``{}`` where the report lists no layers (the
+    ``streamed`` strategy keeps none, a previous release may not report them)."""
+    if not layers:
+        return {}
+    explicit = explicit_parameters(model, layers)
+    return {
+        "explicit_params": explicit,
+        **spectrum_floor(model, loss, X, y, explicit, repeats),
+    }
+
+
 def over_floor(record: dict) -> float | None:
     """``time_s / floor_s`` of a record with both, else ``None``."""
     if record.get("floor_s") and record.get("time_s") is not None:
