@@ -38,3 +38,31 @@ def test_digits_spectrum_quick(tmp_path):
     run(folder / "plot.py", "--json", str(data), "--out", str(tmp_path))
     for suffix in ("pdf", "png"):
         assert (tmp_path / f"digits_spectrum_quick.{suffix}").stat().st_size > 0
+
+
+def test_optimizer_defaults_study_quick(tmp_path):
+    """The defaults study runs; its summary marks the rows of today's defaults."""
+    from lowrank_ggn.optim.damped_newton import (
+        DEFAULT_COMPLEMENT_LR,
+        DEFAULT_DAMPING,
+        DEFAULT_MOMENTUM,
+    )
+
+    data = tmp_path / "defaults.json"
+    run(EXPERIMENTS / "optimizers" / "defaults_study.py", "--out", str(data))
+    result = json.loads(data.read_text())
+    assert result["defaults"]["complement_lr"] == DEFAULT_COMPLEMENT_LR
+    for prob in result["problems"]:
+        sgd = [r for r in prob["rows"] if r["optimizer"] == "SGD"]
+        assert [r["settings"]["lr"] for r in sgd] == result["settings"]["sgd_lrs"]
+        assert prob["tuned_sgd_loss"] == min(r["mean_train_loss"] for r in sgd)
+        for r in prob["rows"]:
+            if r["optimizer"] == "DampedNewton":
+                assert r["is_default"] == (
+                    r["settings"]
+                    == {
+                        "complement_lr": DEFAULT_COMPLEMENT_LR,
+                        "momentum": DEFAULT_MOMENTUM,
+                        "damping": DEFAULT_DAMPING,
+                    }
+                )

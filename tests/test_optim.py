@@ -62,6 +62,7 @@ def _newton(model, loss, params=None, **kwargs) -> DampedNewton:
         "top_k": TOP_K,
         "damping": DAMPING,
         "complement_lr": 0.0,
+        "momentum": 0.0,
         "keep_eigenvectors": True,
         **kwargs,
     }

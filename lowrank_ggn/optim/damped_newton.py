@@ -91,10 +91,13 @@ from lowrank_ggn.optim.damping import (
 )
 from lowrank_ggn.optim.warnings import NoProgressWarning, TopKWarning
 
-#: Defaults of the constructor, chosen by ``experiments/optimizer_defaults``.
+#: Defaults of the constructor, chosen by ``experiments/optimizers/defaults_study.py``
+#: (README, "Damped Newton"): with them the final training loss is within 10 % of
+#: tuned SGD's or below it on the study's problems.
 DEFAULT_TOP_K = 10
 DEFAULT_DAMPING = 1.0
 DEFAULT_COMPLEMENT_LR = 0.1
+DEFAULT_MOMENTUM = 0.9
 
 
 @dataclass
@@ -212,9 +215,9 @@ class DampedNewton(torch.optim.Optimizer):
     r"""Damped Newton steps along the top-``K`` GGN eigenvectors of each batch.
 
     See the module docstring for the step, its conventions and its cost. The
-    defaults train (``experiments/optimizer_defaults``: top-10, ``δ = 1``,
-    ``complement_lr = 0.1``); ``complement_lr = 0`` steps in the eigenspace alone,
-    which barely trains there.
+    defaults train (top-10, ``δ = 1``, ``complement_lr = 0.1`` with ``momentum = 0.9``;
+    ``experiments/optimizers/defaults_study.py``); ``complement_lr = 0`` steps in the
+    eigenspace alone, which barely trains there.
 
     Args:
         params: Parameters of ``model`` to optimise (or parameter groups); they define
@@ -265,7 +268,7 @@ class DampedNewton(torch.optim.Optimizer):
         damping: DampingPolicy | float = DEFAULT_DAMPING,
         lr: float = 1.0,
         complement_lr: float = DEFAULT_COMPLEMENT_LR,
-        momentum: float = 0.0,
+        momentum: float = DEFAULT_MOMENTUM,
         weight_decay: float = 0.0,
         mc_samples: int | None = None,
         generator: torch.Generator | None = None,
