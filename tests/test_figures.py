@@ -191,30 +191,41 @@ def test_batchnorm_structure_quick(tmp_path):
 def test_optimizers_quick(tmp_path):
     result = run_quick("optimizers", tmp_path)
     s = result["settings"]
-    assert [r["model"] for r in result["runs"]] == ["cnn", "cnn-bn"]
-    for run in result["runs"]:
-        names = [o["optimizer"] for o in run["optimizers"]]
+    assert [p["problem"] for p in result["problems"]] == [
+        "digits-cnn-bn",
+        "teacher-student",
+    ]
+    for prob in result["problems"]:
+        names = [o["optimizer"] for o in prob["optimizers"]]
         assert names == [
             "SGD",
             "Adam",
             "DampedNewton, constant",
             "DampedNewton, bootstrap",
         ]
-        for opt in run["optimizers"]:
-            assert [p["step"] for p in opt["steps"]] == list(range(1, s["steps"] + 1))
-            assert all(math.isfinite(p["loss"]) for p in opt["steps"])
-            times = [p["seconds"] for p in opt["steps"]]
-            assert times == sorted(times) and times[0] > 0
-            assert all(0.0 <= e["test_accuracy"] <= 1.0 for e in opt["evals"])
-            if opt["optimizer"].startswith("DampedNewton"):
-                for p in opt["steps"]:
-                    assert len(p["damping"]) <= s["top_k"]
-                    assert p["lambda_1"] is None or p["lambda_1"] > 0
-                    finite = [d for d in p["damping"] if d is not None]
-                    assert p["num_directions"] == len(finite)
-            if opt["optimizer"].endswith("constant"):
-                assert all(
-                    d == s["constant_damping"]
-                    for p in opt["steps"]
-                    for d in p["damping"]
-                )
+        for opt in prob["optimizers"]:
+            # the same tuning budget: every grid value piloted, the best one kept
+            grid = s["grids"][opt["optimizer"]]
+            assert [p["lr"] for p in opt["pilots"]] == grid
+            finite = [p for p in opt["pilots"] if p["train_loss"] is not None]
+            assert opt["lr"] == min(finite, key=lambda p: p["train_loss"])["lr"]
+            assert [r["seed"] for r in opt["runs"]] == list(range(s["seeds"]))
+            for run in opt["runs"]:
+                steps = run["steps"]
+                assert [p["step"] for p in steps] == list(range(1, s["steps"] + 1))
+                assert all(math.isfinite(p["loss"]) for p in steps)
+                times = [p["seconds"] for p in steps]
+                assert times == sorted(times) and times[0] > 0
+                for e in run["evals"]:
+                    if prob["classification"]:
+                        assert 0.0 <= e["test_error"] <= 1.0
+                    else:
+                        assert "test_error" not in e and e["test_loss"] > 0
+                if opt["optimizer"].startswith("DampedNewton"):
+                    for p in steps:
+                        assert len(p["damping"]) <= 10
+                        assert p["lambda_1"] is None or p["lambda_1"] > 0
+                        finite = [d for d in p["damping"] if d is not None]
+                        assert p["num_directions"] == len(finite)
+                if opt["optimizer"].endswith("constant"):  # the default δ = 1
+                    assert all(d == 1.0 for p in steps for d in p["damping"])
