@@ -75,7 +75,7 @@ from batchnorm_cases import (
     unsupported,
 )
 from batchnorm_report import analyse, markdown, targets
-from harness.cli import DEFAULT_THREADS, add_run_options, parser
+from harness.cli import DEFAULT_THREADS, add_floor_option, add_run_options, parser
 from harness.floor import floor_of, over_floor
 from harness.machine import machine
 from harness.memory import measure
@@ -217,11 +217,7 @@ def main() -> None:
     p.add_argument(
         "--tag", default=None, help="results file tag (default: device kind)"
     )
-    p.add_argument(
-        "--no-floor",
-        action="store_true",
-        help="skip the floor of the work (harness.floor) on the full-spectrum rows",
-    )
+    add_floor_option(p, "the full-spectrum rows")
     args = p.parse_args()
     if args.worker:
         case = Case(**json.loads(args.worker))

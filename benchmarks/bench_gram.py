@@ -42,7 +42,12 @@ import json
 import sys
 from pathlib import Path
 
-from harness.cli import add_model_options, add_run_options, parser
+from harness.cli import (
+    add_floor_option,
+    add_model_options,
+    add_run_options,
+    parser,
+)
 from harness.floor import explicit_parameters, spectrum_floor
 from harness.machine import machine, machine_line
 from harness.memory import measure
@@ -327,11 +332,7 @@ def main() -> None:
         action="store_true",
         help="only redraw the table and figure from the existing results JSON",
     )
-    p.add_argument(
-        "--no-floor",
-        action="store_true",
-        help="skip the floor of lowrank_ggn's work (harness.floor) on its rows",
-    )
+    add_floor_option(p, "lowrank_ggn's rows")
     merge = "replace matching records in an existing results file, keep the others"
     add_model_options(p, merge)
     args = p.parse_args()

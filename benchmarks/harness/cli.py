@@ -2,7 +2,8 @@ r"""The command-line options the benchmarks share.
 
 Every driver takes ``--threads`` (torch threads per worker), ``--timeout`` (seconds
 per worker), ``--quick`` (the smoke run the tests make) and ``--out`` (the results
-folder); those on 3c3d take ``--models`` and ``--merge`` too.
+folder); those on 3c3d take ``--models`` and ``--merge`` too, those that measure the
+floor of the work ``--no-floor``.
 """
 
 from __future__ import annotations
@@ -46,3 +47,9 @@ def add_model_options(p: argparse.ArgumentParser, merge: str) -> None:
     models = ["3c3d", "3c3d-bn"]
     p.add_argument("--models", nargs="+", default=models, choices=models)
     p.add_argument("--merge", action="store_true", help=merge)
+
+
+def add_floor_option(p: argparse.ArgumentParser, rows: str) -> None:
+    """``--no-floor``: skip the floor of the work (:mod:`harness.floor`) on ``rows``."""
+    what = f"skip the floor of the work (harness.floor) on {rows}"
+    p.add_argument("--no-floor", action="store_true", help=what)
