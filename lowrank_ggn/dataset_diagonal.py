@@ -13,8 +13,8 @@ has the diagonal ``diag(G) = Σ_b w_b diag(G_b)``: no cross-batch term, so each 
 diagonal (:meth:`lowrank_ggn.GGN.diagonal`, exact or Monte-Carlo, ``V`` never formed)
 is computed and dropped before the next batch is read. Memory: one batch's call plus
 ``D`` for the running sum; time: the sum of the batches' calls. Under
-``torch.distributed`` every rank sums its own batches and one all-reduce of ``D + 1``
-numbers adds the ranks' sums (and sample counts); a rank that fails raises on every
+``torch.distributed`` every rank sums its own batches and one all-reduce of ``D + 2``
+numbers adds the ranks' sums (and sample and batch counts); a rank that fails raises on every
 rank (:mod:`lowrank_ggn.approx.distributed`).
 
 Monte-Carlo factors (``mc_samples=M``): one seed ``s`` is drawn from ``generator``
@@ -30,17 +30,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lowrank_ggn.approx.dataset_batches import (
+    batch_generator,
+    check_batches,
+    handshake,
+    read_batches,
+    unpack,
+)
 from lowrank_ggn.approx.distributed import Comm, check_sync_batch_norm
+from lowrank_ggn.core.diagonal import DiagonalValues
 from lowrank_ggn.core.inputs import batch_size_of
 from lowrank_ggn.core.loss_registry import check_loss_func, resolve_loss
-from lowrank_ggn.core.loss_sampling import check_mc_samples
-from lowrank_ggn.core.state import fingerprint
+from lowrank_ggn.core.options import GGNOptions
 from lowrank_ggn.core.validation import check_model
 from lowrank_ggn.curvature import GGN
 
+#: ``GGN`` keywords that are not :meth:`GGNOptions.of`'s (checked by ``GGN`` itself).
+_GGN_ONLY = ("params", "batch_size")
+
 
 @dataclass
-class DatasetDiagonal:
+class DatasetDiagonal(DiagonalValues):
     """Result of :func:`ggn_diagonal_dataset`.
 
     Attributes:
@@ -57,48 +67,6 @@ class DatasetDiagonal:
     num_batches: int
     mc_samples: int | None
     bytes_exchanged: int
-
-    @property
-    def flat(self) -> Tensor:
-        """``diag(G)`` ``[D]``, parameters flattened in order."""
-        return torch.cat([d.reshape(-1) for d in self.per_param])
-
-    @property
-    def trace(self) -> Tensor:
-        """``tr G``, a 0-dim tensor: the sum of the data-set GGN's eigenvalues."""
-        return self.flat.sum()
-
-
-def _check_batches(batches: object) -> None:
-    if (
-        isinstance(batches, tuple)
-        and len(batches) == 2
-        and isinstance(batches[0], Tensor)
-    ):
-        raise TypeError(
-            "batches must be an iterable of (inputs, targets) pairs; for one batch "
-            "pass [(inputs, targets)]."
-        )
-    if not isinstance(batches, Iterable):
-        raise TypeError(
-            "batches must be an iterable of (inputs, targets) pairs; got "
-            f"{type(batches).__name__}."
-        )
-
-
-def _describe(model: nn.Module, loss_func: nn.Module, options: dict) -> dict:
-    """What every rank must agree on before any data collective."""
-    return {
-        "parameters": [
-            (n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()
-        ],
-        "values": [entry[4] for entry in fingerprint(model)],
-        "options": sorted(
-            (k, repr(v) if not isinstance(v, (list, tuple)) else f"{len(v)} tensors")
-            for k, v in options.items()
-        ),
-        "loss": (type(loss_func).__name__, getattr(loss_func, "reduction", None)),
-    }
 
 
 def ggn_diagonal_dataset(
@@ -143,38 +111,35 @@ def ggn_diagonal_dataset(
     Example:
         >>> import torch
         >>> from lowrank_ggn.reference import dense_ggn
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
-        ...                             torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
-        >>> loss = torch.nn.CrossEntropyLoss()
-        >>> X, y = torch.randn(9, 3, dtype=torch.float64), torch.randint(0, 2, (9,))
-        >>> res = ggn_diagonal_dataset(model, loss, [(X[:5], y[:5]), (X[5:], y[5:])])
-        >>> G = 5 / 9 * dense_ggn(model, loss, X[:5], y[:5]) + 4 / 9 * dense_ggn(
-        ...     model, loss, X[5:], y[5:])
-        >>> assert torch.allclose(res.flat, G.diagonal())
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3),
+        ...                           torch.nn.ReLU(), torch.nn.Linear(3, 2)).double()
+        >>> mse = torch.nn.MSELoss(reduction="sum")
+        >>> A, B = torch.randn(4, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+        >>> tA, tB = torch.randn(4, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+        >>> res = ggn_diagonal_dataset(net, mse, [(A, tA), (B, tB)])  # 'sum': w_b = 1
+        >>> G = dense_ggn(net, mse, A, tA) + dense_ggn(net, mse, B, tB)
+        >>> assert torch.allclose(res.flat, G.diagonal()) and res.num_samples == 7
 
     """
     check_model(model)
     check_loss_func(loss_func)
-    _check_batches(batches)
-    check_mc_samples(mc_samples, generator)
     check_sync_batch_norm(model)
+    check_batches(batches)
     if "subsampling" in options:
         raise ValueError(
             "ggn_diagonal_dataset takes no subsampling: every sample of every batch "
             "counts; pass fewer or smaller batches instead."
         )
+    typed = GGNOptions.of(  # every option checked before any batch is read
+        mc_samples=mc_samples,
+        generator=generator,
+        **{k: v for k, v in options.items() if k not in _GGN_ONLY},
+    )
     comm = Comm(process_group, timeout)
-    described = {**options, "mc_samples": mc_samples}
     if comm.distributed:  # before any data collective: the same call on every rank
-        comm.handshake(_describe(model, loss_func, described))
-    error: BaseException | None = None
-    try:  # inside the agreement: a rank's failing iterator stops every rank
-        batches = list(batches)
-    except Exception as err:  # noqa: BLE001 - re-raised by comm.agree
-        error, batches = err, []
-    comm.agree(error, "the agreement after reading the batches")
-    counts = comm.gather_objects(len(batches)) if comm.distributed else [len(batches)]
-    first = sum(counts[: comm.rank])
+        params = options.get("params")
+        comm.handshake(handshake(model, loss_func, params, typed, call="diagonal"))
+    batches, first = read_batches(batches, comm)
     base_seed = None
     if mc_samples is not None:  # batch b draws from its own generator (any split)
         base_seed = int(torch.randint(2**62, (1,), generator=generator).item())
@@ -183,14 +148,15 @@ def ggn_diagonal_dataset(
     loss_func = resolve_loss(loss_func)
     total: Tensor | None = None  # Σ_b N_b diag(G_b) ('mean') or Σ_b diag(G_b)
     shapes: list[torch.Size] = []
-    samples = 0
+    samples = num_batches = 0
     error = None
     try:
-        for b, (X, y) in enumerate(batches):
+        for b, item in enumerate(batches):
+            num_batches += 1
+            X, y = unpack(item, b)
             draw = {}
             if mc_samples is not None:
-                device = generator.device if generator is not None else "cpu"
-                gen = torch.Generator(device=device).manual_seed(base_seed + first + b)
+                gen = batch_generator(generator, base_seed, first + b)
                 draw = {"mc_samples": mc_samples, "generator": gen}
             ggn = GGN(model, loss_func, X, y, **options, **draw)
             diag = ggn.diagonal().per_param
@@ -207,9 +173,12 @@ def ggn_diagonal_dataset(
     if total is None:  # this rank had no batches: zeros of the others' shape
         total = _zeros_like_params(model, options)
         shapes = [p.shape for p in _params(model, options)]
-    count = torch.tensor([float(samples)], dtype=total.dtype, device=total.device)
-    summed = comm.all_reduce_(torch.cat([total, count]))
-    total, samples = summed[:-1], int(round(float(summed[-1])))
+    counts = torch.tensor(
+        [samples, num_batches], dtype=total.dtype, device=total.device
+    )
+    summed = comm.all_reduce_(torch.cat([total, counts]))  # D + 2 numbers
+    total = summed[:-2]
+    samples, num_batches = (int(round(float(v))) for v in summed[-2:])
     if samples == 0:
         raise ValueError("batches is empty: pass at least one (inputs, targets) pair.")
     if loss_func.reduction == "mean":
@@ -218,7 +187,7 @@ def ggn_diagonal_dataset(
     return DatasetDiagonal(
         [d.reshape(s) for d, s in zip(per_param, shapes)],
         samples,
-        sum(counts),
+        num_batches,
         mc_samples,
         comm.bytes,
     )

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from lowrank_ggn.approx.dataset_batches import (
     Collected,
+    check_batches,
     collect,
     handshake,
     read_batches,
@@ -283,15 +284,7 @@ def _validate(
             "top k of the result's eigenvectors.)"
         )
     chosen = check_solver(solver, top_k, allowed=SOLVERS)
-    if (
-        isinstance(batches, tuple)
-        and len(batches) == 2
-        and isinstance(batches[0], Tensor)
-    ):
-        raise TypeError(
-            "batches must be an iterable of (inputs, targets) pairs; for one batch "
-            "pass [(inputs, targets)]."
-        )
+    check_batches(batches)
     return chosen
 
 

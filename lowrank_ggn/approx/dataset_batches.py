@@ -53,6 +53,24 @@ def progress_bar(batches: Iterable, progress: bool | None) -> Iterable:
     return tqdm(batches, total=total, file=sys.stderr, desc="GGN batches", unit="batch")
 
 
+def check_batches(batches: object) -> None:
+    """Refuse one ``(inputs, targets)`` pair where an iterable of pairs belongs."""
+    if (
+        isinstance(batches, tuple)
+        and len(batches) == 2
+        and isinstance(batches[0], Tensor)
+    ):
+        raise TypeError(
+            "batches must be an iterable of (inputs, targets) pairs; for one batch "
+            "pass [(inputs, targets)]."
+        )
+    if not isinstance(batches, Iterable):
+        raise TypeError(
+            "batches must be an iterable of (inputs, targets) pairs; got "
+            f"{type(batches).__name__}."
+        )
+
+
 def unpack(item: object, b: int) -> tuple[Tensor, Tensor]:
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         raise TypeError(
@@ -215,6 +233,7 @@ def batch_generator(
 __all__ = [
     "Collected",
     "batch_generator",
+    "check_batches",
     "collect",
     "handshake",
     "read_batches",

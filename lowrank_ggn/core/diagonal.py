@@ -63,8 +63,24 @@ class DiagonalRoute(Mode):
     STREAMED = "streamed"
 
 
+class DiagonalValues:
+    """``.flat`` and ``.trace`` of a result whose ``per_param`` holds ``diag(G)``."""
+
+    per_param: list[Tensor]
+
+    @property
+    def flat(self) -> Tensor:
+        """``diag(G)`` ``[D]``, parameters flattened in ``params`` order."""
+        return torch.cat([d.reshape(-1) for d in self.per_param])
+
+    @property
+    def trace(self) -> Tensor:
+        """``tr G = Σ_d diag(G)_d``, a 0-dim tensor (the sum of the eigenvalues)."""
+        return self.flat.sum()
+
+
 @dataclass
-class GGNDiagonal:
+class GGNDiagonal(DiagonalValues):
     """Result of :meth:`lowrank_ggn.GGN.diagonal` and :func:`lowrank_ggn.ggn_diagonal`.
 
     Attributes:
@@ -84,16 +100,6 @@ class GGNDiagonal:
     num_columns: int
     route: DiagonalRoute
     engine_report: EngineReport | None = None
-
-    @property
-    def flat(self) -> Tensor:
-        """``diag(G)`` ``[D]``, parameters flattened in ``params`` order."""
-        return torch.cat([d.reshape(-1) for d in self.per_param])
-
-    @property
-    def trace(self) -> Tensor:
-        """``tr G = Σ_d diag(G)_d``, a 0-dim tensor (the sum of the eigenvalues)."""
-        return self.flat.sum()
 
 
 def redrawn(
@@ -195,6 +201,7 @@ def diagonal_from_linearization(
 
 __all__ = [
     "DiagonalRoute",
+    "DiagonalValues",
     "GGNDiagonal",
     "diagonal_from_linearization",
     "diagonal_values",
