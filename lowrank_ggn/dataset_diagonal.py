@@ -103,14 +103,14 @@ def ggn_diagonal_dataset(
             not ``subsampling`` (sub-sample the batches instead).
 
     Returns:
-        A :class:`DatasetDiagonal` (``.per_param``, ``.flat``, ``.trace``).
-
-    Raises:
-        RankFailed: When another rank fails, disagrees, dies or does not answer.
+        A :class:`DatasetDiagonal` (``.per_param``, ``.flat``, ``.trace``); under
+        ``torch.distributed`` the same on every rank, or
+        :class:`~lowrank_ggn.approx.distributed.RankFailed` raised on every rank
+        when one fails, disagrees, dies or does not answer.
 
     Example:
-        >>> import torch
         >>> from lowrank_ggn.reference import dense_ggn
+        >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3),
         ...                           torch.nn.ReLU(), torch.nn.Linear(3, 2)).double()
         >>> mse = torch.nn.MSELoss(reduction="sum")
