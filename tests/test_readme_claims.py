@@ -312,6 +312,10 @@ def test_damped_newton_defaults_study():
         "experiments, the teacher-student MLP and the synthetic BN CNN (ratios "
         f"{span([p['default_over_tuned_sgd'] for p in bar])})"
     )
+    for p in bar:  # "its momentum helps on both problems"
+        plain = row(p, {"complement_lr": 0.1, "momentum": 0.0, "damping": 1.0})
+        assert plain > p["default_loss"]
+    said("its momentum helps on both problems")
     bn = next(p for p in res["problems"] if p["problem"] == "synthetic-bn-cnn")
     low = row(bn, {"complement_lr": 1.0, "momentum": 0.0, "damping": 0.1})
     one = row(bn, {"complement_lr": 1.0, "momentum": 0.0, "damping": 1.0})

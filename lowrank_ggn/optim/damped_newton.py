@@ -420,7 +420,7 @@ class DampedNewton(torch.optim.Optimizer):
             f"resolves ({rank}); the steps use the {K} directions there are. "
             f"{advice} (this warning is issued once per optimiser).",
             TopKWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of step (through torch.optim's wrapper)
         )
 
     def step(  # type: ignore[override]
@@ -514,7 +514,7 @@ class DampedNewton(torch.optim.Optimizer):
                 "and the weight decay were 0. Give complement_lr > 0 (the gradient "
                 "outside the eigenspace) or a damping policy that steps.",
                 NoProgressWarning,
-                stacklevel=2,
+                stacklevel=3,  # the caller of step (through torch.optim's wrapper)
             )
         return StepInfo(
             loss=loss,
@@ -529,7 +529,7 @@ class DampedNewton(torch.optim.Optimizer):
             step_norm=math.sqrt(squared),
             gradient_norm=float(gradient.norm()),
             path=lin.path,
-            engine_report=lin.engine_report,
+            engine_report=ggn.engine_report,
             forward_passes=forward_passes,
             sample_mixing=data.sample_mixing,
             gradient_source="batch" if caller_gradient is None else "grad",
