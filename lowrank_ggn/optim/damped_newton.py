@@ -83,12 +83,13 @@ from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.validation import check_options
 from lowrank_ggn.curvature import GGN
 from lowrank_ggn.diagnostics.warnings import SampleMixingWarning
-from lowrank_ggn.optim.damping import (
-    ConstantDamping,
-    DampingPolicy,
-    DirectionalData,
-    _check_nonnegative,
+from lowrank_ggn.optim._groups import (
+    apply_step,
+    check_groups,
+    check_rate,
+    gradient_left,
 )
+from lowrank_ggn.optim.damping import ConstantDamping, DampingPolicy, DirectionalData
 from lowrank_ggn.optim.warnings import NoProgressWarning, TopKWarning
 
 #: Defaults of the constructor, chosen by ``experiments/optimizers/defaults_study.py``
@@ -174,18 +175,6 @@ def newton_coefficients(slopes: Tensor, eigenvalues: Tensor, damping: Tensor) ->
     finite = torch.isfinite(damping)
     denom = eigenvalues + torch.where(finite, damping, torch.zeros_like(damping))
     return torch.where(finite, slopes / denom, torch.zeros_like(slopes))
-
-
-#: Param-group entries that are rates: finite floats ≥ 0.
-RATES = ("lr", "complement_lr", "momentum", "weight_decay")
-
-
-def _check_rate(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float; got {type(value).__name__}.")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and ≥ 0; got {value}.")
-    return float(value)
 
 
 def _check_damping_output(damping: Any, K: int, ref: Tensor) -> Tensor:
@@ -294,10 +283,10 @@ class DampedNewton(torch.optim.Optimizer):
             )
         check_mc_samples(mc_samples, generator)
         defaults = {
-            "lr": _check_rate("lr", lr),
-            "complement_lr": _check_rate("complement_lr", complement_lr),
-            "momentum": _check_rate("momentum", momentum),
-            "weight_decay": _check_rate("weight_decay", weight_decay),
+            "lr": check_rate("lr", lr),
+            "complement_lr": check_rate("complement_lr", complement_lr),
+            "momentum": check_rate("momentum", momentum),
+            "weight_decay": check_rate("weight_decay", weight_decay),
             "damping": (
                 damping.damping if isinstance(damping, ConstantDamping) else None
             ),
@@ -306,7 +295,7 @@ class DampedNewton(torch.optim.Optimizer):
         own = {id(p) for p in model.parameters()}
         self.model, self.loss_func, self.top_k = model, loss_func, top_k
         self.damping = damping
-        self._check_groups()
+        check_groups(self.param_groups, self.damping)
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) not in own:
@@ -325,56 +314,6 @@ class DampedNewton(torch.optim.Optimizer):
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
-
-    def _check_groups(self) -> DampingPolicy:
-        """Check every group's entries (set by hand or a scheduler); the policy."""
-        for i, group in enumerate(self.param_groups):
-            for name in RATES:
-                try:
-                    _check_rate(name, group[name])
-                except (TypeError, ValueError) as err:
-                    raise type(err)(f"param_groups[{i}]: {err}") from None
-        values = [group["damping"] for group in self.param_groups]
-        if not isinstance(self.damping, ConstantDamping):
-            if any(v is not None for v in values):
-                raise ValueError(
-                    f"param_groups' 'damping' entries {values} apply to "
-                    f"ConstantDamping only; this optimiser's policy is "
-                    f"{self.damping!r}: leave them None."
-                )
-            return self.damping
-        for i, value in enumerate(values):
-            try:
-                _check_nonnegative("damping", value)
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"param_groups[{i}]: {err}") from None
-        if len(set(values)) > 1:
-            raise ValueError(
-                f"param_groups hold different dampings {values}; the eigen-directions "
-                "span every group, so ConstantDamping needs one δ: set the same "
-                "'damping' in every group."
-            )
-        self.damping.damping = float(values[0])
-        return self.damping
-
-    def _caller_gradient(self, params: list[Tensor]) -> Tensor | None:
-        """``[D]``: the ``.grad`` the caller's ``backward()`` left (None: none left)."""
-        grads = [p.grad for p in params]
-        if all(g is None for g in grads):
-            return None
-        for p, g in zip(params, grads):
-            if g is not None and g.is_sparse:
-                raise ValueError(
-                    f"a parameter of shape {tuple(p.shape)} has a sparse .grad; "
-                    "DampedNewton uses dense gradients: call opt.zero_grad() before "
-                    "the step to let it compute the batch gradient itself."
-                )
-        return torch.cat(
-            [
-                (g.detach() if g is not None else torch.zeros_like(p)).reshape(-1)
-                for p, g in zip(params, grads)
-            ]
-        )
 
     def _directions(
         self, ggn: GGN, gradient: Tensor | None
@@ -469,12 +408,12 @@ class DampedNewton(torch.optim.Optimizer):
             batch_size = batch[2] if len(batch) == 3 else batch_size
         if inputs is None or targets is None:
             raise _batch_missing()
-        policy = self._check_groups()
+        policy = check_groups(self.param_groups, self.damping)
         if closure is not None:
             with torch.enable_grad():
                 closure()
         params = self._params()
-        caller_gradient = self._caller_gradient(params)
+        caller_gradient = gradient_left(params)
         ggn = GGN(
             self.model,
             self.loss_func,
@@ -503,7 +442,7 @@ class DampedNewton(torch.optim.Optimizer):
                 args, kwargs = lin.inputs.call_args()
                 self.model(*args, **kwargs)
             forward_passes += 1.0
-        squared = self._update(newton, complement)
+        squared = apply_step(self.param_groups, self.state, newton, complement)
         state = self.state[params[0]]
         state["step"] = state.get("step", 0) + 1
         if squared == 0.0:
@@ -535,34 +474,6 @@ class DampedNewton(torch.optim.Optimizer):
             gradient_source="batch" if caller_gradient is None else "grad",
         )
 
-    @torch.no_grad()
-    def _update(self, newton: Tensor, complement: Tensor) -> float:
-        """Write ``Δθ`` into the parameters, group by group; ``‖Δθ‖²``."""
-        squared, start = 0.0, 0
-        for group in self.param_groups:
-            lr, c_lr = group["lr"], group["complement_lr"]
-            mu, decay = group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                part = slice(start, start + p.numel())
-                start += p.numel()
-                delta = -lr * newton[part].view_as(p)
-                step = complement[part].view_as(p)
-                if mu:  # heavy ball on the complement's gradient
-                    state = self.state[p]
-                    buffer = state.get("complement_momentum_buffer")
-                    if buffer is None:
-                        buffer = state["complement_momentum_buffer"] = step.clone()
-                    else:
-                        buffer.mul_(mu).add_(step)
-                    step = buffer
-                if c_lr:
-                    delta = delta - c_lr * step
-                if decay:  # decoupled, at the parameters before the step
-                    delta = delta - (lr * decay) * p
-                p.add_(delta)
-                squared += float(delta.square().sum())
-        return squared
-
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state (groups, step count, buffers) and the policy's state."""
         state = super().state_dict()
@@ -578,7 +489,7 @@ class DampedNewton(torch.optim.Optimizer):
         load = getattr(self.damping, "load_state_dict", None)
         if policy_state is not None and callable(load):
             load(policy_state)
-        self._check_groups()
+        check_groups(self.param_groups, self.damping)
 
 
 __all__ = [

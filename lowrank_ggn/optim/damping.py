@@ -87,7 +87,7 @@ class DampingPolicy(Protocol):
         ...
 
 
-def _check_nonnegative(name: str, value: float) -> float:
+def check_nonnegative(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float; got {type(value).__name__}.")
     if math.isnan(value) or value < 0:
@@ -110,7 +110,7 @@ class ConstantDamping:
     """
 
     def __init__(self, damping: float) -> None:
-        self.damping = _check_nonnegative("damping", damping)
+        self.damping = check_nonnegative("damping", damping)
 
     def __call__(self, data: DirectionalData) -> Tensor:
         """``δ`` for each of the ``K`` directions."""
