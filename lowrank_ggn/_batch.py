@@ -88,6 +88,7 @@ class LinearizedBatch:
         self.model, self.loss_func = model, loss_func
         self.inputs, self.targets, self.options = inputs, targets, options
         self._lin: Linearization | None = None
+        self._report: EngineReport | None = None  # the last Gram's or Lanczos run's
         self._versions = fingerprint(model)
         self._observers = 0  # open _observing blocks (nested in one method call)
         self._budget = CallBudget(
@@ -162,8 +163,8 @@ class LinearizedBatch:
 
     @property
     def engine_report(self) -> EngineReport | None:
-        """How the Gram (or the Lanczos eigenpairs) was computed; ``None`` before."""
-        return None if self._lin is None else self._lin.engine_report
+        """How the last Gram (or the Lanczos eigenpairs) was computed; ``None`` before."""
+        return self._report
 
     @property
     def forward_passes(self) -> float:
@@ -179,7 +180,10 @@ class LinearizedBatch:
         check_linearization_memory(
             lin, self.options, 1 if groups is None else len(groups)
         )
-        return gram_from_linearization(lin, self.options, self._work, groups)
+        grams, self._report = gram_from_linearization(
+            lin, self.options, self._work, groups
+        )
+        return grams
 
 
 __all__ = ["LinearizedBatch"]

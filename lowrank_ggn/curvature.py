@@ -187,7 +187,7 @@ class GGN(LinearizedBatch):
             gram = self.gram()
             model = ErrorModel.of(lin.outputs.dtype, gram.dtype, lin.fmodel.num_params)
             self._eigh = gram_eigh(gram, model)
-            lin.engine_report.solver = Solver.DENSE
+            self._report.solver = Solver.DENSE
         return self._eigh
 
     def spectrum(
@@ -225,18 +225,17 @@ class GGN(LinearizedBatch):
             lin = self.linearization
             if chosen is Solver.AUTO:
                 chosen = choose_solver(lin, top_k)
-            model = ErrorModel.of(
-                lin.outputs.dtype,
-                accumulation_dtype(lin.outputs.dtype, self.options.accumulate),
-                lin.fmodel.num_params,
-            )
+            acc = accumulation_dtype(lin.outputs.dtype, self.options.accumulate)
+            model = ErrorModel.of(lin.outputs.dtype, acc, lin.fmodel.num_params)
             if chosen is Solver.LANCZOS:
                 check_linearization_memory(lin, self.options, 0)
-                progress = self.options.progress
-                pairs = lanczos_pairs(lin, top_k, rtol, model, self._work, progress)
+                pairs, self._report = lanczos_pairs(
+                    lin, top_k, rtol, model, self._work, self.options.progress
+                )
             else:
                 pairs = self._pairs(lin).select(rtol, top_k)
-            return spectrum_result(lin, pairs, eigenvectors, self.options.chunk)
+            chunk = self.options.chunk
+            return spectrum_result(lin, pairs, eigenvectors, chunk, self._report)
 
     def block_spectra(
         self,
@@ -258,7 +257,7 @@ class GGN(LinearizedBatch):
             self._fit(grams=len(groups), eigh=True, eigenvectors=vectors)
             lin = self.linearization
             grams = self._grams(groups)
-            lin.engine_report.solver = Solver.DENSE
+            self._report.solver = Solver.DENSE
             model = ErrorModel.of(
                 lin.outputs.dtype, grams[0].dtype, lin.fmodel.num_params
             )
@@ -268,6 +267,7 @@ class GGN(LinearizedBatch):
                     gram_eigh(gram, model).select(rtol, top_k),
                     eigenvectors,
                     self.options.chunk,
+                    self._report,
                     cols,
                 )
                 for gram, cols in zip(grams, positions)

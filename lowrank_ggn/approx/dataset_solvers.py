@@ -170,7 +170,7 @@ class DatasetOperator:
     def _free(self) -> None:
         if self.recompute:  # the next VJP redoes the forward pass
             for lin in self.lins:
-                lin.graph = None
+                lin.release_graph()
 
     def apply_factors(self, coefficients: Tensor) -> Tensor:
         """``(Ṽ c_k)ᵀ`` ``[K, D]`` for rows ``c_k`` ``[K, Ñ]``, all-reduced."""

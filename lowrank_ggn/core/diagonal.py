@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from lowrank_ggn.core.engine import EngineReport
+from lowrank_ggn.core.engine import EngineReport, LayerwiseUnavailable
 from lowrank_ggn.core.engine.diagonal import layerwise_diagonal
 from lowrank_ggn.core.linearization import DEFAULT_CHUNK, Linearization
 from lowrank_ggn.core.loss_sampling import sampled_loss_hessian_factors
@@ -125,9 +125,7 @@ def redrawn(
         lin.sample_index, torch.arange(lin.batch_size, device=S.device)
     ):
         S = subsample_factors(lin.loss_func, S, lin.sample_index)
-    fresh = replace(lin, factors=S, engine_report=None)
-    lin.capture = None  # one engine run consumes a capture
-    return fresh
+    return replace(lin, factors=S, capture=lin.take_capture())
 
 
 def streamed_diagonal(
@@ -168,8 +166,13 @@ def diagonal_values(
     report, budget, chunk = None, int(min(work, 2**62)), options.chunk
     strategy = options.strategy
     if strategy not in (Strategy.GENERIC, Strategy.STREAMED):
-        values, report = layerwise_diagonal(lin, chunk, budget, per_component, strategy)
-        if values is not None:
+        try:
+            values, report = layerwise_diagonal(
+                lin, chunk, budget, per_component, strategy
+            )
+        except LayerwiseUnavailable as err:
+            report = err.report
+        else:
             return values, DiagonalRoute.LAYERWISE, report
     return streamed_diagonal(lin, chunk, per_component), DiagonalRoute.STREAMED, report
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowrank_ggn.core.engine import EngineReport, layerwise_gram
+from lowrank_ggn.core.engine import EngineReport, SelfCheckFailed, layerwise_gram
 from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.modes import Strategy
 from lowrank_ggn.core.options import GGNOptions
@@ -48,12 +48,11 @@ def gram_from_linearization(
     options: GGNOptions | None = None,
     work: float | None = None,
     groups: list[list[Tensor]] | None = None,
-) -> list[Tensor]:
+) -> tuple[list[Tensor], EngineReport]:
     """``Vᵀ V`` ``[N·C, N·C]`` for a linearised model (symmetric by construction).
 
     Args:
-        lin: The linearised model; ``lin.engine_report`` records how the Gram was
-            built (:class:`lowrank_ggn.core.engine.EngineReport`).
+        lin: The linearised model.
         options: ``strategy`` (``GENERIC``: all of ``Vᵀ`` ``[N·C, D]`` from
             vmapped vector-Jacobian products, then one product, memory ``N·C·D``;
             else the layer-wise engine of :mod:`lowrank_ggn.core.engine`, forced to
@@ -68,8 +67,9 @@ def gram_from_linearization(
             (``None``: one group of all parameters).
 
     Returns:
-        One Gram matrix per group (one in all without ``groups``), in the
-        accumulation dtype.
+        ``(grams, report)``: one Gram matrix per group (one in all without
+        ``groups``), in the accumulation dtype, and how they were built
+        (:class:`lowrank_ggn.core.engine.EngineReport`).
     """
     options = GGNOptions() if options is None else options
     chunk = options.chunk
@@ -81,26 +81,24 @@ def gram_from_linearization(
         budget = int(min(options.memory_budget if work is None else work, 2**62))
         bar = PassProgress(options.progress)
         try:
-            grams, report = layerwise_gram(
+            return layerwise_gram(
                 lin, chunk, budget, groups, options.strategy, bar, acc_dtype
+            )
+        except SelfCheckFailed as err:
+            report = EngineReport(
+                Strategy.GENERIC,
+                reason="layer-wise self-check failed: a parameter is used outside "
+                "its layer",
+                fallback=f"{err.report.strategy} failed its self-check",
             )
         finally:
             bar.close()
-        lin.engine_report = report
-        if grams is not None:
-            return grams
-        report = EngineReport(
-            Strategy.GENERIC,
-            reason="layer-wise self-check failed: a parameter is used outside its layer",
-            fallback=f"{report.strategy} failed its self-check",
-        )
-    lin.engine_report = report
     report.count("backward", lin.num_columns)
     Vt = lin.factors_matrix(chunk)  # [N·C, D]
     if groups is None:
-        return [symmetric_gram(Vt, acc_dtype)]
+        return [symmetric_gram(Vt, acc_dtype)], report
     offsets = dict(zip(map(id, lin.fmodel.params), _offsets(lin.fmodel.numels)))
-    return [
+    grams = [
         symmetric_gram(
             torch.cat(
                 [Vt[:, offsets[id(p)] : offsets[id(p)] + p.numel()] for p in g], 1
@@ -109,6 +107,7 @@ def gram_from_linearization(
         )
         for g in groups
     ]
+    return grams, report
 
 
 def _offsets(numels: list[int]) -> list[int]:

@@ -26,9 +26,9 @@ that is how eigenvectors are formed, on both paths.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,6 @@ from lowrank_ggn.core.autodiff import batched_grad, per_sample_vjps
 from lowrank_ggn.core.budget import check_factor_memory
 from lowrank_ggn.core.engine.batchnorm import has_batch_norm
 from lowrank_ggn.core.engine.capture import ForwardCapture
-from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.inputs import ModelInputs, as_inputs
 from lowrank_ggn.core.loss_factors import hessian_factors, num_factor_columns
 from lowrank_ggn.core.loss_sampling import sampled_factors
@@ -72,15 +71,16 @@ class Linearization:
         sample_index: ``[N_S]`` batch positions of the samples that carry factor
             columns (all ``N`` by default; a subset under curvature sub-sampling).
             Column ``i = j·C + c`` belongs to sample ``sample_index[j]``.
-        engine_report: How the Gram matrix was computed (set by
-            :func:`lowrank_ggn.core.gram.gram_from_linearization`).
         graph: Outputs of the forward pass on the live parameters with its autograd
-            graph, shared by every backward pass (:meth:`forward_with_graph`).
+            graph, shared by every backward pass (:meth:`forward_with_graph`;
+            :meth:`release_graph` drops it).
         capture: The Gram engine's record of that pass
-            (:class:`~lowrank_ggn.core.engine.capture.ForwardCapture`), until the
-            engine consumes it.
-        located: Names of the modules that mix samples, once a diagnostic located
-            them.
+            (:class:`~lowrank_ggn.core.engine.capture.ForwardCapture`), until one
+            engine run takes it (:meth:`take_capture`).
+
+    Results computed from it (Gram matrices, engine reports) are returned to the
+    caller, never stored here; the object owns only its graph, its capture and the
+    located mixing modules (:meth:`located_mixing`).
     """
 
     fmodel: FunctionalModel
@@ -91,10 +91,9 @@ class Linearization:
     factors: Tensor
     path: EnginePath
     sample_index: Tensor | None = None
-    engine_report: EngineReport | None = None
     graph: Tensor | None = None
     capture: ForwardCapture | None = None
-    located: tuple[str, ...] | None = None
+    _located: tuple[str, ...] | None = field(default=None, init=False, repr=False)
 
     @property
     def forward_passes(self) -> float:
@@ -156,6 +155,34 @@ class Linearization:
         with torch.enable_grad():
             self.graph = self.fmodel(tuple(self.fmodel.params), self.inputs)
         return self.graph
+
+    def release_graph(self) -> None:
+        """Drop the graph: the next backward pass redoes the forward pass."""
+        self.graph = None
+
+    def take_capture(self) -> ForwardCapture | None:
+        """The unused capture of the forward pass, handed to one engine run.
+
+        ``None`` once taken: a capture serves one run (its layers hold that run's
+        factors).
+        """
+        cap, self.capture = self.capture, None
+        return cap
+
+    def located_mixing(
+        self, locate: Callable[[FunctionalModel, ModelInputs], tuple[str, ...]]
+    ) -> tuple[str, ...]:
+        """Names of the modules that mix samples: the path check's, else ``locate``'s.
+
+        ``locate(fmodel, inputs)`` runs at most once per linearisation (its result
+        is kept); ``()`` when the path saw no mixing.
+        """
+        if not self.path.sample_mixing:
+            return ()
+        if self._located is None:
+            found = self.path.mixing_modules
+            self._located = found or locate(self.fmodel, self.inputs)
+        return self._located
 
     def vjp(self, cotangents: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
         """Full-batch products ``J_θF(X)ᵀ W_k`` for cotangents ``[K, N, *out]``.

@@ -107,19 +107,19 @@ def lanczos_eigenpairs(
     top_k: int,
     memory_budget: float | None,
     progress: bool | None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, EngineReport]:
     """Top-``k`` eigenpairs of ``𝒢 = Sᵀ J Jᵀ S`` without forming it (block Lanczos).
 
     Each operator product is one VJP and one JVP
-    (:class:`lowrank_ggn.core.engine.streamed.GramOperator`). Sets ``lin.engine_report``.
+    (:class:`lowrank_ggn.core.engine.streamed.GramOperator`).
 
     Returns:
         ``(eigenvalues [k] descending, Gram eigenvectors [NC, k], residual norms
-        ‖𝒢 u_k − λ_k u_k‖ [k])``.
+        ‖𝒢 u_k − λ_k u_k‖ [k], report)``; the
+        :class:`~lowrank_ggn.core.engine.EngineReport` counts the products.
     """
     report = EngineReport(Strategy.STREAMED, solver=Solver.LANCZOS)
     report.reason = "matrix-free: block Lanczos on the Gram operator"
-    lin.engine_report = report
     NC = lin.num_columns
     k = min(top_k, NC)
     budget = int(min(resolve_memory_budget(memory_budget), 2**62))
@@ -149,7 +149,7 @@ def lanczos_eigenpairs(
         )
     finally:
         bar.close()
-    return evals, evecs, info.residuals
+    return evals, evecs, info.residuals, report
 
 
 def lanczos_pairs(
@@ -159,10 +159,10 @@ def lanczos_pairs(
     model: ErrorModel,
     memory_budget: float | None,
     progress: bool | None,
-) -> GramEigenpairs:
-    """Lanczos eigenpairs with error estimates (:func:`~lowrank_ggn.core.spectrum.ritz_pairs`)."""
-    evals, evecs, res = lanczos_eigenpairs(lin, top_k, memory_budget, progress)
-    return ritz_pairs(evals, evecs, res, rtol, top_k, model)
+) -> tuple[GramEigenpairs, EngineReport]:
+    """Lanczos eigenpairs with error estimates (:func:`~lowrank_ggn.core.spectrum.ritz_pairs`), and the report."""
+    evals, evecs, res, report = lanczos_eigenpairs(lin, top_k, memory_budget, progress)
+    return ritz_pairs(evals, evecs, res, rtol, top_k, model), report
 
 
 __all__ = [

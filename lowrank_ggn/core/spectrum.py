@@ -319,12 +319,14 @@ def spectrum_result(
     pairs: GramEigenpairs,
     eigenvectors: bool | int,
     chunk: int,
+    report: EngineReport | None,
     columns: slice | Tensor = slice(None),
 ) -> GGNSpectrum:
     """The result from Gram eigenpairs; eigenvectors ``e_k = (V u_k)[columns] / √λ_k``.
 
-    ``columns`` selects a parameter group's block (``V_g u / √λ`` are the rows of
-    ``V u / √λ`` that belong to the group): a slice or flat positions.
+    ``report``: how the Gram (or the Lanczos eigenpairs) was computed. ``columns``
+    selects a parameter group's block (``V_g u / √λ`` are the rows of ``V u / √λ``
+    that belong to the group): a slice or flat positions.
     """
     vectors = residuals = None
     if eigenvectors is not False:
@@ -343,7 +345,7 @@ def spectrum_result(
         lin.num_columns,
         pairs.threshold,
         pairs.vectors.to(dtype),
-        lin.engine_report,
+        report,
         pairs.errors.to(dtype),
         None if residuals is None else residuals.to(dtype),
         pairs.num_unresolved,

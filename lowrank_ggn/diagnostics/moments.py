@@ -92,18 +92,13 @@ class GradientMoments(PerComponentResult):
 
 
 def mixing_modules(lin: Linearization) -> tuple[str, ...]:
-    """Modules that mix samples (cached on ``lin``): the module scan, else the probe.
+    """Modules that mix samples (kept by ``lin``): the module scan, else the probe.
 
     The path check's module scan names every BatchNorm that uses batch statistics;
     only when it found none but the numerical check saw mixing does the input
     probe (:func:`lowrank_ggn.diagnostics.probe.locate_mixing_modules`) run.
     """
-    if not lin.path.sample_mixing:
-        return ()
-    if lin.located is None:
-        found = lin.path.mixing_modules
-        lin.located = found or locate_mixing_modules(lin.fmodel, lin.inputs)
-    return lin.located
+    return lin.located_mixing(locate_mixing_modules)
 
 
 def output_gradient(lin: Linearization) -> Tensor:

@@ -21,12 +21,19 @@ module                    what it does
 """
 
 from lowrank_ggn.core.engine.report import EngineReport, LayerTreatment
-from lowrank_ggn.core.engine.run import StrategyUnavailable, layerwise_gram
+from lowrank_ggn.core.engine.run import (
+    LayerwiseUnavailable,
+    SelfCheckFailed,
+    StrategyUnavailable,
+    layerwise_gram,
+)
 from lowrank_ggn.core.modes import Solver, Strategy
 
 __all__ = [
     "EngineReport",
     "LayerTreatment",
+    "LayerwiseUnavailable",
+    "SelfCheckFailed",
     "Solver",
     "Strategy",
     "StrategyUnavailable",

@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -264,7 +265,45 @@ class ForwardCapture:
         return found
 
 
+@dataclass(frozen=True)
+class Captured:
+    """What one engine run's forward pass gives its later stages.
+
+    Returned by the run's forward pass, passed to its plan and backward passes.
+
+    Attributes:
+        out: The model's outputs, with the graph every backward pass shares.
+        cap: The filled capture (``.layers``, ``.bns``, ``.switch``, ``.order``).
+        generic: The selected parameters of no captured layer.
+        non_bn_generic: Those of them in no BatchNorm module either.
+    """
+
+    out: Tensor
+    cap: ForwardCapture
+    generic: list[Tensor]
+    non_bn_generic: list[Tensor]
+
+    @classmethod
+    def of(cls, out: Tensor, cap: ForwardCapture, params: list[Tensor]) -> Captured:
+        """Sort ``params`` by whether ``cap`` captured them."""
+        captured = {id(p) for la in cap.layers for p in la.params}
+        bn_params = {id(p) for bn in cap.bns for p in bn.params}
+        generic = [p for p in params if id(p) not in captured]
+        return cls(out, cap, generic, [p for p in generic if id(p) not in bn_params])
+
+    @property
+    def layers(self) -> list[Layer]:
+        """The captured layers."""
+        return self.cap.layers
+
+    @property
+    def bns(self) -> list[BNLayer]:
+        """The BatchNorm modules recomputed with their statistics as graph nodes."""
+        return self.cap.bns
+
+
 __all__ = [
+    "Captured",
     "ForwardCapture",
     "capturable",
     "capture",

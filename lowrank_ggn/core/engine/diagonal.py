@@ -55,7 +55,12 @@ from lowrank_ggn.core.engine.backprop import LayerTurnedMixing
 from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.operands import DenseOperand
 from lowrank_ggn.core.engine.report import EngineReport, LayerTreatment
-from lowrank_ggn.core.engine.run import _Engine, _no_tick
+from lowrank_ggn.core.engine.run import (
+    LayerwiseUnavailable,
+    SelfCheckFailed,
+    _Engine,
+    _no_tick,
+)
 from lowrank_ggn.core.engine.selfcheck import Factors, self_check
 from lowrank_ggn.core.modes import Strategy
 
@@ -260,7 +265,7 @@ def layerwise_diagonal(
     budget: int,
     per_component: bool = False,
     strategy: Strategy | None = None,
-) -> tuple[list[Tensor] | None, EngineReport]:
+) -> tuple[list[Tensor], EngineReport]:
     """The diagonal (or per-component rows) from one run of the engine's strategies.
 
     One captured forward pass (none if the linearisation's capture is unused), the
@@ -268,29 +273,33 @@ def layerwise_diagonal(
     of a random ``V w`` against autograd, then :func:`diagonal_from_factors`.
 
     Returns:
-        ``(values, report)``; ``values`` is ``None`` when the engine would stream
-        (no per-layer factors), a layer turned out to mix samples, the factors
-        exceeded ``budget`` or the self-check failed: the caller then streams
-        ``V`` in column blocks, which assumes nothing.
+        ``(values, report)``.
+
+    Raises:
+        LayerwiseUnavailable: The engine would stream (no per-layer factors), a
+            layer turned out to mix samples, the factors exceeded ``budget`` or
+            the self-check failed (:class:`SelfCheckFailed`); the caller then
+            streams ``V`` in column blocks, which assumes nothing.
     """
     engine = _Engine(
         lin, chunk, budget, [list(lin.fmodel.params)], strategy, frozenset(), _no_tick
     )
     report = engine.report
     with torch.enable_grad():
-        out = engine.forward()
-        chosen = engine.plan()
+        c = engine.forward()
+        chosen = engine.plan(c)
         report.strategy = chosen
         if chosen is Strategy.STREAMED:
-            return None, report
+            raise LayerwiseUnavailable(report)
         try:
-            f = engine.backward(out, chosen)
+            f = engine.backward(c, chosen)
         except (LayerTurnedMixing, MemoryBudgetExceeded) as err:
             report.fallback = f"{chosen} stopped ({type(err).__name__}); streamed"
-            return None, report
-        if self_check(f, engine.cap.precision):
+            raise LayerwiseUnavailable(report) from err
+        bad = self_check(f, engine.cap.precision)
+        if bad:
             report.fallback = f"{chosen} failed its self-check; streamed"
-            return None, report
+            raise SelfCheckFailed(report, bad)
     return diagonal_from_factors(f, budget, per_component, report.layers), report
 
 

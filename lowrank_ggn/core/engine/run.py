@@ -42,7 +42,8 @@ from lowrank_ggn.core.engine.backprop import (
     statistics_directions,
 )
 from lowrank_ggn.core.engine.batchnorm import has_batch_norm
-from lowrank_ggn.core.engine.capture import ForwardCapture
+from lowrank_ggn.core.engine.capture import Captured, ForwardCapture
+from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.plan import plan_strategy, split_shape
 from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.engine.selfcheck import Factors, self_check
@@ -55,9 +56,28 @@ if TYPE_CHECKING:
     from lowrank_ggn.core.linearization import Linearization
 
 
-
 class StrategyUnavailable(ValueError):
     """A forced strategy does not apply to this model."""
+
+
+class LayerwiseUnavailable(Exception):
+    """The engine gives no per-layer factors here; ``.report`` says why (``.fallback``).
+
+    The caller falls back to a route that assumes nothing (the generic Gram, the
+    streamed diagonal).
+    """
+
+    def __init__(self, report: EngineReport) -> None:
+        super().__init__(report.fallback or report.reason)
+        self.report = report
+
+
+class SelfCheckFailed(LayerwiseUnavailable):
+    """The factors' ``V w`` differs from autograd's; ``.params``: the parameters' ``id``."""
+
+    def __init__(self, report: EngineReport, params: set[int]) -> None:
+        super().__init__(report)
+        self.params = params
 
 
 def _no_tick(n: int) -> None:
@@ -65,7 +85,11 @@ def _no_tick(n: int) -> None:
 
 
 class _Engine:
-    """One layer-wise Gram computation for a :class:`Linearization`."""
+    """One layer-wise Gram computation for a :class:`Linearization`.
+
+    :meth:`forward` returns the :class:`Captured` pass that :meth:`plan`,
+    :meth:`backward` and :meth:`run` take; the engine keeps only its report.
+    """
 
     def __init__(
         self,
@@ -86,7 +110,7 @@ class _Engine:
         self.per_sample = lin.path.name == PER_SAMPLE
         # per-sample path: BatchNorm (then eval-mode) affine rows from frozen passes
         want_bns = has_batch_norm(lin.fmodel.model)
-        cap = lin.capture
+        cap = lin.take_capture()  # one engine run consumes a capture
         if (
             cap is None
             or cap.done
@@ -100,12 +124,11 @@ class _Engine:
             cap = ForwardCapture(
                 lin.fmodel.model, selected, want_bns, forced_mixing, excluded
             )
-        lin.capture = None  # one engine run consumes a capture
         self.cap = cap
         self.report = EngineReport(Strategy.COLUMNS)
 
     # ----------------------------------------------------------------- forward
-    def forward(self) -> Tensor:
+    def forward(self) -> Captured:
         """The captured forward pass: the linearisation's, or a new one if needed."""
         cap = self.cap
         if cap.done and self.lin.graph is not None:
@@ -114,46 +137,38 @@ class _Engine:
             with cap.recording(self.lin.batch_size):
                 out = self.lin.forward_with_graph()
             self.report.count("forward")
-        self.layers = cap.layers
-        self.bns, self.switch = cap.bns, cap.switch
         self.report.reasons.update(cap.rejected)
-        self.order = cap.order
-        self.seconds_per_pass = 2 * max(cap.seconds, 1e-4)
-        captured = {id(p) for la in self.layers for p in la.params}
-        bn_params = {id(p) for bn in self.bns for p in bn.params}
-        self.generic = [p for p in self.lin.fmodel.params if id(p) not in captured]
-        self.non_bn_generic = [p for p in self.generic if id(p) not in bn_params]
-        return out
+        return Captured.of(out, cap, self.lin.fmodel.params)
 
-    def plan(self) -> Strategy:
+    def plan(self, c: Captured) -> Strategy:
         """The forced strategy (checked), or the cost model's choice."""
         lin = self.lin
         plan = plan_strategy(
             per_sample=self.per_sample,
             NC=lin.num_columns,
             C=lin.num_columns_per_sample,
-            layers=self.layers,
-            bns=self.bns,
-            order=self.order,
-            generic_numel=sum(p.numel() for p in self.non_bn_generic),
+            layers=c.layers,
+            bns=c.bns,
+            order=c.cap.order,
+            generic_numel=sum(p.numel() for p in c.non_bn_generic),
             item=lin.outputs.element_size(),
             budget=self.budget,
         )
         self.report.estimated_passes = plan.estimates
         if self.forced is None:
             self.report.reason = plan.reason
-            self._start_progress(plan.strategy)
+            self._start_progress(plan.strategy, c)
             return plan.strategy
         if self.forced is Strategy.PER_SAMPLE and not self.per_sample:
             raise StrategyUnavailable(
                 "strategy='per_sample' is invalid for this model: its forward pass "
                 f"mixes samples ({lin.path.reason}). Use strategy=None."
             )
-        if self.forced is Strategy.BN_SPLIT and self.non_bn_generic:
+        if self.forced is Strategy.BN_SPLIT and c.non_bn_generic:
             names = [
                 n
                 for n, p in zip(lin.fmodel.names, lin.fmodel.params)
-                if any(p is q for q in self.non_bn_generic)
+                if any(p is q for q in c.non_bn_generic)
             ]
             raise StrategyUnavailable(
                 "strategy='bn_split' needs every parameter in a captured layer "
@@ -162,26 +177,27 @@ class _Engine:
             )
         plan.check_memory(self.forced, self.budget)
         self.report.reason = f"forced by strategy={self.forced.value!r}"
-        self._start_progress(self.forced)
+        self._start_progress(self.forced, c)
         return self.forced
 
-    def _start_progress(self, strategy: Strategy) -> None:
+    def _start_progress(self, strategy: Strategy, c: Captured) -> None:
         lin, est = self.lin, self.report.estimated_passes
         total = {
             Strategy.PER_SAMPLE: lin.num_columns_per_sample,
             Strategy.BN_SPLIT: lin.num_columns_per_sample
-            + sum(bn.num_statistics for bn in self.bns),
+            + sum(bn.num_statistics for bn in c.bns),
         }.get(strategy, lin.num_columns)
         passes = est.get(strategy, 2.0 * lin.num_columns)
+        seconds_per_pass = 2 * max(c.cap.seconds, 1e-4)
         start = getattr(self.tick, "start", None)
         if start is not None:
-            start(total, passes * self.seconds_per_pass)
+            start(total, passes * seconds_per_pass)
 
     # ---------------------------------------------------------------- backward
-    def _check_budget(self) -> None:
+    def _check_budget(self, layers: list[Layer]) -> None:
         held = sum(
             t.numel() * t.element_size()
-            for la in self.layers
+            for la in layers
             for t in la.explicit + la.grads
         )
         if held > self.budget:
@@ -192,54 +208,49 @@ class _Engine:
                 "the batch, use mc_samples/subsampling, or restrict params."
             )
 
-    def backward(self, out: Tensor, strategy: Strategy) -> Factors:
+    def backward(self, c: Captured, strategy: Strategy) -> Factors:
         """Run the strategy's backward passes; return what the Gram is built from."""
-        lin, report = self.lin, self.report
+        lin, report, out, layers, bns = self.lin, self.report, c.out, c.layers, c.bns
         if strategy in (Strategy.PER_SAMPLE, Strategy.BN_SPLIT):
-            bns = self.bns
-            with self.switch.freeze():
-                frozen_passes(lin, out, self.layers, bns, report, self.tick)
+            with c.cap.switch.freeze():
+                frozen_passes(lin, out, layers, bns, report, self.tick)
             if strategy is Strategy.PER_SAMPLE:  # no statistics: frozen is exact
-                rows = per_sample_generic_rows(lin, self.non_bn_generic, self.chunk)
+                rows = per_sample_generic_rows(lin, c.non_bn_generic, self.chunk)
                 return Factors(
-                    lin,
-                    self.layers,
-                    bns,
-                    generic=self.non_bn_generic,
-                    generic_rows=rows,
+                    lin, layers, bns, generic=c.non_bn_generic, generic_rows=rows
                 )
             stat_bns = [bn for bn in bns if bn.batch_stats]
-            below, _ = split_shape(self.layers, bns, self.order)
-            in_layers = {id(p) for la in self.layers for p in la.params}
+            below, _ = split_shape(layers, bns, c.cap.order)
+            in_layers = {id(p) for la in layers for p in la.params}
             others = [p for p in lin.fmodel.params if id(p) not in in_layers]
             B = statistics_directions(
-                stat_bns, self.layers, others, below, self.budget, report, self.tick
+                stat_bns, layers, others, below, self.budget, report, self.tick
             )
             W = torch.cat([bn.coefficients() for bn in stat_bns]) if stat_bns else None
-            return Factors(lin, self.layers, bns, W, B)
-        acts = sum(la.outputs[0].numel() for la in self.layers) + out.numel()
+            return Factors(lin, layers, bns, W, B)
+        acts = sum(la.outputs[0].numel() for la in layers) + out.numel()
         per_column = AUTOGRAD_OVERHEAD * acts * out.element_size()
         chunk = max(1, min(self.chunk, (self.budget // 4) // max(1, per_column)))
         rows = column_passes(
             lin,
             out,
-            self.layers,
-            self.generic,
+            layers,
+            c.generic,
             chunk,
-            self._check_budget,
+            lambda: self._check_budget(layers),
             report,
             self.tick,
         )
-        owners = {id(p): bn.name for bn in self.bns for p in bn.params}
-        return Factors(
-            lin, self.layers, generic=self.generic, generic_rows=rows, owners=owners
-        )
+        owners = {id(p): bn.name for bn in bns for p in bn.params}
+        return Factors(lin, layers, generic=c.generic, generic_rows=rows, owners=owners)
 
     # ------------------------------------------------------------------- main
-    def run(
-        self, out: Tensor, strategy: Strategy
-    ) -> tuple[list[Tensor] | None, set[int]]:
-        """One Gram per group, or ``None`` and the mismatching parameters' ``id``."""
+    def run(self, c: Captured, strategy: Strategy) -> list[Tensor]:
+        """One Gram per group.
+
+        Raises:
+            SelfCheckFailed: The factors' ``V w`` differs from autograd's.
+        """
         self.report.strategy = strategy
         if strategy is Strategy.STREAMED:
             return streamed_gram(
@@ -248,17 +259,16 @@ class _Engine:
                 self._masks(),
                 self.report,
                 self.tick,
-                (out, self.layers),
+                (c.out, c.layers),
                 self.acc,
-            ), set()
-        f = self.backward(out, strategy)
+            )
+        f = self.backward(c, strategy)
         bad = self_check(f, self.cap.precision)
         if bad:
-            return None, bad
+            raise SelfCheckFailed(self.report, bad)
         # the assembly's chunks get what the strategy's factors leave of the budget
         left = max(self.budget - _held(f), self.budget // 16)
-        grams = assemble_grams(f, self.groups, self.acc, left, self.report.layers)
-        return grams, set()
+        return assemble_grams(f, self.groups, self.acc, left, self.report.layers)
 
     def _masks(self) -> list[Tensor] | None:
         if len(self.groups) == 1:
@@ -312,12 +322,13 @@ def layerwise_gram(
         acc_dtype: dtype the Gram is summed in (``None``: the parameters' dtype).
 
     Returns:
-        ``(grams, report)``: one ``[NC, NC]`` Gram per group, or ``None`` if the
-        self-check failed (the caller then uses the generic engine), and the
+        ``(grams, report)``: one ``[NC, NC]`` Gram per group and the
         :class:`EngineReport`.
 
     Raises:
         StrategyUnavailable: A forced strategy does not apply to the model.
+        SelfCheckFailed: No strategy's factors passed the self-check (the caller
+            then uses the generic engine); ``.report`` is the last run's.
     """
     groups = [list(lin.fmodel.params)] if groups is None else groups
     forced_mixing: frozenset[str] = frozenset()
@@ -340,9 +351,9 @@ def layerwise_gram(
         engine.report.reasons.update(reasons)
         try:
             with torch.enable_grad():
-                out = engine.forward()
-                chosen = engine.plan()
-                grams, bad = engine.run(out, chosen)
+                c = engine.forward()
+                chosen = engine.plan(c)
+                return engine.run(c, chosen), engine.report
         except LayerTurnedMixing as err:
             forced_mixing = forced_mixing | {str(err)}
             continue
@@ -352,30 +363,36 @@ def layerwise_gram(
             attempt = Strategy.STREAMED
             fallback = "columns exceeded memory_budget; streamed instead"
             continue
-        # the layers whose rows differ from autograd's: those captured on trust (a
-        # Linear subclass's own forward, a recorded call) and, where the factors
-        # are per layer (no statistics directions), any layer whose formula does
-        # not hold (a table indexed by a tensor whose first dimension happens to
-        # be N): leave exactly those generic and run again
-        local_factors = chosen in (Strategy.PER_SAMPLE, Strategy.COLUMNS)
-        suspects = frozenset(
-            la.name
-            for la in engine.layers
-            if (la.on_trust or local_factors) and any(id(p) in bad for p in la.params)
-        )
-        if grams is None and suspects:
-            excluded = excluded | suspects
-            reasons.update(
-                dict.fromkeys(suspects, "its rows differ from autograd's (self-check)")
+        except SelfCheckFailed as err:
+            # the layers whose rows differ from autograd's: those captured on trust
+            # (a Linear subclass's own forward, a recorded call) and, where the
+            # factors are per layer (no statistics directions), any layer whose
+            # formula does not hold (a table indexed by a tensor whose first
+            # dimension happens to be N): leave exactly those generic, run again
+            local_factors = chosen in (Strategy.PER_SAMPLE, Strategy.COLUMNS)
+            suspects = frozenset(
+                la.name
+                for la in c.layers
+                if (la.on_trust or local_factors)
+                and any(id(p) in err.params for p in la.params)
             )
-            continue
-        if grams is None and strategy is None and chosen is Strategy.BN_SPLIT:
-            # samples mix beyond BatchNorm statistics: columns assume nothing
-            attempt = Strategy.COLUMNS
-            fallback = "bn_split failed its self-check; columns instead"
-            continue
-        return grams, engine.report
+            if suspects:
+                excluded = excluded | suspects
+                why = "its rows differ from autograd's (self-check)"
+                reasons.update(dict.fromkeys(suspects, why))
+                continue
+            if strategy is None and chosen is Strategy.BN_SPLIT:
+                # samples mix beyond BatchNorm statistics: columns assume nothing
+                attempt = Strategy.COLUMNS
+                fallback = "bn_split failed its self-check; columns instead"
+                continue
+            raise
     raise RuntimeError("layer-wise engine did not converge on which layers mix samples")
 
 
-__all__ = ["StrategyUnavailable", "layerwise_gram"]
+__all__ = [
+    "LayerwiseUnavailable",
+    "SelfCheckFailed",
+    "StrategyUnavailable",
+    "layerwise_gram",
+]
