@@ -63,7 +63,7 @@ def worker(name: str, N: int, budgets: list[int]) -> list[dict]:
     """Measure one model at one batch size for every budget (in this process)."""
     import torch
 
-    from lowrank_ggn import ggn_spectrum
+    from lowrank_ggn import MemoryBudgetExceeded, ggn_spectrum
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -94,7 +94,7 @@ def worker(name: str, N: int, budgets: list[int]) -> list[dict]:
                 reported_peak=rep.memory_peak,
                 lambda_max=float(s.eigenvalues[0]),
             )
-        except MemoryError as err:
+        except MemoryBudgetExceeded as err:  # a refusal, never a real out-of-memory
             row.update(refused=str(err).split(". ")[0], largest_batch_seen=seen[0])
         row["seconds"] = time.perf_counter() - start
         row["peak"] = peak_rss_bytes() - base
