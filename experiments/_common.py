@@ -270,6 +270,59 @@ def train_steps(
     return opt, last
 
 
+def sgd_checkpoints(
+    model: nn.Module,
+    batches: Iterator[tuple[Tensor, Tensor]],
+    s: dict,
+    record: Callable[[int], dict],
+) -> list[dict]:
+    """SGD (:func:`train_steps`, ``s["lr"]``, ``s["momentum"]``) up to each of
+    ``s["checkpoints"]`` in turn; at each, ``{"step", "train_loss", **record(step)}``."""
+    opt, step, last, points = None, 0, float("nan"), []
+    for target in s["checkpoints"]:
+        if target > step:
+            opt, last = train_steps(
+                model, batches, target - step, s["lr"], s["momentum"], opt
+            )
+            step = target
+        points.append({"step": step, "train_loss": last, **record(step)})
+    return points
+
+
+def digits_sgd_runs(
+    s: dict,
+    seed: int,
+    models: list[tuple[str, str]],
+    monitor: Callable[[nn.Module, str, int], dict],
+) -> dict:
+    """Train each ``(label, zoo name)`` model (float64, ``seed``) by SGD on seeded digit
+    batches of ``s["train_batch"]``, recording ``monitor(model, label, step)`` at each
+    of ``s["checkpoints"]`` (:func:`sgd_checkpoints`); the experiments' ``runs``."""
+    from lowrank_ggn.app.data import digits_batches
+    from lowrank_ggn.app.models import build_model, num_params
+
+    runs = []
+    for label, name in models:
+        model = build_model(name, seed, torch.float64)
+        batches = digits_batches(
+            s["train_batch"], max(s["checkpoints"]), seed, torch.float64
+        )
+
+        def record(step: int, model=model, label=label) -> dict:
+            return monitor(model, label, step)
+
+        points = sgd_checkpoints(model, batches, s, record)
+        runs.append(
+            {
+                "label": label,
+                "model": name,
+                "num_params": num_params(model),
+                "points": points,
+            }
+        )
+    return {"loss": "CrossEntropyLoss(mean)", "dtype": "float64", "runs": runs}
+
+
 def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
     """``(fn(*args, **kwargs), seconds)``."""
     t0 = time.perf_counter()

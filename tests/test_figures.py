@@ -229,3 +229,22 @@ def test_optimizers_quick(tmp_path):
                         assert p["num_directions"] == len(finite)
                 if opt["optimizer"].endswith("constant"):  # the default δ = 1
                     assert all(d == 1.0 for p in steps for d in p["damping"])
+
+
+def test_ggn_diagonal_quick(tmp_path):
+    result = run_quick("ggn_diagonal", tmp_path)
+    assert [r["model"] for r in result["runs"]] == ["cnn", "cnn-bn"]
+    for run in result["runs"]:
+        assert [p["step"] for p in run["points"]] == result["settings"]["checkpoints"]
+        for p in run["points"]:
+            # tr G = Σ diag = Σ λ (float64), and the layers' shares sum to 1
+            assert p["trace_vs_eigenvalues"] < RTOL_EXACT
+            shares = sum(la["trace_share"] for la in p["layers"])
+            assert abs(shares - 1.0) < RTOL_EXACT
+            assert sum(la["D"] for la in p["layers"]) == run["num_params"]
+            for la in p["layers"]:
+                lo, mid, hi = la["quantiles"]
+                assert 0.0 <= lo <= mid <= hi and la["mean_diag"] >= 0.0
+    kinds = [la["kind"] for la in result["runs"][1]["points"][0]["layers"]]
+    assert "BatchNorm2d 1" in kinds
+    assert (tmp_path / "ggn_diagonal_quick.png").stat().st_size > 0

@@ -432,3 +432,73 @@ def test_make_figures_time():
         f"first six, {minutes['optimizers']:.1f} min for `optimizers` and "
         f"{minutes['ggn_diagonal']:.1f} min for `ggn_diagonal`"
     )
+
+
+# ---------------------------------------------------------------------- ggn diagonal
+def test_ggn_diagonal():
+    res = results("ggn_diagonal")
+    plain, bn = res["runs"]
+    assert plain["model"] == "cnn" and bn["model"] == "cnn-bn"
+
+    def means(run, j):
+        return [p["layers"][j]["mean_diag"] for p in run["points"]]
+
+    def layers(run):
+        return range(len(run["points"][0]["layers"]))
+
+    steps = [p["step"] for p in plain["points"]]
+    rise = [max(means(plain, j)) / means(plain, j)[0] for j in layers(plain)]
+    fall = [max(means(plain, j)) / means(plain, j)[-1] for j in layers(plain)]
+    peak_at = {
+        steps[means(plain, j).index(max(means(plain, j)))] for j in layers(plain)
+    }
+    trace = [p["trace"] for p in plain["points"]]
+    assert peak_at == {30} and trace.index(max(trace)) == steps.index(30)
+    said(
+        f"Without BN every layer's mean rises {span(rise, '.0f')}× while the loss falls "
+        f"fastest (`tr G` {trace[0]:.1f} → {max(trace):.0f} at step 30), then falls "
+        f"{span(fall, '.0f')}× by step {steps[-1]:,}."
+    )
+    kinds = {la["kind"]: j for j, la in enumerate(bn["points"][0]["layers"])}
+    shared = [la["kind"] for la in plain["points"][0]["layers"]]
+    start = [means(bn, kinds[k])[0] / means(plain, j)[0] for j, k in enumerate(shared)]
+    bn_fall = [max(means(bn, j)) / means(bn, j)[-1] for j in layers(bn)]
+    bn_peak = [steps[means(bn, j).index(max(means(bn, j)))] for j in layers(bn)]
+    last = [means(bn, j)[-1] for j in layers(bn)]
+    assert max(bn_peak) == 30 and last.index(max(last)) == kinds["Conv2d 1"]
+    said(
+        f"With BN the convolutions and the linear layer start {span(start, '.0f')}× more "
+        "curved, peak by step 30 at the latest, and fall "
+        f"{span(bn_fall, '.0f')}× from their peaks; the first convolution ends the most "
+        "curved."
+    )
+    share = {r["model"]: r["points"][-1]["layers"] for r in res["runs"]}
+    bn_share = sum(
+        la["trace_share"] for la in share["cnn-bn"] if "BatchNorm" in la["kind"]
+    )
+    said(
+        f"the BN model puts {100 * share['cnn-bn'][0]['trace_share']:.0f} % of `tr G` "
+        f"into its first convolution ({100 * share['cnn'][0]['trace_share']:.0f} % "
+        f"without BN), and the BN parameters hold {100 * bn_share:.1f} %."
+    )
+    early = [
+        la["mc_rel_error"]
+        for r in res["runs"]
+        for p in r["points"]
+        if p["step"] <= 10
+        for la in p["layers"]
+    ]
+    late = [
+        la["mc_rel_error"]
+        for r in res["runs"]
+        for p in r["points"]
+        if p["step"] >= 300
+        for la in p["layers"]
+    ]
+    said(
+        f"is within {math.ceil(100 * max(early)):.0f} % of the exact one in the first "
+        f"10 steps and misses {span([100 * v for v in late], '.0f')} % of it once the "
+        "net is confident (step ≥ 300)"
+    )
+    worst = max(p["trace_vs_eigenvalues"] for r in res["runs"] for p in r["points"])
+    said(f"eigenvalues to {worst:.1e} relative at every checkpoint")

@@ -31,11 +31,11 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # experiments/_common.py
 
-from _common import run_main, timed, train_steps  # noqa: E402
+from _common import digits_sgd_runs, run_main, timed  # noqa: E402
 
 from lowrank_ggn import ggn_diagonal, ggn_spectrum  # noqa: E402
-from lowrank_ggn.app.data import digits_batch, digits_batches  # noqa: E402
-from lowrank_ggn.app.models import build_model, num_params  # noqa: E402
+from lowrank_ggn.app.data import digits_batch  # noqa: E402
+from lowrank_ggn.app.models import build_model  # noqa: E402
 
 SEED = 0
 FULL = {
@@ -46,14 +46,7 @@ FULL = {
     "momentum": 0.9,
     "mc_seed": 1,
 }
-QUICK = {
-    "checkpoints": [0, 2],
-    "batch_size": 8,
-    "train_batch": 8,
-    "lr": 0.05,
-    "momentum": 0.9,
-    "mc_seed": 1,
-}
+QUICK = {**FULL, "checkpoints": [0, 2], "batch_size": 8, "train_batch": 8}
 MODELS = [("cnn", "cnn"), ("cnn-bn (train mode)", "cnn-bn")]
 
 
@@ -109,38 +102,20 @@ def monitor(model: nn.Module, X, y) -> dict:
 def compute(s: dict) -> dict:
     X, y = digits_batch(s["batch_size"], SEED + 1, torch.float64)  # monitoring batch
     monitor(build_model("cnn", SEED, torch.float64), X, y)  # warm-up: first-call costs
-    runs = []
-    for label, name in MODELS:
-        model = build_model(name, SEED, torch.float64)
-        batches = digits_batches(
-            s["train_batch"], max(s["checkpoints"]), SEED, torch.float64
+
+    def record(model: nn.Module, label: str, step: int) -> dict:
+        out = monitor(model, X, y)
+        print(
+            label,
+            step,
+            f"tr G {out['trace']:.3g}",
+            f"diag {out['seconds_diagonal']:.2f} s",
+            f"spectrum {out['seconds_spectrum']:.2f} s",
+            flush=True,
         )
-        opt, step, last, points = None, 0, float("nan"), []
-        for target in s["checkpoints"]:
-            if target > step:
-                opt, last = train_steps(
-                    model, batches, target - step, s["lr"], s["momentum"], opt
-                )
-                step = target
-            record = monitor(model, X, y)
-            points.append({"step": step, "train_loss": last, **record})
-            print(
-                label,
-                step,
-                f"tr G {record['trace']:.3g}",
-                f"diag {record['seconds_diagonal']:.2f} s",
-                f"spectrum {record['seconds_spectrum']:.2f} s",
-                flush=True,
-            )
-        runs.append(
-            {
-                "label": label,
-                "model": name,
-                "num_params": num_params(model),
-                "points": points,
-            }
-        )
-    return {"loss": "CrossEntropyLoss(mean)", "dtype": "float64", "runs": runs}
+        return out
+
+    return digits_sgd_runs(s, SEED, MODELS, record)
 
 
 if __name__ == "__main__":

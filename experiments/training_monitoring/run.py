@@ -38,10 +38,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # experiments/_common.py
 
 from _common import (  # noqa: E402
+    digits_sgd_runs,
     run_main,
     subspace_overlap,
     timed,
-    train_steps,
     without_running_stats,
 )
 
@@ -51,8 +51,7 @@ from lowrank_ggn import (  # noqa: E402
     ggn_spectrum,
     ggn_spectrum_dataset,
 )
-from lowrank_ggn.app.data import digits_batch, digits_batches, load_digits  # noqa: E402
-from lowrank_ggn.app.models import build_model, num_params  # noqa: E402
+from lowrank_ggn.app.data import digits_batch, load_digits  # noqa: E402
 from lowrank_ggn.core.lanczos import top_eigenpairs  # noqa: E402
 
 SEED = 0
@@ -162,38 +161,20 @@ def compute(s: dict) -> dict:
     X, y = digits_batch(s["batch_size"], SEED + 1, torch.float64)  # monitoring batch
     images, labels = load_digits(torch.float64)
     data = (images[: s["full_data"]], labels[: s["full_data"]])
-    runs = []
-    for label, name in MODELS:
-        model = build_model(name, SEED, torch.float64)
-        batches = digits_batches(
-            s["train_batch"], max(s["checkpoints"]), SEED, torch.float64
+
+    def record(model: nn.Module, label: str, step: int) -> dict:
+        out, sec = timed(monitor, model, X, y, data, s)
+        print(
+            label,
+            step,
+            f"{out['overlap_mini_full']:.2f}",
+            f"{out['overlap_ggn_hessian']:.2f}",
+            f"{sec:.1f} s",
+            flush=True,
         )
-        opt, step, last, points = None, 0, float("nan"), []
-        for target in s["checkpoints"]:
-            if target > step:
-                opt, last = train_steps(
-                    model, batches, target - step, s["lr"], s["momentum"], opt
-                )
-                step = target
-            record, sec = timed(monitor, model, X, y, data, s)
-            points.append({"step": step, "train_loss": last, "seconds": sec, **record})
-            print(
-                label,
-                step,
-                f"{record['overlap_mini_full']:.2f}",
-                f"{record['overlap_ggn_hessian']:.2f}",
-                f"{sec:.1f} s",
-                flush=True,
-            )
-        runs.append(
-            {
-                "label": label,
-                "model": name,
-                "num_params": num_params(model),
-                "points": points,
-            }
-        )
-    return {"loss": "CrossEntropyLoss(mean)", "dtype": "float64", "runs": runs}
+        return {"seconds": sec, **out}
+
+    return digits_sgd_runs(s, SEED, MODELS, record)
 
 
 if __name__ == "__main__":
