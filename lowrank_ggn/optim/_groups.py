@@ -126,4 +126,20 @@ def apply_step(
     return squared
 
 
-__all__ = ["RATES", "apply_step", "check_groups", "check_rate", "gradient_left"]
+def batch_missing() -> TypeError:
+    """The error of a step called without the batch it linearises."""
+    return TypeError(
+        "DampedNewton.step needs the batch it linearises: opt.step(inputs, targets), "
+        "or opt.step(closure, inputs=..., targets=...) in a loop that passes a "
+        "closure (Lightning's manual optimisation: opt.step(inputs=X, targets=y))."
+    )
+
+
+__all__ = [
+    "RATES",
+    "apply_step",
+    "batch_missing",
+    "check_groups",
+    "check_rate",
+    "gradient_left",
+]

@@ -40,19 +40,10 @@ linearisation (``'batch'``).
 everything from it: the spectrum (Gram engine's backward passes, ``eigh``,
 eigenvectors from one batched backward pass), the gradient (one backward pass of the
 recorded graph), ``γ_nk`` (``J e_k`` by double backward on the graph, no forward
-pass) and
-
-.. math::
-    λ_{nk} = \frac{‖V_n^⊤ e_k‖²}{ρ_S} = \frac{λ_k ‖u_k[n·C:(n+1)·C]‖²}{ρ_S},
-
-because ``V_nᵀ e_k = V_nᵀ V u_k / √λ_k = (Vᵀ V u_k)_n / √λ_k = √λ_k u_k[n]`` for the
-Gram eigenvector ``u_k`` (``[N_S·C]``, sample-major): no further pass. ``V_n`` are the
-factor columns of sample ``n``, so this is the per-sample (per-component) curvature
-of the factors in use — exact ones, Monte-Carlo ones or a curvature sub-sample of
-``N_S`` samples with ``ρ_S = 1/N_S`` (``'mean'``) — and ``ρ_S Σ_n λ_nk = λ_k``
-holds exactly. The step therefore costs the forward passes of the spectrum alone
-(:attr:`StepInfo.forward_passes`) and three more reverse passes through the model
-(besides products on the outputs alone).
+pass) and ``λ_nk`` from the Gram eigenvectors, no further pass
+(:func:`~lowrank_ggn.optim.newton_step.gram_curvatures`). The step therefore costs
+the forward passes of the spectrum alone (:attr:`StepInfo.forward_passes`) and three
+more reverse passes through the model (besides products on the outputs alone).
 
 **Nothing else changes.** The step writes the parameters in place under
 ``torch.no_grad()``; ``.grad``, modes and buffers stay as they were. With
@@ -60,9 +51,7 @@ holds exactly. The step therefore costs the forward passes of the spectrum alone
 a training step would (in its current modes, at the parameters before the update,
 without graph), so train-mode BatchNorm updates its running statistics.
 
-Reference: Dangel, Tatzel & Hennig, *ViViT: Curvature access through the generalized
-Gauss-Newton's low-rank structure*, TMLR 2022, https://arxiv.org/abs/2106.02624
-(directional derivatives and damped Newton steps along GGN eigenvectors).
+Reference: Dangel, Tatzel & Hennig, TMLR 2022, https://arxiv.org/abs/2106.02624.
 """
 
 from __future__ import annotations
@@ -70,7 +59,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,17 +67,23 @@ from torch import Tensor, nn
 from lowrank_ggn.core.loss_factors import sample_weight
 from lowrank_ggn.core.loss_sampling import check_mc_samples
 from lowrank_ggn.core.outputs import OutputSpec, check_output
-from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.validation import check_options
 from lowrank_ggn.curvature import GGN
 from lowrank_ggn.diagnostics.warnings import SampleMixingWarning
 from lowrank_ggn.optim._groups import (
     apply_step,
+    batch_missing,
     check_groups,
     check_rate,
     gradient_left,
 )
 from lowrank_ggn.optim.damping import ConstantDamping, DampingPolicy, DirectionalData
+from lowrank_ggn.optim.newton_step import (
+    StepInfo,
+    check_damping_output,
+    gram_curvatures,
+    newton_coefficients,
+)
 from lowrank_ggn.optim.warnings import NoProgressWarning, TopKWarning
 
 #: Defaults of the constructor, chosen by ``experiments/optimizers/defaults_study.py``
@@ -99,105 +93,6 @@ DEFAULT_TOP_K = 10
 DEFAULT_DAMPING = 1.0
 DEFAULT_COMPLEMENT_LR = 0.1
 DEFAULT_MOMENTUM = 0.9
-
-
-@dataclass
-class StepInfo:
-    """What one :meth:`DampedNewton.step` computed (at the parameters before it).
-
-    Attributes:
-        loss: The batch loss ``L``.
-        eigenvalues: ``[K]``, ``λ_k`` (``K ≤ top_k``: only resolved eigenvalues).
-        eigenvectors: ``[K, D]``, ``e_k``, kept only with ``keep_eigenvectors=True``
-            (else ``None``).
-        slopes: ``[K]``, ``γ_k = e_kᵀ g``.
-        gammas: ``[N, K]``, per-sample (per-component) slopes ``γ_nk``.
-        lambdas: ``[N_S, K]``, per-sample (per-component) curvatures ``λ_nk``.
-        damping: ``[K]``, ``δ_k`` (``inf``: no step along ``e_k``).
-        coefficients: ``[K]``, Newton coefficients ``γ_k / (λ_k + δ_k)`` (0 where
-            ``δ_k = inf``); the step along ``e_k`` is ``−lr`` times this.
-        num_directions: Directions stepped along (finite ``δ_k``).
-        step_norm: ``‖Δθ‖₂``.
-        gradient_norm: ``‖g‖₂``.
-        path: The engine's path (``per_sample`` or ``full_batch``, and why).
-        engine_report: How the Gram matrix and eigenpairs were computed.
-        forward_passes: Forward passes of the batch the step ran (full-batch
-            equivalents; ``update_buffers`` adds one).
-        sample_mixing: The forward pass mixes samples: ``gammas``/``lambdas`` are
-            per-component quantities.
-        gradient_source: ``'batch'`` (the batch loss's gradient, computed by the
-            step) or ``'grad'`` (the parameters' ``.grad``, left by the caller).
-    """
-
-    loss: float
-    eigenvalues: Tensor
-    eigenvectors: Tensor | None
-    slopes: Tensor
-    gammas: Tensor
-    lambdas: Tensor
-    damping: Tensor
-    coefficients: Tensor
-    num_directions: int
-    step_norm: float
-    gradient_norm: float
-    path: EnginePath
-    engine_report: Any
-    forward_passes: float
-    sample_mixing: bool
-    gradient_source: str = "batch"
-
-
-def gram_curvatures(
-    eigenvalues: Tensor, gram_eigenvectors: Tensor, num_samples: int, rho: float
-) -> Tensor:
-    r"""``λ_nk = λ_k ‖u_k[n·C:(n+1)·C]‖² / ρ_S`` ``[N_S, K]`` from Gram eigenpairs.
-
-    Args:
-        eigenvalues: ``[K]``.
-        gram_eigenvectors: ``[N_S·C, K]``, sample-major.
-        num_samples: ``N_S``.
-        rho: ``ρ_S``.
-
-    Example:
-        >>> import torch
-        >>> U = torch.linalg.qr(torch.randn(6, 2, dtype=torch.float64))[0]
-        >>> lam = gram_curvatures(torch.tensor([2.0, 1.0]).double(), U, 3, 1 / 3)
-        >>> assert torch.allclose(lam.sum(0) / 3, torch.tensor([2.0, 1.0]).double())
-    """
-    NC, K = gram_eigenvectors.shape
-    U = gram_eigenvectors.reshape(num_samples, NC // num_samples, K).double()
-    lambdas = eigenvalues.double() * U.square().sum(1) / rho
-    return lambdas.to(eigenvalues.dtype)
-
-
-def newton_coefficients(slopes: Tensor, eigenvalues: Tensor, damping: Tensor) -> Tensor:
-    """``γ_k / (λ_k + δ_k)``, and 0 where ``δ_k = inf``."""
-    finite = torch.isfinite(damping)
-    denom = eigenvalues + torch.where(finite, damping, torch.zeros_like(damping))
-    return torch.where(finite, slopes / denom, torch.zeros_like(slopes))
-
-
-def _check_damping_output(damping: Any, K: int, ref: Tensor) -> Tensor:
-    damping = torch.as_tensor(damping).to(dtype=ref.dtype, device=ref.device)
-    if damping.shape != (K,):
-        raise ValueError(
-            f"the damping policy must return one damping per direction, shape ({K},); "
-            f"got {tuple(damping.shape)}."
-        )
-    if torch.isnan(damping).any() or (damping < 0).any():
-        raise ValueError(
-            f"the damping policy returned NaN or negative dampings {damping.tolist()}; "
-            "dampings must lie in [0, inf] (inf: no step along that direction)."
-        )
-    return damping
-
-
-def _batch_missing() -> TypeError:
-    return TypeError(
-        "DampedNewton.step needs the batch it linearises: opt.step(inputs, targets), "
-        "or opt.step(closure, inputs=..., targets=...) in a loop that passes a "
-        "closure (Lightning's manual optimisation: opt.step(inputs=X, targets=y))."
-    )
 
 
 class DampedNewton(torch.optim.Optimizer):
@@ -403,11 +298,11 @@ class DampedNewton(torch.optim.Optimizer):
             closure, batch = batch[0], batch[1:]
         if batch:
             if len(batch) not in (2, 3) or inputs is not None or targets is not None:
-                raise _batch_missing()
+                raise batch_missing()
             inputs, targets = batch[:2]
             batch_size = batch[2] if len(batch) == 3 else batch_size
         if inputs is None or targets is None:
-            raise _batch_missing()
+            raise batch_missing()
         policy = check_groups(self.param_groups, self.damping)
         if closure is not None:
             with torch.enable_grad():
@@ -431,7 +326,7 @@ class DampedNewton(torch.optim.Optimizer):
         lin = ggn.linearization
         K = data.eigenvalues.numel()
         self._warn_top_k(K, lin)
-        damping = _check_damping_output(policy(data), K, data.eigenvalues)
+        damping = check_damping_output(policy(data), K, data.eigenvalues)
         coefficients = newton_coefficients(data.slopes, data.eigenvalues, damping)
         newton = coefficients @ E  # [D], Σ_k γ_k/(λ_k + δ_k) e_k
         complement = gradient - data.slopes @ E  # [D], g − Σ_k γ_k e_k
