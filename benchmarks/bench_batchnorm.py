@@ -80,11 +80,9 @@ from harness.floor import floor_of, over_floor
 from harness.machine import machine
 from harness.memory import measure
 from harness.peers import available
-from harness.results import write_results
+from harness.results import RESULTS, write_results
 from harness.workers import announce, outcome, previous_release, run_worker
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 FLOOR_PARTS = ("bn_vs_plain", "resnet18")  # full spectra (part lanczos: top-k only)
 
 

@@ -53,11 +53,9 @@ from harness.machine import machine, machine_line
 from harness.memory import measure
 from harness.models import BN_MODELS, build
 from harness.peers import available, curvlinops_eigsh, power_iteration, vivit_eigh
-from harness.results import fmt, gib, write_results
+from harness.results import RESULTS, fmt, gib, write_results
 from harness.workers import announce, outcome, run_worker
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 METHODS = ("lowrank_ggn", "vivit", "curvlinops", "power")
 EXACT_UNDER_BN = {
     "lowrank_ggn": True,

@@ -2,7 +2,8 @@ r"""Results: records as plain data, derived numbers, JSON and markdown files.
 
 Records are dicts; a failed or skipped case carries ``error`` or ``skipped`` instead
 of its measurements (:func:`ok`). Each benchmark writes ``<stem>.json`` and
-``<stem>.md`` into its results folder with :func:`write_results`.
+``<stem>.md`` into its results folder (:data:`RESULTS` unless told otherwise) with
+:func:`write_results`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
 
+#: The committed results folder, ``benchmarks/results`` (the drivers' ``--out``).
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 #: ``met`` of a target as a table cell.
 MET = {True: "yes", False: "**no**", None: "not measured"}
 
