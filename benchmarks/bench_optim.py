@@ -8,7 +8,7 @@ ViViT's grid and 100 resamples) against one
 each comes first (on the same batch), then ``--repeat`` rounds of the three calls,
 interleaved; each time is the fastest of its rounds. Every step runs on a fresh copy
 of the model (copied outside the timer), so all rounds see the same parameters.
-Reported: the times, the ratio ``t(step) / t(spectrum)`` (target ≤ 1.5), the forward
+Reported: the times, the ratio ``t(step) / t(spectrum)`` (target ≤ 1.1, issue 26), the forward
 passes (samples the model processed, in batches, counted by a forward pre-hook) and
 the Gram engine's pass counts of both calls.
 
@@ -37,7 +37,7 @@ from harness.passes import ForwardPasses
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-RATIO_TARGET = 1.5
+RATIO_TARGET = 1.1
 TOP_K = 10
 DAMPING = 1e-3
 

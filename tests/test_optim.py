@@ -50,9 +50,15 @@ CASE_BY_NAME = {c.name: c for c in ALL_CASES}
 TOP_K = 3
 DAMPING = 0.1
 #: reverse-mode calls (``torch.autograd.grad``) a step adds to the spectrum's: the
-#: gradient (∂L/∂F, then one backward pass of the graph), J e_k by double backward
-#: (two passes) and, on the outputs only, ∂L/∂F and the loss Hessian-vector product.
-EXTRA_REVERSE_CALLS = 7
+#: gradient (∂L/∂F, then one backward pass of the graph); γ_nk come from the Gram
+#: eigenvectors (``gamma_route='factors'``, no pass).
+EXTRA_REVERSE_CALLS = 2
+#: where the factors do not span ∂L/∂F (``gamma_route='pushforward'``), J e_k by
+#: double backward (two passes) and, on the outputs only, ∂L/∂F and the loss
+#: Hessian-vector product as well.
+PUSHFORWARD_REVERSE_CALLS = 7
+#: cases whose exact factors do not span the output gradient (Huber's linear zone).
+PUSHFORWARD_CASES = {"mlp-huber"}
 
 
 def _newton(model, loss, params=None, **kwargs) -> DampedNewton:
@@ -187,8 +193,12 @@ def test_subsampled_and_monte_carlo_curvatures(name):
     assert info.gammas.shape[0] == batch_of(X) and info.lambdas.shape[0] == len(rows)
     m2, l2, X2, y2 = CASE_BY_NAME[name].make()
     rho = rho_of(l2, batch_of(X2))
-    _, lambdas = dense_directional_derivatives(m2, l2, X2, y2, info.eigenvectors, rho)
+    gammas, lambdas = dense_directional_derivatives(
+        m2, l2, X2, y2, info.eigenvectors, rho
+    )
     report_close(info.lambdas, lambdas[rows], name="sub-sampled λ_nk")
+    assert info.gamma_route == "pushforward"  # factors of 3 rows: no γ_nk of all N
+    report_close(info.gammas, gammas, name="γ_nk of every sample")
     rho_s = rho_of(l2, len(rows))
     report_close(rho_s * info.lambdas.sum(0), info.eigenvalues, name="ρ_S Σ λ = λ")
 
@@ -198,6 +208,9 @@ def test_subsampled_and_monte_carlo_curvatures(name):
     info = _quiet_step(opt, X, y)
     rho = rho_of(loss, batch_of(X))
     report_close(rho * info.lambdas.sum(0), info.eigenvalues, name="MC ρ Σ λ = λ")
+    m2, l2, X2, y2 = CASE_BY_NAME[name].make()
+    gammas, _ = dense_directional_derivatives(m2, l2, X2, y2, info.eigenvectors, rho)
+    report_close(info.gammas, gammas, name=f"MC γ_nk ({info.gamma_route})")
     report_close(
         _flat(model) - before,
         -info.coefficients @ info.eigenvectors,
@@ -292,8 +305,12 @@ def test_a_step_shares_the_spectrum_passes(case, top_k):
     step_samples, step_reverse = _passes(model, lambda: infos.append(opt.step(X, y)))
     assert step_samples == samples, f"{step_samples} vs {samples} samples"
     assert infos[0].forward_passes == pytest.approx(ggn.forward_passes)
-    if case.name not in JACOBIAN_ROW_CASES:  # J e_k by double backward
+    pushforward = case.name in PUSHFORWARD_CASES
+    assert infos[0].gamma_route == ("pushforward" if pushforward else "factors")
+    if not pushforward:
         assert step_reverse == reverse + EXTRA_REVERSE_CALLS
+    elif case.name not in JACOBIAN_ROW_CASES:  # J e_k by double backward
+        assert step_reverse == reverse + PUSHFORWARD_REVERSE_CALLS
     assert dict(infos[0].engine_report.passes) == dict(ggn.engine_report.passes)
 
 

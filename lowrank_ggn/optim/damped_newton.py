@@ -39,11 +39,14 @@ linearisation (``'batch'``).
 **One linearisation.** Each step builds one :class:`~lowrank_ggn.GGN` and reads
 everything from it: the spectrum (Gram engine's backward passes, ``eigh``,
 eigenvectors from one batched backward pass), the gradient (one backward pass of the
-recorded graph), ``γ_nk`` (``J e_k`` by double backward on the graph, no forward
-pass) and ``λ_nk`` from the Gram eigenvectors, no further pass
-(:func:`~lowrank_ggn.optim.newton_step.gram_curvatures`). The step therefore costs
-the forward passes of the spectrum alone (:attr:`StepInfo.forward_passes`) and three
-more reverse passes through the model (besides products on the outputs alone).
+recorded graph), ``γ_nk`` and ``λ_nk`` from the Gram eigenvectors, no further pass
+(:func:`~lowrank_ggn.optim.newton_step.factor_slopes`,
+:func:`~lowrank_ggn.optim.newton_step.gram_curvatures`). The step therefore costs
+the forward passes of the spectrum alone (:attr:`StepInfo.forward_passes`) and one
+more reverse pass through the model. Only where the loss-Hessian factors do not span
+the output gradient (Monte-Carlo or autodiff factors, e.g. Huber's linear zone) or
+under curvature sub-sampling are ``γ_nk`` ``J e_k`` by double backward on the graph
+(two reverse passes more; :attr:`StepInfo.gamma_route`).
 
 **Nothing else changes.** The step writes the parameters in place under
 ``torch.no_grad()``; ``.grad``, modes and buffers stay as they were. With
@@ -69,6 +72,7 @@ from lowrank_ggn.core.loss_sampling import check_mc_samples
 from lowrank_ggn.core.outputs import OutputSpec, check_output
 from lowrank_ggn.core.validation import check_options
 from lowrank_ggn.curvature import GGN
+from lowrank_ggn.diagnostics.moments import output_gradient
 from lowrank_ggn.diagnostics.warnings import SampleMixingWarning
 from lowrank_ggn.optim._groups import (
     apply_step,
@@ -81,10 +85,11 @@ from lowrank_ggn.optim.damping import ConstantDamping, DampingPolicy, Directiona
 from lowrank_ggn.optim.newton_step import (
     StepInfo,
     check_damping_output,
+    factor_slopes,
     gram_curvatures,
     newton_coefficients,
 )
-from lowrank_ggn.optim.warnings import NoProgressWarning, TopKWarning
+from lowrank_ggn.optim.warnings import NoProgressWarning, warn_top_k
 
 #: Defaults of the constructor, chosen by ``experiments/optimizers/defaults_study.py``
 #: (README, "Damped Newton"): with them the final training loss is within 10 % of
@@ -212,18 +217,25 @@ class DampedNewton(torch.optim.Optimizer):
 
     def _directions(
         self, ggn: GGN, gradient: Tensor | None
-    ) -> tuple[Tensor, Tensor, DirectionalData]:
-        """Gradient, eigenvectors and the policy's data, from one linearisation."""
+    ) -> tuple[Tensor, Tensor, DirectionalData, str]:
+        """Gradient, eigenvectors, the policy's data and how ``γ_nk`` were computed."""
         with warnings.catch_warnings():  # the step says per-component once, itself
             warnings.simplefilter("ignore", SampleMixingWarning)
             spec = ggn.spectrum(top_k=self.top_k, eigenvectors=True)
-            if gradient is None:
-                gradient = ggn.gradient()  # [D], one backward pass of the graph
             lin = ggn.linearization
             N, N_S = lin.batch_size, lin.num_samples
-            if spec.rank:  # γ_nk: J e_k by double backward on the graph
-                gammas = ggn.directional_derivatives(spec).gammas
-            else:  # no resolved eigenvalue (a zero GGN): no direction to project on
+            rho = sample_weight(lin.loss_func, N)
+            g_out = output_gradient(lin)  # [N, *out], reduction included
+            if gradient is None:  # [D], one backward pass of the graph
+                gradient = lin.vjp(g_out.unsqueeze(0))[0]
+            gammas, route = None, "factors"
+            if self.subsampling is None:  # γ_nk from the Gram eigenvectors, no pass
+                gammas = factor_slopes(
+                    lin.factors, g_out, spec.eigenvalues, spec.gram_eigenvectors, rho
+                )
+            if gammas is None and spec.rank:  # J e_k by double backward on the graph
+                gammas, route = ggn.directional_derivatives(spec).gammas, "pushforward"
+            elif gammas is None:  # no resolved eigenvalue (a zero GGN)
                 gammas = gradient.new_zeros(N, 0)
         E = spec.eigenvectors  # [K, D]
         lambda_rho = sample_weight(lin.loss_func, N_S)
@@ -235,27 +247,13 @@ class DampedNewton(torch.optim.Optimizer):
             lambdas=gram_curvatures(
                 spec.eigenvalues, spec.gram_eigenvectors, N_S, lambda_rho
             ),
-            rho=sample_weight(lin.loss_func, N),
+            rho=rho,
             lambda_rho=lambda_rho,
             paired=self.subsampling is None,
             sample_mixing=lin.path.sample_mixing,
             mixing_modules=lin.path.mixing_modules,
         )
-        return gradient, E, data
-
-    def _warn_top_k(self, K: int, lin: Any) -> None:
-        if K >= self.top_k or self._warned_top_k:
-            return
-        self._warned_top_k = True
-        rank = f"rank ≤ N·C = {lin.num_samples}·{lin.num_columns_per_sample}"
-        advice = f"Pass top_k ≤ {K} to ask for what exists" if K else "No Newton step"
-        warnings.warn(
-            f"top_k={self.top_k} is above the {K} eigenvalues this batch's GGN "
-            f"resolves ({rank}); the steps use the {K} directions there are. "
-            f"{advice} (this warning is issued once per optimiser).",
-            TopKWarning,
-            stacklevel=4,  # the caller of step (through torch.optim's wrapper)
-        )
+        return gradient, E, data, route
 
     def step(  # type: ignore[override]
         self,
@@ -322,10 +320,12 @@ class DampedNewton(torch.optim.Optimizer):
             batch_size=batch_size,
             output=self.output,
         )
-        gradient, E, data = self._directions(ggn, caller_gradient)
+        gradient, E, data, gamma_route = self._directions(ggn, caller_gradient)
         lin = ggn.linearization
         K = data.eigenvalues.numel()
-        self._warn_top_k(K, lin)
+        if K < self.top_k and not self._warned_top_k:
+            self._warned_top_k = True
+            warn_top_k(self.top_k, K, lin.num_samples, lin.num_columns_per_sample)
         damping = check_damping_output(policy(data), K, data.eigenvalues)
         coefficients = newton_coefficients(data.slopes, data.eigenvalues, damping)
         newton = coefficients @ E  # [D], Σ_k γ_k/(λ_k + δ_k) e_k
@@ -367,6 +367,7 @@ class DampedNewton(torch.optim.Optimizer):
             forward_passes=forward_passes,
             sample_mixing=data.sample_mixing,
             gradient_source="batch" if caller_gradient is None else "grad",
+            gamma_route=gamma_route,
         )
 
     def state_dict(self) -> dict[str, Any]:

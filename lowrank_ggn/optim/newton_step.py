@@ -3,8 +3,9 @@ r"""One damped Newton step in the top-k eigenspace: its math and its record.
 Along the GGN's top eigenvectors ``e_k`` (eigenvalues ``λ_k``) with slopes
 ``γ_k = e_kᵀ g`` and dampings ``δ_k``, the step is ``Δθ = −lr Σ_k γ_k / (λ_k + δ_k) e_k``
 (:func:`newton_coefficients`; no step where ``δ_k = inf``). The per-sample
-(per-component) curvatures that feed the damping policies
-(:mod:`lowrank_ggn.optim.damping`) need no pass (:func:`gram_curvatures`):
+(per-component) curvatures and slopes that feed the damping policies
+(:mod:`lowrank_ggn.optim.damping`) need no pass (:func:`gram_curvatures`,
+:func:`factor_slopes`):
 
 .. math::
     λ_{nk} = \frac{‖V_n^⊤ e_k‖²}{ρ_S} = \frac{λ_k ‖u_k[n·C:(n+1)·C]‖²}{ρ_S},
@@ -22,6 +23,7 @@ Reference: Dangel, Tatzel & Hennig, TMLR 2022, https://arxiv.org/abs/2106.02624.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,10 @@ import torch
 from torch import Tensor
 
 from lowrank_ggn.core.paths import EnginePath
+
+#: Factor columns per sample up to which :func:`factor_slopes` solves for ``w_n``
+#: (``N`` least-squares problems of size ``[O, C]``); beyond, ``e_k`` is pushed forward.
+MAX_SLOPE_COLUMNS = 256
 
 
 @dataclass
@@ -57,6 +63,10 @@ class StepInfo:
             per-component quantities.
         gradient_source: ``'batch'`` (the batch loss's gradient, computed by the
             step) or ``'grad'`` (the parameters' ``.grad``, left by the caller).
+        gamma_route: How ``gammas`` were computed: ``'factors'`` (from the Gram
+            eigenvectors, :func:`factor_slopes`, no pass) or ``'pushforward'``
+            (``J e_k`` by double backward, where the factors do not span the output
+            gradient: Monte-Carlo or autodiff factors, curvature sub-sampling).
     """
 
     loss: float
@@ -75,6 +85,7 @@ class StepInfo:
     forward_passes: float
     sample_mixing: bool
     gradient_source: str = "batch"
+    gamma_route: str = "factors"
 
 
 def gram_curvatures(
@@ -100,6 +111,66 @@ def gram_curvatures(
     return lambdas.to(eigenvalues.dtype)
 
 
+def factor_slopes(
+    factors: Tensor,
+    output_gradient: Tensor,
+    eigenvalues: Tensor,
+    gram_eigenvectors: Tensor,
+    rho: float,
+) -> Tensor | None:
+    r"""``γ_nk = e_kᵀ ∇_θ ℓ_n`` ``[N, K]`` from the Gram eigenpairs, or ``None``.
+
+    Where sample ``n``'s output gradient lies in the span of its factor columns,
+    ``∂L/∂F_n = S_n w_n`` (``S_n`` ``[O, C]``), the chain rule gives
+    ``ρ ∇_θ ℓ_n = J_nᵀ S_n w_n = V_n w_n`` and, with ``V_nᵀ e_k = √λ_k u_k[n]``
+    (as for :func:`gram_curvatures`),
+
+    .. math::
+        γ_{nk} = \frac{w_n^⊤ V_n^⊤ e_k}{ρ} = \frac{√λ_k\, w_n^⊤ u_k[n·C:(n+1)·C]}{ρ},
+
+    no pass through the model. It holds for per-component quantities too (``J_n``
+    the full-batch Jacobian of output ``n``). The exact factors of the closed-form
+    losses span their gradients (cross-entropy: both sum to zero over the classes;
+    square loss: ``S_n`` is a multiple of the identity); Monte-Carlo factors and
+    autodiff factors may not, and then (least-squares residual above
+    ``√eps · ‖∂L/∂F_n‖``, in the factors' dtype) this returns ``None`` and the
+    caller pushes ``e_k`` forward instead.
+
+    Args:
+        factors: ``S``, ``[C, N, *out]`` (reduction factor included), all ``N``
+            samples in batch order.
+        output_gradient: ``∂L/∂F``, ``[N, *out]`` (reduction factor included).
+        eigenvalues: ``[K]``, ``λ_k``.
+        gram_eigenvectors: ``[N·C, K]``, sample-major.
+        rho: ``ρ`` of ``L = ρ Σ_n ℓ_n``.
+
+    Example:
+        >>> import torch
+        >>> S = torch.randn(2, 3, 2, dtype=torch.float64)  # C = 2, N = 3, O = 2
+        >>> w = torch.randn(3, 2, dtype=torch.float64)
+        >>> g = torch.einsum("cno,nc->no", S, w)  # in the span of the factors
+        >>> U = torch.linalg.qr(torch.randn(6, 1, dtype=torch.float64))[0]
+        >>> gam = factor_slopes(S, g, torch.ones(1).double(), U, 1.0)
+        >>> assert torch.allclose(gam[:, 0], (w * U.reshape(3, 2)).sum(1))
+    """
+    C, N = factors.shape[:2]
+    work = factors.numel() * C  # the least-squares solves' multiply-adds
+    if C > MAX_SLOPE_COLUMNS or work > 2**31 or gram_eigenvectors.shape[0] != N * C:
+        return None
+    eps = torch.finfo(factors.dtype).eps
+    S = factors.reshape(C, N, -1).permute(1, 2, 0).double()  # [N, O, C]
+    g = output_gradient.reshape(N, -1, 1).double()  # [N, O, 1]
+    rtol = max(S.shape[1], C) * eps  # singular values of S below it: rounding only
+    w = torch.linalg.pinv(S, rtol=rtol) @ g  # [N, C, 1]
+    residual = (S @ w - g).flatten(1).norm(dim=1)
+    if (residual > math.sqrt(eps) * g.flatten(1).norm(dim=1)).any():
+        return None
+    K = eigenvalues.numel()
+    U = gram_eigenvectors.double().reshape(N, C, K)
+    gammas = (w * U).sum(1) * eigenvalues.double().clamp(min=0).sqrt() / rho
+    return gammas.to(eigenvalues.dtype)
+
+
 def newton_coefficients(slopes: Tensor, eigenvalues: Tensor, damping: Tensor) -> Tensor:
     """``γ_k / (λ_k + δ_k)``, and 0 where ``δ_k = inf``."""
     finite = torch.isfinite(damping)
@@ -123,4 +194,10 @@ def check_damping_output(damping: Any, K: int, ref: Tensor) -> Tensor:
     return damping
 
 
-__all__ = ["StepInfo", "check_damping_output", "gram_curvatures", "newton_coefficients"]
+__all__ = [
+    "StepInfo",
+    "check_damping_output",
+    "factor_slopes",
+    "gram_curvatures",
+    "newton_coefficients",
+]

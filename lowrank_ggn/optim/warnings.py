@@ -6,6 +6,8 @@ Filter them as any ``UserWarning``, e.g.
 
 from __future__ import annotations
 
+import warnings
+
 
 class TopKWarning(UserWarning):
     """``top_k`` asked for more directions than the batch's GGN resolves.
@@ -24,4 +26,20 @@ class NoProgressWarning(UserWarning):
     """
 
 
-__all__ = ["NoProgressWarning", "TopKWarning"]
+def warn_top_k(top_k: int, K: int, num_samples: int, columns: int) -> None:
+    """Issue the :class:`TopKWarning` of a step that resolved ``K < top_k`` directions.
+
+    ``num_samples`` and ``columns`` are ``N_S`` and ``C`` (rank ``≤ N_S·C``).
+    """
+    rank = f"rank ≤ N·C = {num_samples}·{columns}"
+    advice = f"Pass top_k ≤ {K} to ask for what exists" if K else "No Newton step"
+    warnings.warn(
+        f"top_k={top_k} is above the {K} eigenvalues this batch's GGN "
+        f"resolves ({rank}); the steps use the {K} directions there are. "
+        f"{advice} (this warning is issued once per optimiser).",
+        TopKWarning,
+        stacklevel=4,  # the caller of step (through torch.optim's wrapper)
+    )
+
+
+__all__ = ["NoProgressWarning", "TopKWarning", "warn_top_k"]
