@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import real_models
 import torch
@@ -100,25 +101,21 @@ def mlp_bn(k_out: int = 3) -> nn.Module:
     )
 
 
+def _conv_net(*middle: nn.Module) -> nn.Module:
+    """``Conv2d(2, 3, 3)``, the ``middle`` layers, a Linear head:
+    ``[N, 2, 6, 6] -> [N, 3]`` (the middle layers halve the ``[4, 4]`` maps)."""
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3), *middle, nn.Flatten(), nn.Linear(3 * 2 * 2, 3)
+    )
+
+
 def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(3 * 2 * 2, 3),
-    )
+    return _conv_net(nn.ReLU(), nn.MaxPool2d(2))
 
 
-def cnn_bn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3),
-        nn.BatchNorm2d(3),
-        nn.ReLU(),
-        nn.AvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(3 * 2 * 2, 3),
-    )
+def cnn_bn(**bn_kwargs) -> nn.Module:
+    """BatchNorm2d (options ``bn_kwargs``) after the convolution, average pooling."""
+    return _conv_net(nn.BatchNorm2d(3, **bn_kwargs), nn.ReLU(), nn.AvgPool2d(2))
 
 
 def resnet_bn() -> nn.Module:
@@ -200,22 +197,6 @@ def bn3d_stacked() -> nn.Module:
     )
 
 
-def cnn_bn_flavour(**bn_kwargs) -> Callable[[], nn.Module]:
-    """:func:`cnn_bn` with BatchNorm2d options (``affine``, ``momentum``, …)."""
-
-    def build() -> nn.Module:
-        return nn.Sequential(
-            nn.Conv2d(2, 3, 3),
-            nn.BatchNorm2d(3, **bn_kwargs),
-            nn.ReLU(),
-            nn.AvgPool2d(2),
-            nn.Flatten(),
-            nn.Linear(3 * 2 * 2, 3),
-        )
-
-    return build
-
-
 def mixed_train_eval_bn() -> nn.Module:
     """Two BatchNorm layers: the first in train mode, the second in eval mode."""
     model = nn.Sequential(
@@ -231,16 +212,22 @@ def mixed_train_eval_bn() -> nn.Module:
     return model
 
 
-def eval_mode(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    """The model in eval mode (BatchNorm without running statistics still mixes)."""
-    return lambda: build().eval()
-
-
 CE, MSE, BCE = nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss
+#: ``[N, C, H, W]`` of the :func:`cnn` and :func:`cnn_bn` cases.
+IMAGES = (5, 2, 6, 6)
 
 
 def _case(name, seed, model_fn, in_shape, loss, train=True, mixing=False) -> Case:
     return Case(name, lambda: _problem(seed, model_fn, in_shape, loss, train), mixing)
+
+
+def _bn2d_flavour(name, seed, loss, train=True, **bn_kwargs) -> Case:
+    """:func:`cnn_bn` on :data:`IMAGES` with BatchNorm2d options (``affine``,
+    ``momentum``, …); it mixes samples, in eval mode too where BatchNorm keeps no
+    running statistics."""
+    return _case(
+        name, seed, partial(cnn_bn, **bn_kwargs), IMAGES, loss, train, mixing=True
+    )
 
 
 CASES: list[Case] = [
@@ -253,13 +240,13 @@ CASES: list[Case] = [
     _case("mlp-mse-C1", 6, lambda: mlp(1), (5, 4), MSE()),
     _case("mlp-bce-C1", 7, lambda: mlp(1), (5, 4), BCE(reduction="sum")),
     _case("mlp-ce-N1", 8, mlp, (1, 4), CE()),
-    _case("cnn-pool-ce", 9, cnn, (5, 2, 6, 6), CE()),
+    _case("cnn-pool-ce", 9, cnn, IMAGES, CE()),
     _case("bn1d-train-ce", 10, mlp_bn, (6, 4), CE(), mixing=True),
     _case("bn1d-train-mse-sum", 11, mlp_bn, (6, 4), MSE(reduction="sum"), mixing=True),
     _case("bn1d-train-bce", 12, mlp_bn, (6, 4), BCE(), mixing=True),
     _case("bn1d-eval-ce", 13, mlp_bn, (6, 4), CE(), train=False),
-    _case("bn2d-train-ce", 14, cnn_bn, (5, 2, 6, 6), CE(), mixing=True),
-    _case("bn2d-eval-ce", 15, cnn_bn, (5, 2, 6, 6), CE(), train=False),
+    _case("bn2d-train-ce", 14, cnn_bn, IMAGES, CE(), mixing=True),
+    _case("bn2d-eval-ce", 15, cnn_bn, IMAGES, CE(), train=False),
     _case("resnet-bn-train-ce", 16, resnet_bn, (4, 1, 4, 4), CE(), mixing=True),
     _case("layernorm-ce", 17, layernorm_net, (6, 4), CE()),
     _case("groupnorm-mse", 18, groupnorm_cnn, (4, 2, 6, 6), MSE()),
@@ -317,30 +304,11 @@ BN_CASES: list[Case] = [
     _case(
         "bn3d-stacked-train-mse", 31, bn3d_stacked, (6, 2, 2, 3, 3), MSE(), mixing=True
     ),
-    _case(
-        "bn2d-noaffine-train-ce",
-        32,
-        cnn_bn_flavour(affine=False),
-        (5, 2, 6, 6),
-        CE(),
-        mixing=True,
+    _bn2d_flavour("bn2d-noaffine-train-ce", 32, CE(), affine=False),
+    _bn2d_flavour(
+        "bn2d-nostats-eval-ce", 33, CE(), train=False, track_running_stats=False
     ),
-    _case(
-        "bn2d-nostats-eval-ce",
-        33,
-        eval_mode(cnn_bn_flavour(track_running_stats=False)),
-        (5, 2, 6, 6),
-        CE(),
-        mixing=True,
-    ),
-    _case(
-        "bn2d-momentum-none-train-bce",
-        34,
-        cnn_bn_flavour(momentum=None),
-        (5, 2, 6, 6),
-        BCE(),
-        mixing=True,
-    ),
+    _bn2d_flavour("bn2d-momentum-none-train-bce", 34, BCE(), momentum=None),
     _case("bn-two-branches-ce", 35, TwoBranches, (6, 4), CE(), mixing=True),
     _case("bn-mixed-train-eval-ce", 36, mixed_train_eval_bn, (6, 4), CE(), mixing=True),
 ]
