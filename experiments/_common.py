@@ -14,7 +14,8 @@ script, never the working directory) and imports what it needs; this module puts
   the 1,797 images; memory does not depend on the values);
 * :func:`frozen_statistics_copy`: a train-mode BatchNorm model turned into the
   eval-mode model whose running statistics are the batch's (ViViT's shortcut);
-* :func:`subspace_overlap`, :func:`train_steps`, :func:`peak_rss_of`.
+* :func:`subspace_overlap`, :func:`train_steps`, :func:`peak_rss_of`;
+* :func:`curve`: a line in the figures' style.
 """
 
 from __future__ import annotations
@@ -140,6 +141,12 @@ def plot_main(
     fig = make_figure(result)
     for path in plotting.save_figure(fig, (args.out or FIGURES) / stem):
         print(f"wrote {path}")
+
+
+def curve(ax, x, y, fmt: str = "o-", **kwargs: Any) -> None:
+    """``ax.plot(x, y, fmt)`` in the figures' line style (markers of 3 pt, lines of
+    0.8 pt); ``kwargs`` (``color``, ``label``, …) go to ``plot``."""
+    ax.plot(x, y, fmt, ms=3, lw=0.8, **kwargs)
 
 
 # ------------------------------------------------------------------------------ models

@@ -20,7 +20,7 @@ from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # experiments/_common.py
 
-from _common import plot_main  # noqa: E402
+from _common import curve, plot_main  # noqa: E402
 
 from lowrank_ggn.app import plotting  # noqa: E402
 
@@ -29,64 +29,24 @@ SMALL = plotting.FONT_SIZE - 2
 
 def panel_shortcut(ax, result: dict) -> None:
     rows = result["shortcut"]["rows"]
-    N = [r["N"] for r in rows]
-    ax.plot(
-        N,
-        [r["topk_rel_error"][0] for r in rows],
-        "o-",
-        ms=3,
-        lw=0.8,
-        color="C0",
-        label=r"frozen statistics: $\lambda_1$",
-    )
-    ax.plot(
-        N,
-        [np.mean(r["topk_rel_error"]) for r in rows],
-        "s--",
-        ms=3,
-        lw=0.8,
-        color="C0",
-        label=f"frozen: mean top-{result['settings']['top_k']}",
-    )
-    ax.plot(
-        N,
-        [r["trace_rel_error"] for r in rows],
-        "^:",
-        ms=3,
-        lw=0.8,
-        color="C0",
-        label="frozen: trace",
-    )
+    top_k = result["settings"]["top_k"]
     viv = [r for r in rows if "vivit_topk_rel_error" in r]
-    if viv:
-        Nv = [r["N"] for r in viv]
-        ax.plot(
-            Nv,
-            [r["vivit_topk_rel_error"][0] for r in viv],
-            "o-",
-            ms=3,
-            lw=0.8,
-            color="C3",
-            label=r"vivit: $\lambda_1$",
+    # the frozen-statistics copy at every N (C0); vivit where it ran (C3)
+    for subset, key, color, name, long_name in (
+        (rows, "", "C0", "frozen", "frozen statistics"),
+        (viv, "vivit_", "C3", "vivit", "vivit"),
+    ):
+        if not subset:
+            continue
+        N = [r["N"] for r in subset]
+        topk = [r[key + "topk_rel_error"] for r in subset]
+        curve(
+            ax, N, [t[0] for t in topk], color=color, label=rf"{long_name}: $\lambda_1$"
         )
-        ax.plot(
-            Nv,
-            [np.mean(r["vivit_topk_rel_error"]) for r in viv],
-            "s--",
-            ms=3,
-            lw=0.8,
-            color="C3",
-            label=f"vivit: mean top-{result['settings']['top_k']}",
-        )
-        ax.plot(
-            Nv,
-            [r["vivit_trace_rel_error"] for r in viv],
-            "^:",
-            ms=3,
-            lw=0.8,
-            color="C3",
-            label="vivit: trace",
-        )
+        mean_label = f"{name}: mean top-{top_k}"
+        curve(ax, N, [np.mean(t) for t in topk], "s--", color=color, label=mean_label)
+        trace = [r[key + "trace_rel_error"] for r in subset]
+        curve(ax, N, trace, "^:", color=color, label=f"{name}: trace")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     # the errors span 0.1–5: labelled ticks at 1, 2 and 5 per decade
@@ -180,12 +140,10 @@ def panel_outliers(ax, result: dict) -> None:
 def panel_classes(ax, result: dict) -> None:
     for i, r in enumerate(result["class_structure"]):
         frac = r["per_direction_in_classmeans"]
-        ax.plot(
+        curve(
+            ax,
             np.arange(1, len(frac) + 1),
             frac,
-            "o-",
-            ms=3,
-            lw=0.8,
             color=f"C{i}",
             label=f"{r['model']}: top-C overlap {r['overlap_topC_classmeans']:.2f}",
         )

@@ -49,6 +49,7 @@ from _common import (  # noqa: E402
 )
 
 from lowrank_ggn import (  # noqa: E402
+    GradientMoments,
     SampleMixingWarning,
     audit_structure,
     ggn_spectrum,
@@ -201,6 +202,18 @@ def vivit_check(model: nn.Module, s: dict) -> dict:
 
 
 # ------------------------------------------------------------------------- (b)
+def _moments_summary(mom: GradientMoments) -> dict:
+    """What the figure and the README read of one :func:`gradient_moments` result."""
+    return {
+        "total_snr": float(mom.total_snr),
+        "norms": mom.norms.tolist(),
+        "variance_sum": float(mom.variance.sum()),
+        "mean_norm": float(mom.mean.norm()),
+        "sample_mixing": mom.sample_mixing,
+        "path": mom.path.name,
+    }
+
+
 def moments(model: nn.Module, s: dict) -> dict:
     X, y = digits_batch(s["moments_batch_size"], SEED, torch.float64)
     with warnings.catch_warnings():
@@ -212,22 +225,8 @@ def moments(model: nn.Module, s: dict) -> dict:
     cos = torch.nn.functional.cosine_similarity(comp.gradient, samp.gradient, dim=0)
     return {
         "N": s["moments_batch_size"],
-        "per_component": {
-            "total_snr": float(comp.total_snr),
-            "norms": comp.norms.tolist(),
-            "variance_sum": float(comp.variance.sum()),
-            "mean_norm": float(comp.mean.norm()),
-            "sample_mixing": comp.sample_mixing,
-            "path": comp.path.name,
-        },
-        "per_sample_frozen": {
-            "total_snr": float(samp.total_snr),
-            "norms": samp.norms.tolist(),
-            "variance_sum": float(samp.variance.sum()),
-            "mean_norm": float(samp.mean.norm()),
-            "sample_mixing": samp.sample_mixing,
-            "path": samp.path.name,
-        },
+        "per_component": _moments_summary(comp),
+        "per_sample_frozen": _moments_summary(samp),
         "gradient_cosine": float(cos),
         "gradient_rel_diff": float(
             (comp.gradient - samp.gradient).norm() / comp.gradient.norm()

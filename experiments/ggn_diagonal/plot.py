@@ -21,7 +21,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # experiments/_common.py
 
-from _common import plot_main  # noqa: E402
+from _common import curve, plot_main  # noqa: E402
 
 from lowrank_ggn.app import plotting  # noqa: E402
 
@@ -50,9 +50,7 @@ def make_figure(result: dict):
             mean = [p["layers"][j]["mean_diag"] for p in pts]
             lo = [p["layers"][j]["quantiles"][0] for p in pts]
             hi = [p["layers"][j]["quantiles"][2] for p in pts]
-            ax.plot(
-                x, mean, "o-", ms=3, lw=0.8, color=f"C{j}", label=_layer_label(run, j)
-            )
+            curve(ax, x, mean, color=f"C{j}", label=_layer_label(run, j))
             ax.fill_between(x, lo, hi, color=f"C{j}", alpha=0.15, lw=0)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -86,15 +84,7 @@ def make_figure(result: dict):
         pts = run["points"]
         x = np.maximum(np.array([p["step"] for p in pts], dtype=float), 0.5)
         errs = np.array([[la["mc_rel_error"] for la in p["layers"]] for p in pts])
-        axes[3].plot(
-            x,
-            np.median(errs, axis=1),
-            "o-",
-            ms=3,
-            lw=0.8,
-            color=f"C{i}",
-            label=run["label"],
-        )
+        curve(axes[3], x, np.median(errs, axis=1), color=f"C{i}", label=run["label"])
         axes[3].fill_between(
             x, errs.min(axis=1), errs.max(axis=1), color=f"C{i}", alpha=0.15, lw=0
         )

@@ -19,7 +19,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # experiments/_common.py
 
-from _common import plot_main  # noqa: E402
+from _common import curve, plot_main  # noqa: E402
 
 from lowrank_ggn.app import plotting  # noqa: E402
 
@@ -34,32 +34,14 @@ def make_figure(result: dict):
         pts = run["points"]
         step = np.array([p["step"] for p in pts], dtype=float)
         x = np.maximum(step, 0.5)  # step 0 on the log axis
-        axes[0].plot(
-            x,
-            [p["overlap_mini_full"] for p in pts],
-            "o-",
-            ms=3,
-            lw=0.8,
-            color=f"C{i}",
-            label=run["label"],
-        )
-        axes[1].plot(
-            x,
-            [p["overlap_ggn_hessian"] for p in pts],
-            "o-",
-            ms=3,
-            lw=0.8,
-            color=f"C{i}",
-            label=run["label"],
-        )
+        style = {"color": f"C{i}", "label": run["label"]}
+        # (a, b): overlaps against the step; (c, d): SNRs at the last checkpoint
+        for ax, key in zip(axes[:2], ("overlap_mini_full", "overlap_ggn_hessian")):
+            curve(ax, x, [p[key] for p in pts], **style)
         last = pts[-1]
         k = np.arange(1, len(last["gamma_snr"]) + 1)
-        axes[2].plot(
-            k, last["gamma_snr"], "o-", ms=3, lw=0.8, color=f"C{i}", label=run["label"]
-        )
-        axes[3].plot(
-            k, last["lambda_snr"], "o-", ms=3, lw=0.8, color=f"C{i}", label=run["label"]
-        )
+        for ax, key in zip(axes[2:], ("gamma_snr", "lambda_snr")):
+            curve(ax, k, last[key], **style)
     D = result["runs"][0]["num_params"]
     for ax, title in zip(
         axes[:2],
