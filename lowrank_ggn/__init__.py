@@ -20,6 +20,7 @@ from lowrank_ggn.core.loss_autodiff import AutodiffLoss
 from lowrank_ggn.core.loss_factors import loss_hessian_factors
 from lowrank_ggn.core.loss_sampling import sampled_loss_hessian_factors
 from lowrank_ggn.core.losses.registry import resolve_loss
+from lowrank_ggn.core.options import GGNOptions
 from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.spectrum import GGNSpectrum, NearZeroEigenvalueWarning
 from lowrank_ggn.core.state import AutocastDisabledWarning
@@ -51,6 +52,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GGN",
+    "GGNOptions",
     "AutocastDisabledWarning",
     "AutodiffLoss",
     "DatasetDiagonal",

@@ -92,6 +92,9 @@ class GGN(LinearizedBatch):
             The options, checked once and typed by
             :meth:`GGNOptions.of <lowrank_ggn.core.options.GGNOptions.of>`, which
             documents them; the object keeps them as ``.options``.
+        options: Instead of those keywords, a ready
+            :class:`~lowrank_ggn.core.options.GGNOptions` (one object shared by
+            many calls); giving both is an error.
 
     Example:
         >>> import torch
@@ -135,8 +138,10 @@ class GGN(LinearizedBatch):
         accumulate: str | None = None,
         batch_size: int | None = None,
         output: OutputSpec = None,
+        options: GGNOptions | None = None,
     ) -> None:
-        options = GGNOptions.of(
+        options = GGNOptions.given(
+            options,
             engine=engine,
             strategy=strategy,
             path=path,
@@ -388,13 +393,8 @@ class GGN(LinearizedBatch):
         It runs its own checks (forward passes of the batch and of single samples).
         """
         refuse_changed(self.model, self._versions, "GGN")
-        return audit_structure(
-            self.model,
-            self.loss_func,
-            self.inputs,
-            self.targets,
-            params=self.params,
-        )
+        batch = (self.model, self.loss_func, self.inputs, self.targets)
+        return audit_structure(*batch, params=self.params)
 
 
 __all__ = ["GGN"]

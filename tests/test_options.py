@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
 from cases import BN_CASES, CASES
 
-from lowrank_ggn import GGN, gram_matrix
+from lowrank_ggn import GGN, SampleMixingWarning, ggn_spectrum_dataset, gram_matrix
 from lowrank_ggn.core.budget import MEMORY_BUDGET_ENV
 from lowrank_ggn.core.engine import LayerTreatment
 from lowrank_ggn.core.modes import Accumulate, PathName, Solver, Strategy
 from lowrank_ggn.core.options import GGNOptions, strategy_of
+from lowrank_ggn.optim import DampedNewton
 
 #: Gram matrices of two routes of the same float64 case agree to rounding.
 RTOL = 1e-10
@@ -105,3 +107,73 @@ def test_object_keeps_typed_options():
 def _kw(ggn: GGN) -> dict:
     opts = ggn.options
     return dict(strategy=opts.strategy.value, accumulate="native", chunk=opts.chunk)
+
+
+def test_one_object_for_every_entry():
+    """``options=`` in ``GGN``, the one-call functions, ``DampedNewton`` and the data
+    set: the same results as the keywords it stands for."""
+    opts = GGNOptions.of(strategy="bn_split", accumulate="native", chunk=3)
+    model, loss, X, y = BN_CASES[0].make()
+    ggn = GGN(model, loss, X, y, options=opts)
+    assert ggn.options is opts
+    assert torch.equal(ggn.gram(), gram_matrix(model, loss, X, y, options=opts))
+    keywords = GGN(model, loss, X, y, strategy="bn_split", accumulate="native", chunk=3)
+    assert torch.equal(ggn.gram(), keywords.gram())
+    assert ggn.engine_report.strategy is Strategy.BN_SPLIT
+
+    generic = GGNOptions.of(engine="generic")
+    steps = []
+    for options in (None, generic):
+        model, loss, X, y = BN_CASES[0].make()
+        opt = DampedNewton(
+            model.parameters(), model=model, loss_func=loss, top_k=2, options=options
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SampleMixingWarning)
+            info = opt.step(X, y)
+        steps.append(
+            (info, torch.cat([p.detach().flatten() for p in model.parameters()]))
+        )
+    assert steps[1][0].engine_report.strategy is Strategy.GENERIC
+    assert steps[0][0].engine_report.strategy is not Strategy.GENERIC
+    assert torch.allclose(steps[0][1], steps[1][1], rtol=RTOL, atol=RTOL)
+
+    model, loss, X, y = CASES[0].make()
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]
+    by_object = ggn_spectrum_dataset(
+        model, loss, batches, options=GGNOptions.of(chunk=2)
+    )
+    by_keyword = ggn_spectrum_dataset(model, loss, batches, chunk=2)
+    assert torch.allclose(by_object.eigenvalues, by_keyword.eigenvalues, rtol=RTOL)
+
+
+def test_options_and_keywords_not_both():
+    model, loss, X, y = CASES[0].make()
+    opts = GGNOptions.of(chunk=4)
+    with pytest.raises(ValueError, match=r"not both; got options= and chunk=8"):
+        GGN(model, loss, X, y, chunk=8, options=opts)
+    with pytest.raises(ValueError, match=r"options= and mc_samples=2"):
+        DampedNewton(
+            model.parameters(),
+            model=model,
+            loss_func=loss,
+            top_k=2,
+            mc_samples=2,
+            options=opts,
+        )
+    with pytest.raises(TypeError, match="options must be None or a GGNOptions"):
+        GGN(model, loss, X, y, options={"chunk": 4})
+    with pytest.raises(ValueError, match="takes no strategy or accumulate"):
+        ggn_spectrum_dataset(
+            model, loss, [(X, y)], options=GGNOptions.of(strategy="columns")
+        )
+    # a keyword at its default beside options= is no clash (DampedNewton's progress)
+    opt = DampedNewton(
+        model.parameters(),
+        model=model,
+        loss_func=loss,
+        top_k=2,
+        progress=False,
+        options=opts,
+    )
+    assert opt.options is opts

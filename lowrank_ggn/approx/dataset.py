@@ -136,6 +136,7 @@ def ggn_spectrum_dataset(
     activations: str = "keep",
     output: OutputSpec = None,
     timeout: float | None = None,
+    options: GGNOptions | None = None,
 ) -> DatasetSpectrum:
     r"""Nonzero spectrum of the data-set GGN ``Σ_b w_b G_b`` over many batches.
 
@@ -181,6 +182,12 @@ def ggn_spectrum_dataset(
             names the rank that did not answer (``None``: the process group's own
             timeout, 30 min for gloo unless set; :mod:`lowrank_ggn.approx.distributed`).
             It must exceed the longest one rank lags behind another (its extra batches).
+        options: Instead of ``chunk``, ``path``, ``mc_samples``, ``generator``,
+            ``memory_budget``, ``progress`` and ``output``, a
+            :class:`~lowrank_ggn.GGNOptions` (the same object as for a batch's
+            :class:`~lowrank_ggn.GGN`); giving both is an error. Its ``strategy`` and
+            ``accumulate`` must be left at their defaults (refused: the data-set
+            path does not use them).
 
     Returns:
         A :class:`DatasetSpectrum`.
@@ -202,7 +209,8 @@ def ggn_spectrum_dataset(
         >>> assert torch.allclose(res.eigenvalues.sum(), G.trace())
 
     """
-    options = GGNOptions.of(
+    options = GGNOptions.given(
+        options,
         path=path,
         chunk=chunk,
         mc_samples=mc_samples,
@@ -211,6 +219,12 @@ def ggn_spectrum_dataset(
         progress=progress,
         output=output,
     )
+    if options.strategy is not None or options.accumulate is not None:
+        raise ValueError(
+            "ggn_spectrum_dataset takes no strategy or accumulate (the data-set path "
+            f"chooses them); got options with strategy={options.strategy} and "
+            f"accumulate={options.accumulate}. Build the options without them."
+        )
     chosen = _validate(model, loss_func, batches, top_k, eigenvectors, rtol, solver)
     if activations not in ("keep", "recompute"):
         raise ValueError(
@@ -228,7 +242,7 @@ def ggn_spectrum_dataset(
             top_k=top_k,
             eigenvectors=eigenvectors,
             rtol=rtol,
-            path=path,
+            path=None if options.path is None else options.path.value,
             solver=solver,
             activations=activations,
         )

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -165,6 +166,61 @@ class GGNOptions:
             progress=progress,
             output=output,
         )
+
+    @classmethod
+    def given(
+        cls,
+        options: GGNOptions | None,
+        defaults: dict[str, object] | None = None,
+        **keywords: object,
+    ) -> GGNOptions:
+        """``options`` as passed, else the ``keywords`` through :meth:`of`; not both.
+
+        A public entry that takes ``options=`` next to its option keywords calls
+        this: a :class:`GGNOptions` built once (``GGNOptions.of(...)``) can be shared
+        by several calls, and a keyword given beside it is an error rather than
+        silently ignored.
+
+        Args:
+            options: ``None`` or a :class:`GGNOptions`.
+            defaults: The entry's own defaults of ``keywords`` where they differ
+                from :meth:`of`'s (e.g. ``{"progress": False}``).
+            keywords: The entry's option keywords, as the caller gave them.
+
+        Raises:
+            TypeError: ``options`` is not a :class:`GGNOptions`.
+            ValueError: ``options`` and a keyword other than its default were both
+                given.
+
+        Example:
+            >>> opts = GGNOptions.of(accumulate="native")
+            >>> GGNOptions.given(opts, chunk=DEFAULT_CHUNK) is opts
+            True
+            >>> GGNOptions.given(opts, chunk=8)
+            Traceback (most recent call last):
+            ...
+            ValueError: pass the options either as options= or as keywords, not both; got options= and chunk=8. Put them into GGNOptions.of(...).
+        """
+        if options is None:
+            return cls.of(**keywords)
+        if not isinstance(options, GGNOptions):
+            raise TypeError(
+                "options must be None or a GGNOptions (lowrank_ggn.GGNOptions.of(...)); "
+                f"got {type(options).__name__}."
+            )
+        signature = inspect.signature(cls.of).parameters
+        own = {name: p.default for name, p in signature.items()} | (defaults or {})
+        clash = [
+            f"{name}={value!r}"
+            for name, value in keywords.items()
+            if value is not own[name] and value != own[name]
+        ]
+        if clash:
+            raise ValueError(
+                "pass the options either as options= or as keywords, not both; got "
+                f"options= and {', '.join(clash)}. Put them into GGNOptions.of(...)."
+            )
+        return options
 
     @property
     def generic(self) -> bool:

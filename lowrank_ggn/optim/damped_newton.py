@@ -1,8 +1,7 @@
 r"""Damped Newton in the top-``K`` GGN eigenspace of each batch, as a ``torch.optim.Optimizer``.
 
 For a batch with loss ``L = ρ Σ_n ℓ_n``, gradient ``g = ∇_θ L`` and top-``K`` GGN
-eigenpairs ``(λ_k, e_k)`` (exact for any model, BatchNorm in train mode included), one
-step is
+eigenpairs ``(λ_k, e_k)`` (exact for any model, BatchNorm in train mode included):
 
 .. math::
     Δθ = −\text{lr} \sum_{k=1}^K \frac{γ_k}{λ_k + δ_k} e_k
@@ -68,8 +67,8 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_ggn.core.loss_factors import sample_weight
-from lowrank_ggn.core.loss_sampling import check_mc_samples
-from lowrank_ggn.core.outputs import OutputSpec, check_output
+from lowrank_ggn.core.options import GGNOptions
+from lowrank_ggn.core.outputs import OutputSpec
 from lowrank_ggn.core.validation import check_options
 from lowrank_ggn.curvature import GGN
 from lowrank_ggn.diagnostics.moments import output_gradient
@@ -123,8 +122,8 @@ class DampedNewton(torch.optim.Optimizer):
         complement_lr: Learning rate of the gradient in the eigenspace's complement.
         momentum: Heavy-ball momentum ``μ`` of the complement's gradient step.
         weight_decay: Decoupled weight decay: ``θ ← θ − lr · weight_decay · θ``.
-        mc_samples: Monte-Carlo factor columns per sample (:class:`~lowrank_ggn.GGN`).
-        generator: ``torch.Generator`` for the Monte-Carlo draws.
+        mc_samples, generator: Monte-Carlo factor columns per sample and the
+            ``torch.Generator`` of their draws (:class:`~lowrank_ggn.GGN`).
         subsampling: Batch positions whose curvature is kept.
         update_buffers: Run the model once more on the batch so that buffers
             (BatchNorm running statistics) update as in a training step.
@@ -133,6 +132,10 @@ class DampedNewton(torch.optim.Optimizer):
             estimated to take more than 5 s; default: never).
         output: Which tensor of the model's return value the loss takes
             (:mod:`lowrank_ggn.core.outputs`).
+        options: Instead of ``mc_samples``, ``generator``, ``progress`` and
+            ``output``, a :class:`~lowrank_ggn.GGNOptions` for every step's
+            :class:`~lowrank_ggn.GGN` (also its engine, strategy, accumulation and
+            memory budget); giving both is an error. Kept as ``.options``.
 
     Example:
         >>> import torch
@@ -166,6 +169,7 @@ class DampedNewton(torch.optim.Optimizer):
         keep_eigenvectors: bool = False,
         progress: bool | None = False,
         output: OutputSpec = None,
+        options: GGNOptions | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -181,7 +185,14 @@ class DampedNewton(torch.optim.Optimizer):
                 "damping must be a DampingPolicy (e.g. ConstantDamping(1e-3) or "
                 f"BootstrapDamping()) or a float; got {type(damping).__name__}."
             )
-        check_mc_samples(mc_samples, generator)
+        self.options = GGNOptions.given(  # the GGN of every step
+            options,
+            {"progress": False},
+            mc_samples=mc_samples,
+            generator=generator,
+            progress=progress,
+            output=output,
+        )
         defaults = {
             "lr": check_rate("lr", lr),
             "complement_lr": check_rate("complement_lr", complement_lr),
@@ -193,8 +204,8 @@ class DampedNewton(torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         own = {id(p) for p in model.parameters()}
-        self.model, self.loss_func, self.top_k = model, loss_func, top_k
-        self.damping = damping
+        self.model, self.loss_func = model, loss_func
+        self.top_k, self.damping = top_k, damping
         check_groups(self.param_groups, self.damping)
         for group in self.param_groups:
             for p in group["params"]:
@@ -204,12 +215,8 @@ class DampedNewton(torch.optim.Optimizer):
                         f"{tuple(p.shape)} that is not. Pass model.parameters() or a "
                         "subset of them."
                     )
-        self.mc_samples, self.generator = mc_samples, generator
         self.subsampling, self.update_buffers = subsampling, bool(update_buffers)
         self.keep_eigenvectors = bool(keep_eigenvectors)
-        self.progress = progress
-        check_output(output)
-        self.output = output
         self._warned_top_k = False
 
     def _params(self) -> list[Tensor]:
@@ -313,12 +320,9 @@ class DampedNewton(torch.optim.Optimizer):
             inputs,
             targets,
             params=params,
-            mc_samples=self.mc_samples,
-            generator=self.generator,
             subsampling=self.subsampling,
-            progress=self.progress,
             batch_size=batch_size,
-            output=self.output,
+            options=self.options,
         )
         gradient, E, data, gamma_route = self._directions(ggn, caller_gradient)
         lin = ggn.linearization
