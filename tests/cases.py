@@ -295,6 +295,12 @@ JACOBIAN_ROW_CASES = {"embedding-bag-ce"}
 
 CASE_IDS = [c.name for c in CASES]
 MIXING_CASES = [c for c in CASES if c.mixing]
+#: Normalisations that do not mix samples: eval-mode BatchNorm, LayerNorm, GroupNorm.
+NON_MIXING_NORM_CASES = [
+    c
+    for c in CASES
+    if c.name in ("bn1d-eval-ce", "bn2d-eval-ce", "layernorm-ce", "groupnorm-mse")
+]
 
 #: Every BatchNorm flavour the engine's strategies must handle exactly;
 #: all mix samples. Each runs through every strategy in ``test_engine_strategies``.

@@ -92,25 +92,34 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / scale
 
 
-def run_problem(name: str, group) -> dict:
-    from lowrank_ggn import ggn_spectrum_dataset
+def _generator(kwargs: dict) -> dict:
+    """The same seeded generator on every rank (and for the reference) where the
+    call draws Monte-Carlo samples."""
+    if "mc_samples" not in kwargs:
+        return {}
+    return {"generator": torch.Generator().manual_seed(7)}
 
-    build, shape, sizes, split, kwargs = PROBLEMS[name]
+
+def _distributed_and_reference(call, problem: tuple, group) -> tuple:
+    """``call`` on this rank's share of a problem's batches over ``group``, and in this
+    process alone on all of them (the reference); the model is seeded (0), float64,
+    in train mode."""
+    build, shape, sizes, split, kwargs = problem
     torch.manual_seed(0)
     model = build().double().train()
     loss = nn.CrossEntropyLoss()
     data = batches(shape, sizes, seed=1)
-    rank = dist.get_rank()
-    mine = data[:split] if rank == 0 else data[split:]
-    extra = {}
-    if "mc_samples" in kwargs:  # the same seeded generator on every rank
-        extra["generator"] = torch.Generator().manual_seed(7)
-    res = ggn_spectrum_dataset(
-        model, loss, mine, process_group=group, **kwargs, **extra
-    )
-    if "mc_samples" in kwargs:
-        extra["generator"] = torch.Generator().manual_seed(7)
-    ref = ggn_spectrum_dataset(model, loss, data, **kwargs, **extra)
+    mine = data[:split] if dist.get_rank() == 0 else data[split:]
+    res = call(model, loss, mine, process_group=group, **kwargs, **_generator(kwargs))
+    ref = call(model, loss, data, **kwargs, **_generator(kwargs))
+    return res, ref
+
+
+def run_problem(name: str, group) -> dict:
+    from lowrank_ggn import ggn_spectrum_dataset
+
+    problem = PROBLEMS[name]
+    res, ref = _distributed_and_reference(ggn_spectrum_dataset, problem, group)
     out = {
         "eigenvalues": _relative(res.eigenvalues, ref.eigenvalues),
         "rank": [res.rank, ref.rank],
@@ -134,20 +143,8 @@ def run_diagonal_problem(name: str, group) -> dict:
     """``ggn_diagonal_dataset`` over two ranks against one process over all batches."""
     from lowrank_ggn import ggn_diagonal_dataset
 
-    build, shape, sizes, split, kwargs = DIAGONAL_PROBLEMS[name]
-    torch.manual_seed(0)
-    model = build().double().train()
-    loss = nn.CrossEntropyLoss()
-    data = batches(shape, sizes, seed=1)
-    mine = data[:split] if dist.get_rank() == 0 else data[split:]
-
-    def generator():
-        return {"generator": torch.Generator().manual_seed(7)} if kwargs else {}
-
-    res = ggn_diagonal_dataset(
-        model, loss, mine, process_group=group, **kwargs, **generator()
-    )
-    ref = ggn_diagonal_dataset(model, loss, data, **kwargs, **generator())
+    problem = DIAGONAL_PROBLEMS[name]
+    res, ref = _distributed_and_reference(ggn_diagonal_dataset, problem, group)
     return {
         "diagonal": _relative(res.flat, ref.flat),
         "rank": [res.num_batches, ref.num_batches],

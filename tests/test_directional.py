@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import pytest
 import torch
-from cases import CASES, DTYPE, MIXING_CASES
+from cases import CASES, DTYPE, MIXING_CASES, NON_MIXING_NORM_CASES
 from test_structure import EXPECTED_MIXING
 from utils import RTOL, assert_state_equal, batch_of, report_close, rho_of, state_of
 
@@ -126,15 +126,7 @@ def test_warning_names_the_mixing_modules_once(case):
     assert res.sample_mixing and "per-component" in res.explanation
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        c
-        for c in CASES
-        if c.name in ("bn1d-eval-ce", "bn2d-eval-ce", "layernorm-ce", "groupnorm-mse")
-    ],
-    ids=lambda c: c.name,
-)
+@pytest.mark.parametrize("case", NON_MIXING_NORM_CASES, ids=lambda c: c.name)
 def test_no_warning_for_sample_independent_normalisation(case):
     model, loss, X, y = case.make()
     E = _directions(sum(p.numel() for p in model.parameters()))

@@ -70,6 +70,14 @@ def forward_counter(model: nn.Module):
         handle.remove()
 
 
+@contextmanager
+def refused_before_forward(model: nn.Module, error: type[Exception], match: str):
+    """The block raises ``error`` (message matching ``match``) before ``model`` runs."""
+    with forward_counter(model) as forwards, pytest.raises(error, match=match):
+        yield
+    assert forwards[0] == 0, "the check ran only after a forward pass"
+
+
 @pytest.fixture
 def no_backward(monkeypatch):
     """Fail the test if the engine starts a backward pass."""
@@ -643,12 +651,8 @@ def test_loss_hessian_factors_refuses_nan_targets():
 @pytest.mark.parametrize("fn", [gram_matrix, ggn_spectrum], ids=lambda f: f.__name__)
 def test_bad_chunk_raises(fn, chunk):
     model, loss, X, y, _ = _make()
-    with (
-        forward_counter(model) as forwards,
-        pytest.raises(ValueError, match="chunk must be a positive int"),
-    ):
+    with refused_before_forward(model, ValueError, "chunk must be a positive int"):
         fn(model, loss, X, y, chunk=chunk)
-    assert forwards[0] == 0
 
 
 @pytest.mark.parametrize(
@@ -663,9 +667,8 @@ def test_bad_chunk_raises(fn, chunk):
 def test_bad_rtol_raises(rtol, error, match):
     model, loss, X, y, _ = _make()
     before = state_of(model)
-    with forward_counter(model) as forwards, pytest.raises(error, match=match):
+    with refused_before_forward(model, error, match):
         ggn_spectrum(model, loss, X, y, rtol=rtol)
-    assert forwards[0] == 0
     assert_state_bitwise(before, model)
 
 
@@ -760,12 +763,8 @@ def test_memory_budget_from_environment(monkeypatch):
 )
 def test_bad_memory_budget_raises(budget, error):
     model, loss, X, y, _ = _make()
-    with (
-        forward_counter(model) as forwards,
-        pytest.raises(error, match="memory_budget"),
-    ):
+    with refused_before_forward(model, error, "memory_budget"):
         ggn_spectrum(model, loss, X, y, memory_budget=budget)
-    assert forwards[0] == 0
 
 
 def test_check_memory_reports_sizes():
