@@ -156,9 +156,10 @@ class BootstrapDamping:
     losses. A resample re-weights these components with the statistics held at this
     batch's values, so ``Q_k(δ)`` measures how the gain depends on how the batch's
     outputs are weighted, not how it would vary over newly drawn batches (which would
-    also change the statistics): a heuristic spread, not a confidence level. Each
-    call on such data warns with a
-    :class:`~lowrank_ggn.diagnostics.warnings.SampleMixingWarning` that says so.
+    also change the statistics): a heuristic spread, not a confidence level. The
+    first call on such data warns with a
+    :class:`~lowrank_ggn.diagnostics.warnings.SampleMixingWarning` that says so (once
+    per policy object, not at every step).
 
     Args:
         grid: The dampings ``Δ`` to choose from, 1-d, ``≥ 0``, finite (sorted here);
@@ -223,6 +224,7 @@ class BootstrapDamping:
         self.grid = grid.sort().values
         self.resamples, self.quantile = resamples, float(quantile)
         self.generator = generator
+        self._warned = False
 
     def _weights(self, rows: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """Resample counts ``W[b, n]`` (how often row ``n`` is in resample ``b``)."""
@@ -251,7 +253,8 @@ class BootstrapDamping:
 
     def __call__(self, data: DirectionalData) -> Tensor:
         """``δ_k`` per direction by the rule of the class docstring, ``[K]``."""
-        if data.sample_mixing:
+        if data.sample_mixing and not self._warned:
+            self._warned = True  # once per policy: a training loop calls it each step
             where = (
                 f"module(s) {', '.join(data.mixing_modules)} mix samples"
                 if data.mixing_modules
