@@ -68,6 +68,13 @@ def _groups(m, p):
     return [{"params": [q]} for q in p if isinstance(q, torch.Tensor)] or [{}]
 
 
+def _mc_subsampled() -> dict:
+    """Two Monte-Carlo samples (a fresh seeded generator each call) and the curvature
+    of sample 0 only."""
+    gen = torch.Generator().manual_seed(0)
+    return {"mc_samples": 2, "generator": gen, "subsampling": [0]}
+
+
 PUBLIC_CALLS = [
     ("gram_matrix", lambda m, f, X, y, p: gram_matrix(m, f, X, y, params=p)),
     ("ggn_spectrum", lambda m, f, X, y, p: ggn_spectrum(m, f, X, y, params=p)),
@@ -83,16 +90,7 @@ PUBLIC_CALLS = [
     ),
     (
         "ggn_spectrum-mc-subsampling",
-        lambda m, f, X, y, p: ggn_spectrum(
-            m,
-            f,
-            X,
-            y,
-            params=p,
-            mc_samples=2,
-            generator=torch.Generator().manual_seed(0),
-            subsampling=[0],
-        ),
+        lambda m, f, X, y, p: ggn_spectrum(m, f, X, y, params=p, **_mc_subsampled()),
     ),
     (
         "ggn_block_spectra",
@@ -127,16 +125,7 @@ PUBLIC_CALLS = [
     ("ggn_diagonal", lambda m, f, X, y, p: ggn_diagonal(m, f, X, y, params=p)),
     (
         "ggn_diagonal-mc-subsampling",
-        lambda m, f, X, y, p: ggn_diagonal(
-            m,
-            f,
-            X,
-            y,
-            params=p,
-            mc_samples=2,
-            generator=torch.Generator().manual_seed(0),
-            subsampling=[0],
-        ),
+        lambda m, f, X, y, p: ggn_diagonal(m, f, X, y, params=p, **_mc_subsampled()),
     ),
     ("ggn_trace", lambda m, f, X, y, p: ggn_trace(m, f, X, y, params=p)),
     (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import CASES
+from cases import CASES, MixLast
 from utils import assert_spectrum_matches, report_close
 
 from lowrank_ggn import ggn_spectrum, gram_matrix
@@ -85,11 +85,6 @@ def test_weight_used_outside_its_layer_leaves_that_layer_generic():
 
 def test_mixing_found_late_restarts_with_layer_explicit():
     """Only the last sample reads another sample: the first chunks look local."""
-
-    class MixLast(torch.nn.Module):
-        def forward(self, x):
-            return torch.cat([x[:-1], x[-1:] + 0.5 * x[-2:-1]])
-
     torch.manual_seed(1)
     model = torch.nn.Sequential(
         torch.nn.Linear(3, 4), MixLast(), torch.nn.Tanh(), torch.nn.Linear(4, 2)

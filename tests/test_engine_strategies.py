@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import BN_CASE_IDS, BN_CASES, CASES
+from cases import BN_CASE_IDS, BN_CASES, CASES, MixLast
 from utils import (
     RTOL,
     assert_spectrum_matches,
@@ -120,11 +120,6 @@ def test_streamed_pass_counts():
 
 def test_mixing_beyond_batchnorm_falls_back_from_split_to_columns():
     """A module that mixes samples besides BatchNorm: bn_split's self-check fails."""
-
-    class MixLast(torch.nn.Module):
-        def forward(self, x):
-            return torch.cat([x[:-1], x[-1:] + 0.5 * x[-2:-1]])
-
     torch.manual_seed(1)
     model = torch.nn.Sequential(
         torch.nn.Linear(3, 4),

@@ -78,6 +78,22 @@ def _bn_cnn(seed: int) -> nn.Module:
     return model
 
 
+def _generated(
+    name: str,
+    label: str,
+    build: Callable[[int], nn.Module],
+    loss_func: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    n_train: int,
+) -> Problem:
+    """A problem on generated data: the first ``n_train`` samples train, the rest
+    test; a classification where the targets are class indices (integers)."""
+    train, test = (X[:n_train], y[:n_train]), (X[n_train:], y[n_train:])
+    classification = not y.is_floating_point()
+    return Problem(name, label, build, loss_func, train, test, classification)
+
+
 def teacher_student(n_train: int = 2048, n_test: int = 512) -> Problem:
     gen = torch.Generator().manual_seed(DATA_SEED)
     teacher = _mlp(DATA_SEED + 1)
@@ -87,15 +103,8 @@ def teacher_student(n_train: int = 2048, n_test: int = 512) -> Problem:
     X = torch.randn(n_train + n_test, 16, generator=gen, dtype=DTYPE)
     with torch.no_grad():
         y = teacher(X) + 0.1 * torch.randn(X.shape[0], 4, generator=gen, dtype=DTYPE)
-    return Problem(
-        "teacher-student",
-        "teacher-student MLP (MSE)",
-        _mlp,
-        nn.MSELoss(),
-        (X[:n_train], y[:n_train]),
-        (X[n_train:], y[n_train:]),
-        classification=False,
-    )
+    label = "teacher-student MLP (MSE)"
+    return _generated("teacher-student", label, _mlp, nn.MSELoss(), X, y, n_train)
 
 
 def synthetic_bn_cnn(n_train: int = 2048, n_test: int = 512) -> Problem:
@@ -104,14 +113,9 @@ def synthetic_bn_cnn(n_train: int = 2048, n_test: int = 512) -> Problem:
     y = torch.randint(0, 10, (n_train + n_test,), generator=gen)
     noise = torch.randn(y.numel(), 1, 8, 8, generator=gen, dtype=DTYPE)
     X = prototypes[y] + 2.0 * noise
-    return Problem(
-        "synthetic-bn-cnn",
-        "BN CNN (train mode), synthetic 8×8",
-        _bn_cnn,
-        nn.CrossEntropyLoss(),
-        (X[:n_train], y[:n_train]),
-        (X[n_train:], y[n_train:]),
-        classification=True,
+    label = "BN CNN (train mode), synthetic 8×8"
+    return _generated(
+        "synthetic-bn-cnn", label, _bn_cnn, nn.CrossEntropyLoss(), X, y, n_train
     )
 
 
