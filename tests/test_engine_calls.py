@@ -304,3 +304,49 @@ def test_parameter_caches_are_neither_read_stale_nor_left_changed(filled):
     assert model.attention_bias_cache is cache and cache.keys() == content.keys()
     assert all(v is content[k] for k, v in cache.items())
     assert not any(v.requires_grad for v in cache.values())
+
+
+class Attention(nn.Module):
+    """``nn.MultiheadAttention`` as models use it: self-attention with masks, or
+    cross-attention to a second sequence, batch-first or sequence-first."""
+
+    def __init__(self, batch_first: bool, cross: bool, bias: bool = True) -> None:
+        super().__init__()
+        self.batch_first, self.cross = batch_first, cross
+        self.proj = nn.Linear(3, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, bias=bias)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, mask):
+        h = torch.tanh(self.proj(x))  # [N, T, 8]
+        h = h if self.batch_first else h.transpose(0, 1)
+        kv = h.flip(1 if self.batch_first else 0) if self.cross else h
+        causal = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1)
+        out, weights = self.attn(
+            h, kv, kv, key_padding_mask=mask, attn_mask=causal, need_weights=True
+        )
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.head(out.mean(1)) + weights.sum((1, 2))[:, None]
+
+
+@pytest.mark.parametrize(
+    "batch_first, cross, bias",
+    [(True, False, True), (False, False, True), (True, False, False), (True, True, True)],
+    ids=["batch-first", "sequence-first", "no-bias", "cross-attention"],
+)
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_attention_projections_are_captured(batch_first, cross, bias, train):
+    """Self-attention's packed in-projection and out-projection get rows (no per-sample
+    VJPs), exact; cross-attention stays generic (its in-projection is split)."""
+    torch.manual_seed(0)
+    model = Attention(batch_first, cross, bias).to(D).train(train)
+    X = torch.randn(5, 4, 3, dtype=D)
+    mask = torch.zeros(5, 4, dtype=torch.bool)
+    mask[1, 3] = mask[3, 2:] = True  # padding, never a whole row
+    y = torch.tensor([0, 1, 2, 1, 0])
+    names = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+    generic = {f"attn.{n}" for n in names if bias or "bias" not in n} if cross else ()
+    report = _check(model, nn.CrossEntropyLoss(), (X, mask), y, generic=generic)
+    if not cross:
+        assert "attn.in_proj_weight" in report.layers
+        assert "attn.out_proj" in report.layers

@@ -35,7 +35,8 @@ Every recorded call is captured on trust: the engine's self-check compares the r
 with autograd, parameter by parameter, and leaves exactly the mismatching ones
 generic. The mode only observes: every call returns what the model computes (the
 BatchNorm substitution carries the model's own values). Calls made inside another
-function the mode sees (``F.multi_head_attention_forward``) are not seen.
+function the mode sees are not seen, except in ``F.multi_head_attention_forward``,
+whose self-attention projections :mod:`~lowrank_ggn.core.engine.attention` opens up.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
+from lowrank_ggn.core.engine.attention import ATTENTION, open_attention
 from lowrank_ggn.core.engine.batchnorm import BatchNormCalls
 
 
@@ -259,6 +261,10 @@ class ForwardCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is ATTENTION and self.recorder is not None:
+            opened = self._attention(args, kwargs)
+            if opened is not None:
+                return opened
         if func is F.batch_norm and self.bns is not None:
             out = self.bns.handle(func, args, kwargs)
         else:
@@ -282,6 +288,20 @@ class ForwardCalls(TorchFunctionMode):
                     if p is not None:
                         self.uses[id(p)] += 1
         return out
+
+    def _attention(self, args: tuple, kwargs: dict) -> tuple | None:
+        """The attention call with its projections recorded, or ``None``.
+
+        :func:`~lowrank_ggn.core.engine.attention.open_attention`; on ``None`` what
+        the attempt recorded is dropped.
+        """
+        rec = self.recorder
+        saved = len(rec.linear), len(rec.scale), dict(rec.views), Counter(self.uses)
+        opened = open_attention(args, kwargs, rec.selected, self)
+        if opened is None:
+            del rec.linear[saved[0] :], rec.scale[saved[1] :]
+            rec.views, self.uses = saved[2], saved[3]
+        return opened
 
     def _root(self, t: object) -> Tensor | None:
         if not isinstance(t, Tensor):
