@@ -9,14 +9,13 @@
   ``update_buffers=True``; it takes the forward passes of the spectrum alone and a
   fixed number of extra reverse-mode calls.
 * ``state_dict`` round-trips (the bootstrap generator included); schedulers work.
-* Bootstrap damping: statistical tests with a stated confidence, its edge cases
-  (no qualifying damping, zero per-sample variance) and the per-component warning.
+* Bootstrap damping: ``tests/test_optim_damping.py``; steps along no direction and
+  refusals of bad input: ``tests/test_optim_edge_cases.py``.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import re
 import warnings
 from pathlib import Path
@@ -25,7 +24,6 @@ from unittest import mock
 import pytest
 import torch
 from cases import BN_CASES, CASES, DTYPE, JACOBIAN_ROW_CASES
-from scipy.stats import binom
 from test_curvature import SampleCounter
 from utils import RTOL, batch_of, call, loss_value, report_close, rho_of
 
@@ -34,8 +32,6 @@ from lowrank_ggn.optim import (
     BootstrapDamping,
     ConstantDamping,
     DampedNewton,
-    DampingPolicy,
-    DirectionalData,
     NoProgressWarning,
     TopKWarning,
 )
@@ -353,279 +349,6 @@ def test_state_dict_round_trip_and_scheduler():
         0.5 * (a.coefficients @ a.eigenvectors).norm().reshape(1),
         name="‖Δθ‖ = lr ‖Σ c_k e_k‖",
     )
-
-
-# ------------------------------------------------------------------ bootstrap damping
-#: Dvoretzky–Kiefer–Wolfowitz: P(sup |F_B − F| > ε) ≤ 2 exp(−2 B ε²). Each direction's
-#: check below fails for a correct implementation with probability ≤ FAILURE.
-FAILURE = 1e-6
-
-
-def _data(gammas, lambdas, rho, paired=True, mixing=False) -> DirectionalData:
-    gammas, lambdas = gammas.to(DTYPE), lambdas.to(DTYPE)
-    lam_rho = rho if paired else 1.0 / lambdas.shape[0]
-    return DirectionalData(
-        eigenvalues=lam_rho * lambdas.sum(0),
-        eigenvectors=torch.eye(gammas.shape[1], dtype=DTYPE),
-        slopes=rho * gammas.sum(0),
-        gammas=gammas,
-        lambdas=lambdas,
-        rho=rho,
-        lambda_rho=lam_rho,
-        paired=paired,
-        sample_mixing=mixing,
-        mixing_modules=("1",) if mixing else (),
-    )
-
-
-def _rule(grid: torch.Tensor, lam: float, a: float) -> float:
-    """The rule's choice when every quantile gain is ``gain(a·γ, δ)``.
-
-    ``Q(δ) ∝ (a(λ+δ) − λ/2) / (λ+δ)²``: qualifying where ``≥ 0``, maximal first.
-    """
-    u = lam + grid
-    Q = (a * u - lam / 2) / u.square()
-    if not (Q >= 0).any():
-        return math.inf
-    return float(grid[torch.where(Q >= 0, Q, -torch.inf).argmax()])
-
-
-@pytest.mark.parametrize(("quantile", "resamples"), [(0.05, 20_000), (0.25, 4_000)])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_bootstrap_damping_follows_the_exact_bootstrap_distribution(
-    quantile, resamples, reduction
-):
-    r"""Binary slopes make the bootstrap distribution exactly binomial.
-
-    With ``γ_n ∈ {0, h}`` (``m`` of ``N`` equal to ``h``) and constant ``λ_n = λ``,
-    a resampled slope is ``γ̂ = ρ h X`` with ``X ~ Binomial(N, m/N)``, and the gain
-    ``−γ̂ τ − ½ λ τ²`` increases with ``γ̂`` (``τ < 0``), so ``Q(δ)`` is the gain at the
-    empirical ``q``-quantile of ``γ̂``. By DKW that quantile lies between the binomial
-    quantiles at ``q ∓ (ε + 2/B)`` with probability ≥ 1 − FAILURE; the rule is
-    monotone in it, so the chosen damping lies between the two choices.
-    """
-    N, h = 40, 1.5
-    ms, lams = [30, 24, 36], [1.0, 0.5, 2.0]
-    rho = 1.0 / N if reduction == "mean" else 1.0
-    gammas = torch.zeros(N, 3)
-    for k, m in enumerate(ms):
-        gammas[:m, k] = h
-    gammas = gammas[torch.randperm(N, generator=torch.Generator().manual_seed(1))]
-    lambdas = torch.tensor(lams).expand(N, 3) / (N * rho)  # ρ Σ λ_n = λ
-    policy = BootstrapDamping(
-        resamples=resamples,
-        quantile=quantile,
-        generator=torch.Generator().manual_seed(0),
-    )
-    damping = policy(_data(gammas, lambdas, rho))
-    eps = math.sqrt(math.log(2 / FAILURE) / (2 * resamples)) + 2 / resamples
-    for k, (m, lam) in enumerate(zip(ms, lams)):
-        lo, hi = binom.ppf([max(quantile - eps, 0.0), quantile + eps], N, m / N)
-        a_lo, a_hi = lo / m, hi / m  # γ̂_q / γ̄ = X_q / m
-        assert (
-            _rule(policy.grid, lam, a_hi) <= damping[k] <= _rule(policy.grid, lam, a_lo)
-        )
-    # the answer depends on the quantile: the median gain prefers the Newton step
-    median = BootstrapDamping(resamples=resamples, quantile=0.5)
-    assert (median(_data(gammas, lambdas, rho)) <= damping).all()
-
-
-def test_bootstrap_resamples_slopes_and_curvatures_together():
-    """Collinear ``(γ_n, λ_n)``: every paired resample has a positive gain ∝ X.
-
-    Samples are ``(h, ℓ)`` or ``(0, 0)``; a paired resample's gain is
-    ``(X/N)(−τh − ½τ²ℓ)``, largest for the smallest damping. Independent draws of
-    ``γ`` and ``λ`` (what sub-sampled curvature needs) are more cautious.
-    """
-    N = 40
-    gammas = torch.zeros(N, 1)
-    lambdas = torch.zeros(N, 1)
-    gammas[::2], lambdas[::2] = 2.0, 3.0
-    policy = BootstrapDamping(generator=torch.Generator().manual_seed(0))
-    assert policy(_data(gammas, lambdas, 1 / N)).item() == policy.grid[0].item()
-    unpaired = policy(_data(gammas, lambdas, 1 / N, paired=False))
-    assert unpaired.item() > policy.grid[0].item()
-
-
-def test_bootstrap_edge_cases():
-    # zero per-sample variance: every resample is the batch; the undamped step is best
-    gammas = torch.full((8, 2), 0.5)
-    lambdas = torch.tensor([[1.0, 0.25]]).expand(8, 2)
-    data = _data(gammas, lambdas, 1 / 8)
-    policy = BootstrapDamping(generator=torch.Generator().manual_seed(0))
-    Q = policy.gain_quantiles(data)
-    u = data.eigenvalues[:, None] + policy.grid.to(DTYPE)
-    exact = (
-        data.slopes[:, None] ** 2
-        * (data.eigenvalues[:, None] / 2 + u - data.eigenvalues[:, None])
-        / u**2
-    )
-    report_close(Q, exact, rtol=1e-12, name="noise-free gain")
-    assert torch.equal(policy(data), policy.grid[:1].to(DTYPE).expand(2))
-
-    # no qualifying damping: a slope whose sign the resamples do not agree on
-    gammas = torch.tensor([1.0, -1.0]).repeat(20)[:, None]
-    gammas[0] = 1.5  # mean 0.0125, standard error ≈ 0.16
-    data = _data(gammas, torch.ones(40, 1), 1 / 40)
-    assert policy(data).item() == math.inf
-    assert (policy.gain_quantiles(data) < 0).all()
-
-    # no directions at all
-    empty = _data(torch.zeros(5, 0), torch.zeros(5, 0), 0.2)
-    assert policy(empty).shape == (0,)
-
-
-def test_bootstrap_warns_once_per_optimiser_on_mixing_models_only():
-    for name in ("bn2d-train-ce", "mlp-ce-mean"):
-        case = CASE_BY_NAME[name]
-        model, loss, X, y = case.make()
-        opt = DampedNewton(
-            model.parameters(),
-            model=model,
-            loss_func=loss,
-            top_k=TOP_K,
-            damping=BootstrapDamping(generator=torch.Generator().manual_seed(0)),
-        )
-        for step in range(2):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                opt.step(X, y)
-            caught = [w for w in caught if issubclass(w.category, UserWarning)]
-            expected = [SampleMixingWarning] * (case.mixing and step == 0)
-            assert [w.category for w in caught] == expected
-            if expected:
-                text = str(caught[0].message)
-                assert "module(s) 1 mix samples" in text
-                assert "not a confidence level" in text
-
-
-def test_steps_along_no_direction_with_infinite_damping():
-    model, loss, X, y = CASE_BY_NAME["bn1d-train-ce"].make()
-    before = _flat(model)
-    opt = DampedNewton(
-        model.parameters(),
-        model=model,
-        loss_func=loss,
-        top_k=TOP_K,
-        damping=lambda data: torch.full_like(data.eigenvalues, math.inf),
-        complement_lr=0.0,
-    )
-    with pytest.warns(NoProgressWarning, match="0 of 3 directions had a finite"):
-        info = opt.step(X, y)
-    assert info.num_directions == 0 and info.step_norm == 0.0
-    assert torch.equal(_flat(model), before)
-    assert torch.equal(info.coefficients, torch.zeros_like(info.coefficients))
-    assert isinstance(ConstantDamping(1.0), DampingPolicy)
-
-
-def test_a_zero_ggn_gives_no_directions():
-    """Dead ReLUs below the selected layer: no resolved eigenvalue, K = 0, no step."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)
-    ).to(DTYPE)
-    with torch.no_grad():
-        model[0].bias.fill_(-100.0)
-    X, y = torch.randn(6, 4, dtype=DTYPE), torch.randint(0, 3, (6,))
-    policy = BootstrapDamping(generator=torch.Generator().manual_seed(0))
-    opt = DampedNewton(
-        model[0].parameters(),
-        model=model,
-        loss_func=torch.nn.CrossEntropyLoss(),
-        top_k=TOP_K,
-        damping=policy,
-        complement_lr=0.1,
-    )
-    before = _flat(model)
-    with pytest.warns(TopKWarning, match="above the 0 eigenvalues"):
-        info = opt.step(X, y)
-    assert info.eigenvalues.numel() == 0 and info.num_directions == 0
-    assert info.gammas.shape == (6, 0) and info.lambdas.shape == (6, 0)
-    assert info.step_norm == 0.0 and torch.equal(_flat(model), before)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        (dict(top_k=0), ValueError, "top_k"),
-        (dict(lr=-1.0), ValueError, "lr must be finite"),
-        (dict(complement_lr=math.nan), ValueError, "complement_lr"),
-        (dict(damping="big"), TypeError, "damping must be a DampingPolicy"),
-        (dict(damping=-1.0), ValueError, "damping must be ≥ 0"),
-        (dict(generator=torch.Generator()), ValueError, "only used with mc_samples"),
-        (dict(model="net"), TypeError, "model must be a torch.nn.Module"),
-        (
-            dict(params=[torch.nn.Parameter(torch.zeros(2))]),
-            ValueError,
-            "parameters of",
-        ),
-    ],
-)
-def test_bad_options_are_refused(kwargs, error, match):
-    model, loss, X, y = CASES[0].make()
-    options = dict(
-        params=model.parameters(), model=model, loss_func=loss, top_k=2, damping=0.1
-    )
-    options.update(kwargs)
-    with pytest.raises(error, match=match):
-        DampedNewton(options.pop("params"), **options)
-
-
-@pytest.mark.parametrize(
-    ("policy", "match"),
-    [
-        (lambda d: torch.zeros(5), "one damping per direction"),
-        (lambda d: torch.full_like(d.eigenvalues, math.nan), "NaN or negative"),
-        (lambda d: -torch.ones_like(d.eigenvalues), "NaN or negative"),
-    ],
-)
-def test_bad_policy_output_is_refused_before_the_parameters_change(policy, match):
-    model, loss, X, y = CASES[0].make()
-    before = _flat(model)
-    opt = DampedNewton(
-        model.parameters(), model=model, loss_func=loss, top_k=2, damping=policy
-    )
-    with pytest.raises(ValueError, match=match):
-        opt.step(X, y)
-    assert torch.equal(_flat(model), before)
-
-
-@pytest.mark.parametrize(
-    ("name", "value", "error"),
-    [
-        ("lr", math.nan, ValueError),
-        ("lr", -0.5, ValueError),
-        ("complement_lr", math.inf, ValueError),
-        ("lr", "fast", TypeError),
-    ],
-)
-def test_param_group_rates_set_later_are_checked_at_each_step(name, value, error):
-    """A scheduler or a hand edit after construction: refused, nothing changes."""
-    model, loss, X, y = CASES[0].make()
-    before = _flat(model)
-    opt = DampedNewton(
-        model.parameters(), model=model, loss_func=loss, top_k=2, damping=1.0
-    )
-    opt.param_groups[0][name] = value
-    with pytest.raises(error, match=rf"param_groups\[0\]: {name} must be"):
-        opt.step(X, y)
-    assert torch.equal(_flat(model), before)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        (dict(grid=torch.tensor([-1.0, 1.0])), ValueError, "≥ 0"),
-        (dict(grid=torch.zeros(0)), ValueError, "non-empty"),
-        (dict(resamples=0), ValueError, "resamples"),
-        (dict(resamples=2.5), TypeError, "resamples"),
-        (dict(quantile=1.5), ValueError, "quantile"),
-        (dict(generator=0), TypeError, "generator"),
-    ],
-)
-def test_bad_bootstrap_options_are_refused(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        BootstrapDamping(**kwargs)
 
 
 def test_readme_example_runs_as_written():
