@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 from cases import CASES, DTYPE
-from test_optim import CASE_BY_NAME, TOP_K, _flat
+from test_optim import CASE_BY_NAME, TOP_K, _flat, _newton
 
 from lowrank_ggn.optim import (
     BootstrapDamping,
@@ -30,13 +30,8 @@ from lowrank_ggn.optim import (
 def test_steps_along_no_direction_with_infinite_damping():
     model, loss, X, y = CASE_BY_NAME["bn1d-train-ce"].make()
     before = _flat(model)
-    opt = DampedNewton(
-        model.parameters(),
-        model=model,
-        loss_func=loss,
-        top_k=TOP_K,
-        damping=lambda data: torch.full_like(data.eigenvalues, math.inf),
-        complement_lr=0.0,
+    opt = _newton(
+        model, loss, damping=lambda data: torch.full_like(data.eigenvalues, math.inf)
     )
     with pytest.warns(NoProgressWarning, match="0 of 3 directions had a finite"):
         info = opt.step(X, y)
