@@ -27,7 +27,7 @@ counts an operand reports.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -41,12 +41,24 @@ Kernel = Callable[[int], Tensor]
 #: Per form: ``(flops, bytes of work space)``.
 Costs = dict[LayerTreatment, tuple[float, float]]
 
+#: Entries of a block cast at a time by :func:`symmetric_rank_k_update` (16 MiB in
+#: float64: ``[1280, 1638]`` for ``N·C = 1280``).
+CAST_CHUNK = 2**21
+#: Bytes of one tile of kernels in :func:`input_kernel`.
+KERNEL_TILE_BYTES = 2**22
+#: Bytes of one tile of ``W`` in :func:`kron_upper` (about a core's L2 cache).
+KRON_TILE_BYTES = 2**21
+
 
 def symmetric_rank_k_update(gram: Tensor, block: Tensor) -> None:
     """``gram += block @ blockᵀ`` for ``block`` ``[NC, K]``, using BLAS ``syrk`` on CPU.
 
     ``syrk`` computes one triangle only, half the flops of a general product; the
-    result is symmetrised. On other devices this is a plain ``addmm``.
+    result is symmetrised. On other devices this is a plain ``addmm``. A ``block`` of
+    another dtype than ``gram`` (float32 rows of a float64 Gram) is cast in column
+    chunks of :data:`CAST_CHUNK` entries, each added to the same triangle (``syrk``
+    with ``β = 1``): the products and sums run in ``gram``'s dtype, with no full copy
+    of the rows in it (the chunks stay in cache between the cast and the product).
 
     Example:
         >>> g, b = torch.zeros(3, 3, dtype=torch.float64), torch.randn(3, 5).double()
@@ -55,18 +67,38 @@ def symmetric_rank_k_update(gram: Tensor, block: Tensor) -> None:
     """
     if block.shape[1] == 0:
         return
-    if block.device.type == "cpu" and block.dtype in (torch.float32, torch.float64):
-        from scipy.linalg import blas
+    chunks = _cast_chunks(block.detach(), gram.dtype)
+    if block.device.type != "cpu" or gram.dtype not in (torch.float32, torch.float64):
+        for part in chunks:
+            gram.addmm_(part, part.T)
+        return
+    from scipy.linalg import blas
 
-        syrk = blas.ssyrk if block.dtype == torch.float32 else blas.dsyrk
-        # a C-contiguous [NC, K] array is the Fortran-ordered [K, NC] matrix Bᵀ;
-        # trans=1 gives (Bᵀ)ᵀ Bᵀ = B Bᵀ without a copy
-        upper = torch.from_numpy(
-            syrk(1.0, np.asarray(block.detach().contiguous().numpy()).T, trans=1)
-        ).triu()
-        gram += upper + upper.triu(1).T
-    else:
-        gram.addmm_(block, block.T)
+    syrk = blas.ssyrk if gram.dtype == torch.float32 else blas.dsyrk
+    tri = None
+    for part in chunks:
+        # a C-contiguous [NC, k] array is the Fortran-ordered [k, NC] matrix Bᵀ;
+        # trans=1 gives (Bᵀ)ᵀ Bᵀ = B Bᵀ without a copy, added into tri in place
+        a = np.asarray(part.numpy()).T
+        if tri is None:
+            tri = syrk(1.0, a, trans=1)
+        else:
+            tri = syrk(1.0, a, trans=1, beta=1.0, c=tri, overwrite_c=1)
+    upper = torch.from_numpy(tri).triu()
+    gram += upper + upper.triu(1).T
+
+
+def _cast_chunks(block: Tensor, dtype: torch.dtype) -> Iterator[Tensor]:
+    """``block`` ``[NC, K]`` as contiguous column chunks in ``dtype``, one at a time.
+
+    ``block`` itself (made contiguous) if it has that dtype.
+    """
+    if block.dtype == dtype:
+        yield block.contiguous()
+        return
+    step = max(1, CAST_CHUNK // max(1, block.shape[0]))
+    for k in range(0, block.shape[1], step):
+        yield block[:, k : k + step].to(dtype, memory_format=torch.contiguous_format)
 
 
 def balanced(A: Tensor, g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
@@ -91,13 +123,29 @@ def balanced(A: Tensor, g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] 
 
 
 def input_kernel(A: Tensor, dtype: torch.dtype) -> Kernel:
-    """The kernel ``A_n A_mᵀ`` of layer inputs ``A`` ``[NS, P, I]``."""
+    """The kernel ``A_n A_mᵀ`` of layer inputs ``A`` ``[NS, P, I]``.
+
+    Kernels are computed for several ``n`` at once, one GEMM ``[t·P, I] @ [I, (NS −
+    n)·P]`` per tile of ``t`` samples with at most :data:`KERNEL_TILE_BYTES` of
+    output (a GEMM with ``P`` output columns per ``n`` runs far from peak); ``kernel``
+    is called with ``n = 0, 1, …`` in order, as :func:`kron_upper` does.
+    """
     A = A.to(dtype)
     NS, P = A.shape[:2]
+    flat = A.reshape(NS * P, -1)
+    tile = max(1, KERNEL_TILE_BYTES // (NS * P * P * A.element_size()))
+    cache: dict[int, Tensor] = {}  # first sample of the tile -> its kernels
 
     def kernel(n: int) -> Tensor:
+        n0 = n - n % tile
+        if n0 not in cache:
+            cache.clear()
+            n1 = min(NS, n0 + tile)
+            # rows (n', p) of the tile against columns (m, q) for m ≥ n0
+            cache[n0] = flat[n0 * P : n1 * P] @ flat[n0 * P :].T
+        rows = cache[n0][(n - n0) * P : (n - n0 + 1) * P, (n - n0) * P :]
         # Kt[m, q, p] = (A_n A_mᵀ)[p, q]
-        return (A[n:].reshape((NS - n) * P, -1) @ A[n].T).reshape(NS - n, P, P)
+        return rows.reshape(P, NS - n, P).permute(1, 2, 0).contiguous()
 
     return kernel
 
@@ -121,7 +169,11 @@ def kron_upper(upper: Tensor, g: Tensor, kernel: Kernel) -> None:
 
     Per ``n``: ``W_m = Ktᵀ g_n`` ``[P, O·C]`` and ``block_m = W_mᵀ g_m`` ``[C, C]``
     (batched over ``m ≥ n``), all as matrix products on one contiguous ``[NS, P, O,
-    C]`` copy of ``g``. :func:`mirror_blocks` completes the matrix.
+    C]`` copy of ``g``. The ``m`` are taken in tiles whose ``W`` fits in
+    :data:`KRON_TILE_BYTES`, so that ``W`` is still in cache when ``block`` reads it
+    (both products read ``P·O·C`` entries per sample pair for ``C²`` or ``P·C``
+    multiply-adds per entry: memory-bound for the whole ``m`` range at once).
+    :func:`mirror_blocks` completes the matrix.
 
     Args:
         upper: ``[NS·C, NS·C]`` buffer (the Gram's dtype).
@@ -132,14 +184,21 @@ def kron_upper(upper: Tensor, g: Tensor, kernel: Kernel) -> None:
     g_poc = g.permute(0, 2, 3, 1).to(  # [NS, P, O, C], one copy
         dtype=upper.dtype, memory_format=torch.contiguous_format
     )
+    tile = max(1, KRON_TILE_BYTES // (P * O * C * upper.element_size()))
     for n in range(NS):
-        M = NS - n  # samples m = n, …, NS − 1
-        W = torch.matmul(kernel(n), g_poc[n].reshape(P, O * C))  # [M, P_q, O·C]
-        # block[m, c, d] = Σ_{q,o} W[m, q, o, c] g[m, d, q, o]
-        block = torch.bmm(
-            W.reshape(M, P * O, C).transpose(1, 2), g_poc[n:].reshape(M, P * O, C)
-        )
-        upper[n * C : (n + 1) * C, n * C :] += block.transpose(0, 1).reshape(C, M * C)
+        Kt = kernel(n)  # [NS − n, P_q, P_p]
+        gn = g_poc[n].reshape(P, O * C)
+        for m0 in range(n, NS, tile):  # samples m = m0, …, m1 − 1
+            m1 = min(NS, m0 + tile)
+            M = m1 - m0
+            W = torch.matmul(Kt[m0 - n : m1 - n], gn)  # [M, P_q, O·C]
+            # block[m, c, d] = Σ_{q,o} W[m, q, o, c] g[m, d, q, o]
+            block = torch.bmm(
+                W.reshape(M, P * O, C).transpose(1, 2),
+                g_poc[m0:m1].reshape(M, P * O, C),
+            )
+            rows = upper[n * C : (n + 1) * C, m0 * C : m1 * C]
+            rows += block.transpose(0, 1).reshape(C, M * C)
 
 
 def mirror_blocks(gram: Tensor, upper: Tensor, C: int) -> None:
@@ -181,7 +240,8 @@ def kron_costs(
     if P == 1:
         return kernel_flops + (NS * C) ** 2 * O, 0.0
     flops = kernel_flops + NS * NS * C * P * O * (P + C)
-    return flops, (NS * P * P + 2 * NS * C * P * O) * item
+    # kernels of one n (or a tile of KERNEL_TILE_BYTES), the copy of g, W
+    return flops, (NS * P * P + 2 * NS * C * P * O) * item + KERNEL_TILE_BYTES
 
 
 def explicit_cost(NC: int, P: int, width: int, D: int) -> float:

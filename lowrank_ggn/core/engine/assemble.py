@@ -24,8 +24,9 @@ in the form its layer allows, and the layer's
   (``SHARED``);
 * every other parameter: its generic rows ``[NC, numel]`` (``GENERIC``).
 
-Every block is cast to the Gram's dtype (the accumulation dtype, float64 from float32
-factors by default; :mod:`lowrank_ggn.core.precision`) before its products, and each
+Every product runs in the Gram's dtype (the accumulation dtype, float64 from float32
+factors by default; :mod:`lowrank_ggn.core.precision`): explicit rows are cast in
+column chunks as ``syrk`` adds them, Kronecker operands once per layer; each
 Gram is symmetrised at the end, ``½ (𝒢 + 𝒢ᵀ)``. A layer's factor blocks are freed once
 they are added.
 """
@@ -60,9 +61,11 @@ class _GroupGrams:
         return self.grams[self.group_of[id(p)]]
 
     def add_rows(self, p: Tensor, rows: Tensor) -> None:
-        """``𝒢_{g(p)} += rows rowsᵀ`` for ``rows`` ``[NC, K]``, in the Gram's dtype."""
-        gram = self.of(p)
-        acc.symmetric_rank_k_update(gram, rows.to(gram.dtype))
+        """``𝒢_{g(p)} += rows rowsᵀ`` for ``rows`` ``[NC, K]``, in the Gram's dtype.
+
+        ``rows`` is cast chunk by chunk (:func:`acc.symmetric_rank_k_update`).
+        """
+        acc.symmetric_rank_k_update(self.of(p), rows)
 
 
 def assemble_grams(
