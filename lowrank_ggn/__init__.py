@@ -16,9 +16,9 @@ from lowrank_ggn.approx.dataset_solvers import GramMemoryError
 from lowrank_ggn.approx.param_groups import per_layer_groups
 from lowrank_ggn.core.budget import MemoryBudgetExceeded, MemoryBudgetWarning
 from lowrank_ggn.core.diagonal import GGNDiagonal
-from lowrank_ggn.core.loss_autodiff import AutodiffLoss
 from lowrank_ggn.core.loss_factors import loss_hessian_factors
 from lowrank_ggn.core.loss_sampling import sampled_loss_hessian_factors
+from lowrank_ggn.core.losses.autodiff import AutodiffLoss
 from lowrank_ggn.core.losses.registry import resolve_loss
 from lowrank_ggn.core.options import GGNOptions
 from lowrank_ggn.core.paths import EnginePath

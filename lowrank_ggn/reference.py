@@ -21,8 +21,8 @@ from torch.func import hessian, jacrev
 
 from lowrank_ggn.core.budget import check_memory
 from lowrank_ggn.core.inputs import as_inputs
-from lowrank_ggn.core.loss_autodiff import call_loss
 from lowrank_ggn.core.loss_targets import check_targets
+from lowrank_ggn.core.losses.autodiff import call_loss
 from lowrank_ggn.core.losses.registry import has_closed_form
 from lowrank_ggn.core.model import FunctionalModel
 from lowrank_ggn.core.outputs import OutputSpec, check_output

@@ -1,6 +1,6 @@
 """Any per-sample loss: autodiff loss-Hessian factors against the dense reference.
 
-Every loss here goes through :class:`lowrank_ggn.core.loss_autodiff.AutodiffLoss`.
+Every loss here goes through :class:`lowrank_ggn.core.losses.autodiff.AutodiffLoss`.
 The truth is :func:`lowrank_ggn.reference.dense_output_hessian`, the ``torch.func``
 Hessian of the whole batch loss (no per-sample split assumed), in float64.
 """
@@ -18,10 +18,10 @@ from torch import Tensor, nn
 from utils import RTOL, assert_spectrum_matches, report_close
 
 from lowrank_ggn import ggn_spectrum, gram_matrix, sampled_loss_hessian_factors
-from lowrank_ggn.core import loss_autodiff
-from lowrank_ggn.core.loss_autodiff import AutodiffLoss, check_structure
 from lowrank_ggn.core.loss_factors import loss_hessian_factors, sample_weight
 from lowrank_ggn.core.loss_targets import check_targets
+from lowrank_ggn.core.losses import autodiff as loss_autodiff
+from lowrank_ggn.core.losses.autodiff import AutodiffLoss, check_structure
 from lowrank_ggn.core.losses.registry import resolve_loss
 from lowrank_ggn.reference import (
     dense_ggn,

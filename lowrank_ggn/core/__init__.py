@@ -11,7 +11,7 @@ module                         stage
 :mod:`.tolerances`             every tolerance, named
 :mod:`.autodiff`               per-sample VJPs, one-hot cotangents, batch JVPs
 :mod:`.loss_factors`           ``S_n`` with ``S_n S_nᵀ = ∇²_{F_n} L`` (closed forms)
-:mod:`.loss_autodiff`          any other loss: wrapper and per-sample structure check
+:mod:`.losses`                 one class per closed-form loss, the registry, the autodiff loss
 :mod:`.loss_hessians`          per-sample Hessians, ``eigh`` square roots, sketches
 :mod:`.loss_targets`           targets that fit outputs and loss
 :mod:`.loss_sampling`          Monte-Carlo factors

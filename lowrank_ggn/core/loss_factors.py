@@ -34,7 +34,7 @@ Any other loss ``loss(outputs, targets) -> scalar`` with this structure (``Huber
 ``SmoothL1Loss``, ``GaussianNLLLoss`` with targets ``(target, var)``,
 ``PoissonNLLLoss``, ``KLDivLoss(reduction='batchmean')``, ``CrossEntropyLoss`` with
 ``label_smoothing``, a plain function, …) is wrapped by :func:`resolve_loss` into an
-:class:`~lowrank_ggn.core.loss_autodiff.AutodiffLoss`: its structure is checked
+:class:`~lowrank_ggn.core.losses.autodiff.AutodiffLoss`: its structure is checked
 numerically, and its factors are the eigendecomposition square roots of the per-sample
 Hessians from automatic differentiation, with ``C`` their largest rank
 (:mod:`lowrank_ggn.core.loss_hessians`). The closed forms above are the fast paths;
@@ -59,14 +59,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lowrank_ggn.core.loss_autodiff import (
+from lowrank_ggn.core.loss_hessians import autodiff_hessian_factors
+from lowrank_ggn.core.loss_positions import position_factors
+from lowrank_ggn.core.loss_targets import check_targets
+from lowrank_ggn.core.losses.autodiff import (
     MODULE_REDUCTIONS,
     AutodiffLoss,
     sample_weight_of,
 )
-from lowrank_ggn.core.loss_hessians import autodiff_hessian_factors
-from lowrank_ggn.core.loss_positions import position_factors
-from lowrank_ggn.core.loss_targets import check_targets
 from lowrank_ggn.core.losses.registry import closed_form, resolve_loss
 
 
@@ -74,7 +74,7 @@ def num_factor_columns(loss_func: nn.Module, output_shape: torch.Size) -> int:
     """``C``, the number of factor columns per sample for outputs ``[N, *out]``.
 
     Exact for the closed forms (``O = Π out``); for an
-    :class:`~lowrank_ggn.core.loss_autodiff.AutodiffLoss` an upper bound, since its
+    :class:`~lowrank_ggn.core.losses.autodiff.AutodiffLoss` an upper bound, since its
     ``C`` is the largest rank of the per-sample Hessians, known only once they are
     factorised (memory checks stay conservative).
     """
@@ -87,7 +87,7 @@ def num_factor_columns(loss_func: nn.Module, output_shape: torch.Size) -> int:
 def reduction_factor(loss_func: nn.Module, outputs: Tensor) -> float:
     """``ρ`` of the closed forms' per-entry terms (CE: per position), else of ``ℓ_n``.
 
-    For :class:`~lowrank_ggn.core.loss_autodiff.AutodiffLoss`, ``ρ`` multiplies the
+    For :class:`~lowrank_ggn.core.losses.autodiff.AutodiffLoss`, ``ρ`` multiplies the
     per-sample losses ``ℓ_n`` (as in :func:`sample_weight`).
     """
     if isinstance(loss_func, AutodiffLoss):
@@ -130,7 +130,7 @@ def loss_hessian_factors(
     (module docstring); for any other loss, the eigendecomposition square roots of
     the per-sample Hessians from automatic differentiation
     (:mod:`lowrank_ggn.core.loss_hessians`), after the numerical structure check
-    (:mod:`lowrank_ggn.core.loss_autodiff`).
+    (:mod:`lowrank_ggn.core.losses.autodiff`).
 
     Args:
         loss_func: A loss ``loss_func(outputs, targets) -> scalar`` with the

@@ -1,7 +1,7 @@
 r"""Per-sample loss Hessians and their square roots, for any :class:`AutodiffLoss`.
 
 For a loss with the per-sample-plus-reduction structure ``L(F) = ρ Σ_n ℓ_n(F_n)``
-(checked by :func:`lowrank_ggn.core.loss_autodiff.check_structure`, which fixes
+(checked by :func:`lowrank_ggn.core.losses.autodiff.check_structure`, which fixes
 ``ρ ∈ {1/N, 1}``), ``∇²_F L`` is block diagonal with blocks
 
 .. math::
@@ -56,7 +56,7 @@ from torch import Tensor
 from torch.func import grad, jacrev
 
 from lowrank_ggn.core.budget import check_memory
-from lowrank_ggn.core.loss_autodiff import (
+from lowrank_ggn.core.losses.autodiff import (
     AutodiffLoss,
     _per_sample,
     _targets_view,
@@ -160,7 +160,7 @@ def autodiff_hessian_factors(
 ) -> Tensor:
     r"""Factors ``S`` ``[C, N, *out]`` with ``Σ_c S[c, n] S[c, n]ᵀ = ρ ∇²ℓ_n``.
 
-    Assumes :func:`~lowrank_ggn.core.loss_autodiff.check_structure` has passed for
+    Assumes :func:`~lowrank_ggn.core.losses.autodiff.check_structure` has passed for
     these tensors (it fixes ``ρ``). ``C`` is the largest numerical rank of the
     per-sample Hessians (module docstring), at most ``O``.
     """

@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from lowrank_ggn.core.loss_autodiff import AutodiffLoss
 from lowrank_ggn.core.loss_hessians import autodiff_hessian_factors, gaussian_sketch
 from lowrank_ggn.core.loss_positions import (
     sampled_position_factors,
 )
 from lowrank_ggn.core.loss_targets import check_targets
+from lowrank_ggn.core.losses.autodiff import AutodiffLoss
 from lowrank_ggn.core.losses.base import uniform
 from lowrank_ggn.core.losses.registry import closed_form, resolve_loss
 

@@ -13,13 +13,13 @@ and, for every target tensor, its device (that of the outputs), its finiteness a
 its batch size ``N``.
 
 For every other loss, resolved into an
-:class:`~lowrank_ggn.core.loss_autodiff.AutodiffLoss` (whose ``reduction`` this
+:class:`~lowrank_ggn.core.losses.autodiff.AutodiffLoss` (whose ``reduction`` this
 fixes): the targets are a tensor with ``N`` rows, or a tuple passed as
 ``loss_func(outputs, *targets)`` with at least one per-sample entry; ``NLLLoss`` and
 wrapped ``CrossEntropyLoss`` class indices are checked as above; and, unless
 ``structure=False``, the loss is checked numerically to be ``L = ρ Σ_n ℓ_n`` with a
 Hessian that does not couple samples
-(:func:`~lowrank_ggn.core.loss_autodiff.check_structure`).
+(:func:`~lowrank_ggn.core.losses.autodiff.check_structure`).
 
 Reference: Dangel, Tatzel & Hennig, *ViViT: Curvature access through the generalized
 Gauss-Newton's low-rank structure*, TMLR 2022, https://arxiv.org/abs/2106.02624.
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_ggn.core.inputs import ModelInputs
-from lowrank_ggn.core.loss_autodiff import AutodiffLoss, check_structure
+from lowrank_ggn.core.losses.autodiff import AutodiffLoss, check_structure
 from lowrank_ggn.core.losses.base import check_batch_size, check_target_tensor
 from lowrank_ggn.core.losses.cross_entropy import check_class_targets
 from lowrank_ggn.core.losses.registry import CLASS_LOSSES, closed_form, resolve_loss
@@ -84,10 +84,10 @@ def check_targets(
 
     For the closed-form losses: shapes, dtypes and ranges of the targets. For every
     other loss (resolved into an
-    :class:`~lowrank_ggn.core.loss_autodiff.AutodiffLoss`, whose ``reduction`` this
+    :class:`~lowrank_ggn.core.losses.autodiff.AutodiffLoss`, whose ``reduction`` this
     fixes): the targets are a tensor with ``N`` rows or a tuple with such an entry,
     and the numerical check that ``L = ρ Σ_n ℓ_n`` with a Hessian that does not
-    couple samples (:func:`~lowrank_ggn.core.loss_autodiff.check_structure`).
+    couple samples (:func:`~lowrank_ggn.core.losses.autodiff.check_structure`).
 
     Args:
         loss_func: A loss (see

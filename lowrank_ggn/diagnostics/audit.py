@@ -18,7 +18,7 @@ input probe of :mod:`lowrank_ggn.diagnostics.probe`, which also name the modules
 mix samples, and the parameter probe of :func:`lowrank_ggn.core.paths.choose_path`
 (one-sample evaluation reproduces the batch outputs and a random vector-Jacobian
 product). (2) and (3) are checked numerically for every loss
-(:func:`lowrank_ggn.core.loss_autodiff.structure_deviations`).
+(:func:`lowrank_ggn.core.losses.autodiff.structure_deviations`).
 
 Active dropout (a random loss, which the computations of lowrank_ggn refuse) is
 reported; the structural probes run with dropout in eval mode, as it mixes no samples.
@@ -33,13 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_ggn.core.inputs import as_inputs
-from lowrank_ggn.core.loss_autodiff import (
+from lowrank_ggn.core.loss_targets import check_targets
+from lowrank_ggn.core.losses.autodiff import (
     AutodiffLoss,
     loss_name,
     sample_weight_of,
     structure_deviations,
 )
-from lowrank_ggn.core.loss_targets import check_targets
 from lowrank_ggn.core.losses.registry import resolve_loss
 from lowrank_ggn.core.model import FunctionalModel, labelled_module
 from lowrank_ggn.core.outputs import OutputSpec, check_output
@@ -73,7 +73,7 @@ def _loss_checks(
     """The loss structures, weakest first: split, reduction, SIMD; and ``ρ``.
 
     Checked numerically for every loss, closed forms included
-    (:func:`lowrank_ggn.core.loss_autodiff.structure_deviations`): ``ℓ_n`` is the
+    (:func:`lowrank_ggn.core.losses.autodiff.structure_deviations`): ``ℓ_n`` is the
     loss of sample ``n`` alone, and the batch loss, its gradient and a random
     Hessian-vector product must equal ``ρ`` times the per-sample ones.
     """

@@ -9,7 +9,9 @@ module                              what it holds
 :mod:`.squared_error`               ``MSELoss``
 :mod:`.binary_cross_entropy`        ``BCEWithLogitsLoss``
 :mod:`.registry`                    the closed forms by type; any other loss
-                                    wrapped as :class:`~lowrank_ggn.core.loss_autodiff.AutodiffLoss`
+                                    wrapped as :class:`~lowrank_ggn.core.losses.autodiff.AutodiffLoss`
+:mod:`.autodiff`                    :class:`AutodiffLoss`: any loss through autodiff
+                                    Hessians, and its per-sample structure check
 ==================================  =================================================
 
 The dispatch over them is :mod:`lowrank_ggn.core.loss_factors` (exact),

@@ -3,7 +3,7 @@
 :data:`CLOSED_FORMS` maps a ``torch.nn`` loss type to its :class:`ClosedFormLoss`;
 :func:`closed_form` finds it for a loss with default options (no class weights, no
 ``pos_weight``, no label smoothing), and :func:`resolve_loss` wraps every other
-callable into an :class:`~lowrank_ggn.core.loss_autodiff.AutodiffLoss`, whose
+callable into an :class:`~lowrank_ggn.core.losses.autodiff.AutodiffLoss`, whose
 factors come from autodiff Hessians beside the closed forms.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lowrank_ggn.core.loss_autodiff import MODULE_REDUCTIONS, AutodiffLoss
+from lowrank_ggn.core.losses.autodiff import MODULE_REDUCTIONS, AutodiffLoss
 from lowrank_ggn.core.losses.base import ClosedFormLoss
 from lowrank_ggn.core.losses.binary_cross_entropy import BinaryCrossEntropyWithLogits
 from lowrank_ggn.core.losses.cross_entropy import CrossEntropy
@@ -101,7 +101,7 @@ def resolve_loss(loss_func: object) -> nn.Module:
     Closed-form losses (exact ``CrossEntropyLoss``, ``MSELoss``,
     ``BCEWithLogitsLoss`` without weights or label smoothing) are returned
     unchanged; every other loss is wrapped in an
-    :class:`~lowrank_ggn.core.loss_autodiff.AutodiffLoss` (a wrapper is returned as
+    :class:`~lowrank_ggn.core.losses.autodiff.AutodiffLoss` (a wrapper is returned as
     it is). Pass one resolved loss to every batch: its ``reduction`` is fixed by the
     first batch that determines it.
 
