@@ -10,7 +10,7 @@ from dataclasses import fields
 
 import pytest
 import torch
-from cases import CASES
+from cases import CASES, MixLast
 from utils import assert_spectrum_matches
 
 from lowrank_ggn import GGN
@@ -69,11 +69,6 @@ def test_located_mixing_is_kept_by_the_linearization():
     assert lin.located_mixing(locate) is first and len(calls) <= 1
 
 
-class _MixLast(torch.nn.Module):
-    def forward(self, x):
-        return torch.cat([x[:-1], x[-1:] + 0.5 * x[-2:-1]])
-
-
 def _mixing_beyond_batchnorm():
     """A module that mixes samples besides BatchNorm: bn_split's self-check fails."""
     torch.manual_seed(1)
@@ -81,7 +76,7 @@ def _mixing_beyond_batchnorm():
     layers = [
         nn.Linear(3, 4),
         nn.BatchNorm1d(4),
-        _MixLast(),
+        MixLast(),
         nn.Tanh(),
         nn.Linear(4, 2),
     ]
