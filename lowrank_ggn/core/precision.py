@@ -7,6 +7,18 @@ Kronecker products, the explicit blocks' rank-k updates and ``eigh`` then run in
 float64, while every forward and backward pass stays in the model's dtype.
 ``accumulate="native"`` sums in the parameters' dtype.
 
+**Why float64 GEMMs.** Float32 GEMMs over blocks of the parameter dimension, summed
+in float64 across blocks, do not reach float64 accuracy: the products of float32
+numbers are exact in a fused multiply-add, the round-off sits in the float32 partial
+sums (about ``ε_32 √b d_i d_j`` per entry for blocks of ``b`` columns), and the small
+eigenvalues of trained networks have ``t_k² ≫ λ_k``. On the trained digits zoo,
+blocks of 256 columns lose 16–32 % of the eigenvalues above ``1e-10·λ_max`` that
+float64 sums reproduce to ``1e-3`` (``benchmarks/results/precision_cpu.md``);
+random-weight 3c3d loses none, so a benchmark on random weights cannot tell. Splitting
+the factors into high and low float32 parts adds GEMMs but keeps float32 sums. The
+explicit rows' ``syrk`` and ``eigh`` run in float64 (rows cast chunk by chunk,
+:func:`lowrank_ggn.core.engine.accumulate.symmetric_rank_k_update`).
+
 **Error model.** With ``d_i = ‖v_i‖ = √𝒢_ii`` the factor columns' norms, ``(λ_k, u_k)``
 an eigenpair of the computed Gram and
 
