@@ -34,6 +34,10 @@ is an unbiased estimate of ``diag(G)`` at ``M/C`` of the cost.
   path), squared and summed: memory ``chunk·D``. Taken with ``engine="generic"`` or
   ``strategy="streamed"``, and whenever the layer-wise route does not apply.
 
+Softmax cross-entropy on ``[N, K]`` outputs first trades its ``K`` factor columns
+per sample for ``K − 1`` with the same loss Hessians (:func:`fewer_columns`): one
+backward pass and one column of squares fewer on either route.
+
 Time: ``O(C · backward(N))`` on the per-sample path (``bn_split`` as for the Gram),
 ``O(N·C · backward(N))`` when only full-batch columns apply. Memory: ``O(D)`` for
 the result (``O(N·D)`` per component) plus the route's blocks. No Gram, no ``eigh``.
@@ -44,7 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lowrank_ggn.core.engine import EngineReport, LayerwiseUnavailable
 from lowrank_ggn.core.engine.diagonal import layerwise_diagonal
@@ -128,6 +132,44 @@ def redrawn(
     return replace(lin, factors=S, capture=lin.take_capture())
 
 
+def fewer_columns(lin: Linearization) -> Linearization:
+    r"""``lin`` with ``K − 1`` factor columns per sample, for softmax cross-entropy.
+
+    ``CrossEntropyLoss`` on outputs ``[N, K]`` has factors orthogonal to ``1``
+    (exact ``√p_c (e_c − p)``: ``S_nᵀ 1 = √p (1 − Σ_k p_k) = 0``; sampled
+    ``e_ŷ − p``), so ``H_n = S_n S_nᵀ`` has rank ``≤ K − 1``. With ``Q`` ``[K, K−1]``
+    an orthonormal basis of ``1^⊥`` and the QR factorisation ``S_nᵀ Q = Q_n R_n``,
+
+    .. math::
+        T_n = Q R_n^⊤, \qquad T_n T_n^⊤ = Q Q^⊤ S_n S_n^⊤ Q Q^⊤ = H_n,
+
+    ``K − 1`` columns with the same ``H_n``: ``diag(G)`` and each ``d_n`` depend on
+    the factors only through ``H_n``, so they keep their values (to round-off) at
+    ``(K − 1)/C`` of the backward passes and squares (``0.9×`` for ``K = C = 10``).
+    Any other loss, fewer than ``K`` columns per sample (``mc_samples < K``),
+    ``K > 1024`` or factors not orthogonal to ``1`` to ``√ε`` (a check that costs
+    one pass over ``S``): ``lin`` itself. The copy takes ``lin``'s unused capture.
+    """
+    S = lin.factors  # [C, NS, K]
+    C, K = S.shape[0], S.shape[-1]
+    if type(lin.loss_func) is not nn.CrossEntropyLoss or S.dim() != 3:
+        return lin
+    if not 1 < K <= C or K > 1024 or not S.is_floating_point():
+        return lin
+    work = S.double().permute(1, 0, 2)  # [NS, C, K]: rows are the columns s_nc
+    leak = work.sum(2).norm(dim=1)  # ‖S_nᵀ 1‖
+    scale = work.flatten(1).norm(dim=1) * K**0.5
+    if bool((leak > torch.finfo(S.dtype).eps ** 0.5 * scale).any()):
+        return lin
+    basis = torch.eye(K, dtype=work.dtype, device=work.device)
+    basis[:, 0] = 1.0  # [1, e_2, …, e_K]: QR gives 1/√K, then a basis of 1^⊥
+    Q = torch.linalg.qr(basis).Q[:, 1:]  # [K, K−1]
+    R = torch.linalg.qr(work @ Q, mode="r").R  # [NS, K−1, K−1]
+    T = Q @ R.transpose(1, 2)  # [NS, K, K−1]
+    factors = T.permute(2, 0, 1).to(S.dtype).contiguous()  # [K−1, NS, K]
+    return replace(lin, factors=factors, capture=lin.take_capture())
+
+
 def streamed_diagonal(
     lin: Linearization, chunk: int = DEFAULT_CHUNK, per_component: bool = False
 ) -> list[Tensor]:
@@ -165,6 +207,7 @@ def diagonal_values(
     """
     report, budget, chunk = None, int(min(work, 2**62)), options.chunk
     strategy = options.strategy
+    lin = fewer_columns(lin)
     if strategy not in (Strategy.GENERIC, Strategy.STREAMED):
         try:
             values, report = layerwise_diagonal(
@@ -208,6 +251,7 @@ __all__ = [
     "GGNDiagonal",
     "diagonal_from_linearization",
     "diagonal_values",
+    "fewer_columns",
     "redrawn",
     "streamed_diagonal",
 ]

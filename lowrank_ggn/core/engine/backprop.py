@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 AUTOGRAD_OVERHEAD = 6
 
 
-
 class LayerTurnedMixing(Exception):
     """A layer treated as local turned out to mix samples; rerun with it explicit."""
 
@@ -55,17 +54,29 @@ def frozen_passes(
     """``C`` backward passes of ``S[c]``: per-column output gradients of every layer.
 
     Fills ``layer.grads`` (``[NC, P, O]``) and, for BatchNorm, ``bn.sums`` (``Σ_pos δ``
-    and ``Σ_pos δ ⊙ x̂``, ``[NC, K]`` each) from the output cotangents ``δ``.
+    and ``Σ_pos δ ⊙ x̂``, ``[NC, K]`` each) from the output cotangents ``δ``. Each pass
+    copies its gradients once, into their place in ``[NS, C, P, O]``.
     """
     C = lin.num_columns_per_sample
     idx = lin.sample_index
+    NS = idx.numel()
+    whole = NS == lin.batch_size and torch.equal(
+        idx, torch.arange(NS, device=idx.device)
+    )
     full = lin.outputs.new_zeros(C, *lin.outputs.shape)
     full[:, idx] = lin.factors
     # gradient edges as recorded: in-place operations on the outputs later apart
     targets = [la.outputs[0] for la in layers] + [bn.output for bn in bns]
     edges = [la.target for la in layers] + [bn.target for bn in bns]
-    per_layer: list[list[Tensor]] = [[] for _ in layers]
-    per_bn: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in bns]
+    shapes = [la.output_grad(la.outputs[0].detach()[None]).shape[2:] for la in layers]
+    stores = [la.outputs[0].new_empty(NS, C, *pq) for la, pq in zip(layers, shapes)]
+    sums = [
+        (
+            bn.output.new_empty(NS, C, bn.channels),
+            bn.output.new_empty(NS, C, bn.channels),
+        )
+        for bn in bns
+    ]
     live = [e for t, e in zip(targets, edges) if t.requires_grad]  # a BN below all
     for c in range(C):
         found = iter(
@@ -76,23 +87,23 @@ def frozen_passes(
             else []
         )
         grads = [next(found) if t.requires_grad else None for t in targets]
-        for store, la, g in zip(per_layer, layers, grads):
-            g = torch.zeros_like(la.outputs[0]) if g is None else g  # dead branch
-            store.append(la.output_grad(g.unsqueeze(0))[0][idx])  # [NS, P, O]
-        for (s_d, s_dx), bn, g in zip(per_bn, bns, grads[len(layers) :]):
+        for store, la, g in zip(stores, layers, grads):
+            if g is None:  # dead branch
+                store[:, c].zero_()
+                continue
+            g = la.output_grad(g.unsqueeze(0))[0]  # [N, P, O], a view
+            store[:, c].copy_(g if whole else g[idx])  # [NS, P, O]
+        for (s_d, s_dx), bn, g in zip(sums, bns, grads[len(layers) :]):
             g = torch.zeros_like(bn.output) if g is None else g  # [N, K, *pos]
             K = bn.channels
-            s_d.append(g[idx].reshape(len(idx), K, -1).sum(2))
-            s_dx.append((g * bn.xhat)[idx].reshape(len(idx), K, -1).sum(2))
+            s_d[:, c] = g[idx].reshape(NS, K, -1).sum(2)
+            s_dx[:, c] = (g * bn.xhat)[idx].reshape(NS, K, -1).sum(2)
         report.count("backward")
         tick(1)
-    for store, la in zip(per_layer, layers):
-        la.grads = [torch.stack(store, dim=1).flatten(0, 1)]  # [NS·C, P, O]
-    for (s_d, s_dx), bn in zip(per_bn, bns):
-        bn.sums = (
-            [torch.stack(s_d, dim=1).flatten(0, 1)],
-            [torch.stack(s_dx, dim=1).flatten(0, 1)],
-        )
+    for store, la in zip(stores, layers):
+        la.grads = [store.flatten(0, 1)]  # [NS·C, P, O], a view
+    for (s_d, s_dx), bn in zip(sums, bns):
+        bn.sums = ([s_d.flatten(0, 1)], [s_dx.flatten(0, 1)])
 
 
 def statistics_directions(
