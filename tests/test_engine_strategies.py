@@ -24,6 +24,7 @@ from lowrank_ggn.core.engine import (
     Solver,
     Strategy,
     StrategyUnavailable,
+    streamed,
 )
 from lowrank_ggn.core.engine.plan import plan_strategy
 from lowrank_ggn.core.engine.run import layerwise_gram
@@ -116,6 +117,42 @@ def test_streamed_pass_counts():
     report = ggn_spectrum(model, loss, X, y, top_k=1, strategy="streamed").engine_report
     NC = 5 * 3
     assert report.passes == {"backward": NC, "jvp": NC}
+
+
+#: Cases for the traced tangent program: BatchNorm flavours, in-place ReLUs, pooling,
+#: attention.
+TRACED_CASES = list(
+    {
+        c.name: c
+        for c in CASES + BN_CASES
+        if c.name
+        in (
+            "bn2d-train-ce",
+            "resnet-bn-train-ce",
+            "inplace-relu-train-ce",
+            "fused-bn-act-train-ce",
+            "bn-two-branches-ce",
+            "cnn-pool-ce",
+            "transformer-mask-ce",
+        )
+    }.values()
+)
+
+
+@pytest.mark.parametrize("case", TRACED_CASES, ids=lambda c: c.name)
+def test_streamed_traced_jvps_vmapped_over_a_block_are_exact(case, monkeypatch):
+    """What large batches get: the tangent program traced once by
+    ``torch.func.linearize`` and vmapped over each block of directions."""
+    monkeypatch.setattr(streamed, "LINEARIZE_MIN_JVPS", 0)  # tiny batches trace too
+    batched = []
+    monkeypatch.setattr(
+        streamed, "vmap", lambda fn: batched.append(fn) or torch.func.vmap(fn)
+    )
+    model, loss, X, y = case.make()
+    expected = gram_matrix(model, loss, X, y, engine="generic")
+    gram = gram_matrix(model, loss, X, y, strategy="streamed")
+    report_close(gram, expected, name="streamed, traced and vmapped")
+    assert batched, "the traced JVPs did not run vmapped"
 
 
 def test_mixing_beyond_batchnorm_falls_back_from_split_to_columns():
