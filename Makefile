@@ -43,9 +43,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_gram.py
 
 # Every paper figure from seeds, full mode, CPU (results JSON in each experiment
-# folder, figures/<name>.png|pdf); the committed runs took 39.2 min together
-# (28.5 min for the first six on 2026-11-29, 10.4 min for optimizers and 0.3 min for
-# ggn_diagonal on 2 shared cores; README "Figures").
+# folder, figures/<name>.png|pdf); the committed runs took 31.4 min together
+# (20.6 min for the first six, 10.4 min for optimizers and 0.3 min for ggn_diagonal;
+# README "Figures").
 # The peers (make bench installs them) are optional: missing ones are skipped.
 FIGURES = digits_spectrum spectrum_approximations topk_runtime batch_size_limits \
 	training_monitoring batchnorm_structure optimizers ggn_diagonal

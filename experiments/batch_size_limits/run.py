@@ -16,14 +16,22 @@ A batch size ``N`` *fits* when the real call, in a fresh subprocess, succeeds (t
 package does not refuse it with ``MemoryBudgetExceeded``) **and** its measured peak
 resident memory above its start is at most ``B``: after a warm-up call on 4 other
 samples, freed heap is handed back and the kernel's peak mark reset
-(``/proc/self/clear_refs``), then the peak of the call is read (``VmHWM``) minus
-the resident set before it (:func:`_common.peak_rss_of`). The bar is the largest
-fitting ``N`` on a grid of ``step`` (4 exact, 32 MC), found coarse to fine: from a
-hint (the same method's limit on the other model, else the previous method's), the
-search extrapolates from the measured peaks until one ``N`` fits and one does not, then
-bisects; every subprocess result is kept. Recorded per bar: the run at the limit (peak,
-the package's own estimate ``sum(engine_report.memory_estimate)``, the strategy it
-took, seconds) and the run one step above (refused, or over budget with its peak).
+(``/proc/self/clear_refs``), then the peak of the call is read (``VmHWM``) minus the
+resident set before it (:func:`_common.peak_rss_of`). The driver draws each probe's
+batches and hands them to the worker in a file, so that workers never import
+scikit-learn. One process per probe, not one per search: a process that has run a larger
+call reuses memory it still holds (``streamed`` on ``cnn-bn``, MC, ``N = 288``: 30 MiB
+after three calls against 65 MiB fresh), even after ``malloc_trim``. Fresh peaks of one
+call still vary between processes (``bn_split`` on ``cnn-bn``, exact, ``N = 80``: 49 to
+67 MiB over 8 runs), so a limit near ``B`` may move by a step between runs. The bar is
+the largest fitting ``N`` on a grid of ``step`` (4 exact, 32 MC), found coarse to fine:
+from a hint (the bar's limit in the previous ``results.json`` with the same budget and
+grid, then its neighbour, so that two probes confirm an unchanged limit; else 96 exact,
+768 MC), the search extrapolates from the measured peaks until one ``N`` fits and one
+does not, then bisects; every subprocess result is kept; two searches run at a time
+(``jobs``). Recorded per bar: the run at the limit (peak, the package's own estimate
+``sum(engine_report.memory_estimate)``, the strategy it took, seconds) and the run one
+step above (refused, or over budget with its peak).
 
 Per model and variant, the package's own admission limit is recorded too: the
 largest batch its refusal names (``The budget fits a batch of at most … samples``),
@@ -42,12 +50,14 @@ import math
 import re
 import subprocess
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # experiments/_common.py
@@ -69,6 +79,8 @@ FULL = {
     "hint": {"exact": 96, "mc": 768},
     "all_strategies": True,
     "subprocess": True,
+    "hints_from": "results.json",
+    "jobs": 2,  # searches at a time: `make figures` runs on 2 cores
 }
 #: quick: a smaller budget, one strategy per model, measured in this process (no
 #: clean memory peak)
@@ -78,6 +90,8 @@ QUICK = {
     "hint": {"exact": 16, "mc": 128},
     "all_strategies": False,
     "subprocess": False,
+    "hints_from": None,
+    "jobs": 1,
 }
 #: (label, zoo model, strategies that apply)
 MODELS = [
@@ -101,11 +115,11 @@ def _lowrank_kwargs(case: dict) -> dict:
     return kwargs
 
 
-def _measured_lowrank(model, loss, N: int, kwargs: dict, budget: int) -> dict:
-    """One measured ``ggn_spectrum`` call on ``N`` digits (after the warm-up)."""
+def _measured_lowrank(model, loss, X: Tensor, y: Tensor, kwargs: dict, budget: int):
+    """One measured ``ggn_spectrum`` call on the batch ``X, y`` (after the warm-up)."""
     from lowrank_ggn import MemoryBudgetExceeded, MemoryBudgetWarning, ggn_spectrum
 
-    X, y = digits_inputs(N, SEED, torch.float32)
+    N = len(y)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MemoryBudgetWarning)
         try:
@@ -140,39 +154,68 @@ def _outcome(peak: int | None, budget: int) -> str:
     return "fits" if peak <= budget else "over budget"
 
 
+def _batches(case: dict) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{"warm": 4 other digits, "batch": N digits}``: drawn here, or loaded from the
+    file that the driver wrote (``case["data"]``), so that a worker never imports
+    scikit-learn (a second per launch, as much as its warm-up)."""
+    if "data" in case:
+        return torch.load(case["data"])
+    return {
+        "warm": digits_inputs(4, SEED + 1, torch.float32),
+        "batch": digits_inputs(case["N"], SEED, torch.float32),
+    }
+
+
+def _warmed_lowrank(case: dict, warm: tuple[Tensor, Tensor]):
+    """``case``'s model, loss and ``ggn_spectrum`` keywords, after a warm-up call on
+    ``warm`` (lazy imports, allocator pools) so that a peak is the call's own."""
+    from lowrank_ggn import ggn_spectrum
+    from lowrank_ggn.app.models import build_model
+
+    model = build_model(case["model"], SEED, torch.float32)
+    loss = nn.CrossEntropyLoss()
+    kwargs = _lowrank_kwargs(case)
+    ggn_spectrum(model, loss, *warm, **{**kwargs, "memory_budget": None})
+    return model, loss, kwargs
+
+
 def worker(case: dict) -> dict:
     """One measured call in this (fresh) process; or the package's admission limit."""
-    from lowrank_ggn import MemoryBudgetExceeded, ggn_spectrum
+    if case.get("admission"):
+        return _admission(case)
+    data = _batches(case)
+    if case["method"] != "vivit":
+        model, loss, kwargs = _warmed_lowrank(case, data["warm"])
+        return _measured_lowrank(model, loss, *data["batch"], kwargs, case["budget"])
+    from _peers_vivit import vivit_spectrum
+
     from lowrank_ggn.app.models import build_model
 
     model = build_model(case["model"], SEED, torch.float32)
     loss = nn.CrossEntropyLoss()
     mc = case["variant"] == "mc"
-    warm = digits_inputs(4, SEED + 1, torch.float32)
-    if case["method"] == "vivit":
-        from _peers_vivit import vivit_spectrum
+    warnings.filterwarnings("ignore", "Full backward hook is firing")
+    vivit_spectrum(copy.deepcopy(model), loss, *data["warm"], mc)  # warm-up
+    X, y = data["batch"]
+    (n, sec), peak = peak_rss_of(lambda: timed(vivit_spectrum, model, loss, X, y, mc))
+    return {
+        "N": case["N"],
+        "outcome": _outcome(peak, case["budget"]),
+        "peak_bytes": peak,
+        "seconds": sec,
+        "num_eigenvalues": n,
+    }
 
-        warnings.filterwarnings("ignore", "Full backward hook is firing")
-        vivit_spectrum(copy.deepcopy(model), loss, *warm, mc)  # warm-up
-        X, y = digits_inputs(case["N"], SEED, torch.float32)
-        (n, sec), peak = peak_rss_of(
-            lambda: timed(vivit_spectrum, model, loss, X, y, mc)
-        )
-        return {
-            "N": case["N"],
-            "outcome": _outcome(peak, case["budget"]),
-            "peak_bytes": peak,
-            "seconds": sec,
-            "num_eigenvalues": n,
-        }
-    kwargs = _lowrank_kwargs(case)
-    # warm up (lazy imports, allocator pools) so that the peak is the call's own
-    ggn_spectrum(model, loss, *warm, **{**kwargs, "memory_budget": None})
-    if not case.get("admission"):
-        return _measured_lowrank(model, loss, case["N"], kwargs, case["budget"])
-    # the package's own limit: its refusal of a too large batch names the largest
-    # batch that fits its estimate (refused after a 4-sample probe, before the
-    # batch's forward pass); one sample more is refused, the limit itself runs
+
+def _admission(case: dict) -> dict:
+    """The package's own limit: its refusal of a too large batch names the largest
+    batch that fits its estimate (refused after a 4-sample probe, before the batch's
+    forward pass); one sample more is refused, the limit itself runs."""
+    from lowrank_ggn import MemoryBudgetExceeded, ggn_spectrum
+
+    model, loss, kwargs = _warmed_lowrank(
+        case, digits_inputs(4, SEED + 1, torch.float32)
+    )
     try:
         ggn_spectrum(
             model, loss, *digits_inputs(case["N"], SEED, torch.float32), **kwargs
@@ -185,8 +228,12 @@ def worker(case: dict) -> dict:
     if match is None:
         return {"package_largest_N": None, "error": refusal[:400]}
     limit = int(match.group(1))
-    at = _measured_lowrank(model, loss, limit, kwargs, case["budget"])
-    above = _measured_lowrank(model, loss, limit + 1, kwargs, case["budget"])
+    at, above = (
+        _measured_lowrank(
+            model, loss, *digits_inputs(n, SEED, torch.float32), kwargs, case["budget"]
+        )
+        for n in (limit, limit + 1)
+    )
     return {
         "package_largest_N": limit,
         "run_at_limit": at,
@@ -196,16 +243,26 @@ def worker(case: dict) -> dict:
 
 
 def in_subprocess(case: dict, isolate: bool = True) -> dict:
-    """:func:`worker` in a fresh interpreter (``isolate``), else in this process."""
+    """:func:`worker` in a fresh interpreter (``isolate``), else in this process.
+
+    A probe's batches go to the worker in a file (:func:`_batches`).
+    """
     if not isolate:
         return worker(case)
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(case)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=900,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        if not case.get("admission"):
+            case = {**case, "data": str(Path(tmp) / "batches.pt")}
+            torch.save(
+                _batches({k: v for k, v in case.items() if k != "data"}), case["data"]
+            )
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--worker"]
+            + [json.dumps(case)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=900,
+        )
     if proc.returncode != 0:
         return {
             "N": case.get("N"),
@@ -217,15 +274,21 @@ def in_subprocess(case: dict, isolate: bool = True) -> dict:
 
 # ------------------------------------------------------------------------- search
 def largest_within(
-    measure: Callable[[int], dict], step: int, hint: int, budget: int
+    measure: Callable[[int], dict],
+    step: int,
+    hint: int,
+    budget: int,
+    tight: bool = False,
 ) -> tuple[int, dict[int, dict]]:
     """Largest multiple ``N`` of ``step`` whose ``measure(N)`` fits; and all results.
 
     Coarse to fine: from ``hint``, extrapolate from the measured peaks (up from a
     fitting ``N`` as if the peak grew like ``N²``, at most doubling; down from one over
     budget as if it grew like ``N``, else halving) until one ``N`` fits and one does
-    not, then bisect to ``step``. Assumes the outcome is monotone in ``N``; ``0`` when
-    not even ``step`` fits.
+    not, then bisect to ``step``. ``tight``: the hint is a previous limit, so the
+    second probe is its neighbour (``hint + step`` when the hint fits, else
+    ``hint - step``); two probes settle an unchanged limit. Assumes the outcome is
+    monotone in ``N``; ``0`` when not even ``step`` fits.
     """
     seen: dict[int, dict] = {}
 
@@ -246,7 +309,9 @@ def largest_within(
             hi = n
         if hi is not None and hi - lo <= step:
             return lo, seen
-        if hi is None:  # everything fits so far: up from lo
+        if tight and len(seen) == 1:  # the previous limit's neighbour
+            n = lo + step if hi is None else hi - step
+        elif hi is None:  # everything fits so far: up from lo
             p = peak(lo)
             guess = lo * math.sqrt(budget / p) if p else 2 * lo
             n = step * math.ceil(min(max(guess, lo + step), 2 * lo) / step)
@@ -281,88 +346,113 @@ def _summary(r: dict | None) -> dict | None:
     return out
 
 
+def previous_limits(s: dict) -> dict[tuple[str, str, str], int]:
+    """``(model, variant, method) -> limit_N`` of the run in ``s["hints_from"]`` (next
+    to this script) where it used the same budget and grid; else none."""
+    if not s.get("hints_from"):
+        return {}
+    try:
+        prev = json.loads((HERE / s["hints_from"]).read_text())
+    except (OSError, ValueError):
+        return {}
+    same = all(prev["settings"].get(k) == s[k] for k in ("budget_bytes", "step"))
+    return {
+        (r["model"], r["variant"], r["method"]): r["limit_N"]
+        for r in prev["rows"]
+        if same and r["limit_N"]
+    }
+
+
+def _bar(s: dict, label: str, case: dict, hint: int, tight: bool) -> dict:
+    """One bar: :func:`largest_within` for ``case``, one worker per probe."""
+    step = s["step"][case["variant"]]
+
+    def measure(n: int) -> dict:
+        r = in_subprocess({**case, "N": n}, s["subprocess"])
+        print(
+            f"  {case['model']} {case['variant']} {case['method']} N={n}: "
+            f"{r['outcome']} {(r.get('peak_bytes') or 0) / MiB:.1f} MiB",
+            flush=True,
+        )
+        return r
+
+    N, seen = largest_within(measure, step, hint, s["budget_bytes"], tight)
+    at, above = seen.get(N), seen.get(N + step)
+    print(label, case["variant"], case["method"], N, flush=True)
+    return {
+        "model": label,
+        "variant": case["variant"],
+        "method": case["method"],
+        "limit_N": N,
+        "resolution": step,
+        "run_at_limit": _summary(at),
+        "run_above_limit": _summary(above),
+        "confirmed": bool(
+            N
+            and at["outcome"] == "fits"
+            and above is not None
+            and above["outcome"] != "fits"
+        ),
+        "hint": hint,
+        "probes": {str(k): _summary(v) for k, v in sorted(seen.items())},
+    }
+
+
+def _package_limit(s: dict, label: str, name: str, variant: str) -> dict:
+    """The package's own limit (``strategy=None``): refused far above it."""
+    budget = s["budget_bytes"]
+    big = 4 * math.isqrt(budget // 8) // COLUMNS[variant] + 8
+    case = {"model": name, "variant": variant, "method": "auto", "budget": budget}
+    adm = in_subprocess({**case, "N": big, "admission": True}, s["subprocess"])
+    print(label, variant, "package admits", adm.get("package_largest_N"), flush=True)
+    return {
+        "model": label,
+        "variant": variant,
+        "package_largest_N": adm.get("package_largest_N"),
+        "run_at_limit": _summary(adm.get("run_at_limit")),
+        "run_above_limit": _summary(adm.get("run_above_limit")),
+        "confirmed": adm.get("confirmed", False),
+        **({"error": adm["error"]} if "error" in adm else {}),
+    }
+
+
 def compute(s: dict) -> dict:
-    budget, rows, admissions = s["budget_bytes"], [], []
     have_vivit = installed("vivit", "backpack")
-    limits: dict[tuple[str, str], int] = {}  # (variant, method) -> last limit
+    known = previous_limits(s)
+    bars, package = [], []
     for label, name, strategies in MODELS:
         methods = strategies if s["all_strategies"] else strategies[1:2]
         methods = methods + (["vivit"] if have_vivit else [])
         for variant in ("exact", "mc"):
-            step, previous = s["step"][variant], s["hint"][variant]
             for method in methods:
+                key = (label, variant, method)
                 case = {
                     "model": name,
                     "variant": variant,
                     "method": method,
-                    "budget": budget,
+                    "budget": s["budget_bytes"],
                 }
-                hint = limits.get((variant, method)) or previous
-
-                def measure(n: int, case=case) -> dict:
-                    r = in_subprocess({**case, "N": n}, s["subprocess"])
-                    print(
-                        f"  {case['model']} {case['variant']} {case['method']} "
-                        f"N={n}: {r['outcome']} "
-                        f"{(r.get('peak_bytes') or 0) / MiB:.1f} MiB",
-                        flush=True,
-                    )
-                    return r
-
-                N, seen = largest_within(measure, step, hint, budget)
-                previous = limits[(variant, method)] = N or previous
-                at, above = seen.get(N), seen.get(N + step)
-                rows.append(
-                    {
-                        "model": label,
-                        "variant": variant,
-                        "method": method,
-                        "limit_N": N,
-                        "resolution": step,
-                        "run_at_limit": _summary(at),
-                        "run_above_limit": _summary(above),
-                        "confirmed": bool(
-                            N
-                            and at["outcome"] == "fits"
-                            and above is not None
-                            and above["outcome"] != "fits"
-                        ),
-                        "probes": {
-                            str(k): _summary(v) for k, v in sorted(seen.items())
-                        },
-                    }
-                )
-                print(label, variant, method, N, flush=True)
-            # the package's own limit (strategy=None): refused far above it
-            big = 4 * math.isqrt(budget // 8) // COLUMNS[variant] + 8
-            adm = in_subprocess(
-                {
-                    "model": name,
-                    "variant": variant,
-                    "method": "auto",
-                    "budget": budget,
-                    "N": big,
-                    "admission": True,
-                },
-                s["subprocess"],
-            )
-            adm = {
-                "model": label,
-                "variant": variant,
-                "package_largest_N": adm.get("package_largest_N"),
-                "run_at_limit": _summary(adm.get("run_at_limit")),
-                "run_above_limit": _summary(adm.get("run_above_limit")),
-                "confirmed": adm.get("confirmed", False),
-                **({"error": adm["error"]} if "error" in adm else {}),
-            }
-            admissions.append(adm)
-            print(label, variant, "package admits", adm["package_largest_N"])
+                hint = known.get(key) or s["hint"][variant]
+                bars.append((label, case, hint, key in known))
+            package.append((label, name, variant))
+    # the searches are independent: s["jobs"] at a time, each probe its own
+    # single-threaded process
+    with ThreadPoolExecutor(s["jobs"]) as pool:
+        rows = [pool.submit(_bar, s, *bar) for bar in bars]
+        admissions = [pool.submit(_package_limit, s, *p) for p in package]
+        rows = [f.result() for f in rows]
+        admissions = [f.result() for f in admissions]
     return {
         "vivit": "measured"
         if have_vivit
         else "skipped: vivit-for-pytorch not installed",
         "rows": rows,
         "package_limits": admissions,
+        "worker_launches": (
+            sum(len(r["probes"]) for r in rows) + len(admissions)
+            if s["subprocess"]
+            else 0
+        ),
     }
 
 
