@@ -91,8 +91,8 @@ def test_gram_matrix_equal_across_strategies(case):
         try:
             gram = gram_matrix(model, loss, X, y, strategy=strategy)
         except StrategyUnavailable:
-            # a parameter outside every captured layer and BatchNorm (attention's
-            # in_proj_weight, an LSTM): bn_split does not apply
+            # a parameter outside every captured layer and BatchNorm (an LSTM,
+            # a 0-dim scale): bn_split does not apply
             assert strategy == "bn_split"
             ggn = GGN(model, loss, X, y)
             ggn.gram()
