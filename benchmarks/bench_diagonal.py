@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -205,6 +206,7 @@ def run_case(method: str, model: str, N: int, args, tmp: Path) -> dict:
 def drive(args) -> dict:
     models = ["tiny-plain", "tiny"] if args.quick else args.models
     N = 8 if args.quick else args.N
+    load = [os.getloadavg()[0]]  # the machine's other jobs, 1-minute average
     records = []
     tmp = Path(tempfile.mkdtemp(prefix="bench_diagonal_"))
     for model in models:
@@ -219,8 +221,10 @@ def drive(args) -> dict:
                 runs.append(run_case(method, model, N, args, tmp))
         records += merge(runs)
     annotate(records)
+    load.append(os.getloadavg()[0])
     return {
         "machine": machine("cpu"),
+        "load_average": load,
         "threads": args.threads,
         "quick": args.quick,
         "repeats": args.repeats,
@@ -304,7 +308,15 @@ def write(result: dict, tag: str, out: Path) -> None:
         "",
         f"Machine: {machine_words(m)}, "
         f"threads={result['threads']}; fastest of {result['repeats']} interleaved runs "
-        "(all in the JSON's `times_s`; the machine was shared with other jobs). "
+        "(all in the JSON's `times_s`; the machine was shared with other jobs"
+        + (
+            ", 1-minute load average {:.1f} at the start and {:.1f} at the end".format(
+                *result["load_average"]
+            )
+            if "load_average" in result
+            else ""
+        )
+        + "). "
         "Peak RSS (median) includes the baseline "
         "resident at the call's start. Speed-ups: the peer's time over lowrank_ggn's "
         "(MC rows: over lowrank_ggn_mc1's).",
