@@ -149,8 +149,8 @@ def write_md(result: dict, path: Path) -> None:
     lines += [
         "",
         f"Target: step ≤ {RATIO_TARGET}× spectrum. A step adds the gradient (one "
-        "backward pass of the recorded graph) and `J e_k` for the 10 directions (two "
-        "reverse passes by double backward); λ_nk come from the Gram eigenvectors.",
+        "backward pass of the recorded graph); γ_nk and λ_nk come from the Gram "
+        "eigenvectors, no pass.",
         "",
     ]
     path.write_text("\n".join(lines))
