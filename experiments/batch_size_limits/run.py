@@ -52,7 +52,6 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,6 +60,7 @@ from torch import Tensor, nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # experiments/_common.py
+sys.path.insert(0, str(HERE))  # search.py
 
 from _common import (  # noqa: E402
     digits_inputs,
@@ -69,6 +69,7 @@ from _common import (  # noqa: E402
     run_main,
     timed,
 )
+from search import largest_within, previous_limits  # noqa: E402
 
 SEED = 0
 MiB = 2**20
@@ -272,59 +273,6 @@ def in_subprocess(case: dict, isolate: bool = True) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# ------------------------------------------------------------------------- search
-def largest_within(
-    measure: Callable[[int], dict],
-    step: int,
-    hint: int,
-    budget: int,
-    tight: bool = False,
-) -> tuple[int, dict[int, dict]]:
-    """Largest multiple ``N`` of ``step`` whose ``measure(N)`` fits; and all results.
-
-    Coarse to fine: from ``hint``, extrapolate from the measured peaks (up from a
-    fitting ``N`` as if the peak grew like ``N²``, at most doubling; down from one over
-    budget as if it grew like ``N``, else halving) until one ``N`` fits and one does
-    not, then bisect to ``step``. ``tight``: the hint is a previous limit, so the
-    second probe is its neighbour (``hint + step`` when the hint fits, else
-    ``hint - step``); two probes settle an unchanged limit. Assumes the outcome is
-    monotone in ``N``; ``0`` when not even ``step`` fits.
-    """
-    seen: dict[int, dict] = {}
-
-    def fits(n: int) -> bool:
-        if n not in seen:
-            seen[n] = measure(n)
-        return seen[n]["outcome"] == "fits"
-
-    def peak(n: int) -> float | None:
-        return seen[n].get("peak_bytes") or None
-
-    lo, hi = 0, None
-    n = max(step, step * round(hint / step))
-    while True:
-        if fits(n):
-            lo = n
-        else:
-            hi = n
-        if hi is not None and hi - lo <= step:
-            return lo, seen
-        if tight and len(seen) == 1:  # the previous limit's neighbour
-            n = lo + step if hi is None else hi - step
-        elif hi is None:  # everything fits so far: up from lo
-            p = peak(lo)
-            guess = lo * math.sqrt(budget / p) if p else 2 * lo
-            n = step * math.ceil(min(max(guess, lo + step), 2 * lo) / step)
-        elif lo == 0:  # nothing fits yet: down from hi
-            p = peak(hi)
-            guess = hi * budget / p if p and p > budget else hi / 2
-            n = max(step, step * math.floor(min(guess, hi - step) / step))
-        else:  # bisect the bracket
-            n = step * ((lo + hi) // (2 * step))
-        if n in seen:  # cannot happen for a monotone outcome; stop safely
-            return lo, seen
-
-
 # ------------------------------------------------------------------------- driver
 def _summary(r: dict | None) -> dict | None:
     """The fields of a measurement that the figure and the README need."""
@@ -344,23 +292,6 @@ def _summary(r: dict | None) -> dict | None:
     if "error" in r:
         out["error"] = r["error"][:400]
     return out
-
-
-def previous_limits(s: dict) -> dict[tuple[str, str, str], int]:
-    """``(model, variant, method) -> limit_N`` of the run in ``s["hints_from"]`` (next
-    to this script) where it used the same budget and grid; else none."""
-    if not s.get("hints_from"):
-        return {}
-    try:
-        prev = json.loads((HERE / s["hints_from"]).read_text())
-    except (OSError, ValueError):
-        return {}
-    same = all(prev["settings"].get(k) == s[k] for k in ("budget_bytes", "step"))
-    return {
-        (r["model"], r["variant"], r["method"]): r["limit_N"]
-        for r in prev["rows"]
-        if same and r["limit_N"]
-    }
 
 
 def _bar(s: dict, label: str, case: dict, hint: int, tight: bool) -> dict:
@@ -418,7 +349,7 @@ def _package_limit(s: dict, label: str, name: str, variant: str) -> dict:
 
 def compute(s: dict) -> dict:
     have_vivit = installed("vivit", "backpack")
-    known = previous_limits(s)
+    known = previous_limits(s, HERE)
     bars, package = [], []
     for label, name, strategies in MODELS:
         methods = strategies if s["all_strategies"] else strategies[1:2]
