@@ -40,7 +40,7 @@ from lowrank_ggn.approx.dataset_batches import (
 from lowrank_ggn.approx.distributed import Comm, check_sync_batch_norm
 from lowrank_ggn.core.diagonal import DiagonalValues
 from lowrank_ggn.core.inputs import batch_size_of
-from lowrank_ggn.core.loss_registry import check_loss_func, resolve_loss
+from lowrank_ggn.core.losses.registry import check_loss_func, resolve_loss
 from lowrank_ggn.core.options import GGNOptions
 from lowrank_ggn.core.validation import check_model
 from lowrank_ggn.curvature import GGN
