@@ -33,6 +33,8 @@ they are added.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -41,6 +43,9 @@ from lowrank_ggn.core.engine import accumulate as acc
 from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.report import LayerTreatment
 from lowrank_ggn.core.engine.selfcheck import Factors
+
+#: ``(parameter, columns of its flattened entries, rows [NC, columns])``.
+Entry = tuple[Tensor, slice | Tensor, Tensor]
 
 
 class _GroupGrams:
@@ -91,7 +96,7 @@ def assemble_grams(
     grams = _GroupGrams(groups, lin.num_columns, acc_dtype, lin.outputs.device)
     shared = _SharedRows(lin.fmodel.params, lin.num_columns, budget)
     for la in f.layers:
-        _check_finite(la)
+        check_finite(la)
         stats = [f.B.get(id(p)) for p in la.params] if f.W is not None else []
         if la.shared:
             for p, rows in zip(la.params, layer_rows(la, f, budget)):
@@ -126,15 +131,35 @@ def assemble_grams(
             treatments[bn.name] = LayerTreatment.SPLIT
     for p, rows in zip(f.generic, f.generic_rows):
         grams.add_rows(p, rows)
-    for name, p in zip(lin.fmodel.names, lin.fmodel.params):
+    record_generic(f, treatments)
+    return [0.5 * (g + g.T) for g in grams.grams]
+
+
+def record_generic(f: Factors, treatments: dict[str, LayerTreatment]) -> None:
+    """Report the generic rows: a named layer's full-batch rows, else ``GENERIC``."""
+    for name, p in zip(f.lin.fmodel.names, f.lin.fmodel.params):
         if id(p) in f.owners:
             treatments[f.owners[id(p)]] = LayerTreatment.MIXING
         elif any(p is q for q in f.generic):
             treatments.setdefault(name, LayerTreatment.GENERIC)
-    return [0.5 * (g + g.T) for g in grams.grams]
 
 
-def _check_finite(la: Layer) -> None:
+def held_bytes(f: Factors) -> int:
+    """Bytes of the factors a strategy holds while the Gram (or ``Vᵀ``) is assembled.
+
+    Plus the largest layer's output gradients once more: the assembly rearranges
+    one layer's at a time.
+    """
+    tensors = [t for la in f.layers for t in la.grads + la.explicit]
+    tensors += list(f.generic_rows) + list(f.B.values())
+    tensors += [] if f.W is None else [f.W]
+    copy = max(
+        (t.numel() * t.element_size() for la in f.layers for t in la.grads), default=0
+    )
+    return copy + sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_finite(la: Layer) -> None:
     """Raise a ``ValueError`` naming the layer if its factor blocks hold NaN or Inf."""
     for block in la.grads + la.explicit:
         if not torch.isfinite(block).all():
@@ -172,31 +197,47 @@ class _SharedRows:
         return [(self.by_id[i], r) for i, r in self.rows.items()]
 
 
-def layer_rows(la: Layer, f: Factors, budget: int) -> list[Tensor]:
-    """Explicit rows ``[NC, numel]`` of each of the layer's parameters (no statistics).
+def layer_chunks(la: Layer, f: Factors, budget: int) -> Iterator[Entry]:
+    """Yield ``(parameter, columns, rows)``: the layer's explicit rows ``[NC, ·]``.
 
-    Mixing layers: their explicit blocks. Local layers: the operand's explicit rows
-    of every column, chunk by chunk (``complete``: every weight entry a statistics
-    direction may reach), and the bias rows ``Σ_P g``.
+    ``columns`` index the parameter's flattened entries; no statistics part. Mixing layers: their explicit blocks, whole (``slice(None)``). Local layers: the
+    operand's explicit rows of every column, chunk by chunk (``complete``: every
+    weight entry a statistics direction may reach), and the bias rows ``Σ_P g``.
+    Kronecker layers too: their rows are never needed for the Gram, but ``Vᵀ`` is
+    (:mod:`lowrank_ggn.core.engine.rows`).
     """
     if not la.local:
-        block = torch.cat(la.explicit)
-        return list(block.split([p.numel() for p in la.params], 1))
+        block = torch.cat(la.explicit)  # [NC, D_l]
+        for p, part in zip(la.params, block.split([p.numel() for p in la.params], 1)):
+            yield p, slice(None), part
+        return
     lin = f.lin
     NS, C = lin.num_samples, lin.num_columns_per_sample
     g = la.grad_matrix()  # [NC, P, O]
     NC, P, O = g.shape
-    out = []
     if la.weight is not None:
-        rows = g.new_zeros(NC, la.weight.numel())
         operand = la.operand.select(lin.sample_index)
         chunks = operand.explicit(g.reshape(NS, C, P, O), budget // 4, complete=True)
         for cols, part in chunks:
-            rows[:, cols] = part
-        out.append(rows)
+            yield la.weight, cols, part
     if la.bias is not None:
-        out.append(g.sum(1))
-    return out
+        yield la.bias, slice(None), g.sum(1)
+
+
+def layer_rows(la: Layer, f: Factors, budget: int) -> list[Tensor]:
+    """Explicit rows ``[NC, numel]`` of each of the layer's parameters (no statistics).
+
+    :func:`layer_chunks` laid out whole, per parameter.
+    """
+    rows: dict[int, Tensor] = {}
+    for p, cols, part in layer_chunks(la, f, budget):
+        if isinstance(cols, slice) and cols == slice(None):
+            rows[id(p)] = part
+            continue
+        if id(p) not in rows:
+            rows[id(p)] = part.new_zeros(part.shape[0], p.numel())
+        rows[id(p)][:, cols] = part
+    return [rows[id(p)] for p in la.params]
 
 
 def _add_local(
@@ -251,4 +292,12 @@ def _add_split_layer(grams: _GroupGrams, la: Layer, f: Factors, budget: int) -> 
         grams.add_rows(la.bias, rows)
 
 
-__all__ = ["assemble_grams"]
+__all__ = [
+    "Entry",
+    "assemble_grams",
+    "check_finite",
+    "held_bytes",
+    "layer_chunks",
+    "layer_rows",
+    "record_generic",
+]

@@ -15,7 +15,8 @@ engine runs again. Under ``BN_SPLIT`` a block is ``V_p = V_{f,p} + B_p W`` (froz
 per-sample rows plus statistics directions).
 
 This module only orchestrates: it runs the stages in order, and runs them again
-(:func:`layerwise_gram`) with a layer found to mix samples treated as mixing, with
+(:func:`run_engine`; :func:`layerwise_gram` ends in the Grams, :mod:`.rows` in
+``Vᵀ``) with a layer found to mix samples treated as mixing, with
 layers captured on trust left generic after a failed self-check, or with another
 strategy when ``bn_split`` fails its self-check or ``columns`` exceeds the budget.
 
@@ -26,13 +27,14 @@ before its products (:mod:`lowrank_ggn.core.precision` for the error model).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor
 
 from lowrank_ggn.core.budget import MemoryBudgetExceeded
-from lowrank_ggn.core.engine.assemble import assemble_grams
+from lowrank_ggn.core.engine.assemble import assemble_grams, held_bytes
 from lowrank_ggn.core.engine.backprop import (
     AUTOGRAD_OVERHEAD,
     LayerTurnedMixing,
@@ -48,6 +50,11 @@ from lowrank_ggn.core.engine.plan import plan_strategy, split_shape
 from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.engine.selfcheck import Factors, self_check
 from lowrank_ggn.core.engine.streamed import streamed_gram
+from lowrank_ggn.core.engine.unavailable import (
+    LayerwiseUnavailable,
+    SelfCheckFailed,
+    StrategyUnavailable,
+)
 from lowrank_ggn.core.modes import Strategy
 from lowrank_ggn.core.paths import PER_SAMPLE
 from lowrank_ggn.core.progress import Tick
@@ -55,29 +62,7 @@ from lowrank_ggn.core.progress import Tick
 if TYPE_CHECKING:
     from lowrank_ggn.core.linearization import Linearization
 
-
-class StrategyUnavailable(ValueError):
-    """A forced strategy does not apply to this model."""
-
-
-class LayerwiseUnavailable(Exception):
-    """The engine gives no per-layer factors here; ``.report`` says why (``.fallback``).
-
-    The caller falls back to a route that assumes nothing (the generic Gram, the
-    streamed diagonal).
-    """
-
-    def __init__(self, report: EngineReport) -> None:
-        super().__init__(report.fallback or report.reason)
-        self.report = report
-
-
-class SelfCheckFailed(LayerwiseUnavailable):
-    """The factors' ``V w`` differs from autograd's; ``.params``: the parameters' ``id``."""
-
-    def __init__(self, report: EngineReport, params: set[int]) -> None:
-        super().__init__(report)
-        self.params = params
+T = TypeVar("T")
 
 
 def _no_tick(n: int) -> None:
@@ -245,8 +230,8 @@ class _Engine:
         return Factors(lin, layers, generic=c.generic, generic_rows=rows, owners=owners)
 
     # ------------------------------------------------------------------- main
-    def run(self, c: Captured, strategy: Strategy) -> list[Tensor]:
-        """One Gram per group.
+    def run(self, c: Captured, strategy: Strategy, assemble=assemble_grams) -> T:
+        """``assemble(factors, groups, acc_dtype, budget, treatments)``: the Grams.
 
         Raises:
             SelfCheckFailed: The factors' ``V w`` differs from autograd's.
@@ -267,8 +252,8 @@ class _Engine:
         if bad:
             raise SelfCheckFailed(self.report, bad)
         # the assembly's chunks get what the strategy's factors leave of the budget
-        left = max(self.budget - _held(f), self.budget // 16)
-        return assemble_grams(f, self.groups, self.acc, left, self.report.layers)
+        left = max(self.budget - held_bytes(f), self.budget // 16)
+        return assemble(f, self.groups, self.acc, left, self.report.layers)
 
     def _masks(self) -> list[Tensor] | None:
         if len(self.groups) == 1:
@@ -283,21 +268,6 @@ class _Engine:
                 ).detach()
             )
         return masks
-
-
-def _held(f: Factors) -> int:
-    """Bytes of the factors a strategy holds while the Gram is assembled.
-
-    Plus the largest layer's output gradients once more: the assembly rearranges
-    one layer's at a time.
-    """
-    tensors = [t for la in f.layers for t in la.grads + la.explicit]
-    tensors += list(f.generic_rows) + list(f.B.values())
-    tensors += [] if f.W is None else [f.W]
-    copy = max(
-        (t.numel() * t.element_size() for la in f.layers for t in la.grads), default=0
-    )
-    return copy + sum(t.numel() * t.element_size() for t in tensors)
 
 
 def layerwise_gram(
@@ -330,6 +300,32 @@ def layerwise_gram(
         SelfCheckFailed: No strategy's factors passed the self-check (the caller
             then uses the generic engine); ``.report`` is the last run's.
     """
+    finish = _Engine.run  # (engine, captured, strategy) -> the Grams
+    return run_engine(
+        lin, finish, chunk, memory_budget, strategy, groups, tick, acc_dtype
+    )
+
+
+def run_engine(
+    lin: Linearization,
+    finish: Callable[[_Engine, Captured, Strategy], T],
+    chunk: int,
+    memory_budget: int,
+    strategy: Strategy | None = None,
+    groups: list[list[Tensor]] | None = None,
+    tick: Tick | None = None,
+    acc_dtype: torch.dtype | None = None,
+) -> tuple[T, EngineReport]:
+    """Forward, plan, then ``finish(engine, captured, strategy)``, run again as needed.
+
+    ``finish`` runs the strategy's backward passes and self-check and returns what the
+    caller builds from the factors (the Grams; ``Vᵀ`` in :mod:`.rows`). The runs again
+    are those of the module docstring (none for a forced ``strategy``); arguments as
+    for :func:`layerwise_gram`.
+
+    Returns:
+        ``(finish's result, report)``.
+    """
     groups = [list(lin.fmodel.params)] if groups is None else groups
     forced_mixing: frozenset[str] = frozenset()
     excluded: frozenset[str] = frozenset()
@@ -353,7 +349,7 @@ def layerwise_gram(
             with torch.enable_grad():
                 c = engine.forward()
                 chosen = engine.plan(c)
-                return engine.run(c, chosen), engine.report
+                return finish(engine, c, chosen), engine.report
         except LayerTurnedMixing as err:
             forced_mixing = forced_mixing | {str(err)}
             continue
@@ -395,4 +391,5 @@ __all__ = [
     "SelfCheckFailed",
     "StrategyUnavailable",
     "layerwise_gram",
+    "run_engine",
 ]
