@@ -76,6 +76,13 @@ PROBLEMS = {
         dict(solver="lanczos", top_k=4, eigenvectors=True),
     ),
     "bn-cnn-dense": (bn_cnn, (2, 4, 4), [5, 3, 6, 4], 1, dict(eigenvectors=True)),
+    "bn-cnn-columns-subsampled": (
+        bn_cnn,
+        (2, 4, 4),
+        [5, 3, 6, 4],
+        1,
+        dict(strategy="columns", subsampling=[2, 0], eigenvectors=True),
+    ),
     "bn-cnn-lanczos-recompute": (
         bn_cnn,
         (2, 4, 4),
@@ -125,6 +132,8 @@ def run_problem(name: str, group) -> dict:
         "rank": [res.rank, ref.rank],
         "bytes": res.bytes_exchanged,
     }
+    if "strategy" in problem[4]:  # every batch of every rank took it
+        out["strategies"] = sorted({str(r.strategy) for r in res.engine_reports})
     if ref.eigenvectors is not None:
         overlap = (res.eigenvectors @ ref.eigenvectors.T).abs().diagonal()
         out["eigenvectors"] = (overlap - 1).abs().max().item()

@@ -2,8 +2,9 @@
 
 ``distributed_check.py`` spawns two ranks (127.0.0.1, 60 s collective timeout); the
 problems: an MLP and a train-mode BatchNorm CNN with batches split unevenly across
-the ranks, dense and Lanczos (``activations="recompute"`` too), Monte-Carlo factors
-from a seeded generator, and eigenvectors. A rank that fails must make every rank
+the ranks, dense (a forced strategy with curvature sub-sampling too) and Lanczos
+(``activations="recompute"`` too), Monte-Carlo factors from a seeded generator, and
+eigenvectors. A rank that fails must make every rank
 raise; a rank that dies (``os._exit``) or hangs must make the survivor raise
 ``RankFailed`` within the call's ``timeout``.
 """
@@ -65,6 +66,8 @@ def test_two_processes_equal_one(tmp_path):
                 assert result["bytes"] > 0, (rank, name)
                 continue
             assert result["eigenvalues"] <= tol, (rank, name, result)
+            if "strategies" in result:  # the forced strategy, on every batch
+                assert result["strategies"] == ["columns"], (rank, name, result)
             if "eigenvectors" in result:
                 assert result["eigenvectors"] <= tol, (rank, name, result)
             assert result["bytes"] > 0, (rank, name)

@@ -163,10 +163,6 @@ def test_options_and_keywords_not_both():
         )
     with pytest.raises(TypeError, match="options must be None or a GGNOptions"):
         GGN(model, loss, X, y, options={"chunk": 4})
-    with pytest.raises(ValueError, match="takes no strategy or accumulate"):
-        ggn_spectrum_dataset(
-            model, loss, [(X, y)], options=GGNOptions.of(strategy="columns")
-        )
     # a keyword at its default beside options= is no clash (DampedNewton's progress)
     opt = DampedNewton(
         model.parameters(),

@@ -16,14 +16,24 @@ blocks ``√(w_a w_b) V_aᵀ V_b`` included. ``Ñ = Σ_b N_b·C`` is its size.
 
 Two solvers:
 
-* ``solver="dense"``: ``Vᵀ_b`` (``[N_b·C, D]``, one backward pass per column block,
-  :meth:`~lowrank_ggn.core.linearization.Linearization.factors_matrix`) is kept for every batch,
-  then ``Ṽᵀ Ṽ`` and ``eigh``. Memory ``itemsize · (2 Ñ² + Ñ D)`` bytes (Gram, its
-  eigendecomposition, all factors); time ``O(Ñ² D + Ñ³)`` plus the backward passes.
-  This estimate is checked against ``memory_budget`` (default 4 GiB) *before* each
-  batch's factors are allocated (and, for a list of batches, for the whole data set
-  after the first batch), and the call fails with :class:`GramMemoryError` stating
-  the size.
+* ``solver="dense"``: every batch's rows ``Vᵀ_b`` (``[N_b·C, D]``) are kept, then
+  ``Ṽᵀ Ṽ`` (summed in the accumulation dtype, float64 for float32 models) and
+  ``eigh``. The rows come from the layer-wise engine of one batch
+  (:func:`~lowrank_ggn.core.engine.rows.layerwise_rows`: captured forward pass,
+  the cost model's or the forced ``strategy``, self-check): ``C`` batch backward
+  passes on the per-sample path and under ``bn_split`` (plus its ``2K`` statistics
+  directions), then each layer's rows from its operand by one GEMM per chunk;
+  ``columns`` takes ``N·C`` full-batch passes; ``streamed``, ``generic`` and a
+  failed self-check take one vmapped backward pass per column block
+  (:meth:`~lowrank_ggn.core.linearization.Linearization.factors_matrix`, the only
+  route before the engine: vmapped per-sample passes, or ``N·C`` full-batch passes
+  for train-mode BatchNorm). Memory ``item · Ñ D + acc · 2 Ñ²`` bytes (all
+  rows; the Gram and its eigendecomposition in the accumulation dtype), and the
+  engine's blocks of one batch within what is left; time ``O(Ñ² D + Ñ³)`` plus the
+  backward passes. The estimate is checked against ``memory_budget`` (default
+  4 GiB) *before* each batch's rows are allocated (and, for a list of batches, for
+  the whole data set after the first batch), and the call fails with
+  :class:`GramMemoryError` stating the size.
 * ``solver="lanczos"`` with ``top_k=k``: ``scipy.sparse.linalg.eigsh`` on the Gram as
   a linear operator, ``Ṽᵀ Ṽ u = Ṽᵀ (Ṽ u)``, never formed: ``Ṽ u`` is one
   vector-Jacobian product per batch and ``Ṽᵀ x`` one Jacobian-vector product per
@@ -38,7 +48,7 @@ https://arxiv.org/abs/2106.02624.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +69,7 @@ from lowrank_ggn.approx.dataset_solvers import (
     lanczos_pairs,
 )
 from lowrank_ggn.approx.distributed import Comm, check_sync_batch_norm
+from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.losses.registry import check_loss_func, resolve_loss
 from lowrank_ggn.core.modes import Solver
 from lowrank_ggn.core.options import DEFAULT_CHUNK, GGNOptions
@@ -95,6 +106,9 @@ class DatasetSpectrum:
             ``None`` for Lanczos, whose zero threshold is the rank rule ``Ñ · eps``.
         bytes_exchanged: Bytes this rank sent or received in collectives (0 for
             one process).
+        engine_reports: Per batch (all ranks, in order) how its rows were found
+            (:class:`~lowrank_ggn.core.engine.EngineReport`: ``strategy``,
+            ``fallback``, per-layer treatments); ``None`` per batch for Lanczos.
 
     """
 
@@ -109,6 +123,7 @@ class DatasetSpectrum:
     solver: str
     eigenvalue_errors: Tensor | None = None
     bytes_exchanged: int = 0
+    engine_reports: list[EngineReport | None] = field(default_factory=list)
 
     @property
     def rank(self) -> int:
@@ -136,6 +151,9 @@ def ggn_spectrum_dataset(
     activations: str = "keep",
     output: OutputSpec = None,
     timeout: float | None = None,
+    strategy: str | None = None,
+    accumulate: str | None = None,
+    subsampling: Sequence[int] | Tensor | None = None,
     options: GGNOptions | None = None,
 ) -> DatasetSpectrum:
     r"""Nonzero spectrum of the data-set GGN ``Σ_b w_b G_b`` over many batches.
@@ -154,7 +172,7 @@ def ggn_spectrum_dataset(
         rtol: Relative zero threshold (default: the error model of
             :mod:`lowrank_ggn.core.precision` for the dense solver, ``Ñ · eps`` for
             Lanczos).
-        chunk: Columns per vmapped backward pass.
+        chunk: Columns (rows) per batched backward pass.
         path: ``None`` (automatic), ``"per_sample"`` or ``"full_batch"``.
         mc_samples: Monte-Carlo factors with ``M`` columns per sample, drawn batch by
             batch from ``generator``.
@@ -182,12 +200,29 @@ def ggn_spectrum_dataset(
             names the rank that did not answer (``None``: the process group's own
             timeout, 30 min for gloo unless set; :mod:`lowrank_ggn.approx.distributed`).
             It must exceed the longest one rank lags behind another (its extra batches).
+        strategy: The engine's strategy for every batch's rows ``Vᵀ_b`` (dense
+            solver): ``None`` (the cost model, per batch), ``"per_sample"``,
+            ``"bn_split"``, ``"columns"``, ``"streamed"`` or ``"generic"`` (as for
+            :class:`~lowrank_ggn.GGN`; the last two: rows from vmapped backward
+            passes). The result's ``engine_reports`` say what each batch took.
+        accumulate: Where the data-set Gram is summed (dense solver): ``None``
+            (float64 for float32 models), ``"float64"`` or ``"native"``
+            (:mod:`lowrank_ggn.core.precision`).
+        subsampling: Batch positions ``S`` whose curvature every batch keeps, the
+            forward pass on the whole batch, as for :class:`~lowrank_ggn.GGN`
+            (:mod:`lowrank_ggn.core.subsampling`): batch ``b`` adds
+            ``w_b G_{S,b}`` with ``G_{S,b} = κ_b J_Sᵀ H_SS J_S``, ``κ_b = N_b/|S|``
+            (``'mean'``) and ``w_b`` unchanged, an unbiased estimate of ``G`` for
+            shuffled batches; ``Ñ = B·|S|·C``. Every batch needs more than
+            ``max(S)`` samples.
         options: Instead of ``chunk``, ``path``, ``mc_samples``, ``generator``,
-            ``memory_budget``, ``progress`` and ``output``, a
-            :class:`~lowrank_ggn.GGNOptions` (the same object as for a batch's
-            :class:`~lowrank_ggn.GGN`); giving both is an error. Its ``strategy`` and
-            ``accumulate`` must be left at their defaults (refused: the data-set
-            path does not use them).
+            ``memory_budget``, ``progress``, ``output``, ``strategy`` and
+            ``accumulate``, a :class:`~lowrank_ggn.GGNOptions` (the same object as
+            for a batch's :class:`~lowrank_ggn.GGN`); giving both is an error. The
+            Lanczos solver uses ``chunk``, ``path``, ``mc_samples``, ``generator``,
+            ``progress`` and ``output``; its products (one VJP and one JVP per
+            batch, in the parameters' dtype) need no ``strategy`` or
+            ``accumulate``.
 
     Returns:
         A :class:`DatasetSpectrum`.
@@ -218,13 +253,9 @@ def ggn_spectrum_dataset(
         memory_budget=memory_budget,
         progress=progress,
         output=output,
+        strategy=strategy,
+        accumulate=accumulate,
     )
-    if options.strategy is not None or options.accumulate is not None:
-        raise ValueError(
-            "ggn_spectrum_dataset takes no strategy or accumulate (the data-set path "
-            f"chooses them); got options with strategy={options.strategy} and "
-            f"accumulate={options.accumulate}. Build the options without them."
-        )
     chosen = _validate(model, loss_func, batches, top_k, eigenvectors, rtol, solver)
     if activations not in ("keep", "recompute"):
         raise ValueError(
@@ -245,12 +276,15 @@ def ggn_spectrum_dataset(
             path=None if options.path is None else options.path.value,
             solver=solver,
             activations=activations,
+            subsampling=_positions(subsampling),
         )
     )
     batches, first = read_batches(batches, comm)
     loss_func = resolve_loss(loss_func)  # one wrapper: its reduction is shared
     with model_preserved(model):
-        got = collect(model, loss_func, batches, params, options, chosen, comm, first)
+        got = collect(
+            model, loss_func, batches, params, options, chosen, comm, first, subsampling
+        )
         if chosen is Solver.LANCZOS:
             op = DatasetOperator(
                 got.lins,
@@ -268,11 +302,9 @@ def ggn_spectrum_dataset(
         else:
             dtype = got.blocks[0].dtype
             if comm.distributed:
-                check_ranks(
-                    got.offsets, got.blocks[0].shape[1], dtype, options.memory_budget
-                )
+                check_ranks(got.offsets, got.blocks[0].shape[1], dtype, options)
             Vt = stack_scaled(got.blocks, got.scales)  # [Ñ_r, D], the blocks freed
-            acc = accumulation_dtype(dtype, None)
+            acc = accumulation_dtype(dtype, options.accumulate)
             pairs = dense_pairs(Vt, got.offsets, comm, acc, rtol, top_k)
             apply = None
         return _result(pairs, got, dtype, eigenvectors, apply, Vt, comm, chosen)
@@ -324,8 +356,8 @@ def _result(
     return DatasetSpectrum(
         pairs.eigenvalues.to(dtype),
         vectors,
-        [p for _, _, p in got.flat],
-        [n for n, _, _ in got.flat],
+        [entry[2] for entry in got.flat],
+        [entry[0] for entry in got.flat],
         got.weights,
         got.offsets[-1],
         pairs.threshold,
@@ -333,4 +365,12 @@ def _result(
         solver.value,
         pairs.errors.to(dtype) if solver is Solver.DENSE else None,
         bytes_exchanged=comm.bytes,
+        engine_reports=[entry[3] for entry in got.flat],
     )
+
+
+def _positions(subsampling: object) -> object:
+    """What the handshake compares of ``subsampling``: the same text on every rank."""
+    if isinstance(subsampling, Tensor):
+        return repr(subsampling.tolist())
+    return None if subsampling is None else repr(subsampling)

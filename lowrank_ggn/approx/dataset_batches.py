@@ -18,11 +18,15 @@ from torch import Tensor, nn
 
 from lowrank_ggn.approx.dataset_solvers import check_budget
 from lowrank_ggn.approx.distributed import Comm
+from lowrank_ggn.core.engine.report import EngineReport
+from lowrank_ggn.core.engine.rows import layerwise_rows
+from lowrank_ggn.core.inputs import as_inputs
 from lowrank_ggn.core.linearization import Linearization, linearize
 from lowrank_ggn.core.modes import Solver
 from lowrank_ggn.core.options import GGNOptions
 from lowrank_ggn.core.paths import EnginePath
 from lowrank_ggn.core.state import fingerprint
+from lowrank_ggn.core.subsampling import check_subsampling
 from lowrank_ggn.core.validation import check_call
 
 #: With ``progress=None``, a progress bar is shown for at least this many batches.
@@ -35,7 +39,8 @@ class Collected:
 
     lins: list[Linearization]  # Lanczos: every batch's linearisation
     blocks: list[Tensor]  # dense: every batch's ``Vᵀ_b`` ``[N_b·C, D]``
-    flat: list[tuple[int, int, EnginePath]]  # (N_b, columns, path), all ranks
+    # (N_b, columns, path, engine report or None for Lanczos), all ranks
+    flat: list[tuple[int, int, EnginePath, EngineReport | None]]
     offsets: list[int]  # first Gram row of each rank, and Ñ
     weights: list[float]  # w_b, all ranks
     scales: list[float]  # √w_b of this rank's batches
@@ -80,10 +85,14 @@ def unpack(item: object, b: int) -> tuple[Tensor, Tensor]:
     return item[0], item[1]
 
 
-def projected_columns(batches: Iterable, lin: Linearization) -> int | None:
+def projected_columns(
+    batches: Iterable, lin: Linearization, subsampling: object = None
+) -> int | None:
     """Total columns of a list of batches, from the first batch's columns per sample."""
     if not isinstance(batches, Sequence):
         return None
+    if subsampling is not None:  # the same positions in every batch
+        return lin.num_columns * len(batches)
     per_sample = lin.num_columns // lin.num_samples
     try:
         return per_sample * sum(int(item[0].shape[0]) for item in batches)
@@ -110,7 +119,7 @@ def handshake(
     """What every rank must agree on before the first data collective.
 
     ``spectrum``: the call's other options (``top_k``, ``eigenvectors``, ``rtol``,
-    ``path``, ``solver``, ``activations``), as the user passed them.
+    ``path``, ``solver``, ``activations``, ``subsampling``), as the user passed them.
     """
     shapes = (
         [tuple(getattr(p, "shape", ())) for p in params]
@@ -125,6 +134,8 @@ def handshake(
         "options": {
             "params": None if params is None else repr(shapes),
             **spectrum,
+            "strategy": getattr(options.strategy, "value", None),
+            "accumulate": getattr(options.accumulate, "value", None),
             "chunk": options.chunk,
             "mc_samples": options.mc_samples,
             "memory_budget": options.memory_budget,
@@ -156,35 +167,52 @@ def collect(
     solver: Solver,
     comm: Comm,
     first: int,
+    subsampling: Sequence[int] | Tensor | None = None,
 ) -> Collected:
-    """Linearise every batch; keep its factors (dense) or linearisation (Lanczos)."""
+    """Linearise every batch; keep its rows ``Vᵀ_b`` (dense) or linearisation (Lanczos).
+
+    Dense: each batch's forward pass is captured and its rows come from the
+    layer-wise engine (:func:`~lowrank_ggn.core.engine.rows.layerwise_rows`, the
+    strategy of ``options`` or the cost model's), within what the data set's rows and
+    Gram so far leave of the memory budget. ``subsampling``: the batch positions whose
+    curvature every batch keeps (:mod:`lowrank_ggn.core.subsampling`).
+    """
     base_seed = None
     if options.mc_samples is not None:  # batch b draws from its own generator
         base_seed = int(torch.randint(2**62, (1,), generator=options.generator).item())
     lins: list[Linearization] = []
     blocks: list[Tensor] = []
-    local: list[tuple[int, int, EnginePath]] = []  # (N_b, columns, path)
-    budget, error = options.memory_budget, None
+    local: list[tuple[int, int, EnginePath, EngineReport | None]] = []
+    error = None
+    dense = solver is Solver.DENSE
     try:
         for b, item in enumerate(progress_bar(batches, options.progress)):
             X, y = unpack(item, b)
             selected = check_call(model, loss_func, X, params, y)
+            index = batch_positions(subsampling, X, b)
             batch = dataclasses.replace(
                 options,
                 generator=batch_generator(options.generator, base_seed, first + b),
             )
-            lin = linearize(model, loss_func, X, y, selected, batch, capture=False)
-            local.append((lin.batch_size, lin.num_columns, lin.path))
-            if solver is Solver.LANCZOS:
+            capture = dense and not options.generic  # the engine's forward pass
+            lin = linearize(
+                model, loss_func, X, y, selected, batch, index, capture=capture
+            )
+            if not dense:
                 lins.append(lin)
+                local.append((lin.batch_size, lin.num_columns, lin.path, None))
                 continue
             if b == 0 and not comm.distributed:
-                projected = projected_columns(batches, lin)
+                projected = projected_columns(batches, lin, subsampling)
                 if projected is not None:
-                    check_budget(projected, lin, budget, "of this data set")
-            columns_so_far = sum(c for _, c, _ in local)
-            check_budget(columns_so_far, lin, budget, f"after {b + 1} batches")
-            blocks.append(lin.factors_matrix(options.chunk))  # [N_b·C, D]
+                    check_budget(projected, lin, options, "of this data set")
+            so_far = sum(c for _, c, _, _ in local) + lin.num_columns
+            held = check_budget(so_far, lin, options, f"after {b + 1} batches")
+            # the engine's blocks: what the rows and the Gram leave of the budget
+            work = max(options.memory_budget - held, options.memory_budget // 16)
+            rows, report = layerwise_rows(lin, batch, work)
+            blocks.append(rows)  # [N_b·C, D]
+            local.append((lin.batch_size, lin.num_columns, lin.path, report))
         if not local:
             where = (
                 f" on every rank (rank {comm.rank} has none)"
@@ -199,14 +227,31 @@ def collect(
     comm.agree(error, "the agreement after every batch's factors")
     everyone = comm.gather_objects(local)
     flat = [entry for rank in everyone for entry in rank]
-    sizes = [n for n, _, _ in flat]
+    sizes = [entry[0] for entry in flat]
     weights = [n / sum(sizes) if loss_func.reduction == "mean" else 1.0 for n in sizes]
     offsets = [0]
     for rank_entries in everyone:
-        offsets.append(offsets[-1] + sum(c for _, c, _ in rank_entries))
+        offsets.append(offsets[-1] + sum(entry[1] for entry in rank_entries))
     start = sum(len(entries) for entries in everyone[: comm.rank])
     scales = [w**0.5 for w in weights[start : start + len(local)]]
     return Collected(lins, blocks, flat, offsets, weights, scales)
+
+
+def batch_positions(
+    subsampling: Sequence[int] | Tensor | None, X: object, b: int
+) -> Tensor | None:
+    """Batch ``b``'s checked sub-sampling positions (``None``: every sample)."""
+    if subsampling is None:
+        return None
+    inputs = as_inputs(X)
+    try:
+        return check_subsampling(subsampling, inputs.size, inputs.device)
+    except ValueError as err:
+        raise ValueError(
+            f"batches[{b}]: {err} The same positions apply to every batch: keep "
+            "them below the smallest batch size (a data loader's drop_last=True "
+            "drops a short last batch)."
+        ) from None
 
 
 def stack_scaled(blocks: list[Tensor], scales: list[float]) -> Tensor:
@@ -234,6 +279,7 @@ __all__ = [
     "Collected",
     "batch_generator",
     "check_batches",
+    "batch_positions",
     "collect",
     "handshake",
     "read_batches",

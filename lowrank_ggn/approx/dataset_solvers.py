@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from lowrank_ggn.approx.distributed import Comm
 from lowrank_ggn.core.budget import MemoryBudgetExceeded
 from lowrank_ggn.core.linearization import Linearization
+from lowrank_ggn.core.options import GGNOptions
 from lowrank_ggn.core.precision import ErrorModel, accumulation_dtype
 from lowrank_ggn.core.spectrum import GramEigenpairs, gram_eigh, ritz_pairs
 from lowrank_ggn.operators import TorchLinearOperator, factors_transpose_apply
@@ -38,32 +39,49 @@ class GramMemoryError(MemoryBudgetExceeded):
     """The data-set Gram matrix would exceed the memory budget of the dense solver."""
 
 
-def dense_memory_bytes(num_columns: int, num_params: int, itemsize: int) -> int:
-    """``itemsize · (2 Ñ² + Ñ D)``: the dense solver's memory estimate in bytes."""
-    return itemsize * (2 * num_columns**2 + num_columns * num_params)
+def dense_memory_bytes(
+    num_columns: int, num_params: int, itemsize: int, acc_itemsize: int | None = None
+) -> int:
+    """``item · Ñ D + acc · 2 Ñ²``: the dense solver's memory estimate in bytes.
+
+    The rows ``Ṽᵀ`` in the parameters' dtype, the Gram and its eigendecomposition in
+    the accumulation dtype (``acc_itemsize``, default ``itemsize``).
+    """
+    acc = itemsize if acc_itemsize is None else acc_itemsize
+    return itemsize * num_columns * num_params + 2 * acc * num_columns**2
 
 
-def check_budget(columns: int, lin: Linearization, budget: float, when: str) -> None:
-    """Refuse a dense data-set Gram of ``columns`` rows above ``budget`` bytes."""
-    fm = lin.fmodel
+def check_budget(
+    columns: int, lin: Linearization, options: GGNOptions, when: str
+) -> int:
+    """Refuse a dense data-set Gram of ``columns`` rows above the memory budget.
+
+    Returns:
+        The estimate in bytes (:func:`dense_memory_bytes`).
+    """
+    fm, budget = lin.fmodel, options.memory_budget
     itemsize = torch.empty(0, dtype=fm.dtype).element_size()
-    need = dense_memory_bytes(columns, fm.num_params, itemsize)
+    acc = accumulation_dtype(fm.dtype, options.accumulate).itemsize
+    need = dense_memory_bytes(columns, fm.num_params, itemsize, acc)
     if need > budget:
         raise GramMemoryError(
             f"the data-set Gram matrix {when} has {columns} rows; the dense solver "
-            f"needs about {need / 2**30:.3g} GiB ({columns}² Gram entries twice plus "
-            f"{columns}×{fm.num_params} factors, {itemsize} bytes each), above "
-            f"memory_budget={budget / 2**30:.3g} GiB. Pass solver='lanczos' with "
-            "top_k=k for the k largest eigenvalues without forming it, use "
-            "mc_samples=M (M columns per sample) or fewer/smaller batches, or raise "
-            "memory_budget."
+            f"needs about {need / 2**30:.3g} GiB ({columns}² Gram entries twice, "
+            f"{acc} bytes each, plus {columns}×{fm.num_params} factors, {itemsize} "
+            f"bytes each), above memory_budget={budget / 2**30:.3g} GiB. Pass "
+            "solver='lanczos' with top_k=k for the k largest eigenvalues without "
+            "forming it, use mc_samples=M (M columns per sample), subsampling=[...] "
+            "or fewer/smaller batches, or raise memory_budget."
         )
+    return need
 
 
-def check_ranks(offsets: list[int], D: int, dtype: torch.dtype, budget: float) -> None:
+def check_ranks(
+    offsets: list[int], D: int, dtype: torch.dtype, options: GGNOptions
+) -> None:
     """Per rank: own and one peer's factors ``(Ñ_r + max Ñ_s)·D``, the Gram ``2 Ñ²``."""
-    item = dtype.itemsize
-    acc = accumulation_dtype(dtype, None).itemsize
+    item, budget = dtype.itemsize, options.memory_budget
+    acc = accumulation_dtype(dtype, options.accumulate).itemsize
     cols = [b - a for a, b in zip(offsets, offsets[1:])]
     need = [item * (c + max(cols)) * D + 2 * acc * offsets[-1] ** 2 for c in cols]
     worst = max(range(len(need)), key=need.__getitem__)
