@@ -38,9 +38,10 @@ import torch
 from torch import Tensor
 from torch.func import jvp, linearize, vmap
 
-from lowrank_ggn.core.autodiff import batched_grad, graph_jvps, no_rule
+from lowrank_ggn.core.autodiff import batched_grad, graph_jvps, no_rule, vmappable
 from lowrank_ggn.core.engine.backprop import AUTOGRAD_OVERHEAD
 from lowrank_ggn.core.engine.capture import capture, captured_layers
+from lowrank_ggn.core.engine.injected import InjectedRoute
 from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.model import composite_attention
@@ -93,8 +94,12 @@ class GramOperator:
         self._jvp = None
         self._forward_mode = True
         self._batched_jvp = True
+        self._route: InjectedRoute | None = None
+        self._injected = None
         if expected_jvps >= LINEARIZE_MIN_JVPS:
-            self._linearize()
+            self._trace_injected()
+            if self._injected is None:
+                self._linearize()
 
     def _verify_layers(self) -> None:
         """The layer formulas against autograd for one random cotangent.
@@ -158,6 +163,57 @@ class GramOperator:
         tol = roundoff_rtol(plain.dtype) * max(plain.norm().item(), 1e-30)
         if (fast - plain).norm() <= tol and (again - plain).norm() <= tol:
             self._jvp = traced
+
+    def _trace_injected(self) -> None:
+        """Trace the layer-output-tangent route of :mod:`.injected`, checked.
+
+        Kept if it agrees with the parameter-row route (one VJP and one plain JVP)
+        for a random cotangent.
+        """
+        fm, lin = self.lin.fmodel, self.lin
+        if not self.layers or not vmappable(fm.model):
+            return
+        route = InjectedRoute(fm, lin.inputs, self.layers, self.generic)
+        if not route.kernels:
+            return
+        try:
+            with warnings.catch_warnings(), composite_attention():
+                warnings.simplefilter("ignore", UserWarning)  # torch.fx's folding
+                _, traced = linearize(route.forward, *route.primals)
+            self.report.count("forward")
+            gen = torch.Generator(device="cpu").manual_seed(4321)
+            w = torch.randn(1, *self.out.shape, generator=gen, dtype=self.out.dtype)
+            w = w.to(self.out.device)
+            targets = [la.target for la in self.layers] + self.generic
+            grads = batched_grad(self.out, targets, w)
+            with composite_attention():
+                fast = traced(*(t[0] for t in route.tangents(grads, 1)))
+            L = len(self.layers)
+            rows = self._assemble(grads[:L], grads[L:], 1)
+            plain = self._plain_jvp([t[0] for t in fm.unflatten(rows)])
+        except Exception:  # noqa: BLE001 - untraceable model: the parameter rows
+            return
+        tol = roundoff_rtol(plain.dtype) * max(plain.norm().item(), 1e-30)
+        if (fast - plain).norm() <= tol:
+            self._route, self._injected = route, traced
+
+    def _injected_products(self, cotangents: Tensor) -> Tensor:
+        """``J_θF J_θFᵀ W_b`` ``[B, N, *out]`` by the layer-output tangents."""
+        B = cotangents.shape[0]
+        targets = [la.target for la in self.layers] + self.generic
+        grads = batched_grad(self.out, targets, cotangents)
+        self.report.count("backward", B)
+        self.report.count("jvp", B)
+        tangents = self._route.tangents(grads, B)
+        with composite_attention():
+            if self._batched_jvp:
+                try:  # the traced tangent program, vmapped over the block
+                    return vmap(self._injected)(*tangents)
+                except (RuntimeError, NotImplementedError):  # no batch rule
+                    self._batched_jvp = False
+            return torch.stack(
+                [self._injected(*(t[b] for t in tangents)) for b in range(B)]
+            )
 
     def _plain_jvp(self, tangent: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
         fm, lin = self.lin.fmodel, self.lin
@@ -252,7 +308,12 @@ class GramOperator:
 
     def apply(self, U: Tensor, masks: list[Tensor] | None = None) -> list[Tensor]:
         """``𝒢_g U`` ``[NC, B]`` for each group mask ``[D]`` (``None``: all of ``θ``)."""
-        VU = self.vjp(self.lin.combine(U.T))  # [B, D]
+        W = self.lin.combine(U.T)  # [B, N, *out]
+        if self._injected is not None and masks is None:
+            return [project(self.lin, self._injected_products(W)).T]
+        if self._injected is not None and self._jvp is None:
+            self._linearize()  # group masks act on the parameter rows
+        VU = self.vjp(W)  # [B, D]
         return [
             project(self.lin, self.jvp(VU if mask is None else VU * mask)).T
             for mask in masks or [None]
