@@ -5,27 +5,27 @@ For coefficient columns ``U`` ``[NC, B]`` (rows sample-major):
 .. math::
     𝒢 U = Vᵀ (V U) = Sᵀ J_θF \,\bigl(J_θFᵀ (S U)\bigr).
 
-* ``V U`` ``[B, D]``: one full-batch backward pass per column on the graph of one
-  captured forward pass, asking for the gradients of captured layer *outputs* only;
-  a captured layer's parameter rows then come from its stored operand, e.g.
-  ``Σ_n g_nᵀ A_n`` with the unfolded input of a convolution (on CPUs far faster than
-  autograd's convolution weight gradients).
-* ``J (V U)`` ``[B, N, *out]``: the model linearised once by ``torch.func.linearize``
-  (one traced forward pass, then only tangent arithmetic per column; kept only if it
-  agrees with a plain ``jvp``); attention runs its math kernel, which has forward-mode
-  AD. For models with an operator that has none, double backward through the captured
-  graph from the captured layers' outputs down
-  (:func:`lowrank_ggn.core.autodiff.graph_jvps`).
+* the VJP: one full-batch backward pass per column on the graph of one captured
+  forward pass, asking for the gradients of captured layer *outputs* only (and of
+  the parameters of no captured layer);
+* the JVP, by default through the layer-output tangents of :mod:`.injected`
+  (``δy = (A Aᵀ + 11ᵀ) g`` for a convolution with unfolded inputs ``A``: no
+  parameter rows), the model's tangent program traced once and vmapped over the
+  block; else ``V U`` ``[B, D]`` from the layers' stored operands (e.g.
+  ``Σ_n g_nᵀ A_n``) and ``J (V U)`` by ``torch.func.linearize`` (traced once, kept
+  only if it agrees with a plain ``jvp``), or plain ``jvp`` per column, or, for an
+  operator without forward-mode AD, double backward through the captured graph
+  (:func:`lowrank_ggn.core.autodiff.graph_jvps`);
 * the projection onto ``S`` gives ``[B, NC]``.
 
 The layer formulas are checked once against autograd (one backward pass for a random
 cotangent); a parameter also used outside its module sends every parameter through
-autograd. Exact for any model (BatchNorm in train mode included: both products differentiate
-the true batch function). Memory: ``B·D`` plus the block's activations. On CPUs the
-VJPs of a block run one after another (batched backward passes are slower there) and
-the traced JVPs run batched (vmapped, faster there); on other devices both run
-batched. :func:`streamed_gram` applies the operator to blocks of the
-identity; :func:`lowrank_ggn.core.spectrum.lanczos_eigenpairs` to Krylov blocks.
+autograd. Exact for any model (BatchNorm in train mode included: both products
+differentiate the true batch function). Memory: the block's tangents (``B·D`` on the
+parameter-row route). On CPUs the VJPs of a block run one after another (batched
+backward passes are slower there); on other devices batched.
+:func:`streamed_gram` applies the operator to blocks of the identity;
+:func:`lowrank_ggn.core.spectrum.lanczos_eigenpairs` to Krylov blocks.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from torch.func import jvp, linearize, vmap
 
 from lowrank_ggn.core.autodiff import batched_grad, graph_jvps, no_rule, vmappable
 from lowrank_ggn.core.engine.backprop import AUTOGRAD_OVERHEAD
+from lowrank_ggn.core.engine.batchnorm import has_batch_norm
 from lowrank_ggn.core.engine.capture import capture, captured_layers
 from lowrank_ggn.core.engine.injected import InjectedRoute
 from lowrank_ggn.core.engine.layer import Layer
@@ -363,13 +364,18 @@ def streamed_gram(
     """Every group's Gram matrix, block column by block column (memory ``B·D``).
 
     ``captured``: the graph output and captured layers of a forward pass already
-    run (see :func:`capture_forward`), reused instead of a new one. ``acc_dtype``:
-    dtype of the returned Gram (its entries are the operator's products, computed in
-    the parameters' dtype; only the symmetrisation and ``eigh`` gain from float64).
+    run (see :func:`capture_forward`), reused, except for BatchNorm models with at
+    least :data:`LINEARIZE_MIN_JVPS` columns: that graph recomputes BatchNorm in
+    elementary ops, whose backward passes cost more than a forward pass of our own
+    (ResNet-18, N = 16: 217 against 318 ms per column). ``acc_dtype``: dtype of the
+    returned Gram (its entries are computed in the parameters' dtype).
     """
     NC = lin.num_columns
     dtype, device = lin.outputs.dtype, lin.outputs.device
-    op = GramOperator(lin, report, NC * len(masks or [None]), captured)
+    jvps = NC * len(masks or [None])
+    if jvps >= LINEARIZE_MIN_JVPS and has_batch_norm(lin.fmodel.model):
+        captured = None
+    op = GramOperator(lin, report, jvps, captured)
     acc = dtype if acc_dtype is None else acc_dtype
     grams = [torch.zeros(NC, NC, dtype=acc, device=device) for _ in masks or [None]]
     acts = sum(la.outputs[0].numel() for la in op.layers_seen)
