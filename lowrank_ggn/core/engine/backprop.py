@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 
 from lowrank_ggn.core.autodiff import batched_grad, per_sample_vjps
 from lowrank_ggn.core.engine.batchnorm import BNLayer
 from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.report import EngineReport
+from lowrank_ggn.core.engine.statistics import FeedingConv
 from lowrank_ggn.core.memory import release_free_memory
 from lowrank_ggn.core.progress import Tick
 
@@ -117,16 +119,20 @@ def statistics_directions(
 ) -> dict[int, Tensor]:
     """``B_p = (J_{θ_p} m)ᵀ`` as ``[2K, numel(θ_p)]`` per parameter (absent: zero).
 
-    Rows follow :meth:`BNLayer.coefficients`, layer by layer: ``μ`` then ``r``. The
-    statistics of layer ``l`` are backpropagated through the true graph below it
-    (lower BatchNorm layers included), one direction at a time, to the *outputs* of
-    the captured layers and to the other parameters (``others``); a captured layer's
-    rows then come from its operand (:meth:`Layer.param_rows`: ``Σ_n g_nᵀ A_n`` for
-    a dense weight, ``Σ_n Σ_p g_np`` for a bias), batched over a chunk of directions.
+    Rows follow :meth:`BNLayer.coefficients`, layer by layer: ``μ`` then ``r``. Where
+    a captured convolution feeds the BatchNorm (:class:`FeedingConv`), its own rows
+    are closed form and the backward passes start at its input ``h`` with the
+    directions' cotangents there; elsewhere they start at the statistics. Either
+    way they run through the true graph below (lower BatchNorm layers included), a
+    chunk of directions at a time, to the *outputs* of the captured layers and to
+    the other parameters (``others``); a captured layer's rows then come from its
+    operand for the whole chunk (:meth:`Layer.param_rows`). ``"statistics"`` counts
+    the directions backpropagated (none where nothing below ``h`` needs gradients).
     """
     K_total = sum(bn.num_statistics for bn in bns)
     rows: dict[int, Tensor] = {}
     targets = [la.target for la in layers] + list(others)
+    selected = {id(p) for la in layers for p in la.params} | {id(p) for p in others}
 
     def store(p: Tensor, lo: int, block: Tensor) -> None:
         if id(p) not in rows:
@@ -137,19 +143,30 @@ def statistics_directions(
     offset = 0
     for bn, acts in zip(bns, activations_below):
         K = bn.channels
-        if not bn.mean.requires_grad:  # normalises the input: no parameter below
+        feed = FeedingConv.find(bn, layers, selected) if bn.mean.requires_grad else None
+        if feed is not None:
+            for p, block in zip(feed.layer.params, feed.own_rows()):
+                store(p, offset, block)
+        if not bn.mean.requires_grad or (feed is not None and feed.edge is None):
+            tick(2 * K)  # no parameter below (closed form, or none at all)
             offset += 2 * K
             continue
         item = bn.output.element_size()
-        per_direction = AUTOGRAD_OVERHEAD * max(1, acts) * item
+        # the chunk's gradients at the layer outputs below, and one rearranged copy
+        per_direction = 2 * max(1, acts) * item
         step = int(max(1, min(2 * K, (budget // 8) // per_direction)))
         for start in range(0, 2 * K, step):
             stop = min(2 * K, start + step)
-            eye = bn.output.new_zeros(stop - start, 2 * K)
-            eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-            grads = batched_grad(
-                [bn.mean, bn.inv_std], targets, [eye[:, :K], eye[:, K:]]
-            )
+            if feed is not None:
+                grads = _chunk_grads(
+                    [feed.edge], targets, [feed.input_cotangents(start, stop)]
+                )
+            else:
+                eye = bn.output.new_zeros(stop - start, 2 * K)
+                eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+                grads = _chunk_grads(
+                    [bn.mean, bn.inv_std], targets, [eye[:, :K], eye[:, K:]]
+                )
             for la, g in zip(layers, grads):
                 if g is None:
                     continue
@@ -170,6 +187,44 @@ def statistics_directions(
             tick(stop - start)
         offset += 2 * K
     return rows
+
+
+def _chunk_grads(
+    outputs: list[Tensor | GradientEdge],
+    targets: list[Tensor | GradientEdge],
+    cotangents: list[Tensor],
+) -> list[Tensor | None]:
+    """``[B, *target]`` gradients of a chunk of ``B`` cotangents ``[B, *output]``.
+
+    On CPUs one backward pass per cotangent, each copied into its place in the
+    chunk's buffers; elsewhere one batched pass (:func:`batched_grad`). A target that
+    no output reaches gives ``None``.
+    """
+    if cotangents[0].device.type != "cpu":
+        return batched_grad(outputs, targets, cotangents)
+    B = cotangents[0].shape[0]
+    found: list[Tensor | None] = [None] * len(targets)
+    filled: list[list[int]] = [[] for _ in targets]
+    for b in range(B):
+        grads = torch.autograd.grad(
+            outputs,
+            targets,
+            [c[b] for c in cotangents],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            if found[i] is None:
+                found[i] = g.new_empty(B, *g.shape)
+            found[i][b].copy_(g)
+            filled[i].append(b)
+    for buf, done in zip(found, filled):
+        if buf is not None and len(done) < B:  # unreached for some directions
+            missing = sorted(set(range(B)) - set(done))
+            buf[missing] = 0
+    return found
 
 
 def _channel_rows(la: Layer, g: Tensor, ks: Tensor) -> list[Tensor]:

@@ -78,24 +78,23 @@ class DenseOperand:
     def weight_rows(self, g: Tensor) -> Tensor:
         """``Σ_n`` weight gradients of ``B`` columns ``g`` ``[B, N, P, O]``: ``[B, D]``.
 
-        Per column one product per group with the samples and positions as the inner
-        dimension, ``[O_g, N·P] @ [N·P, I_g]``: the sum over ``N`` happens inside the
-        GEMM, never as ``N`` per-sample gradients (a broadcast over ``B`` would copy
-        ``A`` ``B`` times).
+        One product per group for all ``B`` columns, with the samples and positions
+        as the inner dimension, ``[B·O_g, N·P] @ [N·P, I_g]`` (transposed layouts
+        ``[I_g, N·P] @ [N·P, B·O_g]``): the sum over ``N`` happens inside the GEMM,
+        never as ``N`` per-sample gradients, and ``A`` is read once per chunk.
         """
         N, G, P, Ig = self.A.shape
+        B, w = g.shape[0], self.width
         A = self.A.transpose(0, 1).reshape(G, N * P, Ig)  # a view when G = 1
-        rows = []
-        for b in range(g.shape[0]):
-            U = self.grads(g[b], 0, G).reshape(N, P, G, self.width)
-            if self.transposed:  # [G, I_g, N·P] @ [G, N·P, O_g]
-                right = U.permute(2, 0, 1, 3).reshape(G, N * P, self.width)
-                w = torch.bmm(A.transpose(1, 2), right)
-            else:  # [G, O_g, N·P] @ [G, N·P, I_g]
-                left = U.permute(2, 3, 0, 1).reshape(G, self.width, N * P)
-                w = torch.bmm(left, A)
-            rows.append(w.reshape(-1))
-        return torch.stack(rows)
+        U = self.grads(g, 0, G).reshape(B, N, P, G, w)
+        if self.transposed:  # [G, I_g, N·P] @ [G, N·P, B·O_g]
+            right = U.permute(3, 1, 2, 0, 4).reshape(G, N * P, B * w)
+            out = torch.bmm(A.transpose(1, 2), right).reshape(G, Ig, B, w)
+            return out.permute(2, 0, 1, 3).reshape(B, -1)
+        # [G, B·O_g, N·P] @ [G, N·P, I_g]
+        left = U.permute(3, 0, 4, 1, 2).reshape(G, B * w, N * P)
+        out = torch.bmm(left, A).reshape(G, B, w, Ig)
+        return out.transpose(0, 1).reshape(B, -1)
 
     def channel_rows(self, g: Tensor, ks: Tensor) -> Tensor | None:
         """Weight rows ``[B, D]`` of columns that live on one output channel ``ks[b]``.

@@ -1,0 +1,222 @@
+r"""BatchNorm statistics directions that start below the convolution feeding them.
+
+A statistics direction of a train-mode BatchNorm (:mod:`~lowrank_ggn.core.engine.batchnorm`)
+is ``(J_θ m)ᵀ`` for one statistic ``m ∈ {μ_k, r_k}`` of channel ``k``. Its cotangent at
+the BatchNorm input ``x`` ``[N, K, *pos]`` lives on channel ``k`` alone:
+
+.. math::
+    \frac{∂μ_k}{∂x_{n k p}} = \frac{1}{N P}, \qquad
+    \frac{∂r_k}{∂x_{n k p}} = -\frac{r_k^2\, x̂_{n k p}}{N P}
+
+(``P`` positions; ``r = (var + ε)^{-1/2}`` with the biased variance, ``x̂ = (x − μ) r``).
+When ``x = conv(h)`` is the output of a captured convolution (any dimension, stride,
+padding, dilation, groups), two things follow without a backward pass through the
+convolution:
+
+* the convolution's own rows: direction ``k`` reaches only output channel ``k`` of its
+  weight, ``Σ_{n,p} c_{np} A_{np}`` over the unfolded inputs ``A`` (the patch mean for
+  ``μ_k``, ``x̂``-weighted patch sums for ``r_k``: one GEMM ``[K, N·P] @ [N·P, I]`` for
+  all channels), and its bias ``Σ_{n,p} c_{np}``;
+* the cotangent at ``h``: a transposed convolution of one output channel per
+  direction, ``1/K`` of the one autograd would run on the mostly-zero cotangent at
+  ``x`` (one grouped call for a chunk of directions).
+
+Backward passes for the layers below then start at ``h``'s gradient edge
+(:class:`FeedingConv`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from lowrank_ggn.core.engine.batchnorm import BNLayer
+from lowrank_ggn.core.engine.layer import Layer
+from lowrank_ggn.core.engine.operands import DenseOperand
+
+
+def _param_edge_ok(edge: tuple, captured: Tensor | None, selected: set[int]) -> bool:
+    """Whether a convolution's weight or bias edge needs no backward pass.
+
+    It does not when nothing flows there, or when it accumulates into a leaf that is
+    either the layer's own selected parameter (rows in closed form) or unselected.
+    """
+    node = edge[0]
+    if node is None:
+        return True
+    leaf = getattr(node, "variable", None)
+    if leaf is None:  # a computed weight (parametrisation): its graph matters
+        return False
+    return leaf is captured or id(leaf) not in selected
+
+
+@dataclass
+class FeedingConv:
+    """The captured convolution ``x = conv(h)`` whose output a BatchNorm normalises.
+
+    Attributes:
+        layer: The convolution's record.
+        bn: The BatchNorm.
+        edge: ``h``'s gradient edge (``None``: nothing below ``h`` needs gradients).
+        weight: The weight the call used, detached ``[O, I/G, *kernel]``.
+        stride, padding, dilation, groups: The call's arguments (explicit padding
+            for ``padding_mode`` other than zeros is already part of ``h``).
+        in_shape: ``h``'s shape ``[N, I, *in]``.
+    """
+
+    layer: Layer
+    bn: BNLayer
+    edge: GradientEdge | None
+    weight: Tensor
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+    in_shape: torch.Size
+
+    @classmethod
+    def find(
+        cls, bn: BNLayer, layers: list[Layer], selected: set[int]
+    ) -> FeedingConv | None:
+        """The route for ``bn``, or ``None`` where its input is anything else.
+
+        ``selected``: ``id`` of the parameters that get rows. Required: ``x`` is the
+        output of one captured, unshared convolution as that convolution computed it
+        (no in-place operation in between) whose weight and bias are leaves.
+        """
+        la = next(
+            (la for la in layers if la.outputs and la.outputs[0] is bn.input), None
+        )
+        if la is None or la.shared or la.functional or not la.edges:
+            return None
+        rec, operand = la.edges[0], la.operand
+        if rec is None or not isinstance(operand, DenseOperand) or operand.transposed:
+            return None
+        node = rec.node
+        if type(node).__name__ != "ConvolutionBackward0" or node._saved_transposed:
+            return None
+        now = get_gradient_edge(bn.input)
+        if now.node is not node or now.output_nr != rec.output_nr:
+            return None  # modified in place after the convolution
+        if not (
+            _param_edge_ok(node.next_functions[1], la.weight, selected)
+            and _param_edge_ok(node.next_functions[2], la.bias, selected)
+        ):
+            return None
+        try:
+            in_shape = node._saved_input.shape
+        except RuntimeError:  # h modified in place after the call
+            return None
+        below = node.next_functions[0]
+        return cls(
+            la,
+            bn,
+            None if below[0] is None else GradientEdge(*below),
+            node._saved_weight.detach(),
+            list(node._saved_stride),
+            list(node._saved_padding),
+            list(node._saved_dilation),
+            int(node._saved_groups),
+            in_shape,
+        )
+
+    # ------------------------------------------------------------------ cotangents
+    def _xhat(self) -> Tensor:
+        """``x̂`` as ``[N, K, P]``."""
+        x = self.bn.xhat
+        return x.reshape(x.shape[0], x.shape[1], -1)
+
+    def _scales(self) -> tuple[float, Tensor]:
+        """``1/(N·P)`` and ``−r²/(N·P)`` ``[K]``."""
+        x = self._xhat()
+        NP = x.shape[0] * x.shape[2]
+        r = self.bn.inv_std.detach()
+        return 1.0 / NP, -(r * r) / NP
+
+    def cotangents(self, start: int, stop: int) -> Tensor:
+        """Cotangents at ``x`` of directions ``start…stop−1`` on their channel: ``[B, N, P]``."""
+        K = self.bn.channels
+        x = self._xhat()
+        mean_scale, r_scale = self._scales()
+        js = torch.arange(start, stop, device=x.device)
+        ks = js % K
+        c = x[:, ks].transpose(0, 1) * r_scale[ks][:, None, None]  # [B, N, P]
+        c[js < K] = mean_scale
+        return c
+
+    def own_rows(self) -> list[Tensor]:
+        """Rows ``[2K, numel]`` of the convolution's selected weight and bias.
+
+        ``μ_k``: ``Σ_{n,p} A_{n,j(k),p} / (N·P)`` in weight row ``k``, 1 in bias entry
+        ``k``; ``r_k``: ``−r_k² Σ_{n,p} x̂_{nkp} A_{n,j(k),p} / (N·P)`` and
+        ``−r_k² Σ x̂_{nk·} / (N·P)``.
+        """
+        la, K = self.layer, self.bn.channels
+        A = la.operand.A  # [N, G, P, I_g]
+        N, G, P, Ig = A.shape
+        Og = la.operand.channels
+        x = self._xhat()  # [N, K, P]
+        mean_scale, r_scale = self._scales()
+        out = []
+        if la.weight is not None:
+            rows = A.new_zeros(2, K, K, Ig)  # [stat, k, output channel, I_g]
+            diag = torch.arange(K, device=A.device)
+            for j in range(G):
+                Aj = A[:, j].reshape(N * P, Ig)  # a view when G = 1
+                ch = diag[j * Og : (j + 1) * Og]
+                rows[0, ch, ch] = Aj.sum(0) * mean_scale
+                # [O_g, N·P] @ [N·P, I_g]: x̂-weighted patch sums of the group
+                xj = x[:, j * Og : (j + 1) * Og].transpose(0, 1).reshape(Og, N * P)
+                rows[1, ch, ch] = (xj @ Aj) * r_scale[ch, None]
+            out.append(rows.reshape(2 * K, -1))
+        if la.bias is not None:
+            bias = x.new_zeros(2, K, K)
+            diag = torch.arange(K, device=x.device)
+            bias[0, diag, diag] = 1.0  # Σ_{n,p} 1/(N·P)
+            bias[1, diag, diag] = x.sum((0, 2)) * r_scale
+            out.append(bias.reshape(2 * K, K))
+        return out
+
+    def input_cotangents(self, start: int, stop: int) -> Tensor:
+        """Cotangents at ``h`` of directions ``start…stop−1``: ``[B, *h.shape]``.
+
+        Direction ``b`` on channel ``k_b`` (group ``j_b``) is the transposed
+        convolution of its cotangent with weight row ``k_b``: all ``B`` as one call
+        with ``B`` groups, ``[N, B, *out] -> [N, B·I_g, *in]``.
+        """
+        K = self.bn.channels
+        c = self.cotangents(start, stop)  # [B, N, P]
+        B, N = c.shape[:2]
+        ks = torch.arange(start, stop, device=c.device) % K
+        W = self.weight[ks]  # [B, I_g, *kernel]
+        Ig = W.shape[1]
+        d = len(self.stride)
+        out_sp = self.bn.xhat.shape[2:]
+        grad_out = c.transpose(0, 1).reshape(N, B, *out_sp)
+        size = [N, B * Ig, *self.in_shape[2:]]
+        found = torch.ops.aten.convolution_backward(
+            grad_out,
+            grad_out.new_empty(1).expand(size),
+            W,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            [0] * d,
+            B,
+            [True, False, False],
+        )[0]
+        found = found.reshape(N, B, Ig, *self.in_shape[2:]).transpose(0, 1)
+        if self.groups == 1:
+            return found.contiguous()
+        cot = c.new_zeros(B, N, self.groups, Ig, *self.in_shape[2:])
+        js = ks // (self.weight.shape[0] // self.groups)
+        cot[torch.arange(B, device=c.device), :, js] = found
+        return cot.reshape(B, *self.in_shape)
+
+
+__all__ = ["FeedingConv"]
