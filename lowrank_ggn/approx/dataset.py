@@ -220,9 +220,9 @@ def ggn_spectrum_dataset(
             ``accumulate``, a :class:`~lowrank_ggn.GGNOptions` (the same object as
             for a batch's :class:`~lowrank_ggn.GGN`); giving both is an error. The
             Lanczos solver uses ``chunk``, ``path``, ``mc_samples``, ``generator``,
-            ``progress`` and ``output``; its products (one VJP and one JVP per
-            batch, in the parameters' dtype) need no ``strategy`` or
-            ``accumulate``.
+            ``memory_budget`` (each batch's ``S``), ``progress`` and ``output``; its
+            products (one VJP and one JVP per batch, in the parameters' dtype) need
+            no ``strategy`` or ``accumulate``.
 
     Returns:
         A :class:`DatasetSpectrum`.

@@ -6,7 +6,8 @@ columns of ``Ṽ = [√w_1 V_1, …, √w_B V_B]`` are ordered rank by rank, bat
 batches). With ``Ṽ_r`` the columns of rank ``r``:
 
 * **dense**: ``Ṽᵀ Ṽ = [Ṽ_rᵀ Ṽ_s]_{r,s}``. Rank ``s`` broadcasts its ``Ṽ_sᵀ``
-  (``[Ñ_s, D]``) in turn; every rank forms its block-row ``Ṽ_rᵀ Ṽ``; one all-reduce
+  (``[Ñ_s, D]``) in turn; every rank forms its block-row ``Ṽ_rᵀ Ṽ`` (the diagonal
+  block by ``syrk``: one triangle, half the flops); one all-reduce
   assembles the Gram on every rank; rank 0 diagonalises it and broadcasts the pairs;
   eigenvectors ``Ṽ u / √λ = Σ_r Ṽ_r u_r / √λ`` are all-reduced from each rank's part.
   Memory per rank: ``Ñ_r·D + max_s Ñ_s·D`` factors, ``Ñ²`` (twice on rank 0);
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from lowrank_ggn.approx.distributed import Comm
 from lowrank_ggn.core.budget import MemoryBudgetExceeded
+from lowrank_ggn.core.engine.accumulate import symmetric_rank_k_update
 from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.options import GGNOptions
 from lowrank_ggn.core.precision import ErrorModel, accumulation_dtype
@@ -123,6 +125,9 @@ def dense_pairs(
             rows = offsets[s + 1] - offsets[s]
             other = comm.broadcast_(Vt.new_empty(rows, D), s)
         block = gram[mine, offsets[s] : offsets[s + 1]]
+        if s == comm.rank:  # the diagonal block by syrk: one triangle, half the flops
+            symmetric_rank_k_update(block, other)
+            continue
         step = max(1, 2**24 // max(1, Vt.shape[0] + other.shape[0]))
         for j in range(0, D, step):  # cast in column blocks: no full copy in ``acc``
             block.addmm_(Vt[:, j : j + step].to(acc), other[:, j : j + step].to(acc).T)
