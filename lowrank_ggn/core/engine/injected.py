@@ -84,11 +84,12 @@ class OutputKernel:
             # [B, N, P, O_g] -> [B·O_g, N·P]
             gj = gt[..., j * Og : (j + 1) * Og].permute(0, 3, 1, 2)
             gj = gj.reshape(B * Og, self.NP)
-            dy = gj.new_zeros(gj.shape)
             if self.weight:
                 dy = gj @ K if K is not None else (gj @ A) @ A.T
+            else:
+                dy = torch.zeros_like(gj)
             if self.bias:
-                dy = dy + gj.sum(dim=1, keepdim=True)
+                dy += gj.sum(dim=1, keepdim=True)
             parts.append(dy.reshape(B, Og, -1))
         dy = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [B, O, N·P]
         dy = dy.reshape(B, -1, self.shape[0], self.NP // self.shape[0])

@@ -95,7 +95,7 @@ class GramOperator:
         self._jvp = None
         self._forward_mode = True
         self._batched_jvp = True
-        self._route: InjectedRoute | None = None
+        self.route: InjectedRoute | None = None
         self._injected = None
         if expected_jvps >= LINEARIZE_MIN_JVPS:
             self._trace_injected()
@@ -196,7 +196,7 @@ class GramOperator:
             return
         tol = roundoff_rtol(plain.dtype) * max(plain.norm().item(), 1e-30)
         if (fast - plain).norm() <= tol:
-            self._route, self._injected = route, traced
+            self.route, self._injected = route, traced
 
     def _injected_products(self, cotangents: Tensor) -> Tensor:
         """``J_θF J_θFᵀ W_b`` ``[B, N, *out]`` by the layer-output tangents."""
@@ -205,16 +205,14 @@ class GramOperator:
         grads = batched_grad(self.out, targets, cotangents)
         self.report.count("backward", B)
         self.report.count("jvp", B)
-        tangents = self._route.tangents(grads, B)
+        tangents = self.route.tangents(grads, B)
         with composite_attention():
             if self._batched_jvp:
                 try:  # the traced tangent program, vmapped over the block
                     return vmap(self._injected)(*tangents)
                 except (RuntimeError, NotImplementedError):  # no batch rule
                     self._batched_jvp = False
-            return torch.stack(
-                [self._injected(*(t[b] for t in tangents)) for b in range(B)]
-            )
+            return torch.stack([self._injected(*col) for col in zip(*tangents)])
 
     def _plain_jvp(self, tangent: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
         fm, lin = self.lin.fmodel, self.lin
@@ -266,13 +264,8 @@ class GramOperator:
             fn = self._jvp or (lambda *t: self._plain_jvp(t))
             try:
                 with composite_attention():
-                    if directions.device.type == "cpu":
-                        return torch.stack(
-                            [
-                                fn(*(t[b] for t in tangents))
-                                for b in range(directions.shape[0])
-                            ]
-                        )
+                    if directions.device.type == "cpu":  # one column after another
+                        return torch.stack([fn(*col) for col in zip(*tangents)])
                     return vmap(fn)(*tangents)
             except (RuntimeError, NotImplementedError) as err:
                 if not no_rule(err):
@@ -337,16 +330,21 @@ def capture_forward(
 
 
 def block_width(
-    lin: Linearization, budget: int, groups: int = 1, activations: int = 0
+    lin: Linearization,
+    budget: int,
+    groups: int = 1,
+    activations: int = 0,
+    directions: int | None = None,
 ) -> int:
     """Columns per VJP/JVP block: ``[B, D]`` directions plus ``B`` activation copies.
 
     ``activations``: entries of the captured layers' outputs (0: unknown, then the
     inputs' size stands in); a batched product holds ``AUTOGRAD_OVERHEAD`` times
-    them per column.
+    them per column. ``directions``: parameter entries per column (default ``D``;
+    the injected route holds only those of uncaptured parameters).
     """
     item = lin.outputs.element_size()
-    D = lin.fmodel.num_params
+    D = lin.fmodel.num_params if directions is None else directions
     acts = max(activations + lin.outputs.numel(), 8 * lin.inputs.numel())
     per_column = item * (3 * D + AUTOGRAD_OVERHEAD * acts * max(1, groups) + 1)
     return int(max(1, min(lin.num_columns, (budget // 4) // per_column)))
@@ -379,7 +377,8 @@ def streamed_gram(
     acc = dtype if acc_dtype is None else acc_dtype
     grams = [torch.zeros(NC, NC, dtype=acc, device=device) for _ in masks or [None]]
     acts = sum(la.outputs[0].numel() for la in op.layers_seen)
-    width = block_width(lin, budget, len(masks or [None]), acts)
+    direct = None if op.route is None or masks else sum(p.numel() for p in op.route.rest)
+    width = block_width(lin, budget, len(masks or [None]), acts, direct)
     for start in range(0, NC, width):
         stop = min(NC, start + width)
         E = torch.zeros(NC, stop - start, dtype=dtype, device=device)
