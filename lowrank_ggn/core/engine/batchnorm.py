@@ -12,8 +12,9 @@ the call's true output (:class:`BatchNormCalls`),
 per channel ``k = 1…K``, over the batch and all positions (biased variance, as PyTorch
 does in train mode); ``x``, ``y`` ``[N, K, *pos]``, ``μ``, ``r`` ``[K]``. With running
 statistics (eval mode) ``μ`` and ``r`` are the module's buffers, constants. ``μ`` and
-``r`` are kept as graph nodes, and a :class:`FreezeSwitch` gates the gradients that
-flow into them: while frozen, backward passes see the network with its statistics held
+``r`` are kept as graph nodes (outputs of one autograd function with a fused backward,
+:class:`_BatchNorm`), and a :class:`FreezeSwitch` gates the gradients that flow
+through them: while frozen, backward passes see the network with its statistics held
 fixed, which is sample-independent (the frozen backward of ``y`` is ``γ r δ`` per
 sample). Under :attr:`~lowrank_ggn.core.engine.report.Strategy.BN_SPLIT` a parameter
 block is then ``V_p = V_{f,p} + B_p W``: the frozen rows plus the statistics
@@ -40,14 +41,10 @@ from lowrank_ggn.core.tolerances import roundoff_close
 
 
 class FreezeSwitch:
-    """Gate for the gradients into BatchNorm statistics: zero while :attr:`frozen`."""
+    """While :attr:`frozen`, backward passes hold the BatchNorm statistics fixed."""
 
     def __init__(self) -> None:
         self.frozen = False
-
-    def gate(self, grad: Tensor) -> Tensor:
-        """Tensor hook: pass ``grad`` on, or zero it while frozen."""
-        return torch.zeros_like(grad) if self.frozen else grad
 
     @contextmanager
     def freeze(self) -> Iterator[None]:
@@ -182,32 +179,112 @@ def _bound_batch_norm(args: tuple, kwargs: dict) -> dict:
     return bound
 
 
+class _BatchNorm(torch.autograd.Function):
+    r"""``y = γ ⊙ (x − μ) r + β`` with ``μ``, ``r`` outputs too, and a fused backward.
+
+    Forward: the batch statistics over all dimensions but the channels (biased
+    variance), ``x̂ = (x − μ) r`` (returned, not differentiable) and ``y``. Backward
+    for a cotangent ``δ`` of ``y``: while the switch is frozen ``γ r δ``; else the
+    full derivative through the statistics, one native BatchNorm backward kernel.
+    Cotangents of ``μ`` and ``r`` themselves (backward passes started there) add
+    ``g_μ / n − r² x̂ g_r / n`` per channel (``n = N·P``). The backward runs in
+    differentiable operations (double backward works) and vmaps (batched
+    cotangents).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        switch: FreezeSwitch,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        mean = x.mean(dims)
+        inv_std = torch.rsqrt(x.var(dims, unbiased=False) + eps)
+        xhat = (x - mean.view(shape)) * inv_std.view(shape)
+        y = xhat * weight.view(shape) if weight is not None else xhat.clone()
+        if bias is not None:
+            y = y + bias.view(shape)
+        return y, mean, inv_std, xhat
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, _, eps, switch = inputs
+        _, mean, inv_std, xhat = output
+        ctx.save_for_backward(x, weight, mean, inv_std, xhat)
+        ctx.mark_non_differentiable(xhat)
+        ctx.set_materialize_grads(False)
+        ctx.eps, ctx.switch = eps, switch
+
+    @staticmethod
+    def backward(
+        ctx, g: Tensor | None, g_mean: Tensor | None, g_r: Tensor | None, _
+    ) -> tuple[Tensor | None, ...]:
+        x, weight, mean, r, xhat = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        live = not ctx.switch.frozen
+        gx = gw = gb = None
+        if g is not None and live:
+            # the statistics are detached: the kernel differentiates through them
+            # itself (and so does its double backward)
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                g,
+                x,
+                weight,
+                None,
+                None,
+                mean.detach(),
+                r.detach(),
+                True,
+                ctx.eps,
+                [need_x, need_w and weight is not None, need_b],
+            )
+        elif g is not None:  # frozen statistics: γ r δ per sample
+            scale = r if weight is None else weight * r
+            gx = g * scale.view(shape) if need_x else None
+            gw = (g * xhat).sum(dims) if need_w else None
+            gb = g.sum(dims) if need_b else None
+        if live and need_x and (g_mean is not None or g_r is not None):
+            n = x.numel() // x.shape[1]
+            extra = x.new_zeros(x.shape) if gx is None else gx
+            if g_mean is not None:
+                extra = extra + (g_mean / n).view(shape)
+            if g_r is not None:
+                extra = extra + xhat * (-(r * r) * g_r / n).view(shape)
+            gx = extra
+        return gx, gw, gb, None, None
+
+
 def recompute_batch_norm(bn: BNLayer, call: dict, switch: FreezeSwitch) -> Tensor:
     """``y = γ (x − μ) r + β`` with ``μ``, ``r`` as gated graph nodes.
 
     ``call``: the arguments of the module's ``F.batch_norm`` call
     (:func:`_bound_batch_norm`); ``x`` ``[N, K, *pos]`` -> ``y`` likewise. Fills
-    ``bn``'s graph nodes and values.
+    ``bn``'s graph nodes and values. With batch statistics one autograd function
+    with a fused backward (:class:`_BatchNorm`); with running statistics (constants)
+    plain operations.
     """
     x, w, b, eps = call["input"], call["weight"], call["bias"], call["eps"]
-    dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
     batch_stats = bool(call["training"]) or call["running_mean"] is None
-    if not batch_stats:  # running statistics: constants
+    if batch_stats:
+        y, mean, inv_std, xhat = _BatchNorm.apply(x, w, b, eps, switch)
+    else:  # running statistics: constants
         mean = call["running_mean"].detach()
         inv_std = torch.rsqrt(call["running_var"].detach() + eps)
-    else:
-        mean = x.mean(dims)
-        inv_std = torch.rsqrt(x.var(dims, unbiased=False) + eps)
-    if mean.requires_grad:
-        mean.register_hook(switch.gate)
-        inv_std.register_hook(switch.gate)
-    xhat = (x - mean.view(shape)) * inv_std.view(shape)
-    y = xhat
-    if w is not None:
-        y = y * w.view(shape)
-    if b is not None:
-        y = y + b.view(shape)
+        xhat = (x - mean.view(shape)) * inv_std.view(shape)
+        y = xhat
+        if w is not None:
+            y = y * w.view(shape)
+        if b is not None:
+            y = y + b.view(shape)
     bn.mean, bn.inv_std, bn.xhat, bn.output = mean, inv_std, xhat.detach(), y
     bn.input, bn.batch_stats = x, batch_stats
     bn.gamma = w.detach() if w is not None else torch.ones_like(mean).detach()

@@ -1,0 +1,196 @@
+"""bn_split's statistics directions that start below the convolution feeding a
+BatchNorm (``lowrank_ggn.core.engine.statistics``), against the columns strategy and
+the dense reference in float64.
+
+Each model has a BatchNorm fed by a convolution whose input depends on parameters
+(another BatchNorm below it), so the route's closed-form rows, its transposed
+convolution of one output channel and the backward passes from the convolution's
+input all run; convolutions with stride, padding, dilation, groups, a padding mode,
+no bias, one and three spatial dimensions; two BatchNorm layers reading one
+convolution's output; and inputs that must keep the route from ``μ``, ``r`` (a
+Linear feeding BatchNorm1d, an in-place ReLU between the convolution and its
+BatchNorm).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from utils import RTOL, assert_spectrum_matches, report_close
+
+from lowrank_ggn import ggn_spectrum, gram_matrix
+from lowrank_ggn.core.engine import statistics
+from lowrank_ggn.reference import dense_ggn
+
+D = torch.float64
+
+
+class TwoNorms(nn.Module):
+    """Two BatchNorm layers reading one convolution's output, summed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.bn_b = nn.BatchNorm2d(4, affine=False)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv2(torch.relu(self.bn1(self.conv1(x))))
+        return self.head((self.bn_a(h) + torch.tanh(self.bn_b(h))).flatten(1))
+
+
+def _strided() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=False),
+        nn.BatchNorm2d(6),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 3),
+    )
+
+
+def _reflect() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    )
+
+
+def _conv1d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3),
+        nn.BatchNorm1d(3),
+        nn.ReLU(),
+        nn.Conv1d(3, 4, 2, stride=2),
+        nn.BatchNorm1d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 3, 3),
+    )
+
+
+def _conv3d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv3d(1, 2, 2),
+        nn.BatchNorm3d(2),
+        nn.ReLU(),
+        nn.Conv3d(2, 3, 2, padding=1),
+        nn.BatchNorm3d(3),
+        nn.Flatten(),
+        nn.Linear(3 * 3 * 3 * 3, 3),
+    )
+
+
+def _linear() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(4, 5),
+        nn.BatchNorm1d(5),
+        nn.ReLU(),
+        nn.Linear(5, 4),
+        nn.BatchNorm1d(4),
+        nn.Linear(4, 3),
+    )
+
+
+def _inplace() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    )
+
+
+#: name -> (model, input shape, whether a direction route starts below a convolution)
+MODELS = {
+    "strided-dilated-grouped": (_strided, (5, 2, 6, 6), True),
+    "reflect-padding": (_reflect, (5, 2, 6, 6), True),
+    "two-batchnorms-one-conv": (TwoNorms, (5, 2, 6, 6), True),
+    "conv1d": (_conv1d, (5, 2, 8), True),
+    "conv3d": (_conv3d, (4, 1, 3, 3, 3), True),
+    "linear-batchnorm1d": (_linear, (6, 4), False),
+    "inplace-relu-before-batchnorm": (_inplace, (5, 2, 6, 6), False),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_directions_below_the_feeding_convolution_are_exact(name, monkeypatch):
+    build, shape, routed = MODELS[name]
+    torch.manual_seed(0)
+    model = build().to(D)
+    X = torch.randn(shape, dtype=D)
+    y = torch.randint(0, 3, (shape[0],))
+    loss = nn.CrossEntropyLoss()
+    found = []
+    find = statistics.FeedingConv.find.__func__
+
+    def spy(cls, *args):
+        route = find(cls, *args)
+        found.append(route is not None and route.edge is not None)
+        return route
+
+    monkeypatch.setattr(statistics.FeedingConv, "find", classmethod(spy))
+    split = gram_matrix(model, loss, X, y, strategy="bn_split", progress=False)
+    assert any(found) == routed, found
+    columns = gram_matrix(model, loss, X, y, strategy="columns", progress=False)
+    report_close(split, columns, rtol=RTOL, name="bn_split Gram")
+    res = ggn_spectrum(model, loss, X, y, strategy="bn_split", progress=False)
+    assert_spectrum_matches(res.eigenvalues, dense_ggn(model, loss, X, y))
+
+
+def _elementary(x: Tensor, w: Tensor, b: Tensor, eps: float) -> tuple[Tensor, ...]:
+    """BatchNorm in train mode from elementary operations: ``y``, ``μ``, ``r``."""
+    dims, view = (0, 2, 3), (1, -1, 1, 1)
+    mean = x.mean(dims)
+    r = torch.rsqrt(x.var(dims, unbiased=False) + eps)
+    return (x - mean.view(view)) * r.view(view) * w.view(view) + b.view(view), mean, r
+
+
+def test_fused_batchnorm_backward_matches_the_elementary_graph():
+    """Batched cotangents (the GPU route), cotangents of ``μ``, ``r`` themselves,
+    double backward and the frozen switch, against elementary operations."""
+    from lowrank_ggn.core.engine.batchnorm import FreezeSwitch, _BatchNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 4, 4, dtype=D, requires_grad=True)
+    w, b = (torch.randn(3, dtype=D, requires_grad=True) for _ in range(2))
+    switch = FreezeSwitch()
+    y, mean, r, _ = _BatchNorm.apply(x, w, b, 1e-5, switch)
+    ref = _elementary(x, w, b, 1e-5)
+    report_close(y, ref[0], rtol=1e-14, name="output")
+    batched = [
+        ((y,), (ref[0],), (torch.randn(4, *y.shape, dtype=D),)),
+        ((mean, r), ref[1:], (torch.randn(4, 3, dtype=D), torch.randn(4, 3, dtype=D))),
+    ]
+    for outs, expected, cots in batched:
+        kw = dict(retain_graph=True, is_grads_batched=True, allow_unused=True)
+        got = torch.autograd.grad(outs, (x, w, b), cots, **kw)
+        want = torch.autograd.grad(expected, (x, w, b), cots, **kw)
+        for g, h in zip(got, want):
+            if h is not None:
+                report_close(g, h, rtol=1e-12, name="batched backward")
+    delta, tangent = torch.randn_like(y), torch.randn_like(x)
+    (gx,) = torch.autograd.grad(y, x, delta, create_graph=True)
+    (hx,) = torch.autograd.grad(ref[0], x, delta, create_graph=True)
+    got = torch.autograd.grad((gx * tangent).sum(), (x, w), retain_graph=True)
+    want = torch.autograd.grad((hx * tangent).sum(), (x, w), retain_graph=True)
+    for g, h in zip(got, want):
+        report_close(g, h, rtol=1e-12, name="double backward")
+    with switch.freeze():
+        (frozen,) = torch.autograd.grad(y, x, delta)
+    report_close(frozen, delta * (w * r).detach().view(1, -1, 1, 1), name="frozen")
