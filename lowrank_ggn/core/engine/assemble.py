@@ -273,9 +273,9 @@ def _add_split_layer(grams: _GroupGrams, la: Layer, f: Factors, budget: int) -> 
     NS, C = lin.num_samples, lin.num_columns_per_sample
     g = la.grad_matrix()
     NC, P, O = g.shape
-    WT = f.W.T  # [NC, 2K]: column i's statistics coefficients
     if la.weight is not None:
         B = f.B.get(id(la.weight))
+        WT = f.coefficients_for(la.weight)  # [NC, ·]: the coefficients B meets
         operand = la.operand.select(lin.sample_index)
         # chunks of at most budget/16: the rows plus syrk's work space; every
         # weight entry that B reaches lies in a chunk (complete)

@@ -116,10 +116,13 @@ def statistics_directions(
     budget: int,
     report: EngineReport,
     tick: Tick,
-) -> dict[int, Tensor]:
-    """``B_p = (J_{θ_p} m)ᵀ`` as ``[2K, numel(θ_p)]`` per parameter (absent: zero).
+) -> tuple[dict[int, Tensor], dict[int, int]]:
+    """``B_p = (J_{θ_p} m)ᵀ`` per parameter (absent: zero), and where its rows start.
 
-    Rows follow :meth:`BNLayer.coefficients`, layer by layer: ``μ`` then ``r``. Where
+    Rows follow :meth:`BNLayer.coefficients`, layer by layer: ``μ`` then ``r``. A
+    parameter is reached only by the statistics of the BatchNorm layers above it:
+    ``B_p`` holds rows ``s_p … 2K − 1`` (``[2K − s_p, numel(θ_p)]``, ``s_p`` the first
+    row that reaches it), so products with it touch no block of zeros. Where
     a captured convolution feeds the BatchNorm (:class:`FeedingConv`), its own rows
     are closed form and the backward passes start at its input ``h`` with the
     directions' cotangents there; elsewhere they start at the statistics. Either
@@ -131,13 +134,16 @@ def statistics_directions(
     """
     K_total = sum(bn.num_statistics for bn in bns)
     rows: dict[int, Tensor] = {}
+    starts: dict[int, int] = {}  # the BatchNorm layers come in forward order
     targets = [la.target for la in layers] + list(others)
     selected = {id(p) for la in layers for p in la.params} | {id(p) for p in others}
 
     def store(p: Tensor, lo: int, block: Tensor) -> None:
-        if id(p) not in rows:
-            rows[id(p)] = p.new_zeros(K_total, p.numel())
+        if id(p) not in rows:  # the lowest row that reaches p comes first
+            starts[id(p)] = lo
+            rows[id(p)] = p.new_zeros(K_total - lo, p.numel())
         # added: a parameter read by several captured calls gets a block from each
+        lo -= starts[id(p)]
         rows[id(p)][lo : lo + block.shape[0]] += block.reshape(block.shape[0], -1)
 
     offset = 0
@@ -186,7 +192,7 @@ def statistics_directions(
             report.count("statistics", stop - start)
             tick(stop - start)
         offset += 2 * K
-    return rows
+    return rows, starts
 
 
 def _chunk_grads(

@@ -192,14 +192,14 @@ def _add_local(
     NS, C = lin.num_samples, lin.num_columns_per_sample
     g = la.grad_matrix()  # [NC, P, O]
     NC, P, O = g.shape
-    WT = None if f.W is None else f.W.T  # [NC, 2K]
     if la.bias is not None:
         extra = f.statistics_rows(la.bias)
         rows = g.sum(1)
         sink.add_rows(la.bias, rows if extra is None else rows + extra)
     if la.weight is None:
         return LayerTreatment.LOCAL_EXPLICIT
-    B = f.B.get(id(la.weight)) if WT is not None else None
+    B = f.B.get(id(la.weight)) if f.W is not None else None
+    WT = f.coefficients_for(la.weight)  # [NC, ·]: the coefficients B meets
     operand = la.operand
     if not _whole_batch(lin):  # sub-sampled: the selected samples' operand (a copy)
         operand = operand.select(lin.sample_index)

@@ -106,7 +106,7 @@ def rows_from_factors(
     if f.W is not None:  # V_p += (B_p W)ᵀ, once per parameter
         for p in fm.params:
             if id(p) in f.B:
-                block(p).addmm_(f.W.T, f.B[id(p)])
+                block(p).addmm_(f.coefficients_for(p), f.B[id(p)])
     record_generic(f, treatments)
     return Vt
 

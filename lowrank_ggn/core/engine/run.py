@@ -208,11 +208,11 @@ class _Engine:
             below, _ = split_shape(layers, bns, c.cap.order)
             in_layers = {id(p) for la in layers for p in la.params}
             others = [p for p in lin.fmodel.params if id(p) not in in_layers]
-            B = statistics_directions(
+            B, starts = statistics_directions(
                 stat_bns, layers, others, below, self.budget, report, self.tick
             )
             W = torch.cat([bn.coefficients() for bn in stat_bns]) if stat_bns else None
-            return Factors(lin, layers, bns, W, B)
+            return Factors(lin, layers, bns, W, B, B_starts=starts)
         acts = sum(la.outputs[0].numel() for la in layers) + out.numel()
         per_column = AUTOGRAD_OVERHEAD * acts * out.element_size()
         chunk = max(1, min(self.chunk, (self.budget // 4) // max(1, per_column)))

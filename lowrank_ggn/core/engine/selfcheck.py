@@ -36,7 +36,9 @@ class Factors:
         layers: Captured layers (``grads`` if local, ``explicit`` rows if mixing).
         bns: BatchNorm layers with their frozen cotangent sums (``BN_SPLIT``).
         W: ``[2K, NC]`` statistics coefficients (``BN_SPLIT``), else ``None``.
-        B: ``id(p) -> [2K, numel]`` statistics directions (``BN_SPLIT``).
+        B: ``id(p) -> [2K − s_p, numel]`` statistics directions (``BN_SPLIT``): rows
+            ``s_p …`` of ``B_p``, those of the BatchNorm layers above ``p``.
+        B_starts: ``id(p) -> s_p``, the first row of ``W`` that ``B[id(p)]`` meets.
         generic: Parameters of no captured layer, with rows ``[NC, numel]``.
         owners: ``id(p) -> `` layer name for generic rows that are a named layer's
             full-batch rows (BatchNorm affines under ``COLUMNS``): reported as
@@ -51,18 +53,23 @@ class Factors:
     generic: list[Tensor] = field(default_factory=list)
     generic_rows: list[Tensor] = field(default_factory=list)
     owners: dict[int, str] = field(default_factory=dict)
+    B_starts: dict[int, int] = field(default_factory=dict)
+
+    def coefficients_for(self, p: Tensor) -> Tensor | None:
+        """``[NC, 2K − s_p]``: the columns of ``Wᵀ`` that meet ``B[id(p)]``, or ``None``."""
+        if self.W is None or id(p) not in self.B:
+            return None
+        return self.W[self.B_starts.get(id(p), 0) :].T
 
     def statistics_rows(self, p: Tensor) -> Tensor | None:
         """``(B_p W)ᵀ`` ``[NC, numel]``: the statistics part of ``p``'s rows, or ``None``."""
-        if self.W is None or id(p) not in self.B:
-            return None
-        return self.W.T @ self.B[id(p)]
+        WT = self.coefficients_for(p)
+        return None if WT is None else WT @ self.B[id(p)]
 
     def statistics_term(self, p: Tensor, weights: Tensor) -> Tensor | None:
         """``(B_p W w_k)`` rows ``[K, numel]`` for coefficient rows ``weights``, or ``None``."""
-        if self.W is None or id(p) not in self.B:
-            return None
-        return (weights @ self.W.T) @ self.B[id(p)]
+        WT = self.coefficients_for(p)
+        return None if WT is None else (weights @ WT) @ self.B[id(p)]
 
 
 def factor_products(f: Factors, weights: Tensor) -> Tensor:
