@@ -22,9 +22,8 @@ The layer formulas are checked once against autograd (one backward pass for a ra
 cotangent); a parameter also used outside its module sends every parameter through
 autograd. Exact for any model (BatchNorm in train mode included: both products
 differentiate the true batch function). Memory: the block's tangents (``B·D`` on the
-parameter-row route). On CPUs the VJPs of a block run one after another (batched
-backward passes are slower there); on other devices batched.
-:func:`streamed_gram` applies the operator to blocks of the identity;
+parameter-row route). On CPUs the VJPs of a block run one after another, elsewhere
+batched. :func:`streamed_gram` applies the operator to blocks of the identity;
 :func:`lowrank_ggn.core.spectrum.lanczos_eigenpairs` to Krylov blocks.
 """
 
@@ -40,7 +39,6 @@ from torch.func import jvp, linearize, vmap
 
 from lowrank_ggn.core.autodiff import batched_grad, graph_jvps, no_rule, vmappable
 from lowrank_ggn.core.engine.backprop import AUTOGRAD_OVERHEAD
-from lowrank_ggn.core.engine.batchnorm import has_batch_norm
 from lowrank_ggn.core.engine.capture import capture, captured_layers
 from lowrank_ggn.core.engine.injected import InjectedRoute
 from lowrank_ggn.core.engine.layer import Layer
@@ -72,6 +70,10 @@ class GramOperator:
         report: Pass counts go here.
         expected_jvps: How many JVPs the caller will ask for (decides whether the
             model is linearised by tracing).
+        captured: The graph output and captured layers of a forward pass already
+            run (:func:`capture_forward`; ``None``: run one).
+        budget: Bytes its work may hold (``None``: unbounded); the route of
+            :mod:`.injected` (one more recorded pass) only if that fits in ``budget/4``.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class GramOperator:
         report: EngineReport,
         expected_jvps: int = 0,
         captured: tuple[Tensor, list[Layer]] | None = None,
+        budget: int | None = None,
     ) -> None:
         self.lin, self.report = lin, report
         fm = lin.fmodel
@@ -97,8 +100,11 @@ class GramOperator:
         self._batched_jvp = True
         self.route: InjectedRoute | None = None
         self._injected = None
+        acts = sum(la.outputs[0].numel() for la in self.layers_seen)
+        traced = AUTOGRAD_OVERHEAD * acts * self.out.element_size()
         if expected_jvps >= LINEARIZE_MIN_JVPS:
-            self._trace_injected()
+            if budget is None or traced <= budget // 4:
+                self._trace_injected()
             if self._injected is None:
                 self._linearize()
 
@@ -116,9 +122,7 @@ class GramOperator:
         w = torch.randn(1, *self.out.shape, generator=gen, dtype=self.out.dtype)
         w = w.to(self.out.device)
         params = list(fm.params)
-        grads = batched_grad(
-            self.out, [la.target for la in self.layers] + params, w
-        )
+        grads = batched_grad(self.out, [la.target for la in self.layers] + params, w)
         L = len(self.layers)
         generic = {id(p): g for p, g in zip(params, grads[L:])}
         mine = self._assemble(grads[:L], [generic[id(p)] for p in self.generic], 1)
@@ -323,9 +327,7 @@ def capture_forward(
     with torch.enable_grad(), capture(layers, []):
         out = lin.forward_with_graph()
     report.count("forward")
-    layers = [
-        la for la in layers if la.prepare(lin.batch_size)
-    ]
+    layers = [la for la in layers if la.prepare(lin.batch_size)]
     return out, layers
 
 
@@ -362,22 +364,21 @@ def streamed_gram(
     """Every group's Gram matrix, block column by block column (memory ``B·D``).
 
     ``captured``: the graph output and captured layers of a forward pass already
-    run (see :func:`capture_forward`), reused, except for BatchNorm models with at
-    least :data:`LINEARIZE_MIN_JVPS` columns: that graph recomputes BatchNorm in
-    elementary ops, whose backward passes cost more than a forward pass of our own
-    (ResNet-18, N = 16: 217 against 318 ms per column). ``acc_dtype``: dtype of the
-    returned Gram (its entries are computed in the parameters' dtype).
+    run (see :func:`capture_forward`), reused (its BatchNorm layers backpropagate
+    through one fused autograd function, as fast as the native kernel).
+    ``acc_dtype``: dtype of the returned Gram (its entries are computed in the
+    parameters' dtype).
     """
     NC = lin.num_columns
     dtype, device = lin.outputs.dtype, lin.outputs.device
     jvps = NC * len(masks or [None])
-    if jvps >= LINEARIZE_MIN_JVPS and has_batch_norm(lin.fmodel.model):
-        captured = None
-    op = GramOperator(lin, report, jvps, captured)
+    op = GramOperator(lin, report, jvps, captured, budget)
     acc = dtype if acc_dtype is None else acc_dtype
     grams = [torch.zeros(NC, NC, dtype=acc, device=device) for _ in masks or [None]]
     acts = sum(la.outputs[0].numel() for la in op.layers_seen)
-    direct = None if op.route is None or masks else sum(p.numel() for p in op.route.rest)
+    direct = (
+        None if op.route is None or masks else sum(p.numel() for p in op.route.rest)
+    )
     width = block_width(lin, budget, len(masks or [None]), acts, direct)
     for start in range(0, NC, width):
         stop = min(NC, start + width)
