@@ -26,9 +26,17 @@ in the form its layer allows, and the layer's
 
 Every product runs in the Gram's dtype (the accumulation dtype, float64 from float32
 factors by default; :mod:`lowrank_ggn.core.precision`): explicit rows are cast in
-column chunks as ``syrk`` adds them, Kronecker operands once per layer; each
-Gram is symmetrised at the end, ``½ (𝒢 + 𝒢ᵀ)``. A layer's factor blocks are freed once
-they are added.
+column chunks as ``syrk`` adds them, Kronecker operands once per layer. ``syrk``
+adds into each Gram's lower triangle only, every other form adds a symmetric block;
+at the end each lower triangle is mirrored into the upper one. A layer's factor
+blocks are freed once they are added.
+
+**Non-finite factors.** A NaN or Inf in a block reaches the diagonal of its Gram
+(``𝒢_ii`` sums the squares of row ``i``'s entries); the diagonals are checked after
+each layer, and only where one is not finite are that layer's factors scanned
+(:func:`check_finite`: an error naming it, unless the Gram itself overflowed, which
+:func:`~lowrank_ggn.core.spectrum.gram_eigh` reports). From there on, and for shared
+parameters, every layer's factors are scanned before they are added.
 """
 
 from __future__ import annotations
@@ -68,9 +76,26 @@ class _GroupGrams:
     def add_rows(self, p: Tensor, rows: Tensor) -> None:
         """``𝒢_{g(p)} += rows rowsᵀ`` for ``rows`` ``[NC, K]``, in the Gram's dtype.
 
-        ``rows`` is cast chunk by chunk (:func:`acc.symmetric_rank_k_update`).
+        Lower triangle only (:func:`acc.lower_rank_k_update`, ``rows`` cast chunk by
+        chunk); :meth:`finish` mirrors it. Every other addition is symmetric.
         """
-        acc.symmetric_rank_k_update(self.of(p), rows)
+        acc.lower_rank_k_update(self.of(p), rows)
+
+    def finite_diagonals(self, params: list[Tensor]) -> bool:
+        """Whether the diagonals of ``params``' Grams are finite (``O(NC)`` each).
+
+        ``𝒢_ii`` sums the squares of row ``i``'s entries in every form: a NaN or
+        Inf in a block's factors reaches the diagonal of its Gram.
+        """
+        ids = {self.group_of[id(p)] for p in params}
+        sums = [self.grams[i].diagonal().sum() for i in ids]
+        return bool(torch.stack(sums).isfinite().all()) if sums else True
+
+    def finish(self) -> list[Tensor]:
+        """The symmetric Grams: each lower triangle mirrored into its upper one."""
+        for gram in self.grams:
+            acc.mirror_lower(gram)
+        return self.grams
 
 
 def assemble_grams(
@@ -95,8 +120,10 @@ def assemble_grams(
     lin = f.lin
     grams = _GroupGrams(groups, lin.num_columns, acc_dtype, lin.outputs.device)
     shared = _SharedRows(lin.fmodel.params, lin.num_columns, budget)
+    finite = True  # the Grams so far: a layer's non-finite factors show on them
     for la in f.layers:
-        check_finite(la)
+        if la.shared or not finite:
+            check_finite(la)
         stats = [f.B.get(id(p)) for p in la.params] if f.W is not None else []
         if la.shared:
             for p, rows in zip(la.params, layer_rows(la, f, budget)):
@@ -118,6 +145,9 @@ def assemble_grams(
             treatments[la.name] = LayerTreatment.SPLIT
         else:
             treatments[la.name] = _add_local(grams, la, f, budget)
+        if finite and not grams.finite_diagonals(la.params):
+            check_finite(la)  # raises, unless the Gram itself overflowed
+            finite = False
         la.grads, la.explicit = [], []  # free as we go
     for p, rows in shared.items():  # Σ over uses, then once the statistics part
         extra = f.statistics_rows(p)
@@ -132,7 +162,7 @@ def assemble_grams(
     for p, rows in zip(f.generic, f.generic_rows):
         grams.add_rows(p, rows)
     record_generic(f, treatments)
-    return [0.5 * (g + g.T) for g in grams.grams]
+    return grams.finish()
 
 
 def record_generic(f: Factors, treatments: dict[str, LayerTreatment]) -> None:
@@ -249,9 +279,7 @@ def _add_local(
     NS, C = lin.num_samples, lin.num_columns_per_sample
     NC, P, O = g.shape
     if la.bias is not None:
-        gram = grams.of(la.bias)
-        gb = g.sum(1).to(gram.dtype)  # bias rows [NC, O]
-        gram.addmm_(gb, gb.T)
+        grams.add_rows(la.bias, g.sum(1))  # bias rows [NC, O]
     if la.weight is None:
         return LayerTreatment.LOCAL_EXPLICIT
     gram = grams.of(la.weight)
