@@ -26,6 +26,7 @@ that is how eigenvectors are formed, on both paths.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -188,28 +189,41 @@ class Linearization:
         """Full-batch products ``J_θF(X)ᵀ W_k`` for cotangents ``[K, N, *out]``.
 
         One backward pass per cotangent on CPUs, one batched pass per chunk
-        elsewhere (:func:`~lowrank_ggn.core.autodiff.batched_grad`).
+        elsewhere (:func:`~lowrank_ggn.core.autodiff.batched_grad`); each
+        parameter's gradient is copied once, into its columns of the result.
 
         Returns:
             ``[K, D]``, flattened in ``params`` order.
         """
         if self.graph is None:
             self.forward_with_graph()
-        params = self.fmodel.params
-        rows = []
-        for start in range(0, cotangents.shape[0], max(1, chunk)):
-            part = cotangents[start : start + max(1, chunk)]
-            grads = batched_grad(self.graph, params, part)
-            grads = [
-                torch.zeros(part.shape[0], *p.shape, dtype=p.dtype, device=p.device)
-                if g is None
-                else g
-                for g, p in zip(grads, params)
-            ]
-            rows.append(self.fmodel.flatten(grads, batch_dims=1))
-        if not rows:
-            return cotangents.new_zeros(0, self.fmodel.num_params)
-        return torch.cat(rows)
+        fm = self.fmodel
+        K = cotangents.shape[0]
+        step = 1 if cotangents.device.type == "cpu" else max(1, chunk)
+        dtypes = [p.dtype for p in fm.params] or [cotangents.dtype]
+        dtype = functools.reduce(torch.promote_types, dtypes)
+        rows = cotangents.new_empty(K, fm.num_params, dtype=dtype)
+        # rows[b, columns of p] viewed as p: [K, *p.shape] per parameter
+        blocks = [
+            part.view(K, *shape)
+            for part, shape in zip(rows.split(fm.numels, dim=1), fm.shapes)
+        ]
+        for start in range(0, K, step):
+            stop = min(K, start + step)
+            part = cotangents[start:stop]
+            if part.shape[0] == 1:  # one plain backward pass
+                grads = torch.autograd.grad(
+                    self.graph, fm.params, part[0], retain_graph=True, allow_unused=True
+                )
+                grads = [None if g is None else g.unsqueeze(0) for g in grads]
+            else:
+                grads = batched_grad(self.graph, fm.params, part)
+            for block, g in zip(blocks, grads):
+                if g is None:
+                    block[start:stop].zero_()
+                else:
+                    block[start:stop].copy_(g)
+        return rows
 
     def apply_factors(self, weights: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
         """``(V u_k)ᵀ`` for coefficient rows ``u_k``: ``[K, N_S·C] -> [K, D]``."""
