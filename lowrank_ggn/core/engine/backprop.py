@@ -28,6 +28,7 @@ from torch.autograd.graph import GradientEdge
 from lowrank_ggn.core.autodiff import batched_grad, per_sample_vjps
 from lowrank_ggn.core.engine.batchnorm import BNLayer
 from lowrank_ggn.core.engine.layer import Layer
+from lowrank_ggn.core.engine.layers import channels_first
 from lowrank_ggn.core.engine.report import EngineReport
 from lowrank_ggn.core.engine.statistics import FeedingConv
 from lowrank_ggn.core.memory import release_free_memory
@@ -136,6 +137,8 @@ def statistics_directions(
     rows: dict[int, Tensor] = {}
     starts: dict[int, int] = {}  # the BatchNorm layers come in forward order
     targets = [la.target for la in layers] + list(others)
+    # channel-major buffers: the weight rows' GEMM reads them without a copy
+    major = [not la.functional and channels_first(la.module) for la in layers]
     selected = {id(p) for la in layers for p in la.params} | {id(p) for p in others}
 
     def store(p: Tensor, lo: int, block: Tensor) -> None:
@@ -165,13 +168,13 @@ def statistics_directions(
             stop = min(2 * K, start + step)
             if feed is not None:
                 grads = _chunk_grads(
-                    [feed.edge], targets, [feed.input_cotangents(start, stop)]
+                    [feed.edge], targets, [feed.input_cotangents(start, stop)], major
                 )
             else:
                 eye = bn.output.new_zeros(stop - start, 2 * K)
                 eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
                 grads = _chunk_grads(
-                    [bn.mean, bn.inv_std], targets, [eye[:, :K], eye[:, K:]]
+                    [bn.mean, bn.inv_std], targets, [eye[:, :K], eye[:, K:]], major
                 )
             for la, g in zip(layers, grads):
                 if g is None:
@@ -199,12 +202,16 @@ def _chunk_grads(
     outputs: list[Tensor | GradientEdge],
     targets: list[Tensor | GradientEdge],
     cotangents: list[Tensor],
+    channel_major: list[bool] = (),
 ) -> list[Tensor | None]:
     """``[B, *target]`` gradients of a chunk of ``B`` cotangents ``[B, *output]``.
 
     On CPUs one backward pass per cotangent, each copied into its place in the
     chunk's buffers; elsewhere one batched pass (:func:`batched_grad`). A target that
-    no output reaches gives ``None``.
+    no output reaches gives ``None``. ``channel_major[i]``: target ``i`` is a
+    channels-first output ``[N, O, *pos]`` whose buffer is laid out ``[B, O, N,
+    *pos]`` in memory (the copy transposes, so that the weight rows' product
+    ``[B·O, N·P] @ [N·P, I]`` and the bias sums read it without another copy).
     """
     if cotangents[0].device.type != "cpu":
         return batched_grad(outputs, targets, cotangents)
@@ -222,7 +229,10 @@ def _chunk_grads(
         for i, g in enumerate(grads):
             if g is None:
                 continue
-            if found[i] is None:
+            if found[i] is None and i < len(channel_major) and channel_major[i]:
+                found[i] = g.new_empty(B, g.shape[1], g.shape[0], *g.shape[2:])
+                found[i] = found[i].transpose(1, 2)  # [B, N, O, *pos]
+            elif found[i] is None:
                 found[i] = g.new_empty(B, *g.shape)
             found[i][b].copy_(g)
             filled[i].append(b)
