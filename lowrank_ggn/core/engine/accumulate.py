@@ -139,14 +139,19 @@ def _syrk_applies(gram: Tensor, block: Tensor) -> bool:
 def _cast_chunks(block: Tensor, dtype: torch.dtype) -> Iterator[Tensor]:
     """``block`` ``[NC, K]`` as contiguous column chunks in ``dtype``, one at a time.
 
-    ``block`` itself (made contiguous) if it has that dtype.
+    ``block`` itself (made contiguous) if it has that dtype. Every chunk is written
+    into the same buffer: each is valid until the next one is taken.
     """
     if block.dtype == dtype:
         yield block.contiguous()
         return
-    step = max(1, CAST_CHUNK // max(1, block.shape[0]))
-    for k in range(0, block.shape[1], step):
-        yield block[:, k : k + step].to(dtype, memory_format=torch.contiguous_format)
+    NC, K = block.shape
+    step = max(1, CAST_CHUNK // max(1, NC))
+    # one buffer for every chunk: no fresh pages (and their faults) per chunk
+    buffer = block.new_empty(NC * min(step, K), dtype=dtype)
+    for k in range(0, K, step):
+        part = block[:, k : k + step]
+        yield buffer[: part.numel()].view(part.shape).copy_(part)
 
 
 def balanced(A: Tensor, g: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
