@@ -92,6 +92,48 @@ def _conv3d() -> nn.Module:
     )
 
 
+def _wide_padding() -> nn.Module:
+    """Padding wider than the kernel's reach (the transposed convolution crops) and
+    a stride that leaves an input row unread (its cotangent is zero)."""
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, stride=2, padding=3),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    )
+
+
+def _conv1d_strided_dilated() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 2),
+        nn.BatchNorm1d(3),
+        nn.Tanh(),
+        nn.Conv1d(3, 4, 3, stride=3, dilation=2, padding=1),
+        nn.BatchNorm1d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 3, 3),
+    )
+
+
+def _three_blocks() -> nn.Module:
+    """3c3d's pattern: the third BatchNorm's passes run through two lower ones."""
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(2, 3),
+        nn.MaxPool2d(2),
+        *block(3, 4),
+        *block(4, 3),
+        nn.Flatten(),
+        nn.Linear(3 * 3 * 3, 3),
+    )
+
+
 def _linear() -> nn.Module:
     return nn.Sequential(
         nn.Linear(4, 5),
@@ -123,6 +165,9 @@ MODELS = {
     "two-batchnorms-one-conv": (TwoNorms, (5, 2, 6, 6), True),
     "conv1d": (_conv1d, (5, 2, 8), True),
     "conv3d": (_conv3d, (4, 1, 3, 3, 3), True),
+    "wide-padding": (_wide_padding, (5, 2, 6, 6), True),
+    "conv1d-strided-dilated": (_conv1d_strided_dilated, (5, 2, 11), True),
+    "three-blocks": (_three_blocks, (5, 2, 6, 6), True),
     "linear-batchnorm1d": (_linear, (6, 4), False),
     "inplace-relu-before-batchnorm": (_inplace, (5, 2, 6, 6), False),
 }
@@ -150,6 +195,9 @@ def test_directions_below_the_feeding_convolution_are_exact(name, monkeypatch):
     columns = gram_matrix(model, loss, X, y, strategy="columns", progress=False)
     report_close(split, columns, rtol=RTOL, name="bn_split Gram")
     res = ggn_spectrum(model, loss, X, y, strategy="bn_split", progress=False)
+    # a wrong row would fail the self-check and fall back silently to an exact route
+    assert res.engine_report.fallback is None, res.engine_report.fallback
+    assert res.engine_report.strategy == "bn_split"
     assert_spectrum_matches(res.eigenvalues, dense_ggn(model, loss, X, y))
 
 

@@ -19,7 +19,7 @@ convolution:
   all channels), and its bias ``Σ_{n,p} c_{np}``;
 * the cotangent at ``h``: a transposed convolution of one output channel per
   direction, ``1/K`` of the one autograd would run on the mostly-zero cotangent at
-  ``x`` (one grouped call for a chunk of directions).
+  ``x`` (unfolded patches of that channel times its weight row).
 
 Backward passes for the layers below then start at ``h``'s gradient edge
 (:class:`FeedingConv`).
@@ -27,9 +27,11 @@ Backward passes for the layers below then start at ``h``'s gradient edge
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
@@ -184,36 +186,45 @@ class FeedingConv:
         """Cotangents at ``h`` of directions ``start…stop−1``: ``[B, *h.shape]``.
 
         Direction ``b`` on channel ``k_b`` (group ``j_b``) is the transposed
-        convolution of its cotangent with weight row ``k_b``: all ``B`` as one call
-        with ``B`` groups, ``[N, B, *out] -> [N, B·I_g, *in]``.
+        convolution of its one-channel cotangent ``c_b`` with weight row ``k_b``,
+        written as the convolution it is: ``c_b`` with ``s − 1`` zeros between its
+        entries (stride ``s``), padded by ``d (k − 1) − p`` (cropped where negative;
+        more after it where ``h`` is longer than the transposed convolution's own
+        output), unfolded into patches of the flipped kernel, times that row,
+        ``[I_g, k] @ [k, P_in]`` per sample: one channel of patches instead of a
+        grouped convolution (slow on CPUs).
         """
         K = self.bn.channels
         c = self.cotangents(start, stop)  # [B, N, P]
         B, N = c.shape[:2]
         ks = torch.arange(start, stop, device=c.device) % K
         W = self.weight[ks]  # [B, I_g, *kernel]
-        Ig = W.shape[1]
+        Ig, kernel = W.shape[1], W.shape[2:]
         d = len(self.stride)
-        out_sp = self.bn.xhat.shape[2:]
-        grad_out = c.transpose(0, 1).reshape(N, B, *out_sp)
-        size = [N, B * Ig, *self.in_shape[2:]]
-        found = torch.ops.aten.convolution_backward(
-            grad_out,
-            grad_out.new_empty(1).expand(size),
-            W,
-            None,
-            self.stride,
-            self.padding,
-            self.dilation,
-            False,
-            [0] * d,
-            B,
-            [True, False, False],
-        )[0]
-        found = found.reshape(N, B, Ig, *self.in_shape[2:]).transpose(0, 1)
+        out_sp, in_sp = self.bn.xhat.shape[2:], self.in_shape[2:]
+        z = c.reshape(B * N, 1, *out_sp)
+        if any(s > 1 for s in self.stride):  # s − 1 zeros between the entries
+            size = [(o - 1) * s + 1 for o, s in zip(out_sp, self.stride)]
+            spread = c.new_zeros(B * N, 1, *size)
+            spread[(..., *(slice(None, None, s) for s in self.stride))] = z
+            z = spread
+        pads = []  # F.pad's order: the last dimension first
+        for i in reversed(range(d)):
+            reach = self.dilation[i] * (kernel[i] - 1)
+            natural = z.shape[2 + i] + 2 * (reach - self.padding[i]) - reach
+            pads += [reach - self.padding[i], reach - self.padding[i]]
+            pads[-1] += in_sp[i] - natural  # h's tail past that output
+        z = F.pad(z, pads)  # negative entries crop
+        for i in range(d):  # windows as views (F.unfold of one channel: slow)
+            z = z.unfold(2 + i, self.dilation[i] * (kernel[i] - 1) + 1, 1)
+            z = z[..., :: self.dilation[i]]
+        patches = z.reshape(B, N, math.prod(in_sp), -1)  # [B, N, P_in, k]
+        flipped = W.flip(list(range(2, 2 + d))).reshape(B, 1, Ig, -1)
+        found = torch.matmul(flipped, patches.transpose(2, 3))  # [B, N, I_g, P_in]
+        found = found.reshape(B, N, Ig, *in_sp)
         if self.groups == 1:
-            return found.contiguous()
-        cot = c.new_zeros(B, N, self.groups, Ig, *self.in_shape[2:])
+            return found
+        cot = c.new_zeros(B, N, self.groups, Ig, *in_sp)
         js = ks // (self.weight.shape[0] // self.groups)
         cot[torch.arange(B, device=c.device), :, js] = found
         return cot.reshape(B, *self.in_shape)
