@@ -276,6 +276,17 @@ def test_operand_forms_equal_autograd(name):
     report_close(operand.weight_rows(layer.output_grad(full)), summed, RTOL, "rows")
 
 
+def test_explicit_cost_counts_forming_the_rows():
+    """A dense weight's explicit rows cost ``NC·P·D_l`` to form (each entry a sum over
+    the ``P`` positions) plus ``(NC)²·D_l/2`` for ``syrk``."""
+    layer, y, g, V = _operand_case("conv2d-groups-stride-nobias")
+    _, G, P, Ig = layer.operand.A.shape
+    D_l = layer.weight.numel()
+    NS, C = 4, 2
+    flops, memory = layer.operand.costs(NS, C, 8)[LayerTreatment.LOCAL_EXPLICIT]
+    assert flops == NS * C * P * D_l + (NS * C) ** 2 * D_l / 2 and memory == 0.0
+
+
 def test_embedding_kronecker_uses_index_matches():
     """The kernel of an embedding is the equality of token ids, padding excluded."""
     layer, _, _, _ = _operand_case("embedding-padding")

@@ -301,7 +301,12 @@ def kron_costs(
 
 
 def explicit_cost(NC: int, P: int, width: int, D: int) -> float:
-    """Flops of explicit rows: ``NC·P·width`` to form them, ``(NC)²·D/2`` for ``syrk``."""
+    """Flops of explicit rows: ``NC·P·width`` to form them, ``(NC)²·D/2`` for ``syrk``.
+
+    ``width``: the multiply-adds per position and column (``D_l`` for a dense weight,
+    whose rows are ``Σ_p g_p a_pᵀ``; the row width for an embedding's scatter or an
+    elementwise affine).
+    """
     return NC * P * width + NC * NC * D / 2
 
 

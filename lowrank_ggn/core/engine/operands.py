@@ -125,7 +125,7 @@ class DenseOperand:
         return {
             LayerTreatment.KRONECKER: (G * kron, memory),
             LayerTreatment.LOCAL_EXPLICIT: (
-                acc.explicit_cost(NS * C, P, G * self.width, D),
+                acc.explicit_cost(NS * C, P, D, D),
                 0.0,
             ),
         }
