@@ -56,66 +56,52 @@ def _strided() -> nn.Module:
     )
 
 
-def _reflect() -> nn.Module:
+def _pair(first: nn.Module, act: nn.Module, second: nn.Module, flat: int) -> nn.Module:
+    """``first → BN → act → second → BN → Flatten → Linear(flat, 3)``, BatchNorm of
+    the convolutions' dimension."""
+    bn = {
+        nn.Conv1d: nn.BatchNorm1d,
+        nn.Conv2d: nn.BatchNorm2d,
+        nn.Conv3d: nn.BatchNorm3d,
+    }
+    norm = bn[type(first)]
     return nn.Sequential(
-        nn.Conv2d(2, 3, 3),
-        nn.BatchNorm2d(3),
-        nn.ReLU(),
-        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
-        nn.BatchNorm2d(4),
+        first,
+        norm(first.out_channels),
+        act,
+        second,
+        norm(second.out_channels),
         nn.Flatten(),
-        nn.Linear(4 * 4 * 4, 3),
+        nn.Linear(flat, 3),
     )
+
+
+def _reflect() -> nn.Module:
+    first = nn.Conv2d(2, 3, 3)
+    second = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+    return _pair(first, nn.ReLU(), second, 4 * 4 * 4)
 
 
 def _conv1d() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv1d(2, 3, 3),
-        nn.BatchNorm1d(3),
-        nn.ReLU(),
-        nn.Conv1d(3, 4, 2, stride=2),
-        nn.BatchNorm1d(4),
-        nn.Flatten(),
-        nn.Linear(4 * 3, 3),
-    )
+    return _pair(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Conv1d(3, 4, 2, stride=2), 4 * 3)
 
 
 def _conv3d() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv3d(1, 2, 2),
-        nn.BatchNorm3d(2),
-        nn.ReLU(),
-        nn.Conv3d(2, 3, 2, padding=1),
-        nn.BatchNorm3d(3),
-        nn.Flatten(),
-        nn.Linear(3 * 3 * 3 * 3, 3),
-    )
+    first, second = nn.Conv3d(1, 2, 2), nn.Conv3d(2, 3, 2, padding=1)
+    return _pair(first, nn.ReLU(), second, 3 * 3 * 3 * 3)
 
 
 def _wide_padding() -> nn.Module:
     """Padding wider than the kernel's reach (the transposed convolution crops) and
     a stride that leaves an input row unread (its cotangent is zero)."""
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3),
-        nn.BatchNorm2d(3),
-        nn.ReLU(),
-        nn.Conv2d(3, 4, 3, stride=2, padding=3),
-        nn.BatchNorm2d(4),
-        nn.Flatten(),
-        nn.Linear(4 * 4 * 4, 3),
-    )
+    first, second = nn.Conv2d(2, 3, 3), nn.Conv2d(3, 4, 3, stride=2, padding=3)
+    return _pair(first, nn.ReLU(), second, 4 * 4 * 4)
 
 
 def _conv1d_strided_dilated() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv1d(2, 3, 2),
-        nn.BatchNorm1d(3),
-        nn.Tanh(),
-        nn.Conv1d(3, 4, 3, stride=3, dilation=2, padding=1),
-        nn.BatchNorm1d(4),
-        nn.Flatten(),
-        nn.Linear(4 * 3, 3),
-    )
+    first = nn.Conv1d(2, 3, 2)
+    second = nn.Conv1d(3, 4, 3, stride=3, dilation=2, padding=1)
+    return _pair(first, nn.Tanh(), second, 4 * 3)
 
 
 def _three_blocks() -> nn.Module:
