@@ -19,6 +19,7 @@ is :mod:`lowrank_ggn._batch`'s (:class:`~lowrank_ggn._batch.LinearizedBatch`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from scipy.sparse.linalg import LinearOperator
@@ -28,12 +29,19 @@ from lowrank_ggn._batch import LinearizedBatch
 from lowrank_ggn.approx.param_groups import groups_within
 from lowrank_ggn.core.budget import check_linearization_memory
 from lowrank_ggn.core.diagonal import GGNDiagonal, diagonal_from_linearization, redrawn
+from lowrank_ggn.core.engine.report import EngineReport
+from lowrank_ggn.core.gram import gram_from_linearization
 from lowrank_ggn.core.linearization import Linearization
 from lowrank_ggn.core.loss_sampling import check_mc_samples
-from lowrank_ggn.core.modes import Solver
+from lowrank_ggn.core.modes import Accumulate, Solver
 from lowrank_ggn.core.options import DEFAULT_CHUNK, GGNOptions
 from lowrank_ggn.core.outputs import OutputSpec
-from lowrank_ggn.core.precision import ErrorModel, accumulation_dtype
+from lowrank_ggn.core.precision import (
+    ErrorModel,
+    accumulation_dtype,
+    resolves_top,
+    tries_native_sums,
+)
 from lowrank_ggn.core.solvers import check_solver, choose_solver, lanczos_pairs
 from lowrank_ggn.core.spectrum import (
     GGNSpectrum,
@@ -158,6 +166,8 @@ class GGN(LinearizedBatch):
         )
         self._gram: Tensor | None = None
         self._eigh: GramEigenpairs | None = None
+        # a float32 model's top-k pairs from float32 sums, with their engine report
+        self._native: tuple[GramEigenpairs, EngineReport] | None = None
 
     def gram(self) -> Tensor:
         r"""``Vᵀ V`` ``[N·C, N·C]``, sample-major (row ``n·C + c``); cached.
@@ -189,11 +199,40 @@ class GGN(LinearizedBatch):
 
     def _pairs(self, lin: Linearization) -> GramEigenpairs:
         if self._eigh is None:
+            self._native = None  # within the budget of one Gram and its eigh
             gram = self.gram()
             model = ErrorModel.of(lin.outputs.dtype, gram.dtype, lin.fmodel.num_params)
             self._eigh = gram_eigh(gram, model)
             self._report.solver = Solver.DENSE
         return self._eigh
+
+    def _dense_pairs(
+        self, lin: Linearization, top_k: int | None, rtol: float | None
+    ) -> GramEigenpairs:
+        """The dense solver's pairs, selected by ``rtol`` and ``top_k``.
+
+        From the cached Gram; or, for a float32 model's ``top_k`` under the defaults,
+        from float32 sums when the error model resolves all ``top_k`` there
+        (:func:`~lowrank_ggn.core.precision.tries_native_sums`,
+        :func:`~lowrank_ggn.core.precision.resolves_top`); else from float64 sums.
+        """
+        dtype = lin.outputs.dtype
+        if self._eigh is None and tries_native_sums(
+            dtype, self.options.accumulate, top_k, rtol
+        ):
+            if self._native is None:
+                options = replace(self.options, accumulate=Accumulate.NATIVE)
+                check_linearization_memory(lin, options, 1)
+                (gram,), report = gram_from_linearization(lin, options, self._work)
+                model = ErrorModel.of(dtype, gram.dtype, lin.fmodel.num_params)
+                self._native = gram_eigh(gram, model), report
+            pairs, report = self._native
+            if resolves_top(pairs.eigenvalues, pairs.errors, top_k):
+                report.solver = Solver.DENSE
+                self._report = report
+                return pairs.select(rtol, top_k)
+            del pairs, report  # _pairs drops the float32 pairs before float64 sums
+        return self._pairs(lin).select(rtol, top_k)
 
     def spectrum(
         self,
@@ -238,7 +277,7 @@ class GGN(LinearizedBatch):
                     lin, top_k, rtol, model, self._work, self.options.progress
                 )
             else:
-                pairs = self._pairs(lin).select(rtol, top_k)
+                pairs = self._dense_pairs(lin, top_k, rtol)
             chunk = self.options.chunk
             return spectrum_result(lin, pairs, eigenvectors, chunk, self._report)
 

@@ -18,7 +18,7 @@ from cases import BN_CASES, CASES
 from torch import nn
 from utils import cast
 
-from lowrank_ggn import ggn_spectrum, gram_matrix
+from lowrank_ggn import GGN, ggn_spectrum, gram_matrix
 from lowrank_ggn.app.data import digits_batch
 from lowrank_ggn.app.models import build_model
 from lowrank_ggn.app.training import train
@@ -133,6 +133,58 @@ def test_gram_is_summed_in_float64_for_float32_models():
     generic = gram_matrix(m32, loss, X32, y32, engine="generic")
     assert generic.dtype == F64
     torch.testing.assert_close(generic, K64, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["cnn-pool-ce", "bn2d-train-ce", "mlp-ce-mean"])
+def test_float32_top_k_from_float32_sums_where_they_resolve_it(name):
+    """Default options, ``top_k``: float32 sums when the error model resolves every
+    returned eigenvalue there; the same eigenvalues as float64 sums, within bounds."""
+    model, loss, X, y = PRECISION_CASES[name].make()
+    m32, X32, y32 = _to32(model, X, y)
+    k = 3
+    res = ggn_spectrum(m32, loss, X32, y32, top_k=k, eigenvectors=True)
+    assert res.accumulate == "native" and res.rank == k
+    assert res.engine_report.solver.value == "dense"
+    truth = _truth(m32, loss, X32, y32)
+    _check_within_bounds(res, truth)
+    full = ggn_spectrum(m32, loss, X32, y32, accumulate="float64")
+    torch.testing.assert_close(res.eigenvalues, full.eigenvalues[:k], rtol=1e-5, atol=0)
+    E = res.eigenvectors.double()
+    G = dense_ggn(copy.deepcopy(m32).double(), loss, cast(X32, F64), cast(y32, F64))
+    residual = (G @ E.T - E.T * res.eigenvalues.double()).norm(dim=0)
+    assert bool((residual <= res.eigenvector_residuals.double()).all())
+
+
+def test_float32_top_k_sums_in_float64_where_float32_leaves_one_unresolved():
+    """A ``top_k`` reaching eigenvalues that float32 sums cannot resolve: the Gram is
+    summed again in float64, and the answer is the float64 one."""
+    model, loss, X, y = PRECISION_CASES["mlp-ce-mean"].make()
+    m32, X32, y32 = _to32(model, X, y)
+    native = ggn_spectrum(m32, loss, X32, y32, accumulate="native")
+    full = ggn_spectrum(m32, loss, X32, y32, accumulate="float64")
+    assert full.rank > native.rank  # float64 resolves more: the case is meaningful
+    k = native.rank + 1
+    res = ggn_spectrum(m32, loss, X32, y32, top_k=k)
+    assert res.accumulate == "float64" and res.rank == k
+    torch.testing.assert_close(res.eigenvalues, full.eigenvalues[:k])
+
+
+def test_float32_top_k_keeps_float64_sums_when_asked_or_cached():
+    """``accumulate="float64"``, a user ``rtol`` or a cached float64 Gram: float64."""
+    model, loss, X, y = PRECISION_CASES["cnn-pool-ce"].make()
+    m32, X32, y32 = _to32(model, X, y)
+    assert (
+        ggn_spectrum(m32, loss, X32, y32, top_k=2, accumulate="float64").accumulate
+        == "float64"
+    )
+    assert ggn_spectrum(m32, loss, X32, y32, top_k=2, rtol=1e-6).accumulate == "float64"
+    ggn = GGN(m32, loss, X32, y32)
+    ggn.spectrum()  # float64 sums, cached
+    assert ggn.spectrum(top_k=2).accumulate == "float64"
+    fresh = GGN(m32, loss, X32, y32)
+    first = fresh.spectrum(top_k=2)
+    assert first.accumulate == "native" and fresh.gram().dtype == F64
+    assert fresh.spectrum().accumulate == "float64"
 
 
 def test_accumulate_is_checked_before_the_model_runs():
