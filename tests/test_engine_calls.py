@@ -131,6 +131,40 @@ def test_broadcast_parameters_and_norms_train_mode_bn():
         assert report.layers[name] is not GENERIC, report
 
 
+class SlicedTable(nn.Module):
+    """Tokens plus ``pos[index]`` (the harness transformer's ``self.pos[:L]``)."""
+
+    def __init__(self, index, length: int = 4) -> None:
+        super().__init__()
+        self.index = index
+        self.tok = nn.Embedding(5, 3)
+        self.pos = nn.Parameter(0.5 * torch.randn(length, 3))
+        self.head = nn.Linear(3 * 4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tok(x) + self.pos[self.index]).flatten(1))
+
+
+@pytest.mark.parametrize(
+    "index, length, generic",
+    [
+        (slice(None, 4), 4, ()),  # all of the table, in order: captured
+        (slice(None), 4, ()),
+        (torch.tensor([1, 0, 3, 2]), 4, {"pos"}),  # every row, permuted: autograd's
+        (slice(1, 5), 5, {"pos"}),  # part of a longer table
+    ],
+    ids=["prefix", "full", "permuted", "part"],
+)
+def test_position_table_read_through_a_slice(index, length, generic):
+    """Exact either way; captured only where the slice reads the whole table in order."""
+    torch.manual_seed(0)
+    model = SlicedTable(index, length).to(D)
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randint(0, 5, (6, 4), generator=gen)
+    y = torch.randint(0, 2, (6,), generator=gen)
+    _check(model, nn.CrossEntropyLoss(), X, y, generic=generic)
+
+
 def test_parameter_also_read_by_an_uncaptured_call_is_generic():
     """``x * s + exp(s)``: the second read is no captured call, so ``s`` is generic."""
 
@@ -331,7 +365,12 @@ class Attention(nn.Module):
 
 @pytest.mark.parametrize(
     "batch_first, cross, bias",
-    [(True, False, True), (False, False, True), (True, False, False), (True, True, True)],
+    [
+        (True, False, True),
+        (False, False, True),
+        (True, False, False),
+        (True, True, True),
+    ],
     ids=["batch-first", "sequence-first", "no-bias", "cross-attention"],
 )
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])

@@ -18,8 +18,8 @@ capture's forward pass (:mod:`~lowrank_ggn.core.engine.capture`), :class:`Forwar
                                                               subclasses
   ``torch.addmm(b, x, W)``    ``W`` ``[I, O]``, ``b``         Hugging Face's ``Conv1D``
   ``F.layer_norm`` …          the affine ``γ``, ``β``          timm's ``LayerNorm2d``
-  ``x * p``, ``x + p``        ``p`` broadcast (or a view)     layer scale, RMS norms,
-                                                              position tables
+  ``x * p``, ``x + p``        ``p`` broadcast (or a view,     layer scale, RMS norms,
+                              ``p[:T]`` of all of ``p``)      position tables
   ==========================  ==============================  ==========================
 
   A linear call is the operand of an ``nn.Linear``
@@ -107,6 +107,9 @@ class ScaleCall:
 
 #: Calls that give a view of a parameter with its elements in order.
 VIEWS = (Tensor.reshape, Tensor.view, Tensor.unsqueeze, torch.reshape, torch.unsqueeze)
+#: Indexing: a view of the whole parameter in order only where it is the parameter's
+#: memory, read in order (``pos[:T]`` with ``T`` the table's length); checked.
+INDEXING = (Tensor.__getitem__,)
 #: Products and sums with a broadcast parameter.
 PRODUCTS = (torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__)
 SUMS = (torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__)
@@ -147,9 +150,10 @@ class FunctionalCalls:
         """Record ``out = func(*args, **kwargs)``; ``True`` if it is a parameter view."""
         if not isinstance(out, Tensor):
             return False
-        if func in VIEWS and args and self.root(args[0]) is not None:
+        if func in VIEWS + INDEXING and args and self.root(args[0]) is not None:
             p = self.root(args[0])
-            if out.numel() == p.numel() and out.requires_grad:
+            in_order = func not in INDEXING or _same_memory(out, p)
+            if out.numel() == p.numel() and out.requires_grad and in_order:
                 self.views[id(out)] = (p, out)
                 return True
             return False
@@ -233,6 +237,16 @@ class FunctionalCalls:
             self.scale.append(ScaleCall(p, None, shape, xhat, out, edge))
         else:
             self.scale.append(ScaleCall(None, p, shape, None, out, edge))
+
+
+def _same_memory(view: Tensor, p: Tensor) -> bool:
+    """``view`` reads every element of ``p``'s memory in ``p``'s order."""
+    return (
+        view.data_ptr() == p.data_ptr()
+        and view.is_contiguous()
+        and p.is_contiguous()
+        and view.numel() == p.numel()
+    )
 
 
 class ForwardCalls(TorchFunctionMode):
