@@ -30,6 +30,11 @@ import torch
 from torch import Tensor
 
 from lowrank_ggn.core.engine import accumulate as acc
+from lowrank_ggn.core.engine.matches import (
+    MATCH_CHUNK_BYTES,
+    add_token_matches,
+    match_count,
+)
 from lowrank_ggn.core.engine.report import LayerTreatment
 
 #: ``(columns of the flattened weight, rows [NC, columns])``.
@@ -212,6 +217,8 @@ class IndexOperand:
         coef: The coefficients ``a``, in the layer's dtype.
         num_embeddings: ``V``; ``dim``: ``E``.
         batch_tokens: The sorted distinct tokens (``a ≠ 0``) of the whole batch.
+        match_pairs: ``Σ_t (reads of t)²`` (:func:`~lowrank_ggn.core.engine.matches.match_count`),
+            counted on first use.
     """
 
     idx: Tensor
@@ -219,6 +226,7 @@ class IndexOperand:
     num_embeddings: int
     dim: int
     batch_tokens: Tensor
+    match_pairs: int | None = None  # ordered pairs of equal-token reads, once counted
 
     def select(self, idx: Tensor) -> IndexOperand:
         """The operand of the samples ``idx``."""
@@ -262,17 +270,41 @@ class IndexOperand:
         """Kronecker (index matches) against explicit rows over the batch's tokens."""
         P, L = self.idx.shape[1:]
         E, used = self.dim, self.tokens().numel()
-        kernel = NS * NS * P * P * L * L
         return {
-            LayerTreatment.KRONECKER: acc.kron_costs(NS, C, P, E, kernel, item),
+            LayerTreatment.KRONECKER: self._kron_costs(NS, C, item),
             LayerTreatment.LOCAL_EXPLICIT: (
                 acc.explicit_cost(NS * C, P * L, E, used * E),
                 0.0,
             ),
         }
 
+    def _kron_costs(self, NS: int, C: int, item: int) -> tuple[float, float]:
+        """``(flops, bytes)``: the dense index kernels' or the token matches'.
+
+        Whichever costs fewer flops (:mod:`~lowrank_ggn.core.engine.matches`).
+        """
+        P, L = self.idx.shape[1:]
+        dense = acc.kron_costs(NS, C, P, self.dim, NS * NS * P * P * L * L, item)
+        if P == 1:
+            return dense
+        return min(dense, (self._match_flops(C), 2.0 * MATCH_CHUNK_BYTES))
+
+    def _match_flops(self, C: int) -> float:
+        """``M·C·E·(C + 2)`` for the ``M`` ordered pairs of reads of equal tokens."""
+        if self.match_pairs is None:
+            self.match_pairs = match_count(self.idx, self.coef)
+        return float(self.match_pairs * C * self.dim * (C + 2))
+
     def add_kronecker(self, gram: Tensor, g: Tensor) -> None:
-        """``𝒢 += Σ_{pq} k_{pq} ⟨g_{ncp}, g_{mdq}⟩`` for ``g`` ``[NS, C, P, E]``."""
+        """``𝒢 += Σ_{pq} k_{pq} ⟨g_{ncp}, g_{mdq}⟩`` for ``g`` ``[NS, C, P, E]``.
+
+        Positions ``P > 1``: from the token matches where they cost less than the
+        dense kernels (:meth:`_kron_costs`).
+        """
+        NS, C, P = g.shape[:3]
+        if P > 1 and self._kron_costs(NS, C, 1)[0] == self._match_flops(C):
+            add_token_matches(gram, g, self.idx, self.coef)
+            return
         if self.idx.shape[1] == 1:
             i, a = self.idx[:, 0], self.coef[:, 0].to(gram.dtype)  # [NS, L]
             # K[n, m] = Σ_{l,l'} a_{nl} a_{ml'} [idx_{nl} = idx_{ml'}]
