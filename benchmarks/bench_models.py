@@ -20,10 +20,11 @@ size is its own:
 
 * ``lowrank_ggn``: this working tree's ``ggn_spectrum(model, loss, inputs, y,
   top_k=10, eigenvectors=True)``, the transformer's inputs as the tuple; recorded: the
-  path, the engine report's strategy, pass counts and per-layer treatments (the
-  Gram summed in float64, the default for float32 models);
-* ``lowrank_ggn_f32``: the same with ``accumulate="native"`` (the Gram summed in
-  float32; the error model's bounds then include float32 sums);
+  path, the engine report's strategy, pass counts and per-layer treatments (a top-k
+  call of a float32 model sums the Gram in float32 where the error model resolves
+  the top 10 there, as here, else in float64: ``res.accumulate`` is recorded);
+* ``lowrank_ggn_f64``: the same with ``accumulate="float64"`` (the Gram always summed
+  in float64, what every call did before);
 * ``previous``: the same call on the previous release (git revision ``--previous``,
   default ``6642272``, exported with ``git archive`` and put first on ``sys.path``).
   That release takes a single input tensor, so the transformer runs behind
@@ -130,6 +131,7 @@ def lowrank(model, loss, X, y, **options) -> tuple[list[float], dict]:
         "package": str(Path(lowrank_ggn.__file__).parent),  # which release ran
         "path": getattr(res.path, "name", str(res.path)),
         "engine_report": None if report is None else plain_data(report),
+        "accumulate": getattr(res, "accumulate", None),  # where the Gram was summed
     }
     return [float(v) for v in res.eigenvalues[:TOP_K]], info
 
@@ -144,9 +146,9 @@ def run_method(case: Case, N: int, seed: int) -> tuple[list[float], dict, int]:
         with math_attention(case.model):
             evals, info = curvlinops_eigsh(model, loss, X, y)
         return evals, info, D
-    # lowrank_ggn_f32: the Gram summed in float32 (accumulate="native")
-    native = {"accumulate": "native"} if case.method == "lowrank_ggn_f32" else {}
-    evals, info = lowrank(model, loss, X, y, **native)
+    # lowrank_ggn_f64: the Gram summed in float64 (accumulate="float64")
+    sums = {"accumulate": "float64"} if case.method == "lowrank_ggn_f64" else {}
+    evals, info = lowrank(model, loss, X, y, **sums)
     return evals, info, D
 
 

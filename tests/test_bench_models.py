@@ -15,7 +15,7 @@ if str(BENCHMARKS) not in sys.path:  # the benchmarks' harness
 
 from harness.models_zoo import Packed, build  # noqa: E402
 
-METHODS = {"lowrank_ggn", "lowrank_ggn_f32", "previous", "curvlinops"}
+METHODS = {"lowrank_ggn", "lowrank_ggn_f64", "previous", "curvlinops"}
 AGREEMENT_RTOL = 1e-4  # float32 top-10, relative to λ_max (the benchmark's own bar)
 
 
@@ -41,7 +41,7 @@ def test_bench_models_quick_mode(tmp_path):
     by = {r["method"]: r for r in records}
     assert by["lowrank_ggn"]["inputs"] == "tuple (tokens, mask)"
     assert by["lowrank_ggn"]["path"] == "per_sample"
-    assert by["lowrank_ggn_f32"]["inputs"] == "tuple (tokens, mask)"
+    assert by["lowrank_ggn_f64"]["inputs"] == "tuple (tokens, mask)"
     if peers:
         assert by["curvlinops"]["sdpa_backend"] == "math"
     (row,) = result["comparisons"]
