@@ -10,7 +10,11 @@ spectrum, the diagonal and trace, gradient moments, directional derivatives and 
 the one-call functions of :mod:`lowrank_ggn.functional` wrap it.
 """
 
-from lowrank_ggn import optim, reference
+from lowrank_ggn import (
+    _threads,  # noqa: F401 (first: before scipy's BLAS loads)
+    optim,
+    reference,
+)
 from lowrank_ggn.approx.dataset import DatasetSpectrum, ggn_spectrum_dataset
 from lowrank_ggn.approx.dataset_solvers import GramMemoryError
 from lowrank_ggn.approx.param_groups import per_layer_groups
