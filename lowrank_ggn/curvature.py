@@ -214,25 +214,56 @@ class GGN(LinearizedBatch):
         From the cached Gram; or, for a float32 model's ``top_k`` under the defaults,
         from float32 sums when the error model resolves all ``top_k`` there
         (:func:`~lowrank_ggn.core.precision.tries_native_sums`,
-        :func:`~lowrank_ggn.core.precision.resolves_top`); else from float64 sums.
+        :func:`~lowrank_ggn.core.precision.resolves_top`); else from float64 sums,
+        whose report then counts the passes of both tries.
         """
         dtype = lin.outputs.dtype
-        if self._eigh is None and tries_native_sums(
-            dtype, self.options.accumulate, top_k, rtol
+        tried = None
+        if (
+            self._eigh is None
+            and self._gram is None
+            and tries_native_sums(
+                dtype, self.options.accumulate, top_k, rtol, lin.num_columns
+            )
         ):
             if self._native is None:
-                options = replace(self.options, accumulate=Accumulate.NATIVE)
-                check_linearization_memory(lin, options, 1)
-                (gram,), report = gram_from_linearization(lin, options, self._work)
-                model = ErrorModel.of(dtype, gram.dtype, lin.fmodel.num_params)
-                self._native = gram_eigh(gram, model), report
+                self._native = self._native_pairs(lin)
             pairs, report = self._native
-            if resolves_top(pairs.eigenvalues, pairs.errors, top_k):
+            if pairs is not None and resolves_top(
+                pairs.eigenvalues, pairs.errors, top_k
+            ):
                 report.solver = Solver.DENSE
                 self._report = report
                 return pairs.select(rtol, top_k)
+            tried = report
             del pairs, report  # _pairs drops the float32 pairs before float64 sums
-        return self._pairs(lin).select(rtol, top_k)
+        chosen = self._pairs(lin).select(rtol, top_k)
+        if tried is not None:
+            for kind, n in tried.passes.items():
+                self._report.count(kind, n)
+        return chosen
+
+    def _native_pairs(
+        self, lin: Linearization
+    ) -> tuple[GramEigenpairs | None, EngineReport]:
+        """Every eigenpair of the Gram summed in the parameters' dtype.
+
+        ``None`` where that Gram is not finite (float32 products overflow where
+        float64 ones do not). Holds ``[N·C, N·C]`` eigenvectors; the Gram itself is
+        released.
+        """
+        options = replace(self.options, accumulate=Accumulate.NATIVE)
+        check_linearization_memory(lin, options, 1)
+        (gram,), report = gram_from_linearization(lin, options, self._work)
+        if not torch.isfinite(gram.diagonal()).all():
+            return None, report
+        model = ErrorModel.of(lin.outputs.dtype, gram.dtype, lin.fmodel.num_params)
+        try:
+            pairs = gram_eigh(gram, model)
+        except ValueError:  # non-finite entries off the diagonal
+            return None, report
+        pairs.diag = pairs.diag.clone()  # a view would keep the Gram alive
+        return pairs, report
 
     def spectrum(
         self,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
+import warnings
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from cases import BN_CASES, CASES
 from torch import nn
 from utils import cast
 
-from lowrank_ggn import GGN, ggn_spectrum, gram_matrix
+from lowrank_ggn import GGN, _batch, curvature, ggn_spectrum, gram_matrix
 from lowrank_ggn.app.data import digits_batch
 from lowrank_ggn.app.models import build_model
 from lowrank_ggn.app.training import train
@@ -158,15 +160,41 @@ def test_float32_top_k_from_float32_sums_where_they_resolve_it(name):
 def test_float32_top_k_sums_in_float64_where_float32_leaves_one_unresolved():
     """A ``top_k`` reaching eigenvalues that float32 sums cannot resolve: the Gram is
     summed again in float64, and the answer is the float64 one."""
-    model, loss, X, y = PRECISION_CASES["mlp-ce-mean"].make()
+    model, loss, X, y = PRECISION_CASES["depthwise-ce"].make()
     m32, X32, y32 = _to32(model, X, y)
     native = ggn_spectrum(m32, loss, X32, y32, accumulate="native")
     full = ggn_spectrum(m32, loss, X32, y32, accumulate="float64")
     assert full.rank > native.rank  # float64 resolves more: the case is meaningful
     k = native.rank + 1
-    res = ggn_spectrum(m32, loss, X32, y32, top_k=k)
+    assert 2 * k <= native.num_columns  # within the try's range
+    seen = []
+    real = curvature.gram_from_linearization
+
+    def held(ptr: int) -> bool:  # a live tensor on that memory (the Gram, a view)
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance on deprecated module objects
+            warnings.simplefilter("ignore")
+            return any(
+                isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr
+                for t in gc.get_objects()
+            )
+
+    def spy(lin, options, *args):
+        if seen:  # the float64 sums: the float32 Gram's memory is free by now
+            assert not held(seen[0]), "the float32 Gram is still held"
+        grams, report = real(lin, options, *args)
+        seen.append(grams[0].untyped_storage().data_ptr())
+        return grams, report
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(curvature, "gram_from_linearization", spy)  # the float32 try
+        mp.setattr(_batch, "gram_from_linearization", spy)  # float64 sums
+        res = ggn_spectrum(m32, loss, X32, y32, top_k=k)
+    assert len(seen) == 2
     assert res.accumulate == "float64" and res.rank == k
     torch.testing.assert_close(res.eigenvalues, full.eigenvalues[:k])
+    once = full.engine_report.passes["backward"]
+    assert res.engine_report.passes["backward"] == 2 * once  # both tries counted
 
 
 def test_float32_top_k_keeps_float64_sums_when_asked_or_cached():
@@ -181,6 +209,16 @@ def test_float32_top_k_keeps_float64_sums_when_asked_or_cached():
     ggn = GGN(m32, loss, X32, y32)
     ggn.spectrum()  # float64 sums, cached
     assert ggn.spectrum(top_k=2).accumulate == "float64"
+    ggn = GGN(m32, loss, X32, y32)
+    ggn.gram()  # a cached float64 Gram alone
+    assert ggn.spectrum(top_k=2).accumulate == "float64"
+    previous = torch.get_float32_matmul_precision()
+    try:  # TF32 / bfloat16 passes: float32 sums are not ε_32-accurate
+        torch.set_float32_matmul_precision("high")
+        res = ggn_spectrum(m32, loss, X32, y32, top_k=2)
+        assert res.accumulate == "float64"
+    finally:
+        torch.set_float32_matmul_precision(previous)
     fresh = GGN(m32, loss, X32, y32)
     first = fresh.spectrum(top_k=2)
     assert first.accumulate == "native" and fresh.gram().dtype == F64

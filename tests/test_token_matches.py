@@ -56,6 +56,17 @@ def test_matches_equal_the_explicit_rows(
     assert matches.match_count(idx, coef) == expected
 
 
+@pytest.mark.parametrize("step", [1, 3, 7, 1000])
+def test_pair_chunks_are_bounded_and_cover_every_pair_once(step):
+    token = torch.tensor([0, 0, 0, 0, 0, 2, 5, 5, 9])  # one token read five times
+    seen = []
+    for i, j in matches._pair_chunks(token, step):
+        assert i.numel() <= step  # a chunk never exceeds its bound
+        seen += list(zip(i.tolist(), j.tolist()))
+    expected = [(a, b) for a in range(9) for b in range(9) if token[a] == token[b]]
+    assert sorted(seen) == expected and len(seen) == len(set(seen))
+
+
 def test_a_nan_operand_reaches_the_diagonal():
     g = torch.randn(3, 2, 4, 5, dtype=D)
     g[1, 0, 2, 3] = float("nan")

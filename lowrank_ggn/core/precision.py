@@ -124,17 +124,24 @@ def tries_native_sums(
     accumulate: Accumulate | str | None,
     top_k: int | None,
     rtol: float | None,
+    num_columns: int | None = None,
 ) -> bool:
     """Whether a dense ``top_k`` spectrum first sums its Gram in the parameters' dtype.
 
     Only for float32 parameters under the defaults (``accumulate=None`` and the error
-    model's rule, ``rtol=None``): float16/bfloat16 sums resolve too little to be
-    worth the try, and a user ``rtol`` does not consult the error model.
+    model's rule, ``rtol=None``), with float32 matrix products at full precision
+    (``torch.get_float32_matmul_precision() == "highest"``, no TF32: the error model
+    assumes ``ε_32``), and for ``top_k`` at most half the ``num_columns`` of the Gram
+    (more rarely resolves in float32, and a failed try costs a second Gram).
+    float16/bfloat16 sums resolve too little to be worth the try, and a user ``rtol``
+    does not consult the error model.
 
     Example:
         >>> tries_native_sums(torch.float32, None, 5, None)
         True
         >>> tries_native_sums(torch.float32, "float64", 5, None)
+        False
+        >>> tries_native_sums(torch.float32, None, 5, None, num_columns=8)
         False
     """
     return (
@@ -142,7 +149,16 @@ def tries_native_sums(
         and rtol is None
         and top_k is not None
         and param_dtype == torch.float32
+        and (num_columns is None or 2 * top_k <= num_columns)
+        and _full_float32_matmuls()
     )
+
+
+def _full_float32_matmuls() -> bool:
+    """float32 GEMMs at float32 precision: no TF32 or bfloat16 passes."""
+    cuda = getattr(torch.backends, "cuda", None)
+    tf32 = bool(cuda is not None and cuda.matmul.allow_tf32)
+    return torch.get_float32_matmul_precision() == "highest" and not tf32
 
 
 def resolves_top(evals: Tensor, errors: Tensor, k: int) -> bool:

@@ -74,6 +74,9 @@ class GGNSpectrum:
             returned eigenvector; ``None`` without eigenvectors.
         num_unresolved: Eigenvalues not returned because the error model cannot
             tell them from zero to ``1e-3`` relative (or below ``rtol · λ_max``).
+            ``threshold`` and this count are those of the sums used: a float32
+            model's ``top_k`` from float32 sums (``accumulate == "native"``)
+            leaves more unresolved than float64 sums would.
         accumulate: ``"float64"`` or ``"native"``: the dtype the Gram was summed and
             diagonalised in.
 

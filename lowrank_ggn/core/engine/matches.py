@@ -24,8 +24,11 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-#: Bytes of gathered operands per chunk of pairs in :func:`add_token_matches`.
+#: Bytes of gathered operands and products per chunk of pairs in
+#: :func:`add_token_matches`.
 MATCH_CHUNK_BYTES = 2**25
+#: Work space of a chunk: the gathers before their cast, the scaled copy, the products.
+MATCH_WORK_BYTES = 3 * MATCH_CHUNK_BYTES
 
 
 def _occurrences(idx: Tensor, coef: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -51,30 +54,25 @@ def match_count(idx: Tensor, coef: Tensor) -> int:
 def _pair_chunks(token: Tensor, step: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Ordered pairs ``(i, j)`` of positions in sorted ``token`` with equal values.
 
-    About ``step`` pairs at a time; all pairs of one ``i`` come in one chunk.
+    At most ``step`` pairs at a time: pair ``k`` is the ``k``-th in the order of ``i``,
+    then ``j`` (a token read very often spans several chunks).
     """
     _, counts = torch.unique_consecutive(token, return_counts=True)
     size = torch.repeat_interleave(counts, counts)  # group size of each occurrence
     first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     ends = torch.cumsum(size, 0)  # pairs of occurrences 0…i
-    i0, total = 0, token.numel()
-    while i0 < total:
-        base = int(ends[i0 - 1]) if i0 else 0
-        i1 = max(i0 + 1, int(torch.searchsorted(ends, base + step, right=True)))
-        sizes = size[i0:i1]
-        i = torch.repeat_interleave(torch.arange(i0, i1, device=token.device), sizes)
-        offset = torch.arange(i.numel(), device=token.device)
-        offset -= torch.repeat_interleave(ends[i0:i1] - sizes - base, sizes)
-        yield i, first[i] + offset
-        i0 = i1
+    for start in range(0, int(ends[-1]), step):
+        k = torch.arange(start, min(start + step, int(ends[-1])), device=token.device)
+        i = torch.searchsorted(ends, k, right=True)
+        yield i, first[i] + k - (ends[i] - size[i])
 
 
 def add_token_matches(gram: Tensor, g: Tensor, idx: Tensor, coef: Tensor) -> None:
     """``𝒢 += Σ_{t_i = t_j} a_i a_j ⟨g_{n_i c p_i}, g_{n_j d p_j}⟩`` (module docstring).
 
-    Products run in ``gram``'s dtype; pairs are taken in chunks of about
-    :data:`MATCH_CHUNK_BYTES` of gathered operands and products (all pairs of one
-    occurrence together: at most ``N·P·L``).
+    Products run in ``gram``'s dtype; pairs are taken in chunks of
+    :data:`MATCH_CHUNK_BYTES` of gathered operands and products (with the
+    temporaries of a chunk, at most :data:`MATCH_WORK_BYTES`).
 
     Args:
         gram: ``[NS·C, NS·C]``, sample-major.
@@ -106,4 +104,4 @@ def add_token_matches(gram: Tensor, g: Tensor, idx: Tensor, coef: Tensor) -> Non
         blocks.index_put_((sample[ii], sample[jj]), block, accumulate=True)
 
 
-__all__ = ["MATCH_CHUNK_BYTES", "add_token_matches", "match_count"]
+__all__ = ["MATCH_CHUNK_BYTES", "MATCH_WORK_BYTES", "add_token_matches", "match_count"]

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from lowrank_ggn.core.engine import accumulate as acc
 from lowrank_ggn.core.engine.matches import (
-    MATCH_CHUNK_BYTES,
+    MATCH_WORK_BYTES,
     add_token_matches,
     match_count,
 )
@@ -279,15 +279,22 @@ class IndexOperand:
         }
 
     def _kron_costs(self, NS: int, C: int, item: int) -> tuple[float, float]:
-        """``(flops, bytes)``: the dense index kernels' or the token matches'.
+        """``(flops, bytes)`` of the form :meth:`_by_matches` picks."""
+        P, L = self.idx.shape[1:]
+        if self._by_matches(NS, C):
+            return self._match_flops(C), float(MATCH_WORK_BYTES)
+        return acc.kron_costs(NS, C, P, self.dim, NS * NS * P * P * L * L, item)
 
-        Whichever costs fewer flops (:mod:`~lowrank_ggn.core.engine.matches`).
+    def _by_matches(self, NS: int, C: int) -> bool:
+        """Whether the token matches cost fewer flops than the dense index kernels.
+
+        Only for several positions (:mod:`~lowrank_ggn.core.engine.matches`).
         """
         P, L = self.idx.shape[1:]
-        dense = acc.kron_costs(NS, C, P, self.dim, NS * NS * P * P * L * L, item)
         if P == 1:
-            return dense
-        return min(dense, (self._match_flops(C), 2.0 * MATCH_CHUNK_BYTES))
+            return False
+        dense = acc.kron_costs(NS, C, P, self.dim, NS * NS * P * P * L * L, 1)[0]
+        return self._match_flops(C) < dense
 
     def _match_flops(self, C: int) -> float:
         """``M·C·E·(C + 2)`` for the ``M`` ordered pairs of reads of equal tokens."""
@@ -298,11 +305,9 @@ class IndexOperand:
     def add_kronecker(self, gram: Tensor, g: Tensor) -> None:
         """``𝒢 += Σ_{pq} k_{pq} ⟨g_{ncp}, g_{mdq}⟩`` for ``g`` ``[NS, C, P, E]``.
 
-        Positions ``P > 1``: from the token matches where they cost less than the
-        dense kernels (:meth:`_kron_costs`).
+        From the token matches where :meth:`_by_matches` says so.
         """
-        NS, C, P = g.shape[:3]
-        if P > 1 and self._kron_costs(NS, C, 1)[0] == self._match_flops(C):
+        if self._by_matches(*g.shape[:2]):
             add_token_matches(gram, g, self.idx, self.coef)
             return
         if self.idx.shape[1] == 1:
