@@ -166,8 +166,8 @@ class GGN(LinearizedBatch):
         )
         self._gram: Tensor | None = None
         self._eigh: GramEigenpairs | None = None
-        # a float32 model's top-k pairs from float32 sums, with their engine report
-        self._native: tuple[GramEigenpairs, EngineReport] | None = None
+        # a float32 model's pairs from float32 sums (None: not finite), their report
+        self._native: tuple[GramEigenpairs | None, EngineReport] | None = None
 
     def gram(self) -> Tensor:
         r"""``Vᵀ V`` ``[N·C, N·C]``, sample-major (row ``n·C + c``); cached.
