@@ -356,3 +356,31 @@ def test_readme_example_runs_as_written():
     text = readme.read_text()
     code = re.search(r"## Damped Newton\n.*?```python\n(.*?)```", text, re.S).group(1)
     exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own README
+
+
+def test_float32_steps_settle_on_float64_sums_after_one_falls_back(monkeypatch):
+    """A float32 step whose top-k needed float64 sums makes later steps skip the
+    float32 try (one Gram per step, not two); one that resolved keeps trying."""
+    import lowrank_ggn.curvature as curvature
+
+    model, loss, X, y = CASES[0].make()
+    model, X = model.float(), X.float()
+    y = y.float() if y.is_floating_point() else y
+    tries = []
+    real = curvature.GGN._native_pairs
+
+    def counted(self, lin):
+        tries.append(1)
+        return real(self, lin)
+
+    monkeypatch.setattr(curvature.GGN, "_native_pairs", counted)
+    opt = DampedNewton(
+        model.parameters(), model=model, loss_func=loss, top_k=1, damping=DAMPING
+    )
+    opt.step(X, y)
+    opt.step(X, y)
+    assert len(tries) == 2 and opt.options.accumulate is None  # resolved: keeps trying
+    monkeypatch.setattr(curvature, "resolves_top", lambda *args: False)
+    opt.step(X, y)  # tries, falls back to float64
+    opt.step(X, y)
+    assert len(tries) == 3 and opt.options.accumulate.value == "float64"

@@ -61,12 +61,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lowrank_ggn.core.loss_factors import sample_weight
+from lowrank_ggn.core.modes import Accumulate
 from lowrank_ggn.core.options import GGNOptions
 from lowrank_ggn.core.outputs import OutputSpec
 from lowrank_ggn.core.validation import check_options
@@ -219,6 +221,19 @@ class DampedNewton(torch.optim.Optimizer):
         self.keep_eigenvectors = bool(keep_eigenvectors)
         self._warned_top_k = False
 
+    def _settle_sums(self, used: str, dtype: torch.dtype) -> None:
+        """Sum every later step in float64 once a float32 step was summed there.
+
+        Such a step's float32 try fell short (or was not made); summing later steps in
+        float64 directly saves a second Gram per step. Under the default
+        ``accumulate=None`` a float32 model's top-k spectrum tries float32 sums first
+        (:func:`~lowrank_ggn.core.precision.tries_native_sums`); the batches of one
+        training run resolve alike, so one fall-back predicts the next.
+        """
+        if self.options.accumulate is None and dtype == torch.float32:
+            if used == Accumulate.FLOAT64.value:
+                self.options = replace(self.options, accumulate=Accumulate.FLOAT64)
+
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
@@ -229,6 +244,7 @@ class DampedNewton(torch.optim.Optimizer):
         with warnings.catch_warnings():  # the step says per-component once, itself
             warnings.simplefilter("ignore", SampleMixingWarning)
             spec = ggn.spectrum(top_k=self.top_k, eigenvectors=True)
+            self._settle_sums(spec.accumulate, spec.eigenvalues.dtype)
             lin = ggn.linearization
             N, N_S = lin.batch_size, lin.num_samples
             rho = sample_weight(lin.loss_func, N)
