@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lowrank_ggn.core.memory import heap_reuse
 from lowrank_ggn.core.validation import check_initialized
 
 
@@ -140,7 +141,9 @@ class AutocastDisabledWarning(UserWarning):
 def model_preserved(model: nn.Module) -> Iterator[None]:
     """Context in which ``model`` may be used freely; its state is restored on exit.
 
-    Every lowrank_ggn entry point runs inside it. ``torch.autocast`` on the
+    Every lowrank_ggn entry point runs inside it. On CPU models freed large blocks
+    stay on the C heap for reuse inside it (:func:`~lowrank_ggn.core.memory.heap_reuse`).
+    ``torch.autocast`` on the
     parameters' device is switched off inside, with an
     :class:`AutocastDisabledWarning` if it was on: lowrank_ggn computes in the
     parameters' dtype (the GGN of autocast's lower-precision casts resolves no
@@ -171,7 +174,7 @@ def model_preserved(model: nn.Module) -> Iterator[None]:
             stacklevel=3,
         )
     try:
-        with torch.autocast(device, enabled=False):
+        with torch.autocast(device, enabled=False), heap_reuse(device == "cpu"):
             yield
     finally:
         snapshot.restore()
