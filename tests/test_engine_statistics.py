@@ -9,7 +9,9 @@ input all run; convolutions with stride, padding, dilation, groups, a padding mo
 no bias, one and three spatial dimensions; two BatchNorm layers reading one
 convolution's output; and inputs that must keep the route from ``μ``, ``r`` (a
 Linear feeding BatchNorm1d, an in-place ReLU between the convolution and its
-BatchNorm).
+BatchNorm). Higher directions end at the output of the lowest BatchNorm where its
+convolution's output and its ``γ``, ``β`` are read by it alone, and run through it
+where they are read twice.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from utils import RTOL, assert_spectrum_matches, report_close
 
-from lowrank_ggn import ggn_spectrum, gram_matrix
+from lowrank_ggn import GGN, ggn_spectrum, gram_matrix
 from lowrank_ggn.core.engine import statistics
 from lowrank_ggn.reference import dense_ggn
 
@@ -144,46 +146,97 @@ def _inplace() -> nn.Module:
     )
 
 
-#: name -> (model, input shape, whether a direction route starts below a convolution)
+class ReadTwice(nn.Module):
+    """The first convolution's output read by its BatchNorm and by a skip: the
+    directions of the BatchNorm above must run through the lower one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(x)
+        h = torch.relu(self.bn1(h) + 0.5 * h)
+        return self.head(torch.tanh(self.bn2(self.conv2(h))).flatten(1))
+
+
+class SharedAffine(ReadTwice):
+    """The lowest BatchNorm's ``γ`` also scales its activations: its rows need the
+    pass (a read above every BatchNorm, which no direction reaches, would not)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn1(self.conv1(x))) * self.bn1.weight.view(1, -1, 1, 1)
+        return self.head(torch.tanh(self.bn2(self.conv2(h))).flatten(1))
+
+
+def _affine_free() -> nn.Module:
+    first, second = nn.Conv2d(2, 3, 3, bias=False), nn.Conv2d(3, 4, 3, padding=1)
+    model = _pair(first, nn.ReLU(), second, 4 * 4 * 4)
+    model[1] = nn.BatchNorm2d(3, affine=False)
+    return model
+
+
+#: name -> (model, input shape, whether a direction route starts below a convolution,
+#: whether higher directions end at the lowest BatchNorm's output)
 MODELS = {
-    "strided-dilated-grouped": (_strided, (5, 2, 6, 6), True),
-    "reflect-padding": (_reflect, (5, 2, 6, 6), True),
-    "two-batchnorms-one-conv": (TwoNorms, (5, 2, 6, 6), True),
-    "conv1d": (_conv1d, (5, 2, 8), True),
-    "conv3d": (_conv3d, (4, 1, 3, 3, 3), True),
-    "wide-padding": (_wide_padding, (5, 2, 6, 6), True),
-    "conv1d-strided-dilated": (_conv1d_strided_dilated, (5, 2, 11), True),
-    "three-blocks": (_three_blocks, (5, 2, 6, 6), True),
-    "linear-batchnorm1d": (_linear, (6, 4), False),
-    "inplace-relu-before-batchnorm": (_inplace, (5, 2, 6, 6), False),
+    "strided-dilated-grouped": (_strided, (5, 2, 6, 6), True, True),
+    "reflect-padding": (_reflect, (5, 2, 6, 6), True, True),
+    "two-batchnorms-one-conv": (TwoNorms, (5, 2, 6, 6), True, True),
+    "conv1d": (_conv1d, (5, 2, 8), True, True),
+    "conv3d": (_conv3d, (4, 1, 3, 3, 3), True, True),
+    "wide-padding": (_wide_padding, (5, 2, 6, 6), True, True),
+    "conv1d-strided-dilated": (_conv1d_strided_dilated, (5, 2, 11), True, True),
+    "three-blocks": (_three_blocks, (5, 2, 6, 6), True, True),
+    "linear-batchnorm1d": (_linear, (6, 4), False, False),
+    "inplace-relu-before-batchnorm": (_inplace, (5, 2, 6, 6), False, True),
+    "first-conv-read-twice": (ReadTwice, (5, 2, 6, 6), True, False),
+    "lowest-gamma-read-twice": (SharedAffine, (5, 2, 6, 6), True, False),
+    "lowest-batchnorm-affine-free": (_affine_free, (5, 2, 6, 6), True, True),
 }
+
+#: bn_split's frozen rows of a ``γ`` read twice miss the second read: its self-check
+#: fails and the call falls back to an exact route.
+FALLS_BACK = {"lowest-gamma-read-twice"}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_directions_below_the_feeding_convolution_are_exact(name, monkeypatch):
-    build, shape, routed = MODELS[name]
+    build, shape, routed, ended = MODELS[name]
     torch.manual_seed(0)
     model = build().to(D)
     X = torch.randn(shape, dtype=D)
     y = torch.randint(0, 3, (shape[0],))
     loss = nn.CrossEntropyLoss()
-    found = []
+    found, bottoms = [], []
     find = statistics.FeedingConv.find.__func__
+    find_bottom = statistics.BottomBatchNorm.find.__func__
 
     def spy(cls, *args):
         route = find(cls, *args)
         found.append(route is not None and route.edge is not None)
         return route
 
+    def spy_bottom(cls, *args):
+        bottom = find_bottom(cls, *args)
+        bottoms.append(bottom is not None)
+        return bottom
+
     monkeypatch.setattr(statistics.FeedingConv, "find", classmethod(spy))
+    monkeypatch.setattr(statistics.BottomBatchNorm, "find", classmethod(spy_bottom))
     split = gram_matrix(model, loss, X, y, strategy="bn_split", progress=False)
     assert any(found) == routed, found
+    assert any(bottoms) == ended, bottoms
     columns = gram_matrix(model, loss, X, y, strategy="columns", progress=False)
     report_close(split, columns, rtol=RTOL, name="bn_split Gram")
     res = ggn_spectrum(model, loss, X, y, strategy="bn_split", progress=False)
     # a wrong row would fail the self-check and fall back silently to an exact route
-    assert res.engine_report.fallback is None, res.engine_report.fallback
-    assert res.engine_report.strategy == "bn_split"
+    if name not in FALLS_BACK:
+        assert res.engine_report.fallback is None, res.engine_report.fallback
+        assert res.engine_report.strategy == "bn_split"
     assert_spectrum_matches(res.eigenvalues, dense_ggn(model, loss, X, y))
 
 
@@ -228,3 +281,59 @@ def test_fused_batchnorm_backward_matches_the_elementary_graph():
     with switch.freeze():
         (frozen,) = torch.autograd.grad(y, x, delta)
     report_close(frozen, delta * (w * r).detach().view(1, -1, 1, 1), name="frozen")
+
+
+def test_lowest_batchnorm_sums_without_the_convolution_weight_rows():
+    """With the first convolution's weight unselected, ``Σ δ x̂`` comes from ``δ``
+    itself (not from the weight's rows); still exact, still ending at the output."""
+    torch.manual_seed(0)
+    model = _three_blocks().to(D)
+    X = torch.randn(5, 2, 6, 6, dtype=D)
+    y = torch.randint(0, 3, (5,))
+    loss = nn.CrossEntropyLoss()
+    params = [p for n, p in model.named_parameters() if n != "0.weight"]
+    ended = []
+    find_bottom = statistics.BottomBatchNorm.find.__func__
+
+    def spy_bottom(cls, *args):
+        bottom = find_bottom(cls, *args)
+        ended.append(bottom is not None and bottom.feed.layer.weight is None)
+        return bottom
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(statistics.BottomBatchNorm, "find", classmethod(spy_bottom))
+        kw = dict(params=params, progress=False)
+        ggn = GGN(model, loss, X, y, strategy="bn_split", **kw)
+        split = ggn.gram()
+    assert any(ended), ended
+    assert ggn.engine_report.fallback is None, ggn.engine_report.fallback
+    columns = gram_matrix(model, loss, X, y, strategy="columns", **kw)
+    report_close(split, columns, rtol=RTOL, name="bn_split Gram")
+
+
+@pytest.mark.parametrize("params", ["all", "no-first-weight"])
+def test_lowest_batchnorm_rows_from_batched_passes(params, monkeypatch):
+    """The batched route (GPUs: one vmapped pass per chunk, gradients at the lowest
+    BatchNorm's output buffered) gives the same Gram as the columns strategy."""
+    from lowrank_ggn.core.autodiff import batched_grad
+    from lowrank_ggn.core.engine import backprop
+
+    def batched(outputs, targets, cotangents, channel_major=(), direct=None):
+        return batched_grad(outputs, targets, cotangents)
+
+    monkeypatch.setattr(backprop, "_chunk_grads", batched)
+    torch.manual_seed(0)
+    model = _three_blocks().to(D)
+    X = torch.randn(5, 2, 6, 6, dtype=D)
+    y = torch.randint(0, 3, (5,))
+    loss = nn.CrossEntropyLoss()
+    chosen = [
+        p for n, p in model.named_parameters() if params == "all" or n != "0.weight"
+    ]
+    kw = dict(params=chosen, progress=False)
+    ggn = GGN(model, loss, X, y, strategy="bn_split", **kw)
+    split = ggn.gram()
+    # a wrong row fails the self-check, which falls back silently to an exact route
+    assert ggn.engine_report.fallback is None, ggn.engine_report.fallback
+    columns = gram_matrix(model, loss, X, y, strategy="columns", **kw)
+    report_close(split, columns, rtol=RTOL, name="bn_split Gram")

@@ -30,7 +30,11 @@ from lowrank_ggn.core.engine.batchnorm import BNLayer
 from lowrank_ggn.core.engine.layer import Layer
 from lowrank_ggn.core.engine.layers import channels_first
 from lowrank_ggn.core.engine.report import EngineReport
-from lowrank_ggn.core.engine.statistics import FeedingConv
+from lowrank_ggn.core.engine.statistics import (
+    BottomBatchNorm,
+    FeedingConv,
+    gradient_referrers,
+)
 from lowrank_ggn.core.memory import release_free_memory
 from lowrank_ggn.core.progress import Tick
 
@@ -130,16 +134,35 @@ def statistics_directions(
     way they run through the true graph below (lower BatchNorm layers included), a
     chunk of directions at a time, to the *outputs* of the captured layers and to
     the other parameters (``others``); a captured layer's rows then come from its
-    operand for the whole chunk (:meth:`Layer.param_rows`). ``"statistics"`` counts
-    the directions backpropagated (none where nothing below ``h`` needs gradients).
+    operand for the whole chunk (:meth:`Layer.param_rows`). Passes of higher
+    directions end at the output of a bottom BatchNorm (:class:`BottomBatchNorm`),
+    whose convolution's and affine parameters' rows then come from there.
+    ``"statistics"`` counts the directions backpropagated (none where nothing below
+    ``h`` needs gradients).
     """
     K_total = sum(bn.num_statistics for bn in bns)
     rows: dict[int, Tensor] = {}
     starts: dict[int, int] = {}  # the BatchNorm layers come in forward order
-    targets = [la.target for la in layers] + list(others)
+    selected = {id(p) for la in layers for p in la.params} | {id(p) for p in others}
+    feeds = [
+        FeedingConv.find(bn, layers, selected) if bn.mean.requires_grad else None
+        for bn in bns
+    ]
+    # passes of higher directions end at a bottom BatchNorm's output
+    refs = gradient_referrers([bn.mean.grad_fn for bn in bns])
+    bottoms = {}
+    for feed in feeds:
+        bottom = BottomBatchNorm.find(feed, refs)
+        if bottom is not None:
+            bottoms[id(bottom.feed.layer)] = bottom
+    ends = {id(p) for b in bottoms.values() for p in b.feed.bn.params}
+    others = [p for p in others if id(p) not in ends]  # rows from the bottoms' sums
+    targets = [la.target for la in layers] + others
+    for i, la in enumerate(layers):
+        if id(la) in bottoms:
+            targets[i] = bottoms[id(la)].target
     # channel-major buffers: the weight rows' GEMM reads them without a copy
     major = [not la.functional and channels_first(la.module) for la in layers]
-    selected = {id(p) for la in layers for p in la.params} | {id(p) for p in others}
 
     def store(p: Tensor, lo: int, block: Tensor) -> None:
         if id(p) not in rows:  # the lowest row that reaches p comes first
@@ -150,11 +173,12 @@ def statistics_directions(
         rows[id(p)][lo : lo + block.shape[0]] += block.reshape(block.shape[0], -1)
 
     offset = 0
-    for bn, acts in zip(bns, activations_below):
+    for bn, acts, feed in zip(bns, activations_below, feeds):
         K = bn.channels
-        feed = FeedingConv.find(bn, layers, selected) if bn.mean.requires_grad else None
         if feed is not None:
-            for p, block in zip(feed.layer.params, feed.own_rows()):
+            bottom = bottoms.get(id(feed.layer))
+            own = feed.own_rows() if bottom is None else bottom.own
+            for p, block in zip(feed.layer.params, own):
                 store(p, offset, block)
         if not bn.mean.requires_grad or (feed is not None and feed.edge is None):
             tick(2 * K)  # no parameter below (closed form, or none at all)
@@ -166,21 +190,29 @@ def statistics_directions(
         step = int(max(1, min(2 * K, (budget // 8) // per_direction)))
         for start in range(0, 2 * K, step):
             stop = min(2 * K, start + step)
+            # a bottom BatchNorm's rows, one direction at a time as its pass ends
+            ended = {
+                i: _ended(bottoms[id(la)], offset + start, store)
+                for i, la in enumerate(layers)
+                if id(la) in bottoms
+            }
             if feed is not None:
-                grads = _chunk_grads(
-                    [feed.edge], targets, [feed.input_cotangents(start, stop)], major
-                )
+                cot = [feed.input_cotangents(start, stop)]
+                grads = _chunk_grads([feed.edge], targets, cot, major, ended)
             else:
                 eye = bn.output.new_zeros(stop - start, 2 * K)
                 eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-                grads = _chunk_grads(
-                    [bn.mean, bn.inv_std], targets, [eye[:, :K], eye[:, K:]], major
-                )
+                cot = [eye[:, :K], eye[:, K:]]
+                grads = _chunk_grads([bn.mean, bn.inv_std], targets, cot, major, ended)
             for la, g in zip(layers, grads):
                 if g is None:
                     continue
                 g = la.output_grad(g)  # [B, N, P, O]
-                if la.outputs[0] is bn.input:
+                if id(la) in bottoms:  # g: the cotangents at its BatchNorm's output
+                    blocks, affine = bottoms[id(la)].rows(g)
+                    for p, block in zip(bottoms[id(la)].feed.bn.params, affine):
+                        store(p, offset + start, block)
+                elif la.outputs[0] is bn.input:
                     # the layer feeding the BatchNorm: direction j lives on channel
                     # j mod K of its output, so only that row of its weight is hit
                     ks = torch.arange(start, stop, device=g.device) % K
@@ -198,11 +230,24 @@ def statistics_directions(
     return rows, starts
 
 
+def _ended(bottom: BottomBatchNorm, lo: int, store: Callable) -> Callable:
+    """Store the rows of direction ``lo + b`` ending at ``bottom``: ``(b, g) -> None``."""
+
+    def add(b: int, g: Tensor) -> None:
+        blocks, affine = bottom.direction_rows(g)
+        params = bottom.feed.layer.params + bottom.feed.bn.params
+        for p, block in zip(params, blocks + affine):
+            store(p, lo + b, block[None])
+
+    return add
+
+
 def _chunk_grads(
     outputs: list[Tensor | GradientEdge],
     targets: list[Tensor | GradientEdge],
     cotangents: list[Tensor],
     channel_major: list[bool] = (),
+    direct: dict[int, Callable[[int, Tensor], None]] | None = None,
 ) -> list[Tensor | None]:
     """``[B, *target]`` gradients of a chunk of ``B`` cotangents ``[B, *output]``.
 
@@ -212,9 +257,12 @@ def _chunk_grads(
     channels-first output ``[N, O, *pos]`` whose buffer is laid out ``[B, O, N,
     *pos]`` in memory (the copy transposes, so that the weight rows' product
     ``[B·O, N·P] @ [N·P, I]`` and the bias sums read it without another copy).
+    ``direct[i]`` (CPUs): target ``i``'s gradient of cotangent ``b`` goes to
+    ``direct[i](b, g)`` as the pass ends, not to a buffer (its entry is ``None``).
     """
     if cotangents[0].device.type != "cpu":
         return batched_grad(outputs, targets, cotangents)
+    direct = direct or {}
     B = cotangents[0].shape[0]
     found: list[Tensor | None] = [None] * len(targets)
     filled: list[list[int]] = [[] for _ in targets]
@@ -228,6 +276,9 @@ def _chunk_grads(
         )
         for i, g in enumerate(grads):
             if g is None:
+                continue
+            if i in direct:
+                direct[i](b, g)
                 continue
             if found[i] is None and i < len(channel_major) and channel_major[i]:
                 found[i] = g.new_empty(B, g.shape[1], g.shape[0], *g.shape[2:])
