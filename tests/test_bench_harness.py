@@ -56,6 +56,8 @@ def test_models_build_the_same_batch_from_a_seed(name):
 def test_floor_counts_the_explicit_layers_only():
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
     assert floor.explicit_parameters(model, {"0": "kronecker", "2": "split"}) == 18
+    split_kron = {"0": "split_kronecker", "2": "split"}
+    assert floor.explicit_parameters(model, split_kron) == 18
     X, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     before = [p.clone() for p in model.parameters()]
     parts = floor.spectrum_floor(model, nn.CrossEntropyLoss(), X, y, 18, repeats=1)

@@ -75,7 +75,7 @@ def test_every_strategy_gives_the_same_rows(case, strategy):
     if strategy == "columns" and case.mixing:
         assert LayerTreatment.MIXING in report.layers.values(), report
     elif strategy == "bn_split" and case.mixing:
-        assert LayerTreatment.SPLIT in report.layers.values(), report
+        assert any(t.split for t in report.layers.values()), report
 
 
 def test_subsampled_and_monte_carlo_rows():

@@ -34,6 +34,7 @@ D = torch.float64
 #: largest entry or eigenvalue (measured worst case about 1e-14)
 RTOL = 1e-10
 CAPTURED = {LayerTreatment.KRONECKER, LayerTreatment.LOCAL_EXPLICIT}
+SPLITS = {LayerTreatment.SPLIT, LayerTreatment.SPLIT_KRONECKER}
 
 
 class MyLinear(nn.Linear):
@@ -214,8 +215,8 @@ def test_layer_upstream_of_train_mode_batchnorm(name, strategy):
     report = ggn.engine_report
     assert report.fallback is None, report
     expected = {
-        None: CAPTURED | {LayerTreatment.SPLIT, LayerTreatment.MIXING},
-        "bn_split": {LayerTreatment.SPLIT},  # every parameter captured: it applies
+        None: CAPTURED | SPLITS | {LayerTreatment.MIXING},
+        "bn_split": SPLITS,  # every parameter captured: it applies
         "columns": {LayerTreatment.MIXING},
         "streamed": set(),  # keeps no per-layer data
     }[strategy]
@@ -359,4 +360,4 @@ def test_subsampled_columns(name, batch_norm):
     ggn = GGN(model, loss, X, y, subsampling=keep, strategy=strategy)
     generic = gram_matrix(model, loss, X, y, subsampling=keep, engine="generic")
     report_close(ggn.gram(), generic, RTOL, "subsampled Gram")
-    assert ggn.engine_report.layers["0"] in CAPTURED | {LayerTreatment.SPLIT}
+    assert ggn.engine_report.layers["0"] in CAPTURED | SPLITS

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from functools import partial
 
 #: Layer treatments (``EngineReport.layers``) whose Gram needs no explicit rows.
-FACTORED = {"kronecker"}
+FACTORED = {"kronecker", "split_kronecker"}
 #: Largest ``V`` block the floor allocates (entries; 1 GiB in float32: 3c3d at N = 128
 #: in one block).
 MAX_ELEMENTS = 2**28

@@ -49,6 +49,7 @@ from torch import Tensor
 from lowrank_ggn.core.budget import MemoryBudgetExceeded
 from lowrank_ggn.core.engine import accumulate as acc
 from lowrank_ggn.core.engine.layer import Layer
+from lowrank_ggn.core.engine.operands import DenseOperand
 from lowrank_ggn.core.engine.report import LayerTreatment
 from lowrank_ggn.core.engine.selfcheck import Factors
 
@@ -141,8 +142,7 @@ def assemble_grams(
                 grams.add_rows(p, part)
             treatments[la.name] = LayerTreatment.MIXING
         elif any(s is not None for s in stats):
-            _add_split_layer(grams, la, f, budget)
-            treatments[la.name] = LayerTreatment.SPLIT
+            treatments[la.name] = _add_split_layer(grams, la, f, budget)
         else:
             treatments[la.name] = _add_local(grams, la, f, budget)
         if finite and not grams.finite_diagonals(la.params):
@@ -295,29 +295,109 @@ def _add_local(
     return form
 
 
-def _add_split_layer(grams: _GroupGrams, la: Layer, f: Factors, budget: int) -> None:
-    """``V_p = V_{f,p} + (B_p W)ᵀ`` in chunks of explicit rows, by ``syrk``."""
+def _add_split_layer(
+    grams: _GroupGrams, la: Layer, f: Factors, budget: int
+) -> LayerTreatment:
+    """``V_p = V_{f,p} + (B_p W)ᵀ``: Kronecker plus a correction, or explicit rows.
+
+    Where every statistics direction reaching the weight lives on one output channel
+    (its own BatchNorm's, :func:`row_channels`) and the operand's cost model favours
+    the Kronecker form, ``V_{f,p} V_{f,p}ᵀ`` is added in that form and the rest by
+    :func:`_add_channel_statistics` (``SPLIT_KRONECKER``); else chunks of explicit
+    rows with ``(B_p W)ᵀ`` added, by ``syrk`` (``SPLIT``).
+    """
     lin = f.lin
     NS, C = lin.num_samples, lin.num_columns_per_sample
     g = la.grad_matrix()
     NC, P, O = g.shape
+    form = LayerTreatment.SPLIT
     if la.weight is not None:
         B = f.B.get(id(la.weight))
         WT = f.coefficients_for(la.weight)  # [NC, ·]: the coefficients B meets
         operand = la.operand.select(lin.sample_index)
-        # chunks of at most budget/16: the rows plus syrk's work space; every
-        # weight entry that B reaches lies in a chunk (complete)
-        chunks = operand.explicit(g.reshape(NS, C, P, O), budget // 4, complete=True)
-        for cols, rows in chunks:
-            if B is not None:  # rows += (B_p W)ᵀ for these columns, in place
-                rows.addmm_(WT, B[:, cols])
-            grams.add_rows(la.weight, rows)
+        g4 = g.reshape(NS, C, P, O)
+        gram = grams.of(la.weight)
+        ks = row_channels(B, O) if isinstance(operand, DenseOperand) else None
+        if ks is not None and not operand.transposed:
+            costs = operand.costs(NS, C, gram.element_size())
+            if acc.choose_form(costs, budget) is LayerTreatment.KRONECKER:
+                operand.add_kronecker(gram, g4)
+                _add_channel_statistics(gram, operand, g4, B, ks, WT, budget)
+                form = LayerTreatment.SPLIT_KRONECKER
+        if form is LayerTreatment.SPLIT:
+            # chunks of at most budget/16: the rows plus syrk's work space; every
+            # weight entry that B reaches lies in a chunk (complete)
+            chunks = operand.explicit(g4, budget // 4, complete=True)
+            for cols, rows in chunks:
+                if B is not None:  # rows += (B_p W)ᵀ for these columns, in place
+                    rows.addmm_(WT, B[:, cols])
+                grams.add_rows(la.weight, rows)
     if la.bias is not None:
         rows = g.sum(1)
         extra = f.statistics_rows(la.bias)
         if extra is not None:
             rows = rows + extra
         grams.add_rows(la.bias, rows)
+    return form
+
+
+def row_channels(B: Tensor | None, O: int) -> Tensor | None:
+    """The output channel each row of ``B`` ``[S, O·I]`` lives on, or ``None``.
+
+    ``None`` where a row touches several channels of the weight ``[O, I]``; an empty
+    index for ``B = None``; a zero row gets channel 0.
+    """
+    if B is None:
+        return torch.zeros(0, dtype=torch.long)
+    touched = B.reshape(B.shape[0], O, -1).ne(0).any(-1)  # [S, O]
+    if bool((touched.sum(1) > 1).any()):
+        return None
+    return touched.to(torch.uint8).argmax(1)
+
+
+def _add_channel_statistics(
+    gram: Tensor,
+    operand: DenseOperand,
+    g: Tensor,
+    B: Tensor | None,
+    ks: Tensor,
+    WT: Tensor | None,
+    budget: int,
+) -> None:
+    r"""``𝒢 += Y Wᵀ + W Yᵀ + W (B Bᵀ) Wᵀ`` for statistics rows on one channel each.
+
+    With ``V_f`` the frozen rows ``[NC, D]`` (already added as ``V_f V_fᵀ``), ``W``
+    the coefficients ``WT`` ``[NC, S]`` and ``B`` ``[S, D]`` whose row ``s`` lives on
+    output channel ``k_s`` alone (``b_s`` ``[I_g]`` there), ``(V_f + W B)(V_f + W
+    B)ᵀ`` adds these terms. ``Y = V_f Bᵀ`` needs no explicit rows:
+    ``Y_{(n,c), s} = Σ_p g_{ncp k_s} (A_{n p} · b_s)``, ``O(N·P·I·S + NC·P·S)``; ``B
+    Bᵀ`` is ``b_s · b_t`` where ``k_s = k_t``. Everything in the Gram's dtype; the
+    products ``A b`` and ``g`` are taken in chunks of rows within ``budget / 8``.
+    """
+    if B is None or B.shape[0] == 0:
+        return
+    dt = gram.dtype
+    NS, C, P, O = g.shape
+    S = B.shape[0]
+    Og = operand.channels
+    Bc = B.reshape(S, O, -1)[torch.arange(S, device=B.device), ks].to(dt)  # [S, I_g]
+    js = ks // Og  # each row's group
+    same = ks[:, None] == ks[None, :]
+    M = 0.5 * (WT.to(dt) @ ((Bc @ Bc.T) * same))  # [NC, S]: ½ W (B Bᵀ)
+    per_row = NS * P * (C + 1) * gram.element_size()
+    step = max(1, (budget // 8) // max(1, per_row))
+    for s0 in range(0, S, step):
+        s1 = min(S, s0 + step)
+        Ab = g.new_zeros(NS, P, s1 - s0, dtype=dt)
+        for j in js[s0:s1].unique().tolist():
+            sel = (js[s0:s1] == j).nonzero().squeeze(1)
+            Aj = operand.A[:, j].to(dt)  # [NS, P, I_g]
+            Ab[:, :, sel] = Aj @ Bc[s0 + sel].T
+        gk = g[..., ks[s0:s1]].to(dt)  # [NS, C, P, s]
+        M[:, s0:s1] += torch.einsum("ncps,nps->ncs", gk, Ab).reshape(NS * C, -1)
+    T = M @ WT.to(dt).T  # Y Wᵀ + ½ W B Bᵀ Wᵀ
+    gram += T
+    gram += T.T
 
 
 __all__ = [

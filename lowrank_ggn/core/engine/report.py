@@ -47,7 +47,9 @@ class LayerTreatment(Mode):
     chunks, whichever the layer's cost model favours
     (:mod:`lowrank_ggn.core.engine.operands`). ``MIXING`` holds explicit rows of full-batch gradients (``columns``).
     ``SPLIT`` adds frozen per-sample rows and statistics directions, ``V_{f,l} +
-    B_l W`` (``bn_split``). ``SHARED``: a layer with a parameter that other captured
+    B_l W`` (``bn_split``), as explicit rows; ``SPLIT_KRONECKER`` the frozen rows'
+    Kronecker form plus the statistics terms, where those live on one output channel
+    each. ``SHARED``: a layer with a parameter that other captured
     calls read too (tied weights, a reused layer): explicit rows of each use, summed
     before the Gram. ``GENERIC`` covers parameters of no captured layer.
     """
@@ -56,6 +58,7 @@ class LayerTreatment(Mode):
     LOCAL_EXPLICIT = "local_explicit"
     MIXING = "mixing"
     SPLIT = "split"
+    SPLIT_KRONECKER = "split_kronecker"
     SHARED = "shared"
     GENERIC = "generic"
 
@@ -63,6 +66,11 @@ class LayerTreatment(Mode):
     def local(self) -> bool:
         """Whether the layer's per-column gradients are per-sample."""
         return self in (LayerTreatment.KRONECKER, LayerTreatment.LOCAL_EXPLICIT)
+
+    @property
+    def split(self) -> bool:
+        """Whether the layer's rows are frozen rows plus statistics directions."""
+        return self in (LayerTreatment.SPLIT, LayerTreatment.SPLIT_KRONECKER)
 
 
 @dataclass
