@@ -15,7 +15,10 @@ in the form its layer allows, and the layer's
 * a layer upstream of BatchNorm statistics (``BN_SPLIT``): rows
   ``V_p = V_{f,p} + (B_p W)ᵀ``, frozen per-sample rows plus statistics directions
   ``B_p`` ``[2K, numel]`` weighted by ``W`` ``[2K, NC]``
-  (:mod:`~lowrank_ggn.core.engine.batchnorm`), in chunks of explicit rows (``SPLIT``);
+  (:mod:`~lowrank_ggn.core.engine.batchnorm`), in chunks of explicit rows (``SPLIT``),
+  or, where each row of ``B_p`` lives on one output channel and the cost model favours
+  it, the Kronecker form of ``V_{f,p}`` plus the statistics terms
+  (``SPLIT_KRONECKER``);
 * BatchNorm affine parameters: the frozen rows
   :meth:`~lowrank_ggn.core.engine.batchnorm.BNLayer.affine_rows` plus ``(B_p W)ᵀ``
   (``SPLIT``);
