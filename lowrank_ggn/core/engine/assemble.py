@@ -387,6 +387,7 @@ def _add_channel_statistics(
     js = ks // Og  # each row's group
     same = ks[:, None] == ks[None, :]
     M = 0.5 * (WT.to(dt) @ ((Bc @ Bc.T) * same))  # [NC, S]: ½ W (B Bᵀ)
+    A = operand.A.to(dt)  # [NS, G, P, I_g]
     per_row = NS * P * (C + 1) * gram.element_size()
     step = max(1, (budget // 8) // max(1, per_row))
     for s0 in range(0, S, step):
@@ -394,8 +395,7 @@ def _add_channel_statistics(
         Ab = g.new_zeros(NS, P, s1 - s0, dtype=dt)
         for j in js[s0:s1].unique().tolist():
             sel = (js[s0:s1] == j).nonzero().squeeze(1)
-            Aj = operand.A[:, j].to(dt)  # [NS, P, I_g]
-            Ab[:, :, sel] = Aj @ Bc[s0 + sel].T
+            Ab[:, :, sel] = A[:, j] @ Bc[s0 + sel].T  # [NS, P, I_g] @ [I_g, ·]
         gk = g[..., ks[s0:s1]].to(dt)  # [NS, C, P, s]
         M[:, s0:s1] += torch.einsum("ncps,nps->ncs", gk, Ab).reshape(NS * C, -1)
     T = M @ WT.to(dt).T  # Y Wᵀ + ½ W B Bᵀ Wᵀ
